@@ -1,0 +1,201 @@
+"""Building one pipeline: resume from its newest cached stage, run the rest in the sandbox, commit.
+
+The tree is built in a staging entry of the store and committed under the pipeline's id when the last
+stage succeeds; `--checkpoint`ed stages are committed on the way. A failing stage commits nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from . import sandbox
+from .context import BuildContext
+from .errors import SandboxError, StageError
+from .inputs import map_input
+from .library import choose_runner, read_os_release
+from .manifest import Pipeline, Stage
+from .process import explain_status
+from .results import StageResult
+from .rpc import HandlerError
+from .store import Entry
+
+OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already
+ERROR_TAIL_LINES = 20
+
+log = structlog.get_logger(__name__)
+
+
+class StageSession:
+    """What the engine knows while one stage runs: its output, metadata, progress and exception."""
+
+    def __init__(self, ctx: BuildContext, pipeline: Pipeline, stage: Stage, arguments: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.pipeline = pipeline
+        self.stage = stage
+        self.arguments = arguments
+        self.metadata: dict[str, Any] = {}
+        self.exception: dict[str, Any] | None = None
+        self._chunks: list[str] = []
+        self._size = 0
+        self.dropped = 0
+
+    def output_line(self, text: str) -> None:
+        self.ctx.monitor.stage_output(self.pipeline, self.stage, text)
+        self._chunks.append(text)
+        self._size += len(text)
+        while self._size > OUTPUT_KEEP and len(self._chunks) > 1:
+            dropped = self._chunks.pop(0)
+            self._size -= len(dropped)
+            self.dropped += len(dropped)
+
+    @property
+    def output(self) -> str:
+        text = "".join(self._chunks)
+        return f"[...{self.dropped} bytes hidden...]\n{text}" if self.dropped else text
+
+    def output_tail(self) -> str:
+        return "".join("".join(self._chunks).splitlines(keepends=True)[-ERROR_TAIL_LINES:])
+
+    # -- RPC handlers --------------------------------------------------------------------------------
+
+    async def on_arguments(self, params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+        return self.arguments, []
+
+    async def on_metadata(self, params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+        data = params.get("metadata")
+        if not isinstance(data, dict):
+            raise HandlerError("metadata must be a JSON object")
+        self.metadata.update(data)
+        return None, []
+
+    async def on_log(self, params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+        message = str(params.get("message", ""))
+        self.output_line(message if message.endswith("\n") else message + "\n")
+        return None, []
+
+    async def on_progress(self, params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+        done, total = params.get("done"), params.get("total")
+        if isinstance(done, int) and isinstance(total, int):
+            self.ctx.monitor.stage_progress(self.pipeline, self.stage, done, total,
+                                            str(params.get("message", "")))
+        return None, []
+
+    async def on_exception(self, params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+        self.exception = {"type": "exception", "data": params}
+        return None, []
+
+    def handlers(self) -> dict[str, Any]:
+        return {"arguments": self.on_arguments, "metadata": self.on_metadata, "log": self.on_log,
+                "progress": self.on_progress, "exception": self.on_exception}
+
+
+def runner_for(ctx: BuildContext, pipeline: Pipeline) -> str:
+    """The host's runner without a build pipeline; else the build pipeline's `runner`, else its distro's."""
+    if pipeline.build is None:
+        return ctx.library.host_runner()
+    build = ctx.manifest.by_id(pipeline.build)
+    if build is not None and build.runner:
+        return build.runner
+    info = read_os_release(ctx.store.tree(pipeline.build) / "usr/lib/os-release")
+    return choose_runner(ctx.library.runner_names(), info.get("ID", "linux"),
+                         info.get("VERSION_ID", "").replace(".", ""))
+
+
+def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
+    """How many stages of the pipeline are already in the store (the newest cached stage wins)."""
+    for index in range(len(pipeline.stages), 0, -1):
+        if ctx.store.contains(pipeline.stages[index - 1].id):
+            return index
+    return 0
+
+
+async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: Entry, build_root: Path,
+                    runner: Path) -> tuple[StageResult, str]:
+    info = ctx.library.find("Stage", stage.type) or ctx.library.find("Assembler", stage.type)
+    if info is None or info.path is None:
+        raise SandboxError(f"stage {stage.type} is not in the library")
+    async with ctx.store.scratch_dir("stage") as scratch:
+        binds: list[sandbox.Bind] = []
+        inputs: dict[str, Any] = {}
+        for inp in stage.inputs.values():
+            input_binds, inputs[inp.name] = map_input(
+                inp, scratch=scratch, tree_of=ctx.store.tree, source_item=ctx.sources.path)
+            binds += input_binds
+        meta: dict[str, Any] = {"id": stage.id}
+        env = {}
+        if pipeline.source_epoch is not None:
+            meta["source-epoch"] = pipeline.source_epoch
+            env["SOURCE_DATE_EPOCH"] = str(pipeline.source_epoch)
+        arguments = {"tree": sandbox.TREE,
+                     "paths": {"devices": "/dev", "inputs": sandbox.INPUTS, "mounts": sandbox.MOUNTS},
+                     "devices": {}, "inputs": inputs, "mounts": {}, "options": stage.options, "meta": meta}
+        session = StageSession(ctx, pipeline, stage, arguments)
+        spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
+                                   runner=runner, binds=tuple(binds), env=env)
+        ctx.monitor.stage_started(pipeline, stage)
+        started = time.monotonic()
+        reason = ""
+        try:
+            with anyio.fail_after(ctx.options.stage_timeout):
+                returncode = await sandbox.run(spec, handlers=session.handlers(), on_line=session.output_line)
+        except TimeoutError:
+            returncode, reason = -1, f"timed out after {ctx.options.stage_timeout:g}s (--stage-timeout)"
+        if returncode != 0 and not reason:
+            reason = explain_status(returncode)
+            if session.exception:
+                data = session.exception["data"]
+                reason += f": {data.get('type')}: {data.get('value')}"
+        return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
+                           duration=time.monotonic() - started, metadata=session.metadata,
+                           error=session.exception, reason=reason), session.output_tail()
+
+
+def clamp_mtimes(tree: Path, epoch: int) -> None:
+    """Pin every mtime newer than the source epoch to it, for reproducible trees."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if st.st_mtime > epoch:
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
+    if os.lstat(tree).st_mtime > epoch:
+        os.utime(tree, (epoch, epoch))
+
+
+async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> None:
+    """Run the stages of `pipeline` after index `resume` and commit its tree under its id."""
+    assert pipeline.id is not None
+    build_root = Path("/") if pipeline.build is None else ctx.store.tree(pipeline.build)
+    runner_name = runner_for(ctx, pipeline)
+    runner = ctx.library.runner(runner_name)
+    ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runner_name)
+    results = ctx.logs.setdefault(pipeline.name, [])
+    logger = log.bind(pipeline=pipeline.name, id=pipeline.id)
+    async with ctx.store.new_entry() as entry:
+        if resume:
+            await ctx.store.restore(pipeline.stages[resume - 1].id, entry)
+        for stage in pipeline.stages[resume:]:
+            await ctx.sources.wait_for(stage.source_refs())
+            result, tail = await run_stage(ctx, pipeline, stage, entry, build_root, runner)
+            results.append(result)
+            ctx.monitor.stage_finished(pipeline, stage, result)
+            logger.debug("stage.finished", stage=stage.type, stage_id=stage.id, duration=result.duration,
+                         success=result.success)
+            if not result.success:
+                ctx.failed = result
+                ctx.monitor.pipeline_finished(pipeline, success=False)
+                raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
+                                 reason=result.reason, output_tail=tail)
+            entry.write_metadata(stage.id, result.metadata)
+            if stage.id in ctx.options.checkpoints and stage is not pipeline.stages[-1]:
+                await ctx.store.checkpoint(entry, stage.id)
+        if pipeline.source_epoch is not None:
+            await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
+        await ctx.store.commit(entry, pipeline.id)
+    ctx.monitor.pipeline_finished(pipeline, success=True)

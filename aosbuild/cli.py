@@ -1,0 +1,206 @@
+"""The command line: `aosbuild [OPTIONS] MANIFEST`, osbuild's flags and exit codes.
+
+Exit codes: 0 success, 1 a failed build or an impossible request, 2 an invalid manifest or command line,
+130 interrupted by SIGINT, 143 by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from . import __version__, engine
+from .describe import describe
+from .errors import AosbuildError, ManifestError, StageError
+from .library import Library
+from .loading import load_file
+from .monitor import MONITORS, make_monitor
+from .results import source_error_document, stage_error_document, success_document
+from .errors import SourceError
+from .store import Store
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
+
+
+def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Build operating system images from manifests.")
+    p.add_argument("manifest", metavar="MANIFEST", help="the manifest to build, or - for standard input")
+    p.add_argument("--store", "--cache", dest="store", default=".osbuild", metavar="DIR",
+                   help="the store for trees and sources (default: .osbuild)")
+    p.add_argument("-l", "--libdir", action="append", default=[], metavar="DIR",
+                   help="an extra library of stages, runners and schemas, searched before the bundled one")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="ID",
+                   help="also keep the tree after matching stages (glob of pipeline names, stage ids, types)")
+    p.add_argument("--export", action="append", default=[], metavar="ID",
+                   help="pipeline name or id whose tree goes to the output directory")
+    p.add_argument("--output-directory", type=Path, metavar="DIR", help="where exports go")
+    p.add_argument("--inspect", action="store_true", help="print the manifest with its ids and exit")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (monitor defaults to null)")
+    p.add_argument("--monitor", choices=sorted(MONITORS), metavar="NAME",
+                   help="progress: log (default), jsonseq, null (osbuild's class names work too)")
+    p.add_argument("--monitor-fd", type=int, default=None, metavar="FD", help="where progress goes (stdout)")
+    p.add_argument("--stage-timeout", type=float, metavar="SECONDS", help="fail a stage that takes longer")
+    p.add_argument("--jobs", "-j", type=int, metavar="N",
+                   help="pipelines built at the same time (default: the larger of 4 and the CPU count)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help="show engine events and tracebacks")
+    p.add_argument("--version", action="version", version=f"aosbuild {__version__} (osbuild {OSBUILD_VERSION})")
+    return p
+
+
+def configure_logging(debug: bool) -> None:
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+def read_manifest(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ManifestError(path, []) from exc
+
+
+def flatten(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from flatten(inner)
+    else:
+        yield exc
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document) + "\n")
+    sys.stdout.flush()
+
+
+def explain(exc: AosbuildError) -> str:
+    if isinstance(exc, StageError):
+        text = f"Error: {exc}\n"
+        if exc.output_tail:
+            text += "Last output of the stage:\n" + "".join(f"  {line}" for line in
+                                                          exc.output_tail.splitlines(keepends=True))
+        return text
+    return f"Error: {exc}\n"
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+async def run_with_signals(ctx: Any, planned: Any, request: engine.Request) -> None:
+    """Run the build; SIGINT and SIGTERM cancel it, and everything is cleaned up before returning."""
+    received: list[int] = []
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    received.append(signum)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        await engine.build(ctx, planned, request)
+        tg.cancel_scope.cancel()
+    if received:
+        raise Interrupted(received[0])
+
+
+def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
+    args = parser(prog).parse_args(argv)
+    configure_logging(args.debug)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("Aborted\n")
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    library = Library([Path(d) for d in args.libdir])
+    label = args.manifest
+    try:
+        manifest = load_file(label, read_manifest(label), library)
+    except ManifestError as exc:
+        if exc.__cause__ is not None:
+            sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}\n")
+        elif args.json or args.inspect:
+            print_json(exc.as_json())
+        else:
+            sys.stdout.write(exc.render())
+        return 2
+
+    if args.inspect:
+        print_json(describe(manifest))
+        return 0
+    if args.export and not args.output_directory:
+        sys.stderr.write("Need --output-directory for --export\n")
+        return 1
+
+    monitor_name = args.monitor or ("null" if args.json or args.quiet else "log")
+    monitor_fd = args.monitor_fd if args.monitor_fd is not None else sys.stdout.fileno()
+    request = engine.Request(label=label, exports=tuple(args.export), output_directory=args.output_directory,
+                             checkpoints=tuple(args.checkpoint), jobs=args.jobs,
+                             stage_timeout=args.stage_timeout)
+    ctx = None
+    try:
+        store = Store.open(Path(args.store))
+        ctx, planned = engine.prepare(manifest, request, store=store, library=library,
+                                      monitor=make_monitor(monitor_name, monitor_fd))
+        anyio.run(run_with_signals, ctx, planned, request, backend=args.backend)
+    except BaseException as exc:  # noqa: BLE001  # sorted below: ours, interrupts, then real bugs
+        errors = list(flatten(exc))
+        interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
+        if interrupt is not None:
+            sys.stderr.write("Aborted\n")
+            return EXIT_SIGNAL.get(getattr(interrupt, "signum", signal.SIGINT), 130)
+        ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
+        if ours is None or args.debug:
+            raise
+        if args.json and ctx is not None:
+            if ctx.failed is not None:
+                print_json(stage_error_document(failed=ctx.failed, sources=ctx.sources.results, logs=ctx.logs))
+            elif isinstance(ours, SourceError):
+                print_json(source_error_document(source_type=ours.source_type, output=str(ours),
+                                                 sources=ctx.sources.results))
+        elif not args.json:
+            sys.stdout.write("Failed\n")
+        sys.stderr.write(explain(ours))
+        return ours.exit_code
+
+    if args.json:
+        print_json(success_document(metadata=engine.collect_metadata(manifest, store),
+                                    sources=ctx.sources.results, logs=ctx.logs))
+    elif not args.quiet:
+        summary(manifest, ctx)
+    return 0
+
+
+def summary(manifest: Any, ctx: Any) -> None:
+    bold, reset = ("\x1b[1m", "\x1b[0m") if os.isatty(sys.stdout.fileno()) else ("", "")
+    lines = ["", f"{bold}Pipelines{reset}"]
+    for pipeline in manifest.pipelines:
+        lines.append(f"  {pipeline.name + ':': <10}\t{pipeline.id}")
+    if ctx.options.checkpoints:
+        lines += ["", f"{bold}Checkpoints{reset}"]
+        for stage_id in sorted(ctx.options.checkpoints):
+            cached = "cached" if ctx.store.contains(stage_id) else "not cached"
+            lines.append(f"  {stage_id}: {cached}")
+    sys.stdout.write("\n".join(lines) + "\n")

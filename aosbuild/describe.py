@@ -1,0 +1,76 @@
+"""`--inspect`: the manifest as osbuild describes it, with every stage id and `name:` references resolved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .manifest import Device, Input, Manifest, Mount, Pipeline, Stage
+
+
+def _device(device: Device) -> dict[str, Any]:
+    desc: dict[str, Any] = {"type": device.type}
+    if device.parent:
+        desc["parent"] = device.parent.name
+    if device.options:
+        desc["options"] = device.options
+    return desc
+
+
+def _mount(mount: Mount) -> dict[str, Any]:
+    desc: dict[str, Any] = {"name": mount.name, "type": mount.type}
+    if mount.target:
+        desc["target"] = mount.target
+    if mount.device:
+        desc["source"] = mount.device.name
+    if mount.partition:
+        desc["partition"] = mount.partition
+    if mount.options:
+        desc["options"] = mount.options
+    return desc
+
+
+def _input(inp: Input) -> dict[str, Any]:
+    desc: dict[str, Any] = {"type": inp.type, "origin": inp.origin}
+    if inp.options:
+        desc["options"] = inp.options
+    desc["references"] = inp.refs
+    return desc
+
+
+def _stage(stage: Stage) -> dict[str, Any]:
+    desc: dict[str, Any] = {"type": stage.type, "id": stage.id}
+    if stage.options:
+        desc["options"] = stage.options
+    if stage.devices:
+        desc["devices"] = {name: _device(d) for name, d in stage.devices.items()}
+    if stage.mounts:
+        desc["mounts"] = [_mount(m) for m in stage.mounts]
+    if stage.inputs:
+        desc["inputs"] = {name: _input(i) for name, i in stage.inputs.items()}
+    return desc
+
+
+def _pipeline(pipeline: Pipeline) -> dict[str, Any]:
+    desc: dict[str, Any] = {"name": pipeline.name}
+    if pipeline.build:
+        desc["build"] = pipeline.build
+    if pipeline.runner:
+        desc["runner"] = pipeline.runner
+    if pipeline.source_epoch is not None:
+        desc["source-epoch"] = pipeline.source_epoch
+    if pipeline.stages:
+        desc["stages"] = [_stage(s) for s in pipeline.stages]
+    return desc
+
+
+def describe(manifest: Manifest) -> dict[str, Any]:
+    """What `osbuild --inspect` prints for a v2 manifest."""
+    desc: dict[str, Any] = {"version": "2", "pipelines": [_pipeline(p) for p in manifest.pipelines]}
+    if manifest.sources:
+        desc["sources"] = {}
+        for source in manifest.sources:
+            entry: dict[str, Any] = {"items": source.items}
+            if source.options:
+                entry["options"] = source.options
+            desc["sources"][source.type] = entry
+    return desc

@@ -1,0 +1,108 @@
+"""One whole build: plan, fetch and build concurrently, export, and say what happened.
+
+This is the async entry point the CLI runs on trio (or asyncio); it owns the build context and makes
+sure the monitor hears the beginning and the end of the build, however it ends.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import scheduler
+from .context import BuildContext, BuildOptions
+from .errors import UsageError
+from .library import Library
+from .manifest import Manifest, Pipeline
+from .monitor import Monitor
+from .sources import Sources
+from .store import Store, copy_tree
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """What the user asked of a build."""
+
+    label: str                              # how the manifest is named in messages
+    exports: tuple[str, ...] = ()           # pipeline names or ids
+    output_directory: Path | None = None
+    checkpoints: tuple[str, ...] = ()       # fnmatch patterns
+    jobs: int | None = None
+    stage_timeout: float | None = None
+
+
+def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline]:
+    pipelines = []
+    for name in exports:
+        pipeline = manifest.lookup(name)
+        if pipeline is None:
+            names = [p.name for p in manifest.pipelines]
+            raise UsageError(f"Export {name} not found in {names}")
+        pipelines.append(pipeline)
+    return pipelines
+
+
+def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[str]:
+    """Stage ids matched by osbuild's checkpoint globs: pipeline names (last stage), stage ids and types."""
+    matched: set[str] = set()
+    for pattern in patterns:
+        for pipeline in manifest.pipelines:
+            if pipeline.id and fnmatch.fnmatch(pipeline.name, pattern):
+                matched.add(pipeline.id)
+            for stage in pipeline.stages:
+                if fnmatch.fnmatch(stage.id, pattern) or fnmatch.fnmatch(stage.type, pattern):
+                    matched.add(stage.id)
+    if patterns and not matched:
+        raise UsageError("No checkpoints matched provided patterns!")
+    return frozenset(matched)
+
+
+def collect_metadata(manifest: Manifest, store: Store) -> dict[str, dict[str, Any]]:
+    """Stage metadata of every pipeline in the store, as `{pipeline: {stage type: metadata}}`."""
+    result: dict[str, dict[str, Any]] = {}
+    for pipeline in manifest.pipelines:
+        if not store.contains(pipeline.id):
+            continue
+        assert pipeline.id is not None
+        by_id = store.metadata(pipeline.id)
+        entries = {s.type: by_id[s.id] for s in pipeline.stages if s.id in by_id}
+        if entries:
+            result[pipeline.name] = entries
+    return result
+
+
+async def export(store: Store, pipeline: Pipeline, name: str, output_directory: Path) -> None:
+    target = output_directory / name
+    target.mkdir(parents=True, exist_ok=True)
+    if pipeline.id is not None:
+        await copy_tree(store.tree(pipeline.id), target)
+
+
+def prepare(manifest: Manifest, request: Request, *, store: Store, library: Library,
+            monitor: Monitor) -> tuple[BuildContext, list[scheduler.Planned]]:
+    """Check the request against the manifest and plan the build; nothing runs yet."""
+    exports = resolve_exports(manifest, request.exports)
+    options = BuildOptions(checkpoints=match_checkpoints(manifest, request.checkpoints),
+                           stage_timeout=request.stage_timeout,
+                           **({"jobs": request.jobs} if request.jobs else {}))
+    ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=monitor,
+                       sources=Sources(store, manifest.sources, monitor), options=options)
+    return ctx, scheduler.plan(ctx, exports or manifest.pipelines)
+
+
+async def build(ctx: BuildContext, planned: list[scheduler.Planned], request: Request) -> None:
+    """Build the plan and export; raises the first failure after everything is cleaned up."""
+    ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources), pipelines=len(planned))
+    success = False
+    try:
+        await scheduler.run(ctx, planned)
+        for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports),
+                                  strict=True):
+            assert request.output_directory is not None
+            await export(ctx.store, pipeline, name, request.output_directory)
+        success = True
+    finally:
+        ctx.monitor.build_finished(request.label, success=success)

@@ -1,0 +1,115 @@
+"""Every error aosbuild raises on purpose, under one root.
+
+::
+
+    AosbuildError                 exit 1 unless stated
+    ├── ManifestError             exit 2: the manifest cannot be read or is invalid (all problems at once)
+    ├── UsageError                exit 1: a command-line request that cannot be met (unknown export, ...)
+    ├── SourceError               an item could not be fetched or verified
+    ├── StageError                a stage failed: its name, id, exit status and last output lines
+    ├── SandboxError              the sandbox could not be set up (bwrap missing, bad build root, ...)
+    └── StoreError                the store cannot be used (permissions, disk full, ...)
+
+Each error carries the fields a person needs and a message that says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class AosbuildError(Exception):
+    """Root of all deliberate aosbuild errors."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a manifest, at a JSON path (a list of keys and indices)."""
+
+    message: str
+    path: tuple[str | int, ...] = ()
+
+    @property
+    def location(self) -> str:
+        return format_path(self.path)
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """Render a JSON path the way osbuild does: `.pipelines[0].stages[2].options`, root is `.`."""
+    if not path:
+        return "."
+    parts = []
+    for key in path:
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+        elif " " in key:
+            parts.append(f".'{key}'")
+        else:
+            parts.append(f".{key}")
+    return "".join(parts)
+
+
+class ManifestError(AosbuildError):
+    """The manifest is unreadable or invalid; lists every problem found."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(sorted(set(problems), key=lambda p: (_sort_key(p.path), p.message)))
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source} has errors:", ""]
+        for problem in self.problems:
+            lines += [f"{problem.location}:", f"  {problem.message}", ""]
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "type": "https://osbuild.org/validation-error",
+            "title": "JSON Schema validation failed",
+            "success": False,
+            "errors": [{"message": p.message, "path": list(p.path)} for p in self.problems],
+        }
+
+
+def _sort_key(path: tuple[str | int, ...]) -> tuple[tuple[int, str | int], ...]:
+    # ints and strings do not compare; keep indices before keys at the same depth
+    return tuple((0, k) if isinstance(k, int) else (1, k) for k in path)
+
+
+class UsageError(AosbuildError):
+    """The command line asks for something the manifest or store cannot give."""
+
+
+class SourceError(AosbuildError):
+    """A source item could not be fetched or did not match its checksum."""
+
+    def __init__(self, source_type: str, checksum: str, message: str) -> None:
+        self.source_type = source_type
+        self.checksum = checksum
+        super().__init__(f"{source_type}: {checksum}: {message}")
+
+
+class StageError(AosbuildError):
+    """A stage did not succeed."""
+
+    def __init__(self, *, pipeline: str, stage: str, stage_id: str, reason: str, output_tail: str) -> None:
+        self.pipeline = pipeline
+        self.stage = stage
+        self.stage_id = stage_id
+        self.reason = reason
+        self.output_tail = output_tail
+        super().__init__(f"stage {stage} ({stage_id}) of pipeline '{pipeline}' {reason}")
+
+
+class SandboxError(AosbuildError):
+    """The sandbox for a stage could not be prepared."""
+
+
+class StoreError(AosbuildError):
+    """The store cannot be read or written."""

@@ -1,0 +1,59 @@
+"""Inputs: what a stage reads besides its tree, made visible read-only under /run/osbuild/inputs/<name>.
+
+- `org.osbuild.tree`: one pipeline's tree, bind-mounted.
+- `org.osbuild.files`: source items, hard-linked into a directory named by their checksums; or, with
+  pipeline origin, single files out of pipeline trees (`{"<id>": {"file": "/disk.img"}}`).
+- `org.osbuild.noop`: an empty directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import SandboxError
+from .manifest import PIPELINE_ORIGIN, Input
+from .sandbox import INPUTS, Bind
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def map_input(inp: Input, *, scratch: Path, tree_of: Callable[[str], Path],
+              source_item: Callable[[str], Path]) -> tuple[list[Bind], dict[str, Any]]:
+    """The binds that show an input in the sandbox, and the argument the stage gets for it."""
+    target = f"{INPUTS}/{inp.name}"
+    if inp.type == "org.osbuild.tree":
+        if len(inp.refs) > 1:
+            raise SandboxError(f"input '{inp.name}': org.osbuild.tree takes one pipeline, got {len(inp.refs)}")
+        if inp.refs:
+            return [Bind(tree_of(next(iter(inp.refs))), target)], {"path": target, "data": {}}
+    elif inp.type == "org.osbuild.files" and inp.origin == PIPELINE_ORIGIN:
+        binds = []
+        files: dict[str, Any] = {}
+        for pipeline_id, ref in inp.refs.items():
+            name = str(ref.get("file", "")).lstrip("/")
+            path = (tree_of(pipeline_id) / name).resolve()
+            if not name or not path.is_relative_to(tree_of(pipeline_id).resolve()) or not path.is_file():
+                raise SandboxError(f"input '{inp.name}': no file '{ref.get('file')}' in pipeline {pipeline_id}")
+            binds.append(Bind(path, f"{target}/{name}"))
+            files[name] = {}
+        return binds, {"path": target, "data": {"files": files}}
+    elif inp.type == "org.osbuild.files":
+        directory = scratch / "inputs" / inp.name
+        directory.mkdir(parents=True)
+        for checksum in inp.refs:
+            _link_or_copy(source_item(checksum), directory / checksum)
+        return [Bind(directory, target)], {"path": target, "data": {"files": inp.refs}}
+    elif inp.type != "org.osbuild.noop":
+        raise SandboxError(f"input '{inp.name}': aosbuild has no input type {inp.type}")
+    empty = scratch / "inputs" / inp.name
+    empty.mkdir(parents=True)
+    return [Bind(empty, target)], {"path": target, "data": {}}

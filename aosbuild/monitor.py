@@ -1,0 +1,283 @@
+"""Monitors turn the engine's events into progress for people (`log`) and programs (`jsonseq`).
+
+The engine calls the methods of `Monitor`; the base class ignores every event and is the `null`
+monitor. Events of pipelines that run at the same time arrive interleaved, so every event names its
+pipeline and stage, and no monitor keeps a notion of "the current stage".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .ids import context_id
+
+if TYPE_CHECKING:
+    from .manifest import Pipeline, Source, Stage
+    from .results import StageResult
+    from .sources import ItemResult
+
+OUTPUT_LIMIT = 31000  # osbuild's cap on a result's output, to keep records under 64 KiB
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class Monitor:
+    """Receives the engine's events; this base class ignores them all (the null monitor)."""
+
+    def build_started(self, label: str, *, sources: int, pipelines: int) -> None: ...
+    def source_started(self, source: Source) -> None: ...
+    def source_finished(self, source: Source, results: Sequence[ItemResult], success: bool) -> None: ...
+    def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None: ...
+    def stage_started(self, pipeline: Pipeline, stage: Stage) -> None: ...
+    def stage_output(self, pipeline: Pipeline, stage: Stage, text: str) -> None: ...
+    def stage_progress(self, pipeline: Pipeline, stage: Stage, done: int, total: int, message: str) -> None: ...
+    def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None: ...
+    def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None: ...
+    def log(self, message: str, pipeline: Pipeline | None = None) -> None: ...
+    def build_finished(self, label: str, *, success: bool) -> None: ...
+
+
+NullMonitor = Monitor
+
+
+def omitempty(value: Any) -> Any:
+    """Drop None and "" from dicts, recursively (lists are left alone), as osbuild's monitor does."""
+    if isinstance(value, dict):
+        return {k: omitempty(v) for k, v in value.items() if v is not None and v != ""}
+    return value
+
+
+def tail(output: str, limit: int = OUTPUT_LIMIT) -> str:
+    if len(output) <= limit:
+        return output
+    return f"[...{len(output) - limit} bytes hidden...]\n{output[-limit:]}"
+
+
+class JsonSeqMonitor(Monitor):
+    """RFC 7464 records in osbuild's `JSONSeqMonitor` format, one per line.
+
+    Each context is sent in full the first time its id appears and as `{"id": ...}` afterwards.
+    Progress has up to three levels: pipelines and sources, the stages of the record's pipeline, and
+    what a stage reports about itself.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.total = 0
+        self.done = 0
+        self._sent_contexts: set[str] = set()
+        self._pipeline_progress: dict[str, list[int]] = {}
+        self._stage_progress: dict[str, dict[str, Any]] = {}
+        self._stage_started: dict[str, float] = {}
+
+    def _context(self, origin: str, pipeline: tuple[str | None, str | None] = (None, None),
+                 stage: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
+        context = {"origin": origin,
+                   "pipeline": {"name": pipeline[0], "id": pipeline[1],
+                                "stage": {"name": stage[0], "id": stage[1]}}}
+        cid = context_id(context)
+        if cid in self._sent_contexts:
+            return {"id": cid}
+        self._sent_contexts.add(cid)
+        return {**context, "id": cid}
+
+    def _progress(self, pipeline_name: str | None) -> dict[str, Any]:
+        progress: dict[str, Any] = {"name": "pipelines/sources", "total": self.total, "done": self.done}
+        sub = self._pipeline_progress.get(pipeline_name or "")
+        if sub is not None:
+            progress["progress"] = {"name": f"pipeline: {pipeline_name}", "done": sub[0], "total": sub[1]}
+            stage_progress = self._stage_progress.get(pipeline_name or "")
+            if stage_progress:
+                progress["progress"]["progress"] = stage_progress
+        return progress
+
+    def _emit(self, *, message: str | None = None, result: dict[str, Any] | None = None,
+              context: dict[str, Any], pipeline_name: str | None = None,
+              options: dict[str, Any] | None = None, duration: float | None = None,
+              metadata: dict[str, Any] | None = None) -> None:
+        entry = {"message": message, "result": result, "context": context,
+                 "progress": self._progress(pipeline_name), "options": options or None,
+                 "timestamp": time.time(), "duration": duration, "metadata": metadata or None}
+        write_all(self.fd, b"\x1e" + json.dumps(omitempty(entry)).encode() + b"\n")
+
+    @staticmethod
+    def _pid(pipeline: Pipeline) -> tuple[str | None, str | None]:
+        return pipeline.name, pipeline.id
+
+    def build_started(self, label: str, *, sources: int, pipelines: int) -> None:
+        self.total = sources + pipelines
+        self._emit(message=f"starting {label}", context=self._context("osbuild.main_cli"))
+
+    def source_started(self, source: Source) -> None:
+        name = f"source {source.type}"
+        self._emit(message=f"Starting pipeline {name}",
+                   context=self._context("osbuild.monitor", (name, source.id)))
+
+    def source_finished(self, source: Source, results: Sequence[ItemResult], success: bool) -> None:
+        name = f"source {source.type}"
+        context = self._context("osbuild.monitor", (name, source.id))
+        output = f"{name} finished successfully" if success else f"{name} failed"
+        result = {"name": name, "source_type": source.type, "success": success, "output": output,
+                  "results": [{"success": r.error is None,
+                               "metadata": {"checksum": r.checksum, "cached": r.cached},
+                               "error": r.error or ""} for r in results]}
+        self._emit(message=f"Finished module {name}", result=result, context=context)
+        self.done += 1
+        self._emit(message=f"Finished pipeline {source.type}",
+                   context=self._context("osbuild.monitor", (name, source.id)))
+
+    def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None:
+        if pipeline.stages:
+            self._pipeline_progress[pipeline.name] = [0, len(pipeline.stages)]
+        self._emit(message=f"Starting pipeline {pipeline.name}",
+                   context=self._context("osbuild.monitor", self._pid(pipeline)),
+                   pipeline_name=pipeline.name)
+
+    def stage_started(self, pipeline: Pipeline, stage: Stage) -> None:
+        self._stage_started[stage.id] = time.monotonic()
+        self._emit(message=f"Starting module {stage.type}",
+                   context=self._context("osbuild.monitor", self._pid(pipeline), (stage.type, stage.id)),
+                   pipeline_name=pipeline.name)
+
+    def stage_output(self, pipeline: Pipeline, stage: Stage, text: str) -> None:
+        self._emit(message=text,
+                   context=self._context(f"stages/{stage.type}", self._pid(pipeline), (stage.type, stage.id)),
+                   pipeline_name=pipeline.name)
+
+    def stage_progress(self, pipeline: Pipeline, stage: Stage, done: int, total: int, message: str) -> None:
+        self._stage_progress[pipeline.name] = {"name": f"stage: {stage.type}", "done": done, "total": total}
+        self._emit(message=message or None,
+                   context=self._context(f"stages/{stage.type}", self._pid(pipeline), (stage.type, stage.id)),
+                   pipeline_name=pipeline.name)
+
+    def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None:
+        self._stage_progress.pop(pipeline.name, None)
+        sub = self._pipeline_progress.get(pipeline.name)
+        if sub is not None and result.success:
+            sub[0] += 1
+        payload: dict[str, Any] = {"name": stage.type, "id": stage.id, "success": result.success,
+                                   "output": tail(result.output)}
+        if result.error:
+            payload["error"] = result.error
+        self._emit(message=f"Finished module {stage.type}", result=payload,
+                   context=self._context("osbuild.monitor", self._pid(pipeline), (stage.type, stage.id)),
+                   pipeline_name=pipeline.name, options=stage.options, duration=result.duration,
+                   metadata=result.metadata)
+
+    def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None:
+        if success:
+            self.done += 1
+        self._pipeline_progress.pop(pipeline.name, None)
+        self._emit(message=f"Finished pipeline {pipeline.name}",
+                   context=self._context("osbuild.monitor", self._pid(pipeline)))
+
+    def log(self, message: str, pipeline: Pipeline | None = None) -> None:
+        ids = self._pid(pipeline) if pipeline else (None, None)
+        self._emit(message=message, context=self._context("org.osbuild", ids),
+                   pipeline_name=pipeline.name if pipeline else None)
+
+    def build_finished(self, label: str, *, success: bool) -> None:
+        outcome = "finished successfully" if success else "failed"
+        self._emit(message=f"manifest {label} {outcome}\n", context=self._context("osbuild.main_cli"))
+
+
+class LogMonitor(Monitor):
+    """Human-readable progress in osbuild's `LogMonitor` layout, with per-stage durations.
+
+    On a terminal a status line at the bottom shows which pipelines and stages are running and how far
+    the build is; off a terminal only plain lines are written. Output of pipelines that run at the same
+    time is prefixed with the pipeline's name so interleaved lines stay readable.
+    """
+
+    def __init__(self, fd: int, *, tty: bool | None = None) -> None:
+        self.fd = fd
+        self.tty = os.isatty(fd) if tty is None else tty
+        self.total = 0
+        self.done = 0
+        self._running: dict[str, str] = {}  # pipeline name -> "stage-type i/n"
+        self._started: dict[str, float] = {}
+        self._status_shown = False
+
+    def _write(self, text: str) -> None:
+        data = text
+        if self.tty:
+            data = ("\r\x1b[K" if self._status_shown else "") + text + self._status_line()
+            self._status_shown = True
+        write_all(self.fd, data.encode(errors="replace"))
+
+    def _status_line(self) -> str:
+        running = ", ".join(f"{name} ({what})" for name, what in self._running.items()) or "-"
+        return f"\x1b[1m[{self.done}/{self.total}]\x1b[0m running: {running}"
+
+    def _prefix(self, pipeline: Pipeline) -> str:
+        return f"{pipeline.name}| " if len(self._running) > 1 else ""
+
+    def build_started(self, label: str, *, sources: int, pipelines: int) -> None:
+        self.total = sources + pipelines
+
+    def source_started(self, source: Source) -> None:
+        self._write(f"Pipeline source {source.type}: {source.id}\n")
+
+    def source_finished(self, source: Source, results: Sequence[ItemResult], success: bool) -> None:
+        self.done += 1
+        fetched = sum(1 for r in results if not r.cached and r.error is None)
+        cached = sum(1 for r in results if r.cached)
+        outcome = "done" if success else "FAILED"
+        self._write(f"source {source.type}: {outcome}: {fetched} fetched, {cached} cached\n")
+
+    def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None:
+        self._running[pipeline.name] = "starting"
+        self._write(f"Pipeline {pipeline.name}: {pipeline.id}\nBuild\n  root: {build_root}\n"
+                    f"  runner: {runner} ({runner})\n")
+
+    def stage_started(self, pipeline: Pipeline, stage: Stage) -> None:
+        index = pipeline.stages.index(stage) + 1
+        self._running[pipeline.name] = f"{stage.type} {index}/{len(pipeline.stages)}"
+        options = json.dumps(stage.options, indent=2)
+        self._write(f"{self._prefix(pipeline)}{stage.type}: {stage.id} {options}\n")
+
+    def stage_output(self, pipeline: Pipeline, stage: Stage, text: str) -> None:
+        self._write(self._prefix(pipeline) + text + ("" if text.endswith("\n") else "\n"))
+
+    def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None:
+        outcome = "" if result.success else f" (failed: {result.reason})"
+        self._write(f"{self._prefix(pipeline)}\u23f1  Duration: {result.duration:.2f}s{outcome}\n")
+
+    def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None:
+        self._running.pop(pipeline.name, None)
+        if success:
+            self.done += 1
+
+    def log(self, message: str, pipeline: Pipeline | None = None) -> None:
+        self._write(message if message.endswith("\n") else message + "\n")
+
+    def build_finished(self, label: str, *, success: bool) -> None:
+        if self.tty and self._status_shown:
+            write_all(self.fd, b"\r\x1b[K")
+            self._status_shown = False
+
+
+MONITORS: dict[str, type[Monitor]] = {
+    "null": Monitor, "NullMonitor": Monitor,
+    "log": LogMonitor, "LogMonitor": LogMonitor,
+    "jsonseq": JsonSeqMonitor, "JSONSeqMonitor": JsonSeqMonitor,
+}
+
+
+def make_monitor(name: str, fd: int) -> Monitor:
+    cls = MONITORS[name]
+    if cls is Monitor:
+        return Monitor()
+    return cls(fd)  # type: ignore[call-arg]  # the other monitors take the output descriptor
+
+
+__all__ = ["MONITORS", "JsonSeqMonitor", "LogMonitor", "Monitor", "NullMonitor", "make_monitor"]

@@ -1,0 +1,137 @@
+"""Every subprocess aosbuild starts goes through here.
+
+Output is streamed line by line to a callback; on cancellation the process gets SIGTERM, a grace period,
+then SIGKILL, and is always waited for under a shielded scope, so no process outlives the engine's
+interest in it. Processes start in their own session: a Ctrl-C on the terminal reaches only the engine,
+which then stops them in order.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process
+
+from .errors import AosbuildError
+
+GRACE_SECONDS = 5.0
+
+Argv = Sequence[str | os.PathLike[str]]
+
+
+def argv_list(argv: Argv) -> list[str]:
+    return [os.fspath(a) for a in argv]
+
+
+def explain_status(returncode: int) -> str:
+    """Say in words why a process ended: a signal, a missing command, or its exit status."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    if returncode == 127:
+        return "exited with status 127 (command not found)"
+    if returncode == 126:
+        return "exited with status 126 (command not executable)"
+    return f"exited with status {returncode}"
+
+
+async def stop(process: Process, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM, wait up to `grace`, SIGKILL; always waits, shielded from cancellation."""
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            try:
+                process.terminate()
+            except ProcessLookupError:
+                pass
+            with anyio.move_on_after(grace):
+                await process.wait()
+            if process.returncode is None:
+                try:
+                    process.kill()
+                except ProcessLookupError:
+                    pass
+                await process.wait()
+
+
+MAX_LINE = 16 * 1024
+
+
+class LineSplitter:
+    """Turns chunks of bytes into text lines; the last partial line waits for more, up to MAX_LINE.
+
+    The bound keeps memory flat and every monitor record small when a process writes without newlines.
+    """
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+        self._on_line = on_line
+
+    def feed(self, data: bytes) -> None:
+        text = self._partial + self._decoder.decode(data)
+        *lines, self._partial = text.split("\n")
+        for line in lines:
+            self._on_line(line + "\n")
+        while len(self._partial) > MAX_LINE:
+            self._on_line(self._partial[:MAX_LINE])
+            self._partial = self._partial[MAX_LINE:]
+
+    def close(self) -> None:
+        text = self._partial + self._decoder.decode(b"", final=True)
+        self._partial = ""
+        if text:
+            self._on_line(text)
+
+
+async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapping[str, str] | None = None,
+                        pass_fds: Sequence[int] = (), cwd: Path | None = None,
+                        on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS) -> int:
+    """Run a process with stdin from /dev/null, stdout and stderr merged into `on_line`; its exit status.
+
+    `on_started` runs right after the process exists, e.g. to close descriptors it inherited.
+    """
+    process = await anyio.open_process(
+        argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
+        start_new_session=True)
+    splitter = LineSplitter(on_line)
+    try:
+        if on_started is not None:
+            on_started()
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            splitter.feed(chunk)
+        splitter.close()
+        return await process.wait()
+    finally:
+        await stop(process, grace)
+        await process.aclose()
+
+
+class CommandError(AosbuildError):
+    """A host command the engine ran itself failed."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, output: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        super().__init__(f"{' '.join(self.argv)} {explain_status(returncode)}: {output.strip()[-2000:]}")
+
+
+async def run(argv: Argv, *, env: Mapping[str, str] | None = None) -> str:
+    """Run a host command to completion and return its output; a failure raises CommandError."""
+    lines: list[str] = []
+    returncode = await run_streaming(argv, on_line=lines.append, env=env)
+    output = "".join(lines)
+    if returncode != 0:
+        raise CommandError(argv_list(argv), returncode, output)
+    return output

@@ -1,0 +1,123 @@
+"""The stage sandbox: a bubblewrap command line, and running a stage in it with its RPC channel.
+
+A stage sees the build root's `/usr` read-only (the host's when the pipeline has no build pipeline),
+its tree read-write at `/run/osbuild/tree`, its inputs read-only under `/run/osbuild/inputs`, a private
+`/dev`, its own pid namespace and no network. bwrap's `--die-with-parent` and the pid namespace make sure
+nothing started inside outlives the stage.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from . import process, rpc
+from .stageapi import FD_ENV
+
+SANDBOX_ROOT = "/run/osbuild"
+TREE = f"{SANDBOX_ROOT}/tree"
+INPUTS = f"{SANDBOX_ROOT}/inputs"
+MOUNTS = f"{SANDBOX_ROOT}/mounts"
+LIB = f"{SANDBOX_ROOT}/lib"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# osbuild's default capability set for stages
+CAPABILITIES = (
+    "CAP_AUDIT_WRITE", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_IPC_LOCK", "CAP_LINUX_IMMUTABLE", "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_BIND_SERVICE",
+    "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT",
+    "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+)
+# top-level directories that may be symlinks into /usr (merged /usr) or real directories
+ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# host configuration a build root's tools need, taken from the build root when present
+ETC_FILES = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "mke2fs.conf", "passwd", "group",
+             "os-release")
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    source: Path
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SandboxSpec:
+    build_root: Path          # "/" for the host
+    tree: Path
+    executable: Path          # the stage or assembler
+    runner: Path
+    binds: tuple[Bind, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def bwrap_argv(spec: SandboxSpec) -> list[str]:
+    root = spec.build_root
+    argv = ["bwrap", "--chdir", "/", "--die-with-parent", "--new-session",
+            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--cap-drop", "ALL"]
+    for cap in CAPABILITIES:
+        argv += ["--cap-add", cap]
+    argv += ["--ro-bind", os.fspath(root / "usr"), "/usr"]
+    for name in ROOT_DIRS:
+        path = root / name
+        if path.is_symlink():
+            argv += ["--symlink", os.readlink(path), f"/{name}"]
+        elif path.is_dir():
+            argv += ["--ro-bind", os.fspath(path), f"/{name}"]
+    argv += ["--dir", "/etc"]
+    for name in ETC_FILES:
+        argv += ["--ro-bind-try", os.fspath(root / "etc" / name), f"/etc/{name}"]
+    argv += ["--dev", "/dev", "--proc", "/proc", "--ro-bind", "/sys", "/sys",
+             "--tmpfs", "/tmp", "--tmpfs", "/var", "--tmpfs", "/run",
+             "--ro-bind", os.fspath(PACKAGE_DIR), f"{LIB}/aosbuild",
+             "--bind", os.fspath(spec.tree), TREE,
+             "--dir", INPUTS, "--dir", MOUNTS]
+    for bind in spec.binds:
+        argv += ["--ro-bind" if bind.read_only else "--bind", os.fspath(bind.source), bind.target]
+    stage = f"{SANDBOX_ROOT}/bin/{spec.executable.name}"
+    runner = f"{SANDBOX_ROOT}/runner/{spec.runner.name}"
+    argv += ["--ro-bind", os.fspath(spec.executable), stage, "--ro-bind", os.fspath(spec.runner), runner,
+             "--", runner, stage]
+    return argv
+
+
+def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {"container": "bwrap-osbuild", "LC_CTYPE": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin",
+           "PYTHONPATH": LIB, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "TERM": os.environ.get("TERM", "dumb")}
+    env.update(extra)
+    return env
+
+
+DRAIN_SECONDS = 5.0
+
+
+async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
+              on_line: Callable[[str], None]) -> int:
+    """Run the stage under bwrap, serving its RPC channel; returns the exit status."""
+    engine_sock, stage_sock = rpc.open_socketpair()
+    with engine_sock, stage_sock:
+        env = sandbox_env({**spec.env, FD_ENV: str(stage_sock.fileno())})
+        server_done = anyio.Event()
+
+        async def serve() -> None:
+            await rpc.serve(engine_sock, handlers)
+            server_done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            # once the sandbox holds the stage's end, the engine's copy must go, or EOF never comes
+            returncode = await process.run_streaming(
+                bwrap_argv(spec), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
+                on_started=stage_sock.close)
+            # let the server read what the stage sent just before it exited, then stop it
+            with anyio.move_on_after(DRAIN_SECONDS):
+                await server_done.wait()
+            tg.cancel_scope.cancel()
+        return returncode

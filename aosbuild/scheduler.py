@@ -1,0 +1,68 @@
+"""Planning and running the pipelines of a build as a DAG.
+
+`plan` picks what must be built for the requested pipelines: each one that is not in the store, resumed
+after its newest cached stage, plus whatever it still needs (its build root and the pipelines its
+remaining stages read). `run` starts every planned pipeline at once; each waits for exactly what it
+needs, then for one of `--jobs` slots. The first failure cancels everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import anyio
+
+from .builder import build_pipeline, resume_point
+from .context import BuildContext
+from .errors import UsageError
+from .manifest import Pipeline
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Planned:
+    pipeline: Pipeline
+    resume: int                  # stages already in the store
+    needs: frozenset[str]        # ids of pipelines that must be built first
+
+
+def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> list[Planned]:
+    """The pipelines to build, dependencies first (a pipeline in the store is not rebuilt)."""
+    planned: dict[str, Planned] = {}
+
+    def visit(pipeline_id: str, wanted_by: str) -> None:
+        if pipeline_id in planned or ctx.store.contains(pipeline_id):
+            return
+        pipeline = ctx.manifest.by_id(pipeline_id)
+        if pipeline is None:
+            raise UsageError(f"{wanted_by} needs pipeline {pipeline_id}, which is neither in the manifest "
+                             "nor in the store")
+        resume = resume_point(ctx, pipeline)
+        needs = pipeline.dependencies(after=resume)
+        for dep in sorted(needs):
+            visit(dep, f"pipeline '{pipeline.name}'")
+        planned[pipeline_id] = Planned(pipeline=pipeline, resume=resume, needs=frozenset(needs))
+
+    for target in targets:
+        if target.id is not None:
+            visit(target.id, "the command line")
+    return list(planned.values())
+
+
+async def run(ctx: BuildContext, planned: list[Planned]) -> None:
+    """Fetch sources and build the planned pipelines, each as soon as what it needs is ready."""
+    built = {p.pipeline.id: anyio.Event() for p in planned}
+    slots = anyio.CapacityLimiter(ctx.options.jobs)
+
+    async def build_one(item: Planned) -> None:
+        for dep in item.needs:
+            if dep in built:
+                await built[dep].wait()
+        async with slots:
+            await build_pipeline(ctx, item.pipeline, item.resume)
+        built[item.pipeline.id].set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ctx.sources.fetch_all)
+        for item in planned:
+            tg.start_soon(build_one, item)

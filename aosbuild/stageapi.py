@@ -1,0 +1,236 @@
+"""The stage side of the engine's JSON-RPC channel (standard library only).
+
+Stages and runners run on the build root's python3, inside the sandbox, so this module must not import
+anything outside the standard library. The engine hands the sandbox one end of an AF_UNIX/SOCK_SEQPACKET
+socketpair and names its descriptor in `AOSBUILD_RPC_FD`. Every packet is one JSON-RPC 2.0 message; a
+message too large for one packet travels in a memfd passed with SCM_RIGHTS (see `wire`).
+
+A stage is written as::
+
+    def main(args):
+        tree, options = args["tree"], args["options"]
+        ...
+        return 0
+
+    if __name__ == "__main__":
+        sys.exit(stageapi.run(main))
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+FD_ENV = "AOSBUILD_RPC_FD"
+# Payloads above this go through a memfd; below the default /proc/sys/net/core/wmem_max.
+MAX_INLINE = 64000
+VIA_FD = b"<payload-via-fd>"
+MAX_FDS = 253
+
+
+class RpcError(Exception):
+    """The engine answered a request with a JSON-RPC error."""
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send one JSON-RPC message, moving it into a memfd when it does not fit into one packet."""
+    data = json.dumps(message).encode()
+    fds = list(fds)
+    memfd = -1
+    if len(data) > MAX_INLINE:
+        memfd = os.memfd_create("aosbuild-rpc", os.MFD_CLOEXEC)
+        os.write(memfd, data)
+        os.lseek(memfd, 0, os.SEEK_SET)
+        data, fds = VIA_FD, [memfd, *fds]
+    try:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sock.sendmsg([data], ancillary)
+    finally:
+        if memfd >= 0:
+            os.close(memfd)
+
+
+def decode_packet(data: bytes, fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    """Turn one received packet (and its descriptors) back into a message."""
+    if data == VIA_FD and fds:
+        memfd, fds = fds[0], fds[1:]
+        with os.fdopen(memfd, "rb") as f:
+            data = f.read()
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("JSON-RPC message is not an object")
+    return message, fds
+
+
+def receive_packet(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """Receive one whole packet with its descriptors; None at end of stream.
+
+    The packet's size is learnt by peeking with a growing buffer, so no packet is ever truncated.
+    """
+    size = 4096
+    fd_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    while True:
+        data, _, flags, _ = sock.recvmsg(size, 0, socket.MSG_PEEK)
+        if not flags & socket.MSG_TRUNC:
+            break
+        size *= 2
+    data, ancdata, flags, _ = sock.recvmsg(size, fd_space, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds_array = array.array("i")
+            fds_array.frombytes(payload[: len(payload) - (len(payload) % fds_array.itemsize)])
+            fds.extend(fds_array)
+    if not data and not fds:
+        return None
+    return data, fds
+
+
+class Channel:
+    """The stage's end of the channel: requests wait for their answer, notifications do not."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._next_id = 0
+
+    @classmethod
+    def from_environment(cls) -> Channel:
+        fd = int(os.environ[FD_ENV])
+        return cls(socket.socket(fileno=fd))
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            message["params"] = params
+        send_message(self.sock, message)
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             fds: list[int] | tuple[int, ...] = ()) -> tuple[Any, list[int]]:
+        self._next_id += 1
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": self._next_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        send_message(self.sock, message, fds)
+        packet = receive_packet(self.sock)
+        if packet is None:
+            raise RpcError(f"the engine closed the channel during '{method}'")
+        reply, reply_fds = decode_packet(*packet)
+        if "error" in reply:
+            raise RpcError(reply["error"].get("message", "unknown error"))
+        return reply.get("result"), reply_fds
+
+
+_channel: Channel | None = None
+
+
+def channel() -> Channel:
+    global _channel  # one channel per stage process; the descriptor is process-wide anyway
+    if _channel is None:
+        _channel = Channel.from_environment()
+    return _channel
+
+
+def arguments() -> dict[str, Any]:
+    """The stage's arguments: tree, options, inputs, devices, mounts, paths and meta."""
+    result, _ = channel().call("arguments")
+    return dict(result)
+
+
+def metadata(data: dict[str, Any]) -> None:
+    """Record metadata for this stage; it ends up in the store, `--json` and the monitor stream."""
+    channel().call("metadata", {"metadata": data})
+
+
+def progress(done: int, total: int, message: str | None = None) -> None:
+    """Report how far along the stage is (shown as a third progress level)."""
+    params: dict[str, Any] = {"done": done, "total": total}
+    if message:
+        params["message"] = message
+    channel().notify("progress", params)
+
+
+def log(message: str) -> None:
+    """Send one log line to the engine, beside the stage's own stdout."""
+    channel().notify("log", {"message": message})
+
+
+def loop_attach(fd: int, *, offset: int = 0, size: int = 0, sector_size: int = 512,
+                read_only: bool = False, partscan: bool = False) -> str:
+    """Ask the engine for a loop device over `fd`; returns the device path inside the sandbox."""
+    result, _ = channel().call("loop.attach", {
+        "offset": offset, "size": size, "sector-size": sector_size,
+        "read-only": read_only, "partscan": partscan}, fds=[fd])
+    return str(result["path"])
+
+
+def report_exception(exc: BaseException) -> None:
+    """Tell the engine why the stage failed, with the traceback a person needs."""
+    try:
+        channel().notify("exception", {
+            "type": type(exc).__name__,
+            "value": str(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+        })
+    except (OSError, KeyError, ValueError):
+        pass  # no channel to report on: the traceback on stderr below still reaches the log
+
+
+def run(main: Callable[[dict[str, Any]], int | None]) -> int:
+    """Fetch the arguments, run `main(args)` and turn an exception into a reported failure."""
+    try:
+        return int(main(arguments()) or 0)
+    except Exception as exc:
+        report_exception(exc)
+        traceback.print_exc(file=sys.stderr)
+        return 1
+
+
+def resolve_location(url: str, args: dict[str, Any]) -> str:
+    """Turn a location from a stage's options into a path inside the sandbox.
+
+    `tree:///p` is below the tree, `input://<name>/p` below that input, `mount://<name>/p` below that
+    mount, `mount:///p` below the root of all mounts, and a plain path (absolute or not) below the tree.
+    As in osbuild, a trailing slash means "the contents of": the path then ends in `/.`, which is what
+    `cp -a` needs. Resolution is lexical; a location that climbs out of its root through `..` is refused
+    with a ValueError.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, name, path = "tree", "", url
+    else:
+        name, slash, tail = rest.partition("/")
+        path = slash + tail
+    if not path:
+        raise ValueError(f"location '{url}' names no path; use '/' for the root, e.g. '{scheme}://{name}/'")
+    if scheme == "tree":
+        if name:
+            raise ValueError(f"location '{url}' names '{name}', but a tree location has none: use 'tree:///<path>'")
+        root = args["tree"]
+    elif scheme in ("input", "mount"):
+        kind = scheme + "s"
+        if scheme == "mount" and not name:
+            root = args["paths"]["mounts"]
+        else:
+            entry = args.get(kind, {}).get(name)
+            if not entry or not entry.get("path"):
+                known = ", ".join(sorted(args.get(kind, {}))) or "none"
+                raise ValueError(f"location '{url}' refers to {scheme} '{name}', which this stage does not "
+                                 f"have (its {kind}: {known}); declare it under the stage's \"{kind}\"")
+            root = entry["path"]
+    else:
+        raise ValueError(f"location '{url}' has the unsupported scheme '{scheme}'; "
+                         "use tree:///<path>, input://<name>/<path>, mount://<name>/<path> or a plain path")
+    root = os.path.normpath(root)
+    target = os.path.normpath(os.path.join(root, path.lstrip("/")))
+    if target != root and not target.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"location '{url}' escapes its root '{root}' through '..'; "
+                         "write the path without climbing above it")
+    if path.endswith("/"):
+        target = os.path.join(target, ".")
+    return target
