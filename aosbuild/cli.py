@@ -188,8 +188,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print_json(success_document(metadata=engine.collect_metadata(manifest, store),
                                     sources=ctx.sources.results, logs=ctx.logs))
-    elif not args.quiet:
-        summary(manifest, ctx)
+    elif not args.quiet and (monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno()):
+        summary(manifest, ctx)  # never into a machine-read stream on stdout
     return 0
 
 

@@ -96,6 +96,10 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
 async def build(ctx: BuildContext, planned: list[scheduler.Planned], request: Request) -> None:
     """Build the plan and export; raises the first failure after everything is cleaned up."""
     ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources), pipelines=len(planned))
+    targets = resolve_exports(ctx.manifest, request.exports) or ctx.manifest.pipelines
+    for pipeline in targets:
+        if ctx.store.contains(pipeline.id):
+            ctx.monitor.pipeline_cached(pipeline)
     success = False
     try:
         await scheduler.run(ctx, planned)

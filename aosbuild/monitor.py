@@ -42,6 +42,7 @@ class Monitor:
     def stage_progress(self, pipeline: Pipeline, stage: Stage, done: int, total: int, message: str) -> None: ...
     def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None: ...
     def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None: ...
+    def pipeline_cached(self, pipeline: Pipeline) -> None: ...
     def log(self, message: str, pipeline: Pipeline | None = None) -> None: ...
     def build_finished(self, label: str, *, success: bool) -> None: ...
 
@@ -180,6 +181,10 @@ class JsonSeqMonitor(Monitor):
         self._emit(message=f"Finished pipeline {pipeline.name}",
                    context=self._context("osbuild.monitor", self._pid(pipeline)))
 
+    def pipeline_cached(self, pipeline: Pipeline) -> None:
+        self._emit(message=f"Pipeline {pipeline.name} is cached",
+                   context=self._context("osbuild.monitor", self._pid(pipeline)))
+
     def log(self, message: str, pipeline: Pipeline | None = None) -> None:
         ids = self._pid(pipeline) if pipeline else (None, None)
         self._emit(message=message, context=self._context("org.osbuild", ids),
@@ -223,6 +228,7 @@ class LogMonitor(Monitor):
 
     def build_started(self, label: str, *, sources: int, pipelines: int) -> None:
         self.total = sources + pipelines
+        self._write(f"starting {label}\n")
 
     def source_started(self, source: Source) -> None:
         self._write(f"Pipeline source {source.type}: {source.id}\n")
@@ -257,10 +263,15 @@ class LogMonitor(Monitor):
         if success:
             self.done += 1
 
+    def pipeline_cached(self, pipeline: Pipeline) -> None:
+        self._write(f"Pipeline {pipeline.name}: {pipeline.id} (cached)\n")
+
     def log(self, message: str, pipeline: Pipeline | None = None) -> None:
         self._write(message if message.endswith("\n") else message + "\n")
 
     def build_finished(self, label: str, *, success: bool) -> None:
+        self._running.clear()
+        self._write(f"manifest {label} {'finished successfully' if success else 'failed'}\n")
         if self.tty and self._status_shown:
             write_all(self.fd, b"\r\x1b[K")
             self._status_shown = False
