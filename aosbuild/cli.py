@@ -156,6 +156,9 @@ def _main(args: argparse.Namespace) -> int:
 
     monitor_name = args.monitor or ("null" if args.json or args.quiet else "log")
     monitor_fd = args.monitor_fd if args.monitor_fd is not None else sys.stdout.fileno()
+    # the summary and "Failed" go to stdout only where they cannot corrupt a machine-read stream
+    human_stdout = not (args.json or args.quiet) and (
+        monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno())
     request = engine.Request(label=label, exports=tuple(args.export), output_directory=args.output_directory,
                              checkpoints=tuple(args.checkpoint), jobs=args.jobs,
                              stage_timeout=args.stage_timeout)
@@ -180,7 +183,7 @@ def _main(args: argparse.Namespace) -> int:
             elif isinstance(ours, SourceError):
                 print_json(source_error_document(source_type=ours.source_type, output=str(ours),
                                                  sources=ctx.sources.results))
-        elif not args.json:
+        elif human_stdout:
             sys.stdout.write("Failed\n")
         sys.stderr.write(explain(ours))
         return ours.exit_code
@@ -188,8 +191,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.json:
         print_json(success_document(metadata=engine.collect_metadata(manifest, store),
                                     sources=ctx.sources.results, logs=ctx.logs))
-    elif not args.quiet and (monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno()):
-        summary(manifest, ctx)  # never into a machine-read stream on stdout
+    elif human_stdout:
+        summary(manifest, ctx)
     return 0
 
 

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anyio
-from anyio.abc import Process
 
 from .errors import AosbuildError
 
@@ -44,21 +43,64 @@ def explain_status(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+class Process:
+    """A child process started from the calling (event loop) thread, awaited through a pidfd.
+
+    Why not `anyio.open_process`: on trio it forks from a worker thread, and bwrap's `--die-with-parent`
+    (PR_SET_PDEATHSIG) fires when that *thread* exits, which trio's thread cache does after 10 s idle.
+    Forking from the event loop's thread ties the sandbox's life to the engine's, as intended.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pidfd = os.pidfd_open(popen.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    async def wait(self) -> int:
+        while self.popen.poll() is None:
+            await anyio.wait_readable(self.pidfd)
+        return self.popen.returncode
+
+    async def read_output(self, on_chunk: Callable[[bytes], None]) -> None:
+        """Pass every chunk of the merged stdout/stderr to `on_chunk` until end of file."""
+        assert self.popen.stdout is not None
+        fd = self.popen.stdout.fileno()
+        os.set_blocking(fd, False)
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                await anyio.wait_readable(fd)
+                continue
+            if not chunk:
+                return
+            on_chunk(chunk)
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        os.close(self.pidfd)
+
+
 async def stop(process: Process, grace: float = GRACE_SECONDS) -> None:
     """SIGTERM, wait up to `grace`, SIGKILL; always waits, shielded from cancellation."""
     with anyio.CancelScope(shield=True):
         if process.returncode is None:
-            try:
-                process.terminate()
-            except ProcessLookupError:
-                pass
+            process.signal(signal.SIGTERM)
             with anyio.move_on_after(grace):
                 await process.wait()
             if process.returncode is None:
-                try:
-                    process.kill()
-                except ProcessLookupError:
-                    pass
+                process.signal(signal.SIGKILL)
                 await process.wait()
 
 
@@ -99,22 +141,21 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
 
     `on_started` runs right after the process exists, e.g. to close descriptors it inherited.
     """
-    process = await anyio.open_process(
+    popen = subprocess.Popen(
         argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
         start_new_session=True)
+    process = Process(popen)
     splitter = LineSplitter(on_line)
     try:
         if on_started is not None:
             on_started()
-        assert process.stdout is not None
-        async for chunk in process.stdout:
-            splitter.feed(chunk)
+        await process.read_output(splitter.feed)
         splitter.close()
         return await process.wait()
     finally:
         await stop(process, grace)
-        await process.aclose()
+        process.close()
 
 
 class CommandError(AosbuildError):

@@ -1,0 +1,96 @@
+"""Shared fixtures: a store on tmpfs, a test library of extra stages, and running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+TEST_LIBDIR = TESTS / "lib"
+REPO = TESTS.parent
+CHECKER = REPO.parent / "shared" / "tools" / "jsonseq_check.py"
+# the root disk is slow at creating files; trees and stores live on tmpfs when there is one
+FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-test-") as d:
+        yield Path(d)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def jsonseq(self) -> list[dict[str, Any]]:
+        return [json.loads(line[1:]) for line in self.stdout.split("\n") if line.startswith("\x1e")]
+
+
+@dataclass
+class Aosbuild:
+    """Runs `python -m aosbuild` the way a user would, with the test library and a fresh store."""
+
+    workdir: Path
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "store"
+
+    @property
+    def output(self) -> Path:
+        return self.workdir / "output"
+
+    def write_manifest(self, manifest: dict[str, Any], name: str = "manifest.json") -> Path:
+        path = self.workdir / name
+        path.write_text(json.dumps(manifest))
+        return path
+
+    def command(self, manifest: Path | dict[str, Any], *args: str) -> list[str]:
+        path = manifest if isinstance(manifest, Path) else self.write_manifest(manifest)
+        return [sys.executable, "-m", "aosbuild", "--libdir", str(TEST_LIBDIR), "--store", str(self.store),
+                *args, str(path)]
+
+    def __call__(self, manifest: Path | dict[str, Any], *args: str, timeout: float = 300) -> Run:
+        proc = subprocess.run(self.command(manifest, *args), capture_output=True, text=True, timeout=timeout,
+                              cwd=self.workdir)
+        return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def aosbuild(workdir: Path) -> Aosbuild:
+    return Aosbuild(workdir)
+
+
+def check_jsonseq(stream: str | bytes) -> str:
+    """Run the shared checker in --strict mode; returns its summary line, fails the test otherwise."""
+    data = stream.encode() if isinstance(stream, str) else stream
+    proc = subprocess.run([sys.executable, str(CHECKER), "--strict"], input=data, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode().strip()
+
+
+def pipeline(name: str, *stages: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "stages": list(stages), **extra}
+
+
+def stage(type_: str, **options: Any) -> dict[str, Any]:
+    return {"type": type_, "options": options}
+
+
+def manifest(*pipelines: dict[str, Any], sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {"version": "2", "pipelines": list(pipelines)}
+    if sources:
+        result["sources"] = sources
+    return result
