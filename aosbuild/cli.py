@@ -21,12 +21,11 @@ import structlog
 
 from . import __version__, engine
 from .describe import describe
-from .errors import AosbuildError, ManifestError, StageError
+from .errors import AosbuildError, ManifestError, SourceError, StageError
 from .library import Library
 from .loading import load_file
 from .monitor import MONITORS, make_monitor
 from .results import source_error_document, stage_error_document, success_document
-from .errors import SourceError
 from .store import Store
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -168,7 +167,7 @@ def _main(args: argparse.Namespace) -> int:
         ctx, planned = engine.prepare(manifest, request, store=store, library=library,
                                       monitor=make_monitor(monitor_name, monitor_fd))
         anyio.run(run_with_signals, ctx, planned, request, backend=args.backend)
-    except BaseException as exc:  # noqa: BLE001  # sorted below: ours, interrupts, then real bugs
+    except BaseException as exc:  # sorted below: ours, interrupts, then real bugs
         errors = list(flatten(exc))
         interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
         if interrupt is not None:

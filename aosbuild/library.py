@@ -88,7 +88,7 @@ class Library:
     """Finds modules across stacked library roots."""
 
     def __init__(self, roots: Sequence[Path] = ()) -> None:
-        self.roots = tuple(Path(r).resolve() for r in roots) + (BUNDLED_ROOT,)
+        self.roots = (*tuple(Path(r).resolve() for r in roots), BUNDLED_ROOT)
 
     def find(self, kind: str, name: str) -> ModuleInfo | None:
         return _find(self.roots, kind, name)

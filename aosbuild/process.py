@@ -141,7 +141,7 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
 
     `on_started` runs right after the process exists, e.g. to close descriptors it inherited.
     """
-    popen = subprocess.Popen(
+    popen = subprocess.Popen(  # noqa: ASYNC220  # fork from this thread on purpose: see Process
         argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
         start_new_session=True)

@@ -152,16 +152,16 @@ class Store:
 
 async def copy_tree(src: Path, dst: Path) -> None:
     """Copy a tree's contents with owners, modes, links and xattrs, sharing blocks where the fs can."""
-    dst.mkdir(parents=True, exist_ok=True)
+    await anyio.Path(dst).mkdir(parents=True, exist_ok=True)
     await process.run(["cp", "--reflink=auto", "-a", "--", f"{src}/.", f"{dst}/"])
 
 
 async def remove_tree(path: Path) -> None:
     """Remove a directory tree, even one whose directories a stage made read-only."""
-    if not path.exists():
-        return
-
     def remove() -> None:
+        if not path.exists():
+            return
+
         def make_writable(func: Any, p: str, _exc: Any) -> None:
             os.chmod(os.path.dirname(p), 0o700)
             func(p)

@@ -32,7 +32,8 @@ def test_build_export_and_rebuild_runs_no_stage(aosbuild: Aosbuild) -> None:
         names = tar.getnames()
         assert "./etc/hostname" in names
         hostname = tar.extractfile("./etc/hostname")
-        assert hostname is not None and hostname.read() == b"golden\n"
+        assert hostname is not None
+        assert hostname.read() == b"golden\n"
     assert (aosbuild.store / "objects" / "f1840e4ca2b0523a2bf288f9d6b7d4d7d0088604257411b7c194dfd715eee8b6").is_dir()
 
     second = aosbuild(path, *args)
@@ -49,7 +50,8 @@ def test_summary_lists_pipelines(aosbuild: Aosbuild) -> None:
     assert "finished successfully" in result.stdout
     tree = aosbuild.store / "objects" / "fa0e466784d49682a1b7b3cb129b7a75b16bff9c2aed6aee3f0f1988056ce85a"
     newfile = tree / "data" / "tree" / "newfile"
-    assert newfile.stat().st_size == 1 << 30 and oct(newfile.stat().st_mode & 0o777) == "0o444"
+    assert newfile.stat().st_size == 1 << 30
+    assert oct(newfile.stat().st_mode & 0o777) == "0o444"
 
 
 def sleepers(count: int, seconds: float) -> dict[str, object]:
@@ -92,7 +94,8 @@ def test_parallel_stream_is_valid_and_attributed(aosbuild: Aosbuild) -> None:
         full = contexts[str(context["id"])]
         if str(record.get("message", "")).startswith("sleeping"):
             pipeline_ctx = full["pipeline"]
-            assert isinstance(pipeline_ctx, dict) and pipeline_ctx["name"] in ("p0", "p1", "p2")
+            assert isinstance(pipeline_ctx, dict)
+            assert pipeline_ctx["name"] in ("p0", "p1", "p2")
 
 
 def test_failing_stage(aosbuild: Aosbuild) -> None:
@@ -115,7 +118,7 @@ def test_failing_stage(aosbuild: Aosbuild) -> None:
 
 def test_failing_stage_json_document(aosbuild: Aosbuild) -> None:
     m = manifest(pipeline("tree", stage("org.osbuild.noop"), stage("org.aosbuild.test.fail", raise_="x")))
-    m["pipelines"][0]["stages"][1]["options"] = {"raise": "no good"}  # type: ignore[index]
+    m["pipelines"][0]["stages"][1]["options"] = {"raise": "no good"}
     result = aosbuild(m, "--json")
     assert result.returncode == 1
     document = json.loads(result.stdout)
@@ -144,10 +147,11 @@ def test_channel_metadata_progress_and_log(aosbuild: Aosbuild) -> None:
     fresh.workdir.mkdir()
     stream = fresh(m, "--monitor", "jsonseq")
     check_jsonseq(stream.stdout)
-    levels = [r["progress"] for r in stream.jsonseq() if "progress" in r["progress"]  # type: ignore[operator]
-              and "progress" in r["progress"]["progress"]]  # type: ignore[index]
-    done = [lvl["progress"]["progress"]["done"] for lvl in levels]  # type: ignore[index]
-    assert sorted(set(done)) == [1, 2, 3] and done == sorted(done)
+    levels = [r["progress"] for r in stream.jsonseq() if "progress" in r["progress"]
+              and "progress" in r["progress"]["progress"]]
+    done = [lvl["progress"]["progress"]["done"] for lvl in levels]
+    assert sorted(set(done)) == [1, 2, 3]
+    assert done == sorted(done)
     finished = [r for r in stream.jsonseq() if r.get("message") == "Finished module org.aosbuild.test.report"]
     assert finished[0]["metadata"] == {"answer": 7}
 
@@ -176,7 +180,7 @@ def test_checkpoints(aosbuild: Aosbuild) -> None:
     assert f"{first}: cached" in result.stdout
 
     # a changed last stage resumes from the checkpoint: only one stage runs
-    m["pipelines"][0]["stages"][1]["options"]["paths"] = [{"path": "/c"}]  # type: ignore[index]
+    m["pipelines"][0]["stages"][1]["options"]["paths"] = [{"path": "/c"}]
     rebuilt = aosbuild(m, "--monitor", "jsonseq", "--export", "tree", "--output-directory", str(aosbuild.output))
     assert started_stages(rebuilt.jsonseq()) == ["Starting module org.osbuild.mkdir"]
     assert sorted(os.listdir(aosbuild.output / "tree")) == ["a", "c"]

@@ -36,7 +36,8 @@ def test_signal_mid_stage_cleans_up(aosbuild: Aosbuild, signum: int, exit_code: 
                             stage("org.aosbuild.test.sleep", seconds=120, marker=f"m{i}")) for i in range(3)))
     proc = subprocess.Popen(aosbuild.command(m, "--monitor", "jsonseq"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=aosbuild.workdir)
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     seen = b""
     sleeping = 0
     try:

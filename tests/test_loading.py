@@ -13,7 +13,6 @@ from aosbuild.loading import load, parse
 
 from .conftest import Aosbuild, manifest, pipeline, stage
 
-
 COPY_OPTIONS = {"paths": [{"from": "input://t/x", "to": "tree:///x"}]}
 
 
@@ -110,4 +109,5 @@ def test_cli_malformed_json(aosbuild: Aosbuild) -> None:
 def test_cli_missing_file(aosbuild: Aosbuild) -> None:
     result = aosbuild(aosbuild.workdir / "nope.json")
     assert result.returncode == 2
-    assert "cannot read" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot read" in result.stderr
+    assert "Traceback" not in result.stderr
