@@ -222,3 +222,23 @@ def test_inline_source_and_files_input(aosbuild: Aosbuild) -> None:
     document = json.loads(result.stdout)
     assert document["sources"]["org.osbuild.inline"] == [
         {"cached": False, "checksum": "sha256:f80caab74e43203d39d78d3548f5834bb310959a1020f2c9c4c4610e04a24e64"}]
+
+
+def test_build_pipeline_is_the_build_root(aosbuild: Aosbuild) -> None:
+    """A pipeline with `build` runs its stages on that pipeline's /usr, not the host's."""
+    m = manifest(pipeline("build", stage("org.aosbuild.test.buildroot")),
+                 pipeline("tree", stage("org.aosbuild.test.report"), build="name:build"),
+                 pipeline("host", stage("org.aosbuild.test.report", answer=1)))
+    result = aosbuild(m, "--export", "tree", "--export", "host", "--output-directory", str(aosbuild.output))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((aosbuild.output / "tree" / "facts.json").read_text())["build_root_marker"] is True
+    assert json.loads((aosbuild.output / "host" / "facts.json").read_text())["build_root_marker"] is False
+    assert "runner: org.osbuild.linux" in result.stdout  # the build tree has no os-release
+
+
+def test_asyncio_backend_builds_the_same(aosbuild: Aosbuild) -> None:
+    path = GOLDEN / "v2-two-pipelines-tree-input.json"
+    result = aosbuild(path, "--backend", "asyncio", "--monitor", "jsonseq")
+    assert result.returncode == 0, result.stderr
+    check_jsonseq(result.stdout)
+    assert (aosbuild.store / "objects" / "c42800cbd00369b48022fb8d301014367c7a291b95cbc2fb34de18f4c3c96cde").is_dir()
