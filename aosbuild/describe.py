@@ -56,15 +56,47 @@ def _pipeline(pipeline: Pipeline) -> dict[str, Any]:
         desc["build"] = pipeline.build
     if pipeline.runner:
         desc["runner"] = pipeline.runner
-    if pipeline.source_epoch is not None:
-        desc["source-epoch"] = pipeline.source_epoch
+    # osbuild leaves `source-epoch` out of the description (it is in the stage ids already)
     if pipeline.stages:
         desc["stages"] = [_stage(s) for s in pipeline.stages]
     return desc
 
 
+def _v1_pipeline(manifest: Manifest, pipeline: Pipeline) -> dict[str, Any]:
+    desc: dict[str, Any] = {}
+    build = manifest.by_id(pipeline.build) if pipeline.build else None
+    if build is not None:
+        desc["build"] = {"pipeline": _v1_pipeline(manifest, build), "runner": build.runner}
+    if pipeline.stages:
+        desc["stages"] = [_v1_stage(s) for s in pipeline.stages]
+    return desc
+
+
+def _v1_stage(stage: Stage) -> dict[str, Any]:
+    desc: dict[str, Any] = {"name": stage.type}
+    if stage.options:
+        desc["options"] = stage.options
+    desc["id"] = stage.id
+    return desc
+
+
+def describe_v1(manifest: Manifest) -> dict[str, Any]:
+    """What `osbuild --inspect` prints for a v1 manifest: the nested v1 shape, with ids."""
+    tree = manifest.by_name("tree")
+    desc: dict[str, Any] = {"pipeline": _v1_pipeline(manifest, tree) if tree else {}}
+    assembler = manifest.by_name("assembler")
+    if assembler is not None:
+        desc["pipeline"]["assembler"] = _v1_stage(assembler.stages[0])
+    sources = manifest.description.get("sources")
+    if sources:
+        desc["sources"] = sources
+    return desc
+
+
 def describe(manifest: Manifest) -> dict[str, Any]:
-    """What `osbuild --inspect` prints for a v2 manifest."""
+    """What `osbuild --inspect` prints for the manifest, in its own format."""
+    if manifest.version == "1":
+        return describe_v1(manifest)
     desc: dict[str, Any] = {"version": "2", "pipelines": [_pipeline(p) for p in manifest.pipelines]}
     if manifest.sources:
         desc["sources"] = {}

@@ -24,6 +24,7 @@ from .manifest import (
     Source,
     make_stage,
 )
+from .v1 import load_v1
 from .validation import validate_v2
 
 
@@ -51,6 +52,8 @@ def load(description: Any, library: Library, source: str = "manifest", *, valida
         if problems:
             raise ManifestError(source, problems)
         return _V2Loader(description, source).load()
+    if version == "1":
+        return load_v1(description, library, source, validate=validate)
     raise ManifestError(source, [Problem(f"Unsupported manifest format: version {version!r}", ("version",))])
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from aosbuild import ids
+from aosbuild.describe import describe
 from aosbuild.library import Library
 from aosbuild.loading import load
 
@@ -28,6 +29,23 @@ def test_stage_ids_match_osbuild(path: Path) -> None:
     expected = json.loads(path.with_suffix(".expected").read_text())
     got = [(p.name, s.id) for p in manifest.pipelines for s in p.stages]
     assert got == stage_ids(expected)
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("v*.json")), ids=lambda p: p.stem)
+def test_described_manifest_matches_osbuild(path: Path) -> None:
+    """v1 and v2: the whole `--inspect` document, ids included (module schemas not needed for ids)."""
+    manifest = load(json.loads(path.read_text()), Library(), validate=False)
+    assert describe(manifest) == json.loads(path.with_suffix(".expected").read_text())
+
+
+def test_v1_pipeline_names_and_build_chain() -> None:
+    manifest = load(json.loads((GOLDEN / "v1-build-assembler.json").read_text()), Library(), validate=False)
+    build, tree, assembler = manifest.pipelines
+    assert [p.name for p in manifest.pipelines] == ["build", "tree", "assembler"]
+    assert tree.build == build.id
+    assert assembler.build == build.id
+    assert build.runner == "org.osbuild.linux"
+    assert list(assembler.stages[0].inputs["tree"].refs) == [tree.id]
 
 
 def test_truncate_chmod_reference_values() -> None:
