@@ -122,7 +122,28 @@ async def run_with_signals(ctx: Any, planned: Any, request: engine.Request) -> N
         raise Interrupted(received[0])
 
 
+# `aosbuild <command> ...` runs a tool other than a build; anything else is a manifest to build.
+# Each entry is "module:function", the function taking the remaining arguments and returning the exit code.
+COMMANDS: dict[str, str] = {}
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module_name, _, function = COMMANDS[name].partition(":")
+    module = importlib.import_module(module_name)
+    result: int = getattr(module, function)(argv)
+    return result
+
+
 def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        try:
+            return run_command(argv[0], argv[1:])
+        except KeyboardInterrupt:
+            sys.stderr.write("Aborted\n")
+            return 130
     args = parser(prog).parse_args(argv)
     configure_logging(args.debug)
     try:
