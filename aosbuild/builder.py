@@ -6,6 +6,7 @@ stage succeeds; `--checkpoint`ed stages are committed on the way. A failing stag
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -16,13 +17,17 @@ import structlog
 
 from . import sandbox
 from .context import BuildContext
-from .errors import SandboxError, StageError
+from .devices import DevDir, open_devices
+from .errors import AosbuildError, SandboxError, StageError
 from .inputs import map_input
 from .library import choose_runner, read_os_release
+from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
+from .mounts import plan_mounts
 from .process import explain_status
 from .results import StageResult
 from .rpc import HandlerError
+from .runnerlib import MOUNTS_ENV
 from .store import Entry
 
 OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already
@@ -34,8 +39,11 @@ log = structlog.get_logger(__name__)
 class StageSession:
     """What the engine knows while one stage runs: its output, metadata, progress and exception."""
 
-    def __init__(self, ctx: BuildContext, pipeline: Pipeline, stage: Stage, arguments: dict[str, Any]) -> None:
+    def __init__(self, ctx: BuildContext, pipeline: Pipeline, stage: Stage, arguments: dict[str, Any], *,
+                 loops: LoopServer, devdir: DevDir | None) -> None:
         self.ctx = ctx
+        self.loops = loops
+        self.devdir = devdir
         self.pipeline = pipeline
         self.stage = stage
         self.arguments = arguments
@@ -90,9 +98,24 @@ class StageSession:
         self.exception = {"type": "exception", "data": params}
         return None, []
 
+    async def on_loop_attach(self, params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+        """A loop device over the descriptor the stage passed, visible in its /dev until it ends."""
+        if not fds:
+            raise HandlerError("loop.attach needs the backing file's descriptor")
+        if self.devdir is None:
+            raise HandlerError("this store's filesystem cannot hold device nodes (nodev)")
+        try:
+            device = await self.loops.attach(
+                fds[0], offset=int(params.get("offset", 0)), size=int(params.get("size", 0)),
+                sector_size=int(params.get("sector-size", 512)), read_only=bool(params.get("read-only")),
+                partscan=bool(params.get("partscan")))
+        except AosbuildError as exc:
+            raise HandlerError(str(exc)) from exc
+        return {"path": self.devdir.add_loop(device)}, []
+
     def handlers(self) -> dict[str, Any]:
         return {"arguments": self.on_arguments, "metadata": self.on_metadata, "log": self.on_log,
-                "progress": self.on_progress, "exception": self.on_exception}
+                "progress": self.on_progress, "exception": self.on_exception, "loop.attach": self.on_loop_attach}
 
 
 def runner_for(ctx: BuildContext, pipeline: Pipeline) -> str:
@@ -117,43 +140,59 @@ def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
 
 async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: Entry, build_root: Path,
                     runner: Path) -> tuple[StageResult, str]:
+    """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines."""
     info = ctx.library.find("Stage", stage.type) or ctx.library.find("Assembler", stage.type)
     if info is None or info.path is None:
         raise SandboxError(f"stage {stage.type} is not in the library")
-    async with ctx.store.scratch_dir("stage") as scratch:
+    async with ctx.store.scratch_dir("stage") as scratch, open_loop_server() as loops:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         for inp in stage.inputs.values():
             input_binds, inputs[inp.name] = map_input(
                 inp, scratch=scratch, tree_of=ctx.store.tree, source_item=ctx.sources.path)
             binds += input_binds
-        meta: dict[str, Any] = {"id": stage.id}
-        env = {}
-        if pipeline.source_epoch is not None:
-            meta["source-epoch"] = pipeline.source_epoch
-            env["SOURCE_DATE_EPOCH"] = str(pipeline.source_epoch)
-        arguments = {"tree": sandbox.TREE,
-                     "paths": {"devices": "/dev", "inputs": sandbox.INPUTS, "mounts": sandbox.MOUNTS},
-                     "devices": {}, "inputs": inputs, "mounts": {}, "options": stage.options, "meta": meta}
-        session = StageSession(ctx, pipeline, stage, arguments)
-        spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
-                                   runner=runner, binds=tuple(binds), env=env)
-        ctx.monitor.stage_started(pipeline, stage)
-        started = time.monotonic()
-        reason = ""
-        try:
-            with anyio.fail_after(ctx.options.stage_timeout):
-                returncode = await sandbox.run(spec, handlers=session.handlers(), on_line=session.output_line)
-        except TimeoutError:
-            returncode, reason = -1, f"timed out after {ctx.options.stage_timeout:g}s (--stage-timeout)"
-        if returncode != 0 and not reason:
-            reason = explain_status(returncode)
-            if session.exception:
-                data = session.exception["data"]
-                reason += f": {data.get('type')}: {data.get('value')}"
-        return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
-                           duration=time.monotonic() - started, metadata=session.metadata,
-                           error=session.exception, reason=reason), session.output_tail()
+        devdir: DevDir | None = DevDir(scratch / "dev")
+        assert devdir is not None
+        if not devdir.usable():
+            if stage.devices:
+                raise SandboxError(f"the store {ctx.store.root} is on a filesystem mounted nodev, so stages "
+                                   "cannot use devices: use a --store elsewhere")
+            devdir = None
+        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir,  # type: ignore[arg-type]
+                                loops=loops) as devices:
+            mount_plan, mounts = plan_mounts(stage.mounts, devices)
+            meta: dict[str, Any] = {"id": stage.id}
+            env = {}
+            if mount_plan:
+                env[MOUNTS_ENV] = json.dumps(mount_plan)
+            if pipeline.source_epoch is not None:
+                meta["source-epoch"] = pipeline.source_epoch
+                env["SOURCE_DATE_EPOCH"] = str(pipeline.source_epoch)
+            arguments = {"tree": sandbox.TREE,
+                         "paths": {"devices": "/dev", "inputs": sandbox.INPUTS, "mounts": sandbox.MOUNTS},
+                         "devices": devices, "inputs": inputs, "mounts": mounts, "options": stage.options,
+                         "meta": meta}
+            session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
+            spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
+                                       runner=runner, dev=devdir.path if devdir else None, binds=tuple(binds),
+                                       env=env)
+            ctx.monitor.stage_started(pipeline, stage)
+            started = time.monotonic()
+            reason = ""
+            try:
+                with anyio.fail_after(ctx.options.stage_timeout):
+                    returncode = await sandbox.run(spec, handlers=session.handlers(),
+                                                   on_line=session.output_line)
+            except TimeoutError:
+                returncode, reason = -1, f"timed out after {ctx.options.stage_timeout:g}s (--stage-timeout)"
+    if returncode != 0 and not reason:
+        reason = explain_status(returncode)
+        if session.exception:
+            data = session.exception["data"]
+            reason += f": {data.get('type')}: {data.get('value')}"
+    return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
+                       duration=time.monotonic() - started, metadata=session.metadata,
+                       error=session.exception, reason=reason), session.output_tail()
 
 
 def clamp_mtimes(tree: Path, epoch: int) -> None:

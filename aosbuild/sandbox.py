@@ -52,6 +52,7 @@ class SandboxSpec:
     tree: Path
     executable: Path          # the stage or assembler
     runner: Path
+    dev: Path | None = None   # the engine's /dev directory for this stage; None: bwrap's own
     binds: tuple[Bind, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -73,7 +74,11 @@ def bwrap_argv(spec: SandboxSpec) -> list[str]:
     argv += ["--dir", "/etc"]
     for name in ETC_FILES:
         argv += ["--ro-bind-try", os.fspath(root / "etc" / name), f"/etc/{name}"]
-    argv += ["--dev", "/dev", "--proc", "/proc", "--ro-bind", "/sys", "/sys",
+    if spec.dev is not None:
+        argv += ["--dev-bind", os.fspath(spec.dev), "/dev", "--tmpfs", "/dev/shm"]
+    else:
+        argv += ["--dev", "/dev"]
+    argv += ["--proc", "/proc", "--ro-bind", "/sys", "/sys",
              "--tmpfs", "/tmp", "--tmpfs", "/var", "--tmpfs", "/run",
              "--ro-bind", os.fspath(PACKAGE_DIR), f"{LIB}/aosbuild",
              "--bind", os.fspath(spec.tree), TREE,

@@ -1,0 +1,93 @@
+"""Devices of a stage: the sandbox's own /dev, and the loop devices the manifest asks for.
+
+The sandbox's /dev is a directory the engine owns (under the store's scratch space), bind-mounted into
+the sandbox, so device nodes can be added while the stage runs (a stage's `loop.attach` request). It
+holds the usual character devices and a node for each loop device attached for the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import SandboxError
+from .loop import LoopDevice, LoopServer
+from .manifest import Device
+
+# name -> (major, minor) of the character devices every sandbox gets
+BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+         "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+
+
+class DevDir:
+    """The directory that becomes /dev in the sandbox."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir()
+        for name, (major, minor) in BASIC_NODES.items():
+            os.mknod(path / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        for name, target in LINKS.items():
+            os.symlink(target, path / name)
+        (path / "pts").mkdir()
+        (path / "shm").mkdir()
+
+    def usable(self) -> bool:
+        """False where the filesystem is mounted `nodev` and the nodes cannot be opened."""
+        try:
+            os.close(os.open(self.path / "null", os.O_WRONLY))
+            return True
+        except PermissionError:
+            return False
+
+    def add_loop(self, device: LoopDevice) -> str:
+        """Make the device (and its partitions) visible in the sandbox; returns its sandbox path."""
+        os.mknod(self.path / device.name, 0o600 | stat.S_IFBLK, os.makedev(device.major, device.minor))
+        for name, major, minor in device.partitions:
+            os.mknod(self.path / name, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        return f"/dev/{device.name}"
+
+
+def _backing_file(tree: Path, filename: str) -> Path:
+    path = (tree / filename.lstrip("/")).resolve()
+    if not path.is_relative_to(tree.resolve()):
+        raise SandboxError(f"loopback device file '{filename}' is outside the tree")
+    if not path.is_file():
+        raise SandboxError(f"loopback device file '{filename}' does not exist in the tree")
+    return path
+
+
+async def attach_loopback(device: Device, *, tree: Path, devdir: DevDir, loops: LoopServer) -> dict[str, Any]:
+    """Attach an `org.osbuild.loopback` device; returns the stage's argument for it."""
+    if device.type != "org.osbuild.loopback":
+        raise SandboxError(f"device '{device.name}': aosbuild has no device type {device.type}")
+    options = device.options
+    sector = int(options.get("sector-size", 512))
+    path = _backing_file(tree, str(options["filename"]))
+    read_only = bool(options.get("read-only", False))
+    fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        loop = await loops.attach(fd, offset=int(options.get("start", 0)) * sector,
+                                  size=int(options.get("size", 0)) * sector, sector_size=sector,
+                                  read_only=read_only, partscan=bool(options.get("partscan", False)),
+                                  lock=bool(options.get("lock", False)))
+    finally:
+        os.close(fd)  # the loop device holds its own reference to the file
+    return {"path": devdir.add_loop(loop), "node": {"major": loop.major, "minor": loop.minor}}
+
+
+@asynccontextmanager
+async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir,
+                       loops: LoopServer) -> AsyncIterator[dict[str, Any]]:
+    """Attach a stage's devices (parents first); `loops` detaches them when the stage is done."""
+    arguments: dict[str, Any] = {}
+    for name, device in devices.items():
+        if device.parent is not None:
+            raise SandboxError(f"device '{name}': devices with a parent are not supported yet")
+        arguments[name] = await attach_loopback(device, tree=tree, devdir=devdir, loops=loops)
+    yield arguments

@@ -1,0 +1,134 @@
+"""Devices and mounts on real loop devices: attached for a stage, detached after it, whatever happens."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
+from .test_interrupt import mounts_under, processes_mentioning
+
+HELLO = "sha256:f80caab74e43203d39d78d3548f5834bb310959a1020f2c9c4c4610e04a24e64"
+START, SIZE = 2048, 129024
+
+
+def loops_backed_by(path: Path) -> list[str]:
+    """Loop devices whose backing file is under `path` (the test's private directory)."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip().startswith(str(path)):
+                found.append(backing.parent.parent.name)
+        except OSError:
+            continue
+    return found
+
+
+def bound_loops() -> set[str]:
+    """Loop devices bound to a file right now (a stage's own requests show sandbox paths, so go by name)."""
+    return {p.parent.name for p in Path("/sys/block").glob("loop*/loop")}
+
+
+def loopback(**options: Any) -> dict[str, Any]:
+    return {"type": "org.osbuild.loopback", "options": {"filename": "disk.img", **options}}
+
+
+def disk_manifest(*extra_stages: dict[str, Any]) -> dict[str, Any]:
+    files = {"type": "org.osbuild.files", "origin": "org.osbuild.source", "references": [HELLO]}
+    tree = pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/etc"}]),
+                    {"type": "org.osbuild.copy", "inputs": {"f": files},
+                     "options": {"paths": [{"from": f"input://f/{HELLO}", "to": "tree:///etc/hello"}]}})
+    tree_input = {"type": "org.osbuild.tree", "origin": "org.osbuild.pipeline", "references": ["name:tree"]}
+    image = pipeline(
+        "image",
+        stage("org.osbuild.truncate", filename="disk.img", size="64M"),
+        {"type": "org.osbuild.mkfs.ext4", "options": {"uuid": "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75"},
+         "devices": {"device": loopback(start=START, size=SIZE)}},
+        {"type": "org.osbuild.copy", "inputs": {"tree": tree_input},
+         "devices": {"disk": loopback(start=START, size=SIZE)},
+         "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}],
+         "options": {"paths": [{"from": "input://tree/", "to": "mount://root/"}]}},
+        *extra_stages)
+    return manifest(tree, image, sources={"org.osbuild.inline": {"items": {
+        HELLO: {"encoding": "base64", "data": "aGVsbG8gb3NidWlsZAo="}}}})
+
+
+def read_from_partition(image: Path, path: str, workdir: Path) -> str:
+    partition = workdir / "partition.img"
+    with image.open("rb") as src, partition.open("wb") as dst:
+        src.seek(START * 512)
+        dst.write(src.read(SIZE * 512))
+    check = subprocess.run(["e2fsck", "-fn", str(partition)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(partition)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_filesystem_on_a_partition_offset(aosbuild: Aosbuild) -> None:
+    result = aosbuild(disk_manifest(), "--export", "image", "--output-directory", str(aosbuild.output),
+                      "--monitor", "jsonseq")
+    assert result.returncode == 0, result.stderr
+    check_jsonseq(result.stdout)
+    assert read_from_partition(aosbuild.output / "image" / "disk.img", "/etc/hello", aosbuild.workdir) == \
+        "hello osbuild\n"
+    assert loops_backed_by(aosbuild.workdir) == []
+    assert mounts_under(aosbuild.workdir) == []
+
+
+def test_stage_requests_a_loop_device(aosbuild: Aosbuild) -> None:
+    m = manifest(pipeline("tree", stage("org.osbuild.truncate", filename="data.img", size="1M"),
+                          stage("org.aosbuild.test.loop", filename="data.img", offset=4096, text="through")))
+    before = bound_loops()
+    result = aosbuild(m, "--export", "tree", "--output-directory", str(aosbuild.output))
+    assert result.returncode == 0, result.stderr
+    data = (aosbuild.output / "tree" / "data.img").read_bytes()
+    assert data[4096:4103] == b"through"
+    assert bound_loops() <= before
+
+
+def test_failing_stage_with_mounts_leaves_nothing(aosbuild: Aosbuild) -> None:
+    failing = {"type": "org.aosbuild.test.fail", "options": {"exit": 1},
+               "devices": {"disk": loopback(start=START, size=SIZE)},
+               "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}]}
+    result = aosbuild(disk_manifest(failing))
+    assert result.returncode == 1
+    assert "org.aosbuild.test.fail" in result.stderr
+    assert loops_backed_by(aosbuild.workdir) == []
+    assert mounts_under(aosbuild.workdir) == []
+    assert list((aosbuild.store / "stage").iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None:
+    hanging = {"type": "org.aosbuild.test.loop", "options": {"filename": "disk.img", "text": "x", "hang": 120},
+               "devices": {"disk": loopback(start=START, size=SIZE)},
+               "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}]}
+    before = bound_loops()
+    proc = subprocess.Popen(aosbuild.command(disk_manifest(hanging), "--monitor", "jsonseq"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=aosbuild.workdir)
+    assert proc.stdout is not None
+    try:
+        while True:
+            line = proc.stdout.readline()
+            assert line, "the build ended before the hanging stage"
+            if json.loads(line[1:]).get("message", "").startswith("wrote through"):
+                break
+        ours = bound_loops() - before
+        assert len(ours) == 2  # the manifest's device and the one the stage asked for
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr.decode()
+    assert ours & bound_loops() == set()
+    assert mounts_under(aosbuild.workdir) == []
+    assert processes_mentioning(str(aosbuild.workdir)) == []
+    assert list((aosbuild.store / "stage").iterdir()) == []
+    assert list((aosbuild.store / "tmp").iterdir()) == []
