@@ -126,7 +126,7 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr.decode()
+    assert proc.returncode == {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}[signum], stderr.decode()
     assert ours & bound_loops() == set()
     assert mounts_under(aosbuild.workdir) == []
     assert processes_mentioning(str(aosbuild.workdir)) == []
