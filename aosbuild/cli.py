@@ -124,7 +124,9 @@ async def run_with_signals(ctx: Any, planned: Any, request: engine.Request) -> N
 
 # `aosbuild <command> ...` runs a tool other than a build; anything else is a manifest to build.
 # Each entry is "module:function", the function taking the remaining arguments and returning the exit code.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "depsolve": "aosbuild.depsolve:main",
+}
 
 
 def run_command(name: str, argv: list[str]) -> int:
