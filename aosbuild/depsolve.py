@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -46,6 +47,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "standard": ("?essential", "?priority(required)", "?priority(important)", "?priority(standard)"),
 }
 FORMATS = ("both", "items", "packages")
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 MAX_INDEX_AGE = 24 * 3600.0
 # bump when the private apt.conf changes meaning, so roots made by older versions are not reused
 ROOT_LAYOUT = "1"
@@ -340,6 +342,32 @@ async def depsolve(request: DepsolveRequest) -> DepsolveResult:
                           warnings=tuple(warnings))
 
 
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+async def depsolve_until_signalled(request: DepsolveRequest) -> DepsolveResult:
+    """depsolve(), cancelled by SIGINT or SIGTERM, which then stops apt before Interrupted is raised."""
+    received: list[int] = []
+    result: DepsolveResult | None = None
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    received.append(signum)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        result = await depsolve(request)
+        tg.cancel_scope.cancel()
+    if received:
+        raise Interrupted(received[0])
+    assert result is not None
+    return result
+
+
 def parser(prog: str = "aosbuild depsolve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Resolve Debian packages with apt into pinned org.osbuild.curl sources (JSON).",
@@ -409,7 +437,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"{p.prog}: error: {exc}\n")
         return 2
     try:
-        result = anyio.run(depsolve, request, backend=args.backend)
+        result = anyio.run(depsolve_until_signalled, request, backend=args.backend)
+    except Interrupted as exc:
+        sys.stderr.write("Aborted\n")
+        return EXIT_SIGNAL[exc.signum]
     except AosbuildError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         if isinstance(exc, DepsolveError) and exc.output:

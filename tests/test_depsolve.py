@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -84,6 +85,8 @@ class Repo:
     def __init__(self, top: Path) -> None:
         self.requests: list[str] = []
         self.failing = False
+        self.stalling = threading.Event()  # set: requests wait until it is cleared
+        self.stalled = threading.Event()  # set by the first request that waits
         repo = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -92,6 +95,10 @@ class Repo:
 
             def do_GET(self) -> None:
                 repo.requests.append(self.path)
+                if repo.stalling.is_set():
+                    repo.stalled.set()
+                    while repo.stalling.is_set():
+                        repo.stalling.wait(0.05)
                 if repo.failing:
                     self.send_error(404)
                 else:
@@ -116,6 +123,7 @@ def repo(workdir: Path) -> Iterator[Repo]:
     try:
         yield server
     finally:
+        server.stalling.clear()
         server.server.shutdown()
         server.server.server_close()
         server.thread.join()
@@ -308,6 +316,39 @@ def test_cli_unresolvable_exits_1_with_apts_words(apt_etc: Path, workdir: Path) 
     assert run.stdout == ""
     assert "broken : Depends: missing but it is not installable" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def processes_using(config_dir: Path) -> list[int]:
+    """Processes whose APT_CONFIG points into `config_dir`: apt commands of a depsolve."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"APT_CONFIG={config_dir}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def test_cli_sigterm_stops_apt_and_exits_143(apt_etc: Path, workdir: Path, repo: Repo) -> None:
+    repo.stalling.set()
+    cache = workdir / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "aosbuild", "depsolve", "--apt-sources", str(apt_etc),
+                             "--cache", str(cache), "--arch", ARCH, "tool"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert repo.stalled.wait(60), "apt-get update never asked the repository"
+    assert processes_using(cache), "apt-get is not running"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert stdout == ""
+    assert stderr == "Aborted\n"
+    # apt-get itself has been waited for; its download methods end when their pipe to it closes
+    deadline = time.monotonic() + 10
+    while processes_using(cache) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_using(cache) == []
 
 
 @pytest.mark.parametrize("args", [

@@ -1,0 +1,193 @@
+"""Benchmark source downloads: `aosbuild --sources-only` at several `--download-jobs` against `apt-get download`.
+
+Run with the venv's interpreter: `.venv/bin/python bench/downloads.py [--repeat N] [--jobs 1,4,8,16]`.
+The package set (minbase plus systemd, about 100 .debs) is depsolved once, untimed, against the mirror of
+this host's apt configuration; every timed run then starts from an empty store or directory. Prints a
+Markdown table and writes the raw timings to `bench/results/downloads-<UTC timestamp>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from run import FAST_TMP, REPO, RESULTS, Summary, machine, repeat
+
+from aosbuild.depsolve import AptRoot, DepsolveRequest, DepsolveResult, default_cache, depsolve, open_apt_root
+
+JOBS = (1, 4, 8, 16)
+PACKAGES = ("systemd",)
+VARIANT = "minbase"
+STORE_ITEMS = Path("sources") / "org.osbuild.files"  # where a store keeps org.osbuild.curl items
+
+
+def run_timed(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one command; a failure aborts the benchmark: a failed download's time means nothing."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed with exit status {proc.returncode}: {' '.join(argv)}\n"
+                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def manifest(result: DepsolveResult) -> dict[str, Any]:
+    """The pinned set as a user's manifest has it: curl items, used by an install stage's input."""
+    return {"version": "2", "sources": result.sources(), "pipelines": [{"name": "os", "stages": [{
+        "type": "org.aosbuild.debian.install",
+        "inputs": {"packages": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                                "references": {p.checksum: {} for p in result.packages}}},
+        "options": {}}]}]}
+
+
+async def prepare(cache: Path | None) -> tuple[DepsolveResult, AptRoot]:
+    result = await depsolve(DepsolveRequest(packages=PACKAGES, variant=VARIANT, cache=cache))
+    async with open_apt_root(cache or default_cache(), result.repositories, result.architecture) as root:
+        return result, root
+
+
+class Workspace:
+    """A temp dir on tmpfs; every timed run gets a fresh subdirectory, removed afterwards, outside the timing."""
+
+    def __init__(self, root: Path, manifest_path: Path, result: DepsolveResult, apt_root: AptRoot) -> None:
+        self.root = root
+        self.manifest = manifest_path
+        self.result = result
+        self.apt_root = apt_root
+        self._runs = 0
+
+    def fresh(self, name: str) -> Path:
+        self._runs += 1
+        path = self.root / f"{name}-{self._runs}"
+        path.mkdir()
+        return path
+
+    def aosbuild(self, jobs: int, store: Path) -> float:
+        argv = [sys.executable, "-m", "aosbuild", "--store", os.fspath(store), "-q", "--sources-only",
+                "--download-jobs", str(jobs), os.fspath(self.manifest)]
+        elapsed = run_timed(argv)
+        items = store / STORE_ITEMS
+        found = {p.name for p in items.iterdir()} if items.is_dir() else set()
+        missing = {p.checksum for p in self.result.packages} - found
+        if missing:
+            raise SystemExit(f"aosbuild --sources-only exited 0 but {len(missing)} items are not in {items}")
+        return elapsed
+
+    def aosbuild_fresh(self, jobs: int) -> float:
+        store = self.fresh(f"store-j{jobs}")
+        try:
+            return self.aosbuild(jobs, store)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+
+    def aosbuild_cached(self) -> float:
+        """A run with every item already in the store: aosbuild's fixed cost (start, load, check)."""
+        store = self.fresh("store-cached")
+        try:
+            self.aosbuild(8, store)
+            return self.aosbuild(8, store)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+
+    def apt_get_download(self) -> float:
+        target = self.fresh("apt")
+        try:
+            names = [f"{p.name}={p.version}" for p in self.result.packages]
+            elapsed = run_timed(["apt-get", "download", "-q", *names], cwd=target, env=self.apt_root.env())
+            got = len(list(target.glob("*.deb")))
+            if got != len(names):
+                raise SystemExit(f"apt-get download fetched {got} of {len(names)} packages")
+            return elapsed
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def measure(ws: Workspace, times: int, jobs: Sequence[int]) -> dict[str, list[float]]:
+    def sample() -> dict[str, float]:
+        # interleaved, so a mirror or network that slows down hits every method alike
+        result = {"apt_get_download_s": ws.apt_get_download()}
+        for n in jobs:
+            result[f"aosbuild_j{n}_s"] = ws.aosbuild_fresh(n)
+        result["aosbuild_cached_s"] = ws.aosbuild_cached()
+        return result
+
+    return repeat(times, sample)
+
+
+def table(raw: dict[str, list[float]], jobs: Sequence[int], total_bytes: int, count: int) -> list[str]:
+    apt = Summary.of(raw["apt_get_download_s"])
+    rows = [("`apt-get download` (one connection per host, pipelined)", "apt_get_download_s")]
+    rows += [(f"aosbuild `--sources-only --download-jobs {n}`", f"aosbuild_j{n}_s") for n in jobs]
+    lines = [f"### Downloading {count} packages, {total_bytes / 1e6:.1f} MB, from an empty cache", "",
+             "| method | wall s, median (min-max) | MB/s (median) | speed-up vs apt-get |", "|---|---|---|---|"]
+    for label, key in rows:
+        s = Summary.of(raw[key])
+        lines.append(f"| {label} | {s.cell(2)} | {total_bytes / 1e6 / s.median:.1f} | "
+                     f"{apt.median / s.median:.2f}x |")
+    cached = Summary.of(raw["aosbuild_cached_s"])
+    lines.append(f"| aosbuild, every item already in the store (fixed cost) | {cached.cell(2)} | - | - |")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions (default: 3)")
+    parser.add_argument("--jobs", default=",".join(map(str, JOBS)), metavar="LIST",
+                        help="--download-jobs values, comma-separated (default: 1,4,8,16)")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="aosbuild depsolve's cache (default: its own default)")
+    args = parser.parse_args(argv)
+    try:
+        args.jobs = [int(j) for j in args.jobs.split(",")]
+    except ValueError:
+        parser.error("--jobs takes integers, comma-separated")
+    if args.repeat < 1 or min(args.jobs) < 1:
+        parser.error("repetitions and jobs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    clock = time.perf_counter()
+    result, apt_root = anyio.run(prepare, args.cache, backend="trio")
+    total = sum(p.size for p in result.packages)
+    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-bench-downloads-") as tmp:
+        path = Path(tmp) / "manifest.json"
+        path.write_text(json.dumps(manifest(result)))
+        ws = Workspace(Path(tmp), path, result, apt_root)
+        ws.aosbuild_fresh(8)  # untimed: .pyc files, the page cache and the resolver warm up
+        raw = measure(ws, args.repeat, args.jobs)
+    info = machine()
+    hosts = sorted({r.uri for r in result.repositories})
+    lines = [f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, kernel {info['kernel']}, "
+             f"commit {(info['commit'] or 'unknown')[:12]}{' (dirty)' if info['dirty'] else ''}; "
+             f"{args.repeat} repetitions; median (min-max); {len(hosts)} repositories of the host's apt sources.",
+             "", *table(raw, args.jobs, total, len(result.packages))]
+    print("\n".join(lines))
+    report = {"started": started, "machine": info, "duration_s": round(time.perf_counter() - clock, 1),
+              "settings": {"repeat": args.repeat, "jobs": args.jobs, "variant": VARIANT,
+                           "packages": list(PACKAGES), "count": len(result.packages), "bytes": total},
+              "samples_s": raw, "summary_s": {k: asdict(Summary.of(v)) for k, v in raw.items()}}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"downloads-{started}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nraw results: {out.relative_to(REPO)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
