@@ -351,6 +351,7 @@ async def depsolve_until_signalled(request: DepsolveRequest) -> DepsolveResult:
     """depsolve(), cancelled by SIGINT or SIGTERM, which then stops apt before Interrupted is raised."""
     received: list[int] = []
     result: DepsolveResult | None = None
+    error: AosbuildError | None = None
     async with anyio.create_task_group() as tg:
         async def watch() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -360,10 +361,15 @@ async def depsolve_until_signalled(request: DepsolveRequest) -> DepsolveResult:
                     return
 
         tg.start_soon(watch)
-        result = await depsolve(request)
+        try:
+            result = await depsolve(request)
+        except AosbuildError as exc:  # raised here, not as an exception group from the task group
+            error = exc
         tg.cancel_scope.cancel()
     if received:
         raise Interrupted(received[0])
+    if error is not None:
+        raise error
     assert result is not None
     return result
 
