@@ -211,6 +211,7 @@ class LogMonitor(Monitor):
         self._running: dict[str, str] = {}  # pipeline name -> "stage-type i/n"
         self._started: dict[str, float] = {}
         self._status_shown = False
+        self._parallel = False
 
     def _write(self, text: str) -> None:
         data = text
@@ -224,7 +225,9 @@ class LogMonitor(Monitor):
         return f"\x1b[1m[{self.done}/{self.total}]\x1b[0m running: {running}"
 
     def _prefix(self, pipeline: Pipeline) -> str:
-        return f"{pipeline.name}| " if len(self._running) > 1 else ""
+        # once pipelines have run side by side, every line says whose it is, to the end of the build
+        self._parallel = self._parallel or len(self._running) > 1
+        return f"{pipeline.name}| " if self._parallel else ""
 
     def build_started(self, label: str, *, sources: int, pipelines: int) -> None:
         self.total = sources + pipelines
