@@ -21,15 +21,30 @@ import structlog
 
 from . import __version__, engine
 from .describe import describe
+from .download import JOBS, PER_HOST, TIMEOUT, DownloadOptions
 from .errors import AosbuildError, ManifestError, SourceError, StageError
 from .library import Library
 from .loading import load_file
-from .monitor import MONITORS, make_monitor
+from .monitor import MONITORS, human_bytes, make_monitor
 from .results import source_error_document, stage_error_document, success_document
 from .store import Store
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
 
 
 def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
@@ -52,6 +67,14 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     p.add_argument("--stage-timeout", type=float, metavar="SECONDS", help="fail a stage that takes longer")
     p.add_argument("--jobs", "-j", type=int, metavar="N",
                    help="pipelines built at the same time (default: the larger of 4 and the CPU count)")
+    p.add_argument("--sources-only", action="store_true",
+                   help="only download and verify the sources (those the --export pipelines need), build nothing")
+    p.add_argument("--download-jobs", type=positive_int, default=JOBS, metavar="N",
+                   help=f"downloads at the same time (default: {JOBS})")
+    p.add_argument("--download-jobs-per-host", type=positive_int, default=PER_HOST, metavar="N",
+                   help=f"downloads at the same time from one host (default: {PER_HOST})")
+    p.add_argument("--download-timeout", type=positive_float, default=TIMEOUT, metavar="SECONDS",
+                   help=f"retry a download when the server sends nothing for this long (default: {TIMEOUT:g})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show engine events and tracebacks")
@@ -173,7 +196,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.inspect:
         print_json(describe(manifest))
         return 0
-    if args.export and not args.output_directory:
+    if args.export and not args.output_directory and not args.sources_only:
         sys.stderr.write("Need --output-directory for --export\n")
         return 1
 
@@ -184,7 +207,9 @@ def _main(args: argparse.Namespace) -> int:
         monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno())
     request = engine.Request(label=label, exports=tuple(args.export), output_directory=args.output_directory,
                              checkpoints=tuple(args.checkpoint), jobs=args.jobs,
-                             stage_timeout=args.stage_timeout)
+                             stage_timeout=args.stage_timeout, sources_only=args.sources_only,
+                             download=DownloadOptions(jobs=args.download_jobs, per_host=args.download_jobs_per_host,
+                                                      timeout=args.download_timeout))
     ctx = None
     try:
         store = Store.open(Path(args.store))
@@ -206,14 +231,22 @@ def _main(args: argparse.Namespace) -> int:
             elif isinstance(ours, SourceError):
                 print_json(source_error_document(source_type=ours.source_type, output=str(ours),
                                                  sources=ctx.sources.results))
+        elif human_stdout and args.sources_only and ctx is not None:
+            sources_summary(ctx)
         elif human_stdout:
             sys.stdout.write("Failed\n")
-        sys.stderr.write(explain(ours))
+        if args.sources_only and ctx is not None and isinstance(ours, SourceError):
+            for items in ctx.sources.results.values():  # every failed item, not only the first
+                sys.stderr.writelines(f"Error: {item.error}\n" for item in items if item.error)
+        else:
+            sys.stderr.write(explain(ours))
         return ours.exit_code
 
     if args.json:
-        print_json(success_document(metadata=engine.collect_metadata(manifest, store),
-                                    sources=ctx.sources.results, logs=ctx.logs))
+        metadata = {} if args.sources_only else engine.collect_metadata(manifest, store)
+        print_json(success_document(metadata=metadata, sources=ctx.sources.results, logs=ctx.logs))
+    elif human_stdout and args.sources_only:
+        sources_summary(ctx)
     elif human_stdout:
         summary(manifest, ctx)
     return 0
@@ -229,4 +262,19 @@ def summary(manifest: Any, ctx: Any) -> None:
         for stage_id in sorted(ctx.options.checkpoints):
             cached = "cached" if ctx.store.contains(stage_id) else "not cached"
             lines.append(f"  {stage_id}: {cached}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+def sources_summary(ctx: Any) -> None:
+    """What `--sources-only` did: items and bytes needed, how many were there already, how many failed."""
+    bold, reset = ("\x1b[1m", "\x1b[0m") if os.isatty(sys.stdout.fileno()) else ("", "")
+    items = [item for results in ctx.sources.results.values() for item in results]
+    fetched = [i for i in items if not i.cached and i.error is None]
+    present = sum(i.size for i in items if i.error is None)
+    lines = ["", f"{bold}Sources{reset}",
+             f"  items:          {len(items)}",
+             f"  bytes:          {present} ({human_bytes(present)})",
+             f"  downloaded:     {len(fetched)} ({human_bytes(sum(i.size for i in fetched))})",
+             f"  already cached: {sum(1 for i in items if i.cached)}",
+             f"  failed:         {sum(1 for i in items if i.error is not None)}"]
     sys.stdout.write("\n".join(lines) + "\n")

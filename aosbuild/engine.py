@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import scheduler
 from .context import BuildContext, BuildOptions
+from .download import DownloadOptions
 from .errors import UsageError
 from .library import Library
 from .manifest import Manifest, Pipeline
@@ -32,6 +33,8 @@ class Request:
     checkpoints: tuple[str, ...] = ()       # fnmatch patterns
     jobs: int | None = None
     stage_timeout: float | None = None
+    download: DownloadOptions = field(default_factory=DownloadOptions)
+    sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
 
 
 def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline]:
@@ -43,6 +46,27 @@ def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline
             raise UsageError(f"Export {name} not found in {names}")
         pipelines.append(pipeline)
     return pipelines
+
+
+def needed_items(manifest: Manifest, exports: Sequence[Pipeline]) -> frozenset[str] | None:
+    """The source items the exported pipelines use, with their build roots and inputs, transitively.
+
+    None means every item: nothing was exported, or the manifest is v1, whose stages name the files they
+    use in their options rather than through inputs.
+    """
+    if not exports or manifest.version == "1":
+        return None
+    items: set[str] = set()
+    seen: set[str] = set()
+    todo = [p.id for p in exports if p.id is not None]
+    while todo:
+        pipeline = manifest.by_id(todo.pop())
+        if pipeline is None or pipeline.id in seen:
+            continue  # a pipeline only the store has, or one visited already
+        seen.add(str(pipeline.id))
+        items.update(ref for stage in pipeline.stages for ref in stage.source_refs())
+        todo.extend(pipeline.dependencies())
+    return frozenset(items)
 
 
 def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[str]:
@@ -88,13 +112,32 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     options = BuildOptions(checkpoints=match_checkpoints(manifest, request.checkpoints),
                            stage_timeout=request.stage_timeout,
                            **({"jobs": request.jobs} if request.jobs else {}))
+    sources = Sources(store, manifest.sources, monitor, download=request.download,
+                      only=needed_items(manifest, exports) if request.sources_only else None,
+                      keep_going=request.sources_only)
     ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=monitor,
-                       sources=Sources(store, manifest.sources, monitor), options=options)
+                       sources=sources, options=options)
+    if request.sources_only:
+        return ctx, []
     return ctx, scheduler.plan(ctx, exports or manifest.pipelines)
+
+
+async def fetch_sources(ctx: BuildContext, request: Request) -> None:
+    """`--sources-only`: fetch and verify every item, run no stage; raises the first failed item's error."""
+    ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
+    success = False
+    try:
+        await ctx.sources.fetch_all()
+        success = True
+    finally:
+        ctx.monitor.build_finished(request.label, success=success)
 
 
 async def build(ctx: BuildContext, planned: list[scheduler.Planned], request: Request) -> None:
     """Build the plan and export; raises the first failure after everything is cleaned up."""
+    if request.sources_only:
+        await fetch_sources(ctx, request)
+        return
     ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources), pipelines=len(planned))
     targets = resolve_exports(ctx.manifest, request.exports) or ctx.manifest.pipelines
     for pipeline in targets:

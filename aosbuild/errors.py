@@ -6,6 +6,8 @@
     ├── ManifestError             exit 2: the manifest cannot be read or is invalid (all problems at once)
     ├── UsageError                exit 1: a command-line request that cannot be met (unknown export, ...)
     ├── SourceError               an item could not be fetched or verified
+    ├── DownloadError             a URL could not be downloaded (HTTP status, connection, size, checksum)
+    ├── ChecksumMismatch          bytes did not match the checksum that names them
     ├── StageError                a stage failed: its name, id, exit status and last output lines
     ├── SandboxError              the sandbox could not be set up (bwrap missing, bad build root, ...)
     └── StoreError                the store cannot be used (permissions, disk full, ...)
@@ -93,6 +95,23 @@ class SourceError(AosbuildError):
         self.source_type = source_type
         self.checksum = checksum
         super().__init__(f"{source_type}: {checksum}: {message}")
+
+
+class DownloadError(AosbuildError):
+    """A URL could not be downloaded, after the retries the failure deserved."""
+
+    def __init__(self, url: str, message: str) -> None:
+        self.url = url
+        super().__init__(f"{url}: {message}")
+
+
+class ChecksumMismatch(AosbuildError):
+    """Bytes that did not match the checksum naming them; they never reach the store."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"checksum mismatch: expected {expected}, got {actual}")
 
 
 class StageError(AosbuildError):

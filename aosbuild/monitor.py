@@ -18,7 +18,7 @@ from .ids import context_id
 if TYPE_CHECKING:
     from .manifest import Pipeline, Source, Stage
     from .results import StageResult
-    from .sources import ItemResult
+    from .sources import ItemResult, SourceProgress
 
 OUTPUT_LIMIT = 31000  # osbuild's cap on a result's output, to keep records under 64 KiB
 
@@ -35,6 +35,8 @@ class Monitor:
 
     def build_started(self, label: str, *, sources: int, pipelines: int) -> None: ...
     def source_started(self, source: Source) -> None: ...
+    def source_log(self, source: Source, message: str) -> None: ...
+    def source_progress(self, source: Source, progress: SourceProgress) -> None: ...
     def source_finished(self, source: Source, results: Sequence[ItemResult], success: bool) -> None: ...
     def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None: ...
     def stage_started(self, pipeline: Pipeline, stage: Stage) -> None: ...
@@ -61,6 +63,37 @@ def tail(output: str, limit: int = OUTPUT_LIMIT) -> str:
     if len(output) <= limit:
         return output
     return f"[...{len(output) - limit} bytes hidden...]\n{output[-limit:]}"
+
+
+def source_line(source: Source, message: str) -> str:
+    """A line of a source's output as osbuild prints its host services' output."""
+    return f"source/{source.type} ({source.type}): {message}" + ("" if message.endswith("\n") else "\n")
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def describe_progress(progress: SourceProgress) -> str:
+    """`3/12 items, 1.2 MiB/4.5+ MiB` (the `+`: the size of some items is not known yet)."""
+    more = "" if progress.sized >= progress.items_total else "+"
+    text = (f"{progress.items_done}/{progress.items_total} items, "
+            f"{human_bytes(progress.bytes_done)}/{human_bytes(progress.bytes_total)}{more}")
+    return text + (f", {progress.items_failed} failed" if progress.items_failed else "")
+
+
+def progress_bar(progress: SourceProgress, width: int = 20) -> str:
+    if progress.bytes_total and progress.sized >= progress.items_total:
+        ratio = progress.bytes_done / progress.bytes_total
+    else:
+        ratio = progress.items_done / progress.items_total if progress.items_total else 1.0
+    filled = max(0, min(width, int(ratio * width)))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
 class JsonSeqMonitor(Monitor):
@@ -122,6 +155,11 @@ class JsonSeqMonitor(Monitor):
         name = f"source {source.type}"
         self._emit(message=f"Starting pipeline {name}",
                    context=self._context("osbuild.monitor", (name, source.id)))
+
+    def source_log(self, source: Source, message: str) -> None:
+        # osbuild's sources are host services, whose output it logs from org.osbuild in the source's context
+        self._emit(message=source_line(source, message),
+                   context=self._context("org.osbuild", (f"source {source.type}", source.id)))
 
     def source_finished(self, source: Source, results: Sequence[ItemResult], success: bool) -> None:
         name = f"source {source.type}"
@@ -209,6 +247,8 @@ class LogMonitor(Monitor):
         self.total = 0
         self.done = 0
         self._running: dict[str, str] = {}  # pipeline name -> "stage-type i/n"
+        self._sources: dict[str, SourceProgress] = {}  # source type -> its latest progress
+        self._deciles: dict[str, int] = {}  # source type -> tenths of its items done, as last printed
         self._started: dict[str, float] = {}
         self._status_shown = False
         self._parallel = False
@@ -222,7 +262,10 @@ class LogMonitor(Monitor):
 
     def _status_line(self) -> str:
         running = ", ".join(f"{name} ({what})" for name, what in self._running.items()) or "-"
-        return f"\x1b[1m[{self.done}/{self.total}]\x1b[0m running: {running}"
+        line = f"\x1b[1m[{self.done}/{self.total}]\x1b[0m running: {running}"
+        for source_type, progress in self._sources.items():
+            line += f" | {source_type} {progress_bar(progress)} {describe_progress(progress)}"
+        return line
 
     def _prefix(self, pipeline: Pipeline) -> str:
         # once pipelines have run side by side, every line says whose it is, to the end of the build
@@ -236,12 +279,30 @@ class LogMonitor(Monitor):
     def source_started(self, source: Source) -> None:
         self._write(f"Pipeline source {source.type}: {source.id}\n")
 
+    def source_log(self, source: Source, message: str) -> None:
+        self._write(source_line(source, message))
+
+    def source_progress(self, source: Source, progress: SourceProgress) -> None:
+        self._sources[source.type] = progress
+        if self.tty:
+            self._write("")
+            return
+        # off a terminal, a plain line at every tenth of the items
+        decile = progress.items_done * 10 // progress.items_total if progress.items_total else 10
+        if self._deciles.get(source.type, 0) < decile < 10:  # the tenth tenth is source_finished's line
+            self._deciles[source.type] = decile
+            self._write(f"source {source.type}: {describe_progress(progress)}\n")
+
     def source_finished(self, source: Source, results: Sequence[ItemResult], success: bool) -> None:
         self.done += 1
-        fetched = sum(1 for r in results if not r.cached and r.error is None)
+        self._sources.pop(source.type, None)
+        fetched = [r for r in results if not r.cached and r.error is None]
         cached = sum(1 for r in results if r.cached)
+        failed = sum(1 for r in results if r.error is not None)
         outcome = "done" if success else "FAILED"
-        self._write(f"source {source.type}: {outcome}: {fetched} fetched, {cached} cached\n")
+        text = (f"source {source.type}: {outcome}: {len(fetched)} fetched "
+                f"({human_bytes(sum(r.size for r in fetched))}), {cached} cached")
+        self._write(text + (f", {failed} failed\n" if failed else "\n"))
 
     def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None:
         self._running[pipeline.name] = "starting"

@@ -1,30 +1,40 @@
 """Sources: fetching the items a manifest names by checksum into `store/sources/<content-type>/`.
 
-Items are fetched while pipelines run: each item has a readiness event, and a pipeline waits only for the
-items its own stages use. Only a verified item is renamed into place, so a present file is a good file.
+Items are fetched while pipelines run: every item is its own task, each has a readiness event, and a
+pipeline waits only for the items its own stages use. How an item is fetched is up to its source type's
+fetcher (`aosbuild.fetchers`); this module orchestrates: an item already in the store is not fetched
+again, an item is fetched under a per-item lock so that several aosbuild processes sharing a store fetch
+it once, and every item's outcome and every byte are reported to the monitor.
+
+A failed item fails its source at once in a build (the build cannot succeed); with `keep_going`, as
+`--sources-only` runs, every other item is still fetched and all failures are reported at the end.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import lzma
+import contextlib
+import fcntl
 import os
-import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 
-from .errors import SourceError
+from .checksum import VerifiedFile
+from .download import DownloadOptions, open_downloader
+from .errors import ChecksumMismatch, DownloadError, SourceError
+from .fetchers import FETCHERS, Fetcher
 from .manifest import Source
 from .monitor import Monitor
 from .store import Store
 
 CONTENT_TYPE = "org.osbuild.files"
-ALGORITHMS = ("md5", "sha1", "sha256", "sha384", "sha512")
+PROGRESS_INTERVAL = 0.1          # seconds between byte-progress events of one source
+LOCK_POLL = (0.02, 0.5)          # first and longest wait between tries of a contended item lock
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,68 +42,146 @@ class ItemResult:
     checksum: str
     cached: bool
     error: str | None = None
+    size: int = 0                # bytes of the item in the store
 
 
-def checksum_of(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return f"{algorithm}:{h.hexdigest()}"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceProgress:
+    """How far one source is: items, and bytes of the items whose size is known so far."""
+
+    items_total: int
+    items_done: int              # fetched, found cached, or failed
+    items_failed: int
+    bytes_done: int
+    bytes_total: int
+    sized: int                   # items whose size is known; bytes_total is a lower bound until all are
 
 
-def check_bytes(data: bytes, checksum: str) -> None:
-    algorithm, _, expected = checksum.partition(":")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unsupported checksum algorithm '{algorithm}'")
-    actual = hashlib.new(algorithm, data).hexdigest()
-    if actual != expected:
-        raise ValueError(f"checksum mismatch: expected {checksum}, got {algorithm}:{actual}")
+@asynccontextmanager
+async def item_lock(path: Path, on_wait: Callable[[], None]) -> AsyncIterator[None]:
+    """Hold an exclusive lock on `path` while one process fetches one item.
 
-
-def write_verified(target: Path, data: bytes, checksum: str) -> None:
-    """Verify `data` and move it into place atomically; nothing is left behind on a mismatch."""
-    check_bytes(data, checksum)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".unverified-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.rename(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-class Fetcher(Protocol):
-    async def fetch(self, checksum: str, description: Any, target: Path) -> None: ...
-
-
-class InlineFetcher:
-    """org.osbuild.inline: the data is in the manifest, base64 or lzma+base64."""
-
-    async def fetch(self, checksum: str, description: Any, target: Path) -> None:
-        data = base64.b64decode(description["data"])
-        if description.get("encoding") == "lzma+base64":
-            data = lzma.decompress(data)
+    A non-blocking flock, retried with backoff, so the event loop never blocks. The holder removes the
+    file before releasing it; a waiter that then wins the lock of the removed file starts over on a
+    fresh one, so two holders never overlap and no lock files are left behind.
+    """
+    delay, longest = LOCK_POLL
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            write_verified(target, data, checksum)
-        except ValueError as exc:
-            raise SourceError("org.osbuild.inline", checksum, str(exc)) from None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if not waited:
+                on_wait()
+                waited = True
+            await anyio.sleep(delay)
+            delay = min(delay * 2, longest)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if _still_linked(fd, path):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
 
 
-FETCHERS: dict[str, Fetcher] = {"org.osbuild.inline": InlineFetcher()}
+def _still_linked(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+class _Run:
+    """One source being fetched: its items' outcomes and its progress."""
+
+    def __init__(self, source: Source, items: Mapping[str, Any], monitor: Monitor) -> None:
+        self.source = source
+        self.items = items
+        self.monitor = monitor
+        self.results: dict[str, ItemResult] = {}
+        self.failures: list[SourceError] = []
+        self.sizes: dict[str, int] = {}
+        self.bytes_done = 0
+        self._reported = 0.0
+
+    def progress(self) -> SourceProgress:
+        return SourceProgress(items_total=len(self.items), items_done=len(self.results),
+                              items_failed=len(self.failures), bytes_done=self.bytes_done,
+                              bytes_total=sum(self.sizes.values()), sized=len(self.sizes))
+
+    def report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._reported >= PROGRESS_INTERVAL:
+            self._reported = now
+            self.monitor.source_progress(self.source, self.progress())
+
+    def log(self, message: str) -> None:
+        self.monitor.source_log(self.source, message)
+
+
+class _ItemProgress:
+    """The `download.Progress` of one item, counted into its source's totals."""
+
+    def __init__(self, run: _Run, checksum: str, label: str) -> None:
+        self.run = run
+        self.checksum = checksum
+        self.label = label
+        self.received = 0
+
+    def expect(self, size: int) -> None:
+        self.run.sizes[self.checksum] = size
+        self.run.report()
+
+    def advance(self, nbytes: int) -> None:
+        self.received += nbytes
+        self.run.bytes_done += nbytes
+        self.run.report()
+
+    def rewind(self, nbytes: int) -> None:
+        self.received -= nbytes
+        self.run.bytes_done -= nbytes
+
+    def retry(self, message: str) -> None:
+        self.run.log(f"Retrying {self.label}: {message}")
 
 
 class Sources:
-    """Fetches every item of a manifest's sources and lets pipelines wait for the ones they use."""
+    """Fetches the items of a manifest's sources and lets pipelines wait for the ones they use.
 
-    def __init__(self, store: Store, sources: Iterable[Source], monitor: Monitor) -> None:
+    `only` limits the items to those checksums (a source left with none is skipped altogether).
+    """
+
+    def __init__(self, store: Store, sources: Iterable[Source], monitor: Monitor, *,
+                 download: DownloadOptions | None = None, only: Collection[str] | None = None,
+                 keep_going: bool = False) -> None:
         self.store = store
-        self.sources = tuple(sources)
         self.monitor = monitor
-        self._ready = {checksum: anyio.Event() for s in self.sources for checksum in s.items}
-        self.results: dict[str, list[ItemResult]] = {}
+        self.download = download or DownloadOptions()
+        self.keep_going = keep_going
+        self.selected: list[tuple[Source, dict[str, Any]]] = []
+        for source in sources:
+            items = {c: d for c, d in source.items.items() if only is None or c in only}
+            if items or only is None:
+                self.selected.append((source, items))
+        self.sources = tuple(source for source, _ in self.selected)
+        self._ready = {checksum: anyio.Event() for _, items in self.selected for checksum in items}
+        self._runs: dict[str, _Run] = {}
+
+    @property
+    def results(self) -> dict[str, list[ItemResult]]:
+        """Each source's item results so far, in the manifest's order."""
+        return {t: [run.results[c] for c in run.items if c in run.results] for t, run in self._runs.items()}
 
     def path(self, checksum: str) -> Path:
         return self.store.source_path(CONTENT_TYPE, checksum)
@@ -105,28 +193,68 @@ class Sources:
                 await event.wait()
 
     async def fetch_all(self) -> None:
-        async with anyio.create_task_group() as tg:
-            for source in self.sources:
-                tg.start_soon(self._fetch_source, source)
+        """Fetch every item; raises the first item's SourceError once its source has stopped."""
+        async with open_downloader(self.download) as downloader, anyio.create_task_group() as tg:
+            for source, items in self.selected:
+                factory = FETCHERS.get(source.type)
+                fetcher = factory(downloader) if factory else None
+                tg.start_soon(self._fetch_source, source, items, fetcher)
 
-    async def _fetch_source(self, source: Source) -> None:
-        fetcher = FETCHERS.get(source.type)
+    async def _fetch_source(self, source: Source, items: dict[str, Any], fetcher: Fetcher | None) -> None:
+        run = self._runs[source.type] = _Run(source, items, self.monitor)
         self.monitor.source_started(source)
-        results: list[ItemResult] = []
-        self.results[source.type] = results
+        async with anyio.create_task_group() as tg:
+            for checksum, description in items.items():
+                tg.start_soon(self._fetch_item, run, fetcher, checksum, description, tg.cancel_scope)
+        run.report(force=True)
+        results = [run.results[c] for c in items if c in run.results]
+        self.monitor.source_finished(source, results, success=not run.failures)
+        if run.failures:
+            raise run.failures[0]
+
+    async def _fetch_item(self, run: _Run, fetcher: Fetcher | None, checksum: str, description: Any,
+                          scope: anyio.CancelScope) -> None:
+        source_type = run.source.type
+        target = self.path(checksum)
+        label = fetcher.label(description) if fetcher else None
+        progress = _ItemProgress(run, checksum, label or checksum)
         try:
-            for checksum, description in source.items.items():
-                target = self.path(checksum)
-                cached = target.exists()
-                if not cached:
-                    if fetcher is None:
-                        raise SourceError(source.type, checksum,
-                                          f"aosbuild cannot fetch items of {source.type} yet")
-                    await fetcher.fetch(checksum, description, target)
-                results.append(ItemResult(checksum=checksum, cached=cached))
-                self._ready[checksum].set()
+            cached = target.exists()
+            if not cached:
+                if fetcher is None:
+                    raise SourceError(source_type, checksum, f"aosbuild cannot fetch items of {source_type} yet")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                lock = target.with_name(f".lock-{checksum}")
+                waiting = f"Waiting for another aosbuild process to fetch {label or checksum}\n"
+                async with item_lock(lock, on_wait=lambda: run.log(waiting)):
+                    cached = target.exists()  # the other process may have fetched it meanwhile
+                    if not cached:
+                        with VerifiedFile(target, checksum) as out:
+                            await fetcher.fetch(checksum, description, out, progress)
+                        if label:
+                            run.log(f"Downloaded {label}\n")
+            size = target.stat().st_size
+        except (DownloadError, ChecksumMismatch, ValueError) as exc:
+            self._failed(run, progress, SourceError(source_type, checksum, str(exc)), scope)
+        except OSError as exc:
+            message = f"cannot write {exc.filename or target}: {exc.strerror}"
+            self._failed(run, progress, SourceError(source_type, checksum, message), scope)
         except SourceError as exc:
-            results.append(ItemResult(checksum=exc.checksum, cached=False, error=str(exc)))
-            self.monitor.source_finished(source, results, success=False)
-            raise
-        self.monitor.source_finished(source, results, success=True)
+            self._failed(run, progress, exc, scope)
+        else:
+            run.sizes[checksum] = size
+            if cached:
+                run.bytes_done += size
+            run.results[checksum] = ItemResult(checksum=checksum, cached=cached, size=size)
+            self._ready[checksum].set()
+            run.report(force=True)
+
+    def _failed(self, run: _Run, progress: _ItemProgress, error: SourceError, scope: anyio.CancelScope) -> None:
+        run.bytes_done -= progress.received
+        run.sizes.pop(error.checksum, None)
+        run.failures.append(error)
+        run.results[error.checksum] = ItemResult(checksum=error.checksum, cached=False, error=str(error))
+        run.log(f"Error: {error}\n")
+        run.report(force=True)
+        if not self.keep_going:
+            scope.cancel()

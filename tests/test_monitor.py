@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 
-from aosbuild.manifest import Pipeline, make_stage
-from aosbuild.monitor import JsonSeqMonitor, LogMonitor, omitempty, tail
+from aosbuild.manifest import Pipeline, Source, make_stage
+from aosbuild.monitor import JsonSeqMonitor, LogMonitor, human_bytes, omitempty, tail
 from aosbuild.results import StageResult
+from aosbuild.sources import ItemResult, SourceProgress
 
 from .conftest import check_jsonseq
 
@@ -105,3 +106,61 @@ def test_log_monitor_status_line_on_a_terminal() -> None:
     text = capture(lambda fd: interleaved(LogMonitor(fd, tty=True))).decode()
     assert "running: a (org.osbuild.noop 1/1), b (org.osbuild.noop 1/1)" in text
     assert text.endswith("\r\x1b[K")  # the status line is cleared at the end
+
+
+def sources_run(monitor: JsonSeqMonitor | LogMonitor) -> None:
+    """A curl source of 10 items downloading beside a pipeline, as the engine reports it."""
+    a, _ = two_pipelines()
+    source = Source(type="org.osbuild.curl", items={f"sha256:{i:064x}": f"http://h/{i}" for i in range(10)})
+    monitor.build_started("m.json", sources=1, pipelines=1)
+    monitor.source_started(source)
+    monitor.pipeline_started(a, build_root="<host>", runner="org.osbuild.linux")
+    for i in range(10):
+        monitor.source_progress(source, SourceProgress(items_total=10, items_done=i, items_failed=0,
+                                                       bytes_done=i * 1024 * 1024 + 512 * 1024,
+                                                       bytes_total=(i + 1) * 1024 * 1024, sized=i + 1))
+        monitor.source_log(source, f"Downloaded http://h/{i}\n")
+    monitor.source_progress(source, SourceProgress(items_total=10, items_done=10, items_failed=0,
+                                                   bytes_done=10 << 20, bytes_total=10 << 20, sized=10))
+    results = [ItemResult(checksum=c, cached=False, size=1 << 20) for c in source.items]
+    monitor.source_finished(source, results, success=True)
+    monitor.stage_started(a, a.stages[0])
+    monitor.stage_finished(a, a.stages[0], result_of(a))
+    monitor.pipeline_finished(a, success=True)
+    monitor.build_finished("m.json", success=True)
+
+
+def test_jsonseq_source_records_as_osbuild() -> None:
+    stream = capture(lambda fd: sources_run(JsonSeqMonitor(fd)))
+    assert "pipelines=2 stages=1 failed_stages=0 final_done=2/2 ok" in check_jsonseq(stream)
+    records = [json.loads(line[1:]) for line in stream.split(b"\n") if line]
+    lines = [r for r in records if "Downloaded" in r.get("message", "")]
+    assert len(lines) == 10  # one per item; byte progress is not streamed
+    assert lines[0]["message"] == "source/org.osbuild.curl (org.osbuild.curl): Downloaded http://h/0\n"
+    assert lines[0]["context"]["origin"] == "org.osbuild"
+    assert lines[0]["context"]["pipeline"]["name"] == "source org.osbuild.curl"
+    assert lines[0]["progress"] == {"name": "pipelines/sources", "total": 2, "done": 0}
+    finished = next(r for r in records if r.get("message") == "Finished module source org.osbuild.curl")
+    assert len(finished["result"]["results"]) == 10
+
+
+def test_log_monitor_source_progress_off_a_terminal() -> None:
+    text = capture(lambda fd: sources_run(LogMonitor(fd, tty=False))).decode()
+    assert "\x1b" not in text
+    assert "source/org.osbuild.curl (org.osbuild.curl): Downloaded http://h/3\n" in text
+    assert "source org.osbuild.curl: 1/10 items, 1.5 MiB/2.0 MiB+\n" in text
+    assert "source org.osbuild.curl: 9/10 items, 9.5 MiB/10.0 MiB\n" in text  # every size known
+    assert "10/10 items" not in text  # the last tenth is the finished line
+    assert "source org.osbuild.curl: done: 10 fetched (10.0 MiB), 0 cached\n" in text
+
+
+def test_log_monitor_source_progress_bar_on_a_terminal() -> None:
+    text = capture(lambda fd: sources_run(LogMonitor(fd, tty=True))).decode()
+    assert "org.osbuild.curl [##########----------] 5/10 items, 5.5 MiB/6.0 MiB+" in text
+    assert "org.osbuild.curl [####################] 10/10 items, 10.0 MiB/10.0 MiB" in text
+    assert text.endswith("\r\x1b[K")
+
+
+def test_human_bytes() -> None:
+    assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 20, 3 << 30, 5000 << 30)] == \
+        ["0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3.0 GiB", "5000.0 GiB"]
