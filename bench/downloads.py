@@ -1,6 +1,8 @@
 """Benchmark source downloads: `aosbuild --sources-only` at several `--download-jobs` against `apt-get download`.
 
 Run with the venv's interpreter: `.venv/bin/python bench/downloads.py [--repeat N] [--jobs 1,4,8,16]`.
+Each `--download-jobs N` run also sets `--download-jobs-per-host N`, since the set comes from one or two
+hosts and the per-host default (4) would otherwise cap N; one more run keeps both defaults.
 The package set (minbase plus systemd, about 100 .debs) is depsolved once, untimed, against the mirror of
 this host's apt configuration; every timed run then starts from an empty store or directory. Prints a
 Markdown table and writes the raw timings to `bench/results/downloads-<UTC timestamp>.json`.
@@ -21,6 +23,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 from run import FAST_TMP, REPO, RESULTS, Summary, machine, repeat
@@ -75,9 +78,11 @@ class Workspace:
         path.mkdir()
         return path
 
-    def aosbuild(self, jobs: int, store: Path) -> float:
+    def aosbuild(self, jobs: int | None, store: Path) -> float:
+        """One `--sources-only` run; `jobs` sets both limits, overall and per host; None keeps the defaults."""
+        limits = [] if jobs is None else ["--download-jobs", str(jobs), "--download-jobs-per-host", str(jobs)]
         argv = [sys.executable, "-m", "aosbuild", "--store", os.fspath(store), "-q", "--sources-only",
-                "--download-jobs", str(jobs), os.fspath(self.manifest)]
+                *limits, os.fspath(self.manifest)]
         elapsed = run_timed(argv)
         items = store / STORE_ITEMS
         found = {p.name for p in items.iterdir()} if items.is_dir() else set()
@@ -86,8 +91,8 @@ class Workspace:
             raise SystemExit(f"aosbuild --sources-only exited 0 but {len(missing)} items are not in {items}")
         return elapsed
 
-    def aosbuild_fresh(self, jobs: int) -> float:
-        store = self.fresh(f"store-j{jobs}")
+    def aosbuild_fresh(self, jobs: int | None) -> float:
+        store = self.fresh(f"store-j{jobs or 'default'}")
         try:
             return self.aosbuild(jobs, store)
         finally:
@@ -97,8 +102,8 @@ class Workspace:
         """A run with every item already in the store: aosbuild's fixed cost (start, load, check)."""
         store = self.fresh("store-cached")
         try:
-            self.aosbuild(8, store)
-            return self.aosbuild(8, store)
+            self.aosbuild(None, store)
+            return self.aosbuild(None, store)
         finally:
             shutil.rmtree(store, ignore_errors=True)
 
@@ -121,6 +126,7 @@ def measure(ws: Workspace, times: int, jobs: Sequence[int]) -> dict[str, list[fl
         result = {"apt_get_download_s": ws.apt_get_download()}
         for n in jobs:
             result[f"aosbuild_j{n}_s"] = ws.aosbuild_fresh(n)
+        result["aosbuild_default_s"] = ws.aosbuild_fresh(None)
         result["aosbuild_cached_s"] = ws.aosbuild_cached()
         return result
 
@@ -129,8 +135,10 @@ def measure(ws: Workspace, times: int, jobs: Sequence[int]) -> dict[str, list[fl
 
 def table(raw: dict[str, list[float]], jobs: Sequence[int], total_bytes: int, count: int) -> list[str]:
     apt = Summary.of(raw["apt_get_download_s"])
-    rows = [("`apt-get download` (one connection per host, pipelined)", "apt_get_download_s")]
-    rows += [(f"aosbuild `--sources-only --download-jobs {n}`", f"aosbuild_j{n}_s") for n in jobs]
+    rows = [("`apt-get download` (one keep-alive connection per host)", "apt_get_download_s")]
+    rows += [(f"aosbuild `--sources-only --download-jobs {n} --download-jobs-per-host {n}`", f"aosbuild_j{n}_s")
+             for n in jobs]
+    rows.append(("aosbuild `--sources-only`, default limits (8 overall, 4 per host)", "aosbuild_default_s"))
     lines = [f"### Downloading {count} packages, {total_bytes / 1e6:.1f} MB, from an empty cache", "",
              "| method | wall s, median (min-max) | MB/s (median) | speed-up vs apt-get |", "|---|---|---|---|"]
     for label, key in rows:
@@ -144,7 +152,7 @@ def table(raw: dict[str, list[float]], jobs: Sequence[int], total_bytes: int, co
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=3, metavar="N", help="repetitions (default: 3)")
+    parser.add_argument("--repeat", type=int, default=5, metavar="N", help="repetitions (default: 5)")
     parser.add_argument("--jobs", default=",".join(map(str, JOBS)), metavar="LIST",
                         help="--download-jobs values, comma-separated (default: 1,4,8,16)")
     parser.add_argument("--cache", type=Path, metavar="DIR",
@@ -169,18 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "manifest.json"
         path.write_text(json.dumps(manifest(result)))
         ws = Workspace(Path(tmp), path, result, apt_root)
-        ws.aosbuild_fresh(8)  # untimed: .pyc files, the page cache and the resolver warm up
+        ws.aosbuild_fresh(None)  # untimed: .pyc files, the page cache and the resolver warm up
         raw = measure(ws, args.repeat, args.jobs)
     info = machine()
-    hosts = sorted({r.uri for r in result.repositories})
+    # counted, never named: no mirror address goes into the repository, results included
+    hosts = {urlsplit(p.url).netloc for p in result.packages}
     lines = [f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, kernel {info['kernel']}, "
              f"commit {(info['commit'] or 'unknown')[:12]}{' (dirty)' if info['dirty'] else ''}; "
-             f"{args.repeat} repetitions; median (min-max); {len(hosts)} repositories of the host's apt sources.",
+             f"{args.repeat} repetitions; median (min-max); packages from {len(result.repositories)} repositories "
+             f"on {len(hosts)} host(s) of this machine's apt sources.",
              "", *table(raw, args.jobs, total, len(result.packages))]
     print("\n".join(lines))
     report = {"started": started, "machine": info, "duration_s": round(time.perf_counter() - clock, 1),
               "settings": {"repeat": args.repeat, "jobs": args.jobs, "variant": VARIANT,
-                           "packages": list(PACKAGES), "count": len(result.packages), "bytes": total},
+                           "packages": list(PACKAGES), "count": len(result.packages), "bytes": total,
+                           "repositories": len(result.repositories), "hosts": len(hosts)},
               "samples_s": raw, "summary_s": {k: asdict(Summary.of(v)) for k, v in raw.items()}}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"downloads-{started}.json"

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -28,6 +29,8 @@ import pytest
 
 from aosbuild import aptsources, process
 from aosbuild.depsolve import AptRoot, DepsolveError, DepsolveRequest, Package, combine, depsolve, open_apt_root
+
+from .conftest import FAST_TMP
 
 ARCH = "amd64"  # the local repository's; apt only simulates, so it need not be the host's
 
@@ -379,6 +382,13 @@ def test_cli_without_a_source_for_the_suite_exits_1(workdir: Path) -> None:
 
 # the real thing: the mirror of this host's apt configuration
 
+@pytest.fixture(scope="module")
+def mirror_cache() -> Iterator[Path]:
+    """One depsolve cache for the tests against the mirror: the indices (~9 MB) are fetched once."""
+    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-test-depsolve-") as d:
+        yield Path(d)
+
+
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=60) as response:
         data: bytes = response.read()
@@ -397,10 +407,10 @@ def read_index(root: AptRoot) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.slow
-async def test_depsolve_bash_and_coreutils_against_the_configured_mirror(workdir: Path) -> None:
+async def test_depsolve_bash_and_coreutils_against_the_configured_mirror(mirror_cache: Path) -> None:
     mirrors = [r.uri.rstrip("/") + "/" for r in aptsources.host_repositories()]
     before = host_apt_mtimes()
-    request = DepsolveRequest(packages=("bash", "coreutils"), variant="custom", cache=workdir / "cache")
+    request = DepsolveRequest(packages=("bash", "coreutils"), variant="custom", cache=mirror_cache)
     result = await depsolve(request)
     assert host_apt_mtimes() == before
 
@@ -413,7 +423,7 @@ async def test_depsolve_bash_and_coreutils_against_the_configured_mirror(workdir
         assert any(package.url.startswith(m) for m in mirrors), package.url
     assert len(result.sources()["org.osbuild.curl"]["items"]) == len(result.packages)
 
-    async with open_apt_root(workdir / "cache", result.repositories, result.architecture) as root:
+    async with open_apt_root(mirror_cache, result.repositories, result.architecture) as root:
         index = read_index(root)
     for package in result.packages:
         base = next(m for m in mirrors if package.url.startswith(m))
@@ -425,3 +435,28 @@ async def test_depsolve_bash_and_coreutils_against_the_configured_mirror(workdir
         data = fetch(package.url)
         assert len(data) == package.size
         assert f"sha256:{hashlib.sha256(data).hexdigest()}" == package.checksum
+
+
+@pytest.mark.slow
+async def test_a_depsolved_set_downloads_with_sources_only(workdir: Path, mirror_cache: Path) -> None:
+    """The issue's end to end check: depsolve, `--sources-only`, and the stored files match the indices."""
+    result = await depsolve(DepsolveRequest(packages=("bash",), variant="custom", cache=mirror_cache))
+    references: dict[str, dict[str, Any]] = {p.checksum: {} for p in result.packages}
+    manifest = {"version": "2", "sources": result.sources(), "pipelines": [{"name": "os", "stages": [{
+        "type": "org.aosbuild.debian.install",
+        "inputs": {"packages": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                                "references": references}}}]}]}
+    path = workdir / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    store = workdir / "store"
+    await process.run([sys.executable, "-m", "aosbuild", "--store", str(store), "--sources-only", "-q", str(path)])
+
+    async with open_apt_root(mirror_cache, result.repositories, result.architecture) as root:
+        index = {f"sha256:{fields['SHA256']}": fields for fields in read_index(root).values()}
+    items = store / "sources" / "org.osbuild.files"
+    assert sorted(p.name for p in items.iterdir()) == sorted(references)
+    for package in result.packages:
+        data = (items / package.checksum).read_bytes()
+        assert f"sha256:{hashlib.sha256(data).hexdigest()}" == package.checksum
+        assert index[package.checksum]["Package"] == package.name
+        assert int(index[package.checksum]["Size"]) == len(data)
