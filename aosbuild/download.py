@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 PER_HOST = 4
 JOBS = 8
 TIMEOUT = 30.0          # seconds without a byte, as curl's connect-timeout and speed-limit in osbuild
-ATTEMPTS = 6            # the first try and 5 retries: about 15 s of backoff in all
+ATTEMPTS = 6            # the first try and 5 retries, after at most 15.5 s of backoff in all
 BACKOFF = 0.5           # the first retry's delay; doubled each time
 MAX_DELAY = 60.0        # no wait between attempts is longer, whatever Retry-After says
 RETRY_STATUS = frozenset({408, 429})  # and every 5xx

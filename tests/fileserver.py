@@ -50,6 +50,7 @@ class FileServer:
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
         self.arrived: dict[str, threading.Event] = {}
+        self.stalled: dict[str, threading.Event] = {}  # set once a `stall` response has sent its half
         self.barrier: threading.Barrier | None = None
         self.active = 0
         self.most_active = 0
@@ -70,6 +71,7 @@ class FileServer:
             gate: threading.Event | None = None) -> str:
         self.routes[path] = Route(body=body, faults=list(faults), ranges=ranges, gate=gate)
         self.arrived[path] = threading.Event()
+        self.stalled[path] = threading.Event()
         return self.url(path)
 
     def count(self, path: str) -> int:
@@ -175,6 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(rest[: len(rest) // 2])
             self.wfile.flush()
             if fault == "stall":
+                files.stalled[self.path].set()
                 files.stopping.wait(HOLD_LIMIT)
             self.close_connection = True
             return

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -371,3 +372,16 @@ def started(aosbuild: Aosbuild, m: Path | dict[str, Any], *args: str) -> Iterato
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_download_leaves_nothing(aosbuild: Aosbuild, server: FileServer, signum: int,
+                                             exit_code: int) -> None:
+    data = blob("big", 1 << 20)
+    m = curl_manifest({sha256(data): server.add("/big", data, "stall")}, copy_items("tree", sha256(data)))
+    with started(aosbuild, m, "--monitor", "jsonseq") as (proc, stream):
+        assert server.stalled["/big"].wait(30)
+        proc.send_signal(signum)
+        assert proc.wait(30) == exit_code
+        check_jsonseq(stream.rest())
+    assert items_in(aosbuild.store) == []  # neither the partial file nor the item's lock file
