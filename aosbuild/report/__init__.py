@@ -1,0 +1,90 @@
+"""`aosbuild report STREAM`: where a build's time went, from its `--monitor jsonseq` stream.
+
+Per pipeline and stage: start, end, duration, cached or not; the achieved parallelism; and the critical
+path through the pipelines' DAG with what a perfect scheduler could have saved. Reads osbuild's streams
+as well as aosbuild's. The stream is read by `timeline`, the schedule judged by `analysis`, and shown by
+`render` (text, JSON) and `svg` (a Gantt chart, alone or in an HTML page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import ManifestError
+from ..library import Library
+from ..loading import load, parse
+from ..manifest import Manifest
+from .analysis import Analysis, analyse, inferred_dag, manifest_dag
+from .render import render_json, render_text
+from .svg import render_html, render_svg
+from .timeline import StreamError, Timeline, read_timeline
+
+RENDERERS = {"text": render_text, "json": render_json, "svg": render_svg, "html": render_html}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aosbuild report",
+        description="Where a build's time went: per pipeline and stage timings, parallelism and the critical "
+                    "path, from a --monitor jsonseq stream of aosbuild or osbuild.")
+    p.add_argument("stream", metavar="STREAM", help="the JSON-seq stream, or - for standard input")
+    p.add_argument("--manifest", metavar="MANIFEST",
+                   help="the manifest that was built: its dependencies make the critical path exact "
+                        "(without it they are inferred from the timing)")
+    p.add_argument("--format", choices=tuple(RENDERERS), default="text",
+                   help="text (default), json, svg (a Gantt chart) or html (the chart and the table)")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the report here instead of standard output")
+    return p
+
+
+def report(timeline: Timeline, manifest: Manifest | None = None, manifest_name: str = "") -> Analysis:
+    dag = manifest_dag(manifest, timeline, manifest_name) if manifest else inferred_dag(timeline)
+    return analyse(timeline, dag, manifest)
+
+
+def read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    return Path(path).read_text(errors="replace")
+
+
+def main(argv: list[str]) -> int:
+    p = parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        text = read_text(args.stream)
+    except OSError as exc:
+        sys.stderr.write(f"Error: cannot read {args.stream}: {exc.strerror or exc}\n")
+        return 2
+    manifest = None
+    if args.manifest:
+        try:
+            # the ids and references are what matter here, so stages this library lacks are fine
+            manifest = load(parse(read_text(args.manifest), args.manifest), Library(), args.manifest,
+                            validate=False)
+        except OSError as exc:
+            sys.stderr.write(f"Error: cannot read {args.manifest}: {exc.strerror or exc}\n")
+            return 2
+        except ManifestError as exc:
+            sys.stderr.write(exc.render())
+            return 2
+    try:
+        timeline = read_timeline(text)
+    except StreamError:
+        sys.stderr.write(f"Error: {args.stream} holds no monitor records: make it with "
+                         "`aosbuild --monitor jsonseq` (or osbuild's --monitor=JSONSeqMonitor)\n")
+        return 1
+    output = RENDERERS[args.format](report(timeline, manifest, args.manifest or ""))
+    if args.output:
+        Path(args.output).write_text(output)
+    else:
+        sys.stdout.write(output)
+    return 0
+
+
+__all__ = ["Analysis", "Timeline", "main", "read_timeline", "report"]
