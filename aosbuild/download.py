@@ -116,8 +116,30 @@ def describe_transport_error(exc: Exception, timeout: float) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return f"the server sent nothing for {timeout:g}s"
     if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect: {exc or 'connection refused'}"
-    return f"connection broken: {exc or type(exc).__name__}"
+        return f"cannot connect: {root_cause(exc)}"
+    return f"connection broken: {root_cause(exc)}"
+
+
+def root_cause(exc: BaseException) -> str:
+    """The first non-empty message down the chain: httpx's own is empty for some errors on trio."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
+def certificate_refusal(exc: BaseException) -> str | None:
+    """The TLS verification failure behind a connection error, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"the server's certificate is not trusted: {seen.verify_message}"
+        if "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return f"the server's certificate is not trusted: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @asynccontextmanager
@@ -221,6 +243,11 @@ class Downloader:
                 await self._receive(response, url, out, progress, end)
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.TooManyRedirects) as exc:
             raise DownloadError(url, str(exc)) from None
+        except httpx.ConnectError as exc:
+            refusal = certificate_refusal(exc)
+            if refusal is not None:  # asking again gets the same certificate
+                raise DownloadError(url, f"{refusal} (an item with \"insecure\": true is not verified)") from None
+            raise _Retry(describe_transport_error(exc, self.options.timeout)) from None
         except httpx.TransportError as exc:
             raise _Retry(describe_transport_error(exc, self.options.timeout)) from None
         if end is not None and out.size < end:

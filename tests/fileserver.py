@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +47,9 @@ def sha256(data: bytes) -> str:
 
 
 class FileServer:
-    def __init__(self) -> None:
+    """Serves HTTP, or HTTPS with `tls=(certificate file, key file)`."""
+
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[Seen] = []
         self.arrived: dict[str, threading.Event] = {}
@@ -57,6 +60,12 @@ class FileServer:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            self.scheme = "https"
         self._httpd.daemon_threads = True
         self._httpd.files = self  # type: ignore[attr-defined]  # how handlers find their server's routes
 
@@ -65,7 +74,7 @@ class FileServer:
         return int(self._httpd.server_address[1])
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def add(self, path: str, body: bytes, *faults: str, ranges: bool = True,
             gate: threading.Event | None = None) -> str:

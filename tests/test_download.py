@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,3 +288,25 @@ def test_asyncio_backend_resumes_and_stops_early(server: FileServer, tmp_path: P
 
     anyio.run(both, backend="asyncio")
     assert nothing_but(tmp_path / "resumed") == ["resumed"]
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-days", "1", "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+async def test_untrusted_certificate_fails_at_once_unless_insecure(tmp_path: Path,
+                                                                   self_signed: tuple[str, str]) -> None:
+    with FileServer(tls=self_signed).running() as server:
+        url = server.add("/f", DATA)
+        target = tmp_path / "out" / "item"
+        with pytest.raises(DownloadError, match=r"certificate is not trusted: self-signed.*\"insecure\": true"):
+            await fetch(url, target, sha256(DATA))
+        assert server.requests == []  # refused at the handshake, and not tried again
+        async with open_downloader(FAST) as downloader:
+            with VerifiedFile(target, sha256(DATA)) as out:
+                await downloader.fetch(url, out, insecure=True)
+        assert target.read_bytes() == DATA
