@@ -23,10 +23,8 @@ from .errors import ChecksumMismatch
 
 ALGORITHMS = ("md5", "sha1", "sha256", "sha384", "sha512")
 PARTIAL_PREFIX = ".unverified-"
-# osbuild's sources store items 0666 less the umask, and a copying stage keeps that mode. aosbuild has
-# stored them 0600 so far, and tests/stages/test_copy.py marks that as a known difference (strict xfail):
-# change this to 0o666 together with that marker.
-ITEM_MODE = 0o600
+# osbuild's sources store items 0666 less the umask, and a copying stage keeps that mode
+ITEM_MODE = 0o666
 
 
 def split_checksum(checksum: str) -> tuple[str, str]:

@@ -56,8 +56,6 @@ def test_copies_a_source_item_from_a_files_input(aosbuild: Aosbuild) -> None:
     assert (aosbuild.output / "b" / "usr" / "bin" / "hello").read_bytes() == DATA
 
 
-@pytest.mark.xfail(reason="aosbuild/sources.py stores items with mkstemp's 0600; osbuild's inline and curl "
-                          "sources store them 0666 & ~umask, and copy keeps the mode", strict=True)
 def test_a_copied_source_item_has_osbuilds_mode(aosbuild: Aosbuild) -> None:
     changes = build_ab(aosbuild, [], copy({"from": f"input://files/{CHECKSUM}", "to": "tree:///hello"},
                                           files=FILES_INPUT), sources=SOURCES)
