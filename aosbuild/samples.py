@@ -23,9 +23,12 @@ import anyio
 
 from .depsolve import DepsolveError, DepsolveRequest, DepsolveResult, depsolve
 
+# what the stages run from the build root: stages are python3; install (mmdebstrap, apt-utils); users
+# (passwd, minbase); timezone (tzdata); systemd and keymap (systemd); disks (e2fsprogs, fdisk, grub, qemu-img)
 BUILD_PACKAGES = ("python3", "mmdebstrap", "apt-utils", "e2fsprogs", "fdisk", "dosfstools", "mtools",
-                  "grub-pc-bin", "grub-common", "qemu-utils", "zstd", "xz-utils", "mount")
-OS_PACKAGES = ("linux-image-amd64", "systemd-sysv", "udev", "initramfs-tools", "zstd", "sudo")
+                  "grub-pc-bin", "grub-common", "qemu-utils", "zstd", "xz-utils", "mount", "tzdata", "systemd")
+# libnss-myhostname: the hostname resolves without an /etc/hosts entry (sudo asks for it)
+OS_PACKAGES = ("linux-image-amd64", "systemd-sysv", "udev", "initramfs-tools", "zstd", "sudo", "libnss-myhostname")
 SECTOR = 512
 PARTITION_START = 2048  # sectors: 1 MiB, room for GRUB's core.img
 
@@ -77,8 +80,10 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
         {"type": "org.osbuild.fstab", "options": {"filesystems": [
             {"uuid": root_uuid, "vfs_type": "ext4", "path": "/", "options": "errors=remount-ro", "passno": 1}]}},
         {"type": "org.osbuild.systemd", "options": {"default_target": "multi-user.target"}},
-        {"type": GRUB_CONFIG_STAGE, "options": grub_config_options(root_uuid)},
         {"type": "org.aosbuild.debian.initramfs", "options": {"compression": "zstd"}},
+        # after the initramfs: the menu entry names the initrd only if it exists
+        {"type": "org.aosbuild.debian.grub2",
+         "options": {"rootfs": {"uuid": root_uuid}, "serial_console": "ttyS0,115200"}},
     ]
     image_stages = image_stage_list(root_uuid=root_uuid, disk_bytes=disk_bytes,
                                     partition_sectors=partition_sectors, tree_input=tree_input)
@@ -88,7 +93,7 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
         "sources": {"org.osbuild.curl": {"items": curl_items(build, system)}},
         "pipelines": [
             {"name": "build", "runner": f"org.osbuild.debian{args.suite_version}",
-             "stages": [install_stage(build, BUILD_PACKAGES, "essential", args.suite)]},
+             "stages": [install_stage(build, BUILD_PACKAGES, "minbase", args.suite)]},
             {"name": "os", "build": build_ref, "stages": os_stages},
             {"name": "image", "build": build_ref, "stages": image_stages},
             {"name": "qcow2", "build": build_ref, "stages": [{
@@ -100,26 +105,20 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
     }
 
 
-GRUB_CONFIG_STAGE = "org.osbuild.grub2.legacy"
-
-
-def grub_config_options(root_uuid: str) -> dict[str, Any]:
-    return {"rootfs": {"uuid": root_uuid}, "serial": True}
-
-
 def image_stage_list(*, root_uuid: str, disk_bytes: int, partition_sectors: int,
                      tree_input: dict[str, Any]) -> list[dict[str, Any]]:
     disk = {"type": "org.osbuild.loopback", "options": {"filename": "disk.img"}}
+    disk_id = f"0x{secrets.randbits(32):08x}"
     return [
         {"type": "org.osbuild.truncate", "options": {"filename": "disk.img", "size": str(disk_bytes)}},
         {"type": "org.osbuild.sfdisk", "devices": {"device": disk},
-         "options": {"label": "dos", "partitions": [
+         "options": {"label": "dos", "uuid": disk_id, "partitions": [
              {"start": PARTITION_START, "size": partition_sectors, "type": "83", "bootable": True}]}},
         {"type": "org.aosbuild.mkfs.ext4.tree", "inputs": {"tree": tree_input},
-         "options": {"filename": "disk.img", "offset": PARTITION_START * SECTOR,
-                     "size": partition_sectors * SECTOR, "uuid": root_uuid, "label": "root"}},
+         "options": {"filename": "disk.img", "start": PARTITION_START, "size": partition_sectors,
+                     "uuid": root_uuid, "label": "root"}},
         {"type": "org.osbuild.grub2.inst", "options": {
-            "filename": "disk.img", "platform": "i386-pc", "location": 1,
+            "filename": "disk.img", "platform": "i386-pc",  # the core goes to sector 1, the MBR gap
             "core": {"type": "mkimage", "partlabel": "dos", "filesystem": "ext4"},
             "prefix": {"type": "partition", "partlabel": "dos", "number": 0, "path": "/boot/grub"}}},
     ]
@@ -142,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
 
 async def resolve(args: argparse.Namespace) -> tuple[DepsolveResult, DepsolveResult]:
     common = {"suite": args.suite, "mirror": args.mirror, "cache": args.cache}
-    build = await depsolve(DepsolveRequest(packages=BUILD_PACKAGES, variant="essential", **common))
+    build = await depsolve(DepsolveRequest(packages=BUILD_PACKAGES, variant="minbase", **common))
     system = await depsolve(DepsolveRequest(packages=OS_PACKAGES, variant="minbase", **common))
     return build, system
 
