@@ -149,6 +149,7 @@ async def run_with_signals(ctx: Any, planned: Any, request: engine.Request) -> N
 # Each entry is "module:function", the function taking the remaining arguments and returning the exit code.
 COMMANDS: dict[str, str] = {
     "depsolve": "aosbuild.depsolve:main",
+    "install-osbuild-command": "aosbuild.osbuild_compat:install",
     "report": "aosbuild.report:main",
     "sample": "aosbuild.samples:main",
 }

@@ -1,0 +1,218 @@
+"""Failure drills: signals, stubborn and escaping stages, floods of output, timeouts, hostile options, a full disk.
+
+After each drill the exit code is right, the message says what happened (no traceback), and no process,
+mount, loop device or staging entry is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .test_devices import SIZE, START, bound_loops, disk_manifest, loopback
+from .test_interrupt import mounts_under, processes_mentioning
+
+GRACE = 5.0  # aosbuild.process.GRACE_SECONDS: SIGTERM, then this long, then SIGKILL
+EXIT_CODES = {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}
+
+
+def assert_clean(aosbuild: Aosbuild, loops_before: set[str] | None = None) -> None:
+    """Nothing of the build is left: no process, mount, loop device, staging or temporary entry."""
+    assert processes_mentioning(str(aosbuild.workdir)) == []
+    assert mounts_under(aosbuild.store) == []
+    if loops_before is not None:
+        assert bound_loops() <= loops_before
+    for entry in ("stage", "tmp"):
+        if (aosbuild.store / entry).exists():
+            assert list((aosbuild.store / entry).iterdir()) == []
+
+
+def assert_explained(run: Run, *words: str) -> None:
+    assert "Traceback" not in run.stderr, run.stderr
+    for word in words:
+        assert word in run.stderr, run.stderr
+
+
+def pids_with_marker(marker: str) -> list[int]:
+    return processes_mentioning(marker)
+
+
+def start(aosbuild: Aosbuild, m: dict[str, object], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(aosbuild.command(m, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=aosbuild.workdir)
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float) -> Run:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Run(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def wait_for_message(proc: subprocess.Popen[bytes], prefix: str) -> bytes:
+    """Read the jsonseq progress stream until a stage prints a line starting with `prefix`."""
+    assert proc.stdout is not None
+    seen = b""
+    while True:
+        line = proc.stdout.readline()
+        assert line, "the build ended before the stage got there"
+        seen += line
+        if json.loads(line[1:]).get("message", "").startswith(prefix):
+            return seen
+
+
+# 1. SIGINT and SIGTERM at random moments of a multi-pipeline build with devices and mounts
+
+SEED = 20261123
+MOMENTS = 10  # per signal: 20 in all
+
+
+def hanging_loop_stage() -> dict[str, object]:
+    return {"type": "org.aosbuild.test.loop", "options": {"filename": "disk.img", "text": "x", "hang": 1},
+            "devices": {"disk": loopback(start=START, size=SIZE)},
+            "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}]}
+
+
+def random_moments() -> list[tuple[int, float]]:
+    rng = random.Random(SEED)
+    # the build takes about 2-3 s; some moments fall after its end, where the exit code is 0
+    return [(signum, round(rng.uniform(0.0, 3.5), 3))
+            for signum in (int(signal.SIGINT), int(signal.SIGTERM)) for _ in range(MOMENTS)]
+
+
+@pytest.mark.parametrize(("signum", "delay"), random_moments())
+def test_signal_at_a_random_moment(aosbuild: Aosbuild, signum: int, delay: float) -> None:
+    m = disk_manifest(hanging_loop_stage())
+    m["pipelines"].append(pipeline("side", stage("org.osbuild.mkdir", paths=[{"path": "/x"}]),
+                                   stage("org.aosbuild.test.sleep", seconds=1)))
+    before = bound_loops()
+    proc = start(aosbuild, m, "--monitor", "jsonseq")
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signum)
+    run = finish(proc, timeout=60)
+    assert run.returncode in (EXIT_CODES[signum], 0), run.stderr
+    if run.returncode:
+        assert_explained(run, "Aborted")
+    else:
+        assert "Traceback" not in run.stderr, run.stderr
+    check_jsonseq(run.stdout)
+    assert_clean(aosbuild, before)
+
+
+# 2. a stage that ignores SIGTERM
+
+def test_stage_ignoring_sigterm_is_killed(aosbuild: Aosbuild) -> None:
+    m = manifest(pipeline("stubborn", stage("org.aosbuild.test.ignore-term", seconds=300)))
+    proc = start(aosbuild, m, "--monitor", "jsonseq")
+    wait_for_message(proc, "ignoring SIGTERM")
+    assert processes_mentioning(str(aosbuild.workdir))
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    run = finish(proc, timeout=GRACE + 30)
+    took = time.monotonic() - sent
+    assert run.returncode == 130, run.stderr
+    assert_explained(run, "Aborted")
+    assert took < GRACE + 10, f"aosbuild took {took:.1f}s to stop"
+    assert_clean(aosbuild)
+
+
+# 3. a stage that forks a daemon to outlive it
+
+def test_daemon_does_not_outlive_its_stage(aosbuild: Aosbuild) -> None:
+    marker = f"aosbuild-drill-daemon-{uuid.uuid4().hex}"
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.daemon", marker=marker, seconds=300)))
+    try:
+        run = aosbuild(m, "--export", "tree", "--output-directory", str(aosbuild.output), timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert (aosbuild.output / "tree" / "daemon.pid").read_text().strip().isdigit()
+        assert pids_with_marker(marker) == []
+        assert_clean(aosbuild)
+    finally:
+        for pid in pids_with_marker(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+# 4. a stage that writes 100 MB of output
+
+HUNDRED_MB = 100 * 1000 * 1000
+RSS_LIMIT_KB = 300 * 1024
+
+
+def peak_rss_while_running(proc: subprocess.Popen[bytes]) -> tuple[Run, int]:
+    """Run to the end, polling the aosbuild process's VmHWM (its peak resident set) meanwhile."""
+    peak = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        status = Path(f"/proc/{proc.pid}/status")
+        while not stop.is_set():
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                return
+            stop.wait(0.05)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        run = finish(proc, timeout=240)
+    finally:
+        stop.set()
+        poller.join()
+    return run, peak
+
+
+@pytest.mark.parametrize("line", [0, 1000, 100_000], ids=["no-newlines", "short-lines", "long-lines"])
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_flood_of_output_stays_bounded(aosbuild: Aosbuild, line: int, exit_code: int) -> None:
+    m = manifest(pipeline("loud", stage("org.aosbuild.test.output", bytes=HUNDRED_MB, line=line,
+                                        exit=exit_code)))
+    run, peak = peak_rss_while_running(start(aosbuild, m, "--monitor", "jsonseq"))
+    assert run.returncode == (1 if exit_code else 0), run.stderr[-2000:]
+    assert peak < RSS_LIMIT_KB, f"aosbuild's peak RSS was {peak // 1024} MiB"
+    assert len(run.stderr) < 1 << 20
+    check_jsonseq(run.stdout)
+    assert max(len(record) for record in run.stdout.split("\x1e")) < 64 * 1024
+    if exit_code:
+        assert_explained(run, "org.aosbuild.test.output")
+    assert_clean(aosbuild)
+
+
+def test_flood_of_output_in_the_json_result(aosbuild: Aosbuild) -> None:
+    m = manifest(pipeline("loud", stage("org.aosbuild.test.output", bytes=HUNDRED_MB, line=0, exit=3)))
+    run, peak = peak_rss_while_running(start(aosbuild, m, "--json"))
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert peak < RSS_LIMIT_KB, f"aosbuild's peak RSS was {peak // 1024} MiB"
+    assert len(run.stdout) < 4 << 20, f"the --json document is {len(run.stdout)} bytes"
+    result = json.loads(run.stdout)
+    assert result["success"] is False
+    assert_clean(aosbuild)
+
+
+# 5. a stage that exceeds --stage-timeout
+
+def test_stage_timeout(aosbuild: Aosbuild) -> None:
+    m = manifest(pipeline("slow", stage("org.aosbuild.test.sleep", seconds=300)))
+    began = time.monotonic()
+    run = aosbuild(m, "--stage-timeout", "2", timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert time.monotonic() - began < 2 + GRACE + 20
+    assert_explained(run, "timed out", "--stage-timeout")
+    assert_clean(aosbuild)
