@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +26,9 @@ from .library import Library
 from .loading import load_file
 from .monitor import MONITORS, human_bytes, make_monitor
 from .results import source_error_document, stage_error_document, success_document
+from .signals import Interrupted, run_until_signalled
 from .store import Store
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
 
 
@@ -122,29 +121,6 @@ def explain(exc: AosbuildError) -> str:
     return f"Error: {exc}\n"
 
 
-class Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-
-async def run_with_signals(ctx: Any, planned: Any, request: engine.Request) -> None:
-    """Run the build; SIGINT and SIGTERM cancel it, and everything is cleaned up before returning."""
-    received: list[int] = []
-    async with anyio.create_task_group() as tg:
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    received.append(signum)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch)
-        await engine.build(ctx, planned, request)
-        tg.cancel_scope.cancel()
-    if received:
-        raise Interrupted(received[0])
-
-
 # `aosbuild <command> ...` runs a tool other than a build; anything else is a manifest to build.
 # Each entry is "module:function", the function taking the remaining arguments and returning the exit code.
 COMMANDS: dict[str, str] = {
@@ -217,13 +193,13 @@ def _main(args: argparse.Namespace) -> int:
         store = Store.open(Path(args.store))
         ctx, planned = engine.prepare(manifest, request, store=store, library=library,
                                       monitor=make_monitor(monitor_name, monitor_fd))
-        anyio.run(run_with_signals, ctx, planned, request, backend=args.backend)
+        anyio.run(run_until_signalled, lambda: engine.build(ctx, planned, request), backend=args.backend)
     except BaseException as exc:  # sorted below: ours, interrupts, then real bugs
         errors = list(flatten(exc))
         interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
         if interrupt is not None:
             sys.stderr.write("Aborted\n")
-            return EXIT_SIGNAL.get(getattr(interrupt, "signum", signal.SIGINT), 130)
+            return interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
         ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
         if ours is None or args.debug:
             raise
