@@ -25,7 +25,7 @@ from .errors import AosbuildError, ManifestError, SourceError, StageError
 from .library import Library
 from .loading import load_file
 from .monitor import MONITORS, human_bytes, make_monitor
-from .results import source_error_document, stage_error_document, success_document
+from .results import source_error_document, stage_error_document, success_document, v1_document
 from .signals import Interrupted, run_until_signalled
 from .store import Store
 
@@ -204,7 +204,10 @@ def _main(args: argparse.Namespace) -> int:
         if ours is None or args.debug:
             raise
         if args.json and ctx is not None:
-            if ctx.failed is not None:
+            if manifest.version == "1" and not args.sources_only:
+                if ctx.failed is not None or isinstance(ours, SourceError):
+                    print_json(v1_document(manifest, ctx.logs))
+            elif ctx.failed is not None:
                 print_json(stage_error_document(failed=ctx.failed, sources=ctx.sources.results, logs=ctx.logs))
             elif isinstance(ours, SourceError):
                 print_json(source_error_document(source_type=ours.source_type, output=str(ours),
@@ -220,7 +223,9 @@ def _main(args: argparse.Namespace) -> int:
             sys.stderr.write(explain(ours))
         return ours.exit_code
 
-    if args.json:
+    if args.json and manifest.version == "1" and not args.sources_only:
+        print_json(v1_document(manifest, ctx.logs))
+    elif args.json:
         metadata = {} if args.sources_only else engine.collect_metadata(manifest, store)
         print_json(success_document(metadata=metadata, sources=ctx.sources.results, logs=ctx.logs))
     elif human_stdout and args.sources_only:

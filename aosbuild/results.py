@@ -1,4 +1,4 @@
-"""What a build produced: per-stage results and the `--json` result document (osbuild's v2 shape)."""
+"""What a build produced: per-stage results and the `--json` result documents (osbuild's v2 shape; v1's for v1)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .manifest import Manifest, Pipeline
     from .sources import ItemResult
 
 
@@ -61,3 +62,42 @@ def source_error_document(*, source_type: str, output: str,
             "error": {"type": "org.osbuild.error.source",
                       "details": {"source": {"type": source_type, "output": output}}},
             "sources": _sources_section(sources, False), "log": {}}
+
+
+def _v1_stage(result: StageResult, committed: bool) -> dict[str, Any]:
+    # osbuild reads a stage's metadata back from the pipeline's store object: none when it was not committed
+    return {"id": result.id, "type": result.type, "success": result.success, "error": result.error,
+            "output": result.output, "metadata": (result.metadata or None) if committed else None}
+
+
+def v1_document(manifest: Manifest, logs: Mapping[str, Sequence[StageResult]]) -> dict[str, Any]:
+    """osbuild's v1 `--json` result (`formats/v1.py: output`): the `tree` pipeline with its build pipelines
+    nested under `build`, and the assembler pipeline's one stage as `assembler`.
+
+    A pipeline that did not run in this build (cached, or never reached) counts as a success and has no
+    `stages`: so, as osbuild, a build whose sources failed to download shows `"success": true` (exit 1 still).
+    Unlike osbuild, a pipeline's own failure is not hidden by its build pipeline's success.
+    """
+
+    def pipeline_result(pipeline: Pipeline) -> dict[str, Any]:
+        results = logs.get(pipeline.name, ())
+        success = all(r.success for r in results)
+        document: dict[str, Any] = {"success": success}
+        if pipeline.build:
+            build = manifest.by_id(pipeline.build)
+            if build is not None:
+                document["build"] = pipeline_result(build)
+                document["success"] = success and document["build"]["success"]
+        if results:
+            document["stages"] = [_v1_stage(r, success) for r in results]
+        return document
+
+    tree = manifest.by_name("tree")
+    result: dict[str, Any] = pipeline_result(tree) if tree is not None else {"success": True}
+    assembler = manifest.by_name("assembler")
+    ran = logs.get("assembler", ()) if assembler is not None else ()
+    if ran:
+        result["assembler"] = _v1_stage(ran[0], ran[0].success)
+        if not ran[0].success:
+            result["success"] = False
+    return result
