@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import tarfile
+from pathlib import Path
 from typing import Any
 
-from .conftest import Aosbuild
+from .conftest import Aosbuild, manifest, pipeline
+from .test_build import started_stages
 
 
 def v1(*stages: dict[str, Any], build: list[dict[str, Any]] | None = None,
@@ -78,3 +81,55 @@ def test_v1_json_failed_download_still_says_success(aosbuild: Aosbuild) -> None:
     document = json.loads(result.stdout)
     assert document["success"] is True
     assert "type" not in document
+
+
+def tar_members(path: Path) -> list[tuple[str, int, int, bytes | str | None]]:
+    """Name, type, mode and content (or link target) of each member: everything but times and owners."""
+    with tarfile.open(path) as tar:
+        members = []
+        for member in tar.getmembers():
+            data = tar.extractfile(member)
+            content: bytes | str | None = data.read() if data is not None else (member.linkname or None)
+            members.append((member.name, int.from_bytes(member.type, "big"), member.mode, content))
+        return sorted(members)
+
+
+def test_v1_and_v2_build_the_same_image(workdir: Path) -> None:
+    """The same image as a v1 manifest (build pipeline, tree, tar assembler) and as v2: same ids, same archive."""
+    build_root = [v1_stage("org.aosbuild.test.buildroot", programs=["tar", "truncate"])]
+    data_dir = {"path": "/srv/data", "mode": 0o700, "parents": True}
+    tree_stages = [v1_stage("org.osbuild.mkdir", paths=[{"path": "/etc"}, data_dir]),
+                   v1_stage("org.osbuild.hostname", hostname="same"),
+                   v1_stage("org.osbuild.truncate", filename="/srv/data/blob", size="4096")]
+    old = v1(*tree_stages, build=build_root, assembler=v1_stage("org.osbuild.tar", filename="image.tar"))
+
+    def v2_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"type": s["name"], "options": s["options"]} for s in stages]
+
+    tree_input = {"type": "org.osbuild.tree", "origin": "org.osbuild.pipeline", "references": ["name:tree"]}
+    new = manifest(
+        pipeline("build", *v2_stages(build_root), runner="org.osbuild.linux"),
+        pipeline("tree", *v2_stages(tree_stages), build="name:build"),
+        pipeline("assembler", {"type": "org.osbuild.tar", "options": {"filename": "image.tar"},
+                               "inputs": {"tree": tree_input}}, build="name:build"))
+
+    v1_run, v2_run = Aosbuild(workdir / "v1"), Aosbuild(workdir / "v2")  # separate stores: both really build
+    archives = []
+    for run, description in ((v1_run, old), (v2_run, new)):
+        run.workdir.mkdir()
+        result = run(description, "--export", "assembler", "--output-directory", str(run.output),
+                     "--monitor", "JSONSeqMonitor")
+        assert result.returncode == 0, result.stderr
+        assert len(started_stages(result.jsonseq())) == 5  # build root, three tree stages, the archive
+        archives.append(run.output / "assembler" / "image.tar")
+
+    old_ids = json.loads(v1_run(old, "--inspect").stdout)
+    new_ids = json.loads(v2_run(new, "--inspect").stdout)
+    assert old_ids["pipeline"]["assembler"]["id"] == new_ids["pipelines"][2]["stages"][0]["id"]
+    assert [s["id"] for s in old_ids["pipeline"]["stages"]] == [s["id"] for s in new_ids["pipelines"][1]["stages"]]
+
+    members = tar_members(archives[0])
+    assert members == tar_members(archives[1])
+    names = [name for name, *_ in members]
+    assert "./etc/hostname" in names
+    assert next(m for m in members if m[0] == "./srv/data/blob")[3] == b"\0" * 4096
