@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -35,6 +35,7 @@ import anyio
 from . import aptsources, process
 from .aptsources import HOST_APT_ETC, Repository
 from .errors import AosbuildError
+from .signals import Interrupted, run_until_signalled
 
 # what each variant adds to the named packages, as apt patterns; mmdebstrap's variants of the same names
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -47,7 +48,6 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "standard": ("?essential", "?priority(required)", "?priority(important)", "?priority(standard)"),
 }
 FORMATS = ("both", "items", "packages")
-EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 MAX_INDEX_AGE = 24 * 3600.0
 # bump when the private apt.conf changes meaning, so roots made by older versions are not reused
 ROOT_LAYOUT = "1"
@@ -342,38 +342,6 @@ async def depsolve(request: DepsolveRequest) -> DepsolveResult:
                           warnings=tuple(warnings))
 
 
-class Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-
-async def depsolve_until_signalled(request: DepsolveRequest) -> DepsolveResult:
-    """depsolve(), cancelled by SIGINT or SIGTERM, which then stops apt before Interrupted is raised."""
-    received: list[int] = []
-    result: DepsolveResult | None = None
-    error: AosbuildError | None = None
-    async with anyio.create_task_group() as tg:
-        async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    received.append(signum)
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch)
-        try:
-            result = await depsolve(request)
-        except AosbuildError as exc:  # raised here, not as an exception group from the task group
-            error = exc
-        tg.cancel_scope.cancel()
-    if received:
-        raise Interrupted(received[0])
-    if error is not None:
-        raise error
-    assert result is not None
-    return result
-
-
 def parser(prog: str = "aosbuild depsolve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Resolve Debian packages with apt into pinned org.osbuild.curl sources (JSON).",
@@ -443,10 +411,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"{p.prog}: error: {exc}\n")
         return 2
     try:
-        result = anyio.run(depsolve_until_signalled, request, backend=args.backend)
+        result = anyio.run(run_until_signalled, functools.partial(depsolve, request), backend=args.backend)
     except Interrupted as exc:
         sys.stderr.write("Aborted\n")
-        return EXIT_SIGNAL[exc.signum]
+        return exc.exit_code
     except AosbuildError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         if isinstance(exc, DepsolveError) and exc.output:
