@@ -58,8 +58,9 @@ def pids_with_marker(marker: str) -> list[int]:
 
 
 def start(aosbuild: Aosbuild, m: dict[str, object], *args: str) -> subprocess.Popen[bytes]:
+    # unbuffered: lines read before communicate() must not take more of the stream with them
     return subprocess.Popen(aosbuild.command(m, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=aosbuild.workdir)
+                            cwd=aosbuild.workdir, bufsize=0)
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float) -> Run:
@@ -98,9 +99,15 @@ def hanging_loop_stage() -> dict[str, object]:
 
 def random_moments() -> list[tuple[int, float]]:
     rng = random.Random(SEED)
-    # the build takes about 2-3 s; some moments fall after its end, where the exit code is 0
-    return [(signum, round(rng.uniform(0.0, 3.5), 3))
+    # the build runs about 2 s after its first record; some moments fall after its end, where the exit is 0
+    return [(signum, round(rng.uniform(0.0, 2.5), 3))
             for signum in (int(signal.SIGINT), int(signal.SIGTERM)) for _ in range(MOMENTS)]
+
+
+def build_ended(stdout: str) -> bool:
+    return any(record.startswith("manifest ") and (record.endswith(" finished successfully\n")
+                                                   or record.endswith(" failed\n"))
+               for record in (json.loads(r).get("message") or "" for r in stdout.split("\x1e") if r.strip()))
 
 
 @pytest.mark.parametrize(("signum", "delay"), random_moments())
@@ -110,17 +117,43 @@ def test_signal_at_a_random_moment(aosbuild: Aosbuild, signum: int, delay: float
                                    stage("org.aosbuild.test.sleep", seconds=1)))
     before = bound_loops()
     proc = start(aosbuild, m, "--monitor", "jsonseq")
+    assert proc.stdout is not None
+    # from the build's first record on; a signal before it is test_signal_during_startup's drill
+    first = proc.stdout.readline()
     time.sleep(delay)
     if proc.poll() is None:
         proc.send_signal(signum)
     run = finish(proc, timeout=60)
-    assert run.returncode in (EXIT_CODES[signum], 0), run.stderr
-    if run.returncode:
+    run.stdout = first.decode() + run.stdout
+    check_jsonseq(run.stdout)
+    if run.returncode == -signum and build_ended(run.stdout):
+        # the signal came after the build had reported its end, while the interpreter was exiting
+        # (no handler any more): it dies of it; a shell reports that as 128+n too
+        pass
+    elif run.returncode:
+        assert run.returncode == EXIT_CODES[signum], run.stderr
         assert_explained(run, "Aborted")
     else:
-        assert "Traceback" not in run.stderr, run.stderr
-    check_jsonseq(run.stdout)
+        assert_explained(run)
+        assert build_ended(run.stdout)
     assert_clean(aosbuild, before)
+
+
+STARTUP_BUG = ("a signal before the build's event loop runs (imports, manifest loading, engine.prepare) is not "
+               "handled: SIGTERM kills aosbuild silently (-15), SIGINT prints a KeyboardInterrupt traceback "
+               "(exit 1 or -2); run_until_signalled installs the handlers only inside anyio.run")
+
+
+@pytest.mark.xfail(strict=True, reason=STARTUP_BUG)
+@pytest.mark.parametrize("signum", [int(signal.SIGINT), int(signal.SIGTERM)])
+def test_signal_during_startup(aosbuild: Aosbuild, signum: int) -> None:
+    proc = start(aosbuild, disk_manifest(hanging_loop_stage()), "--monitor", "jsonseq")
+    time.sleep(0.3)  # importing aosbuild takes longer than this
+    proc.send_signal(signum)
+    run = finish(proc, timeout=60)
+    assert_clean(aosbuild)
+    assert run.returncode == EXIT_CODES[signum], run.stderr
+    assert_explained(run, "Aborted")
 
 
 # 2. a stage that ignores SIGTERM
