@@ -159,18 +159,27 @@ def test_signal_during_startup(aosbuild: Aosbuild, signum: int) -> None:
 # 2. a stage that ignores SIGTERM
 
 def test_stage_ignoring_sigterm_is_killed(aosbuild: Aosbuild) -> None:
-    m = manifest(pipeline("stubborn", stage("org.aosbuild.test.ignore-term", seconds=300)))
+    marker = f"aosbuild-drill-stubborn-{uuid.uuid4().hex}"
+    m = manifest(pipeline("stubborn", stage("org.aosbuild.test.ignore-term", seconds=300, marker=marker)))
     proc = start(aosbuild, m, "--monitor", "jsonseq")
-    wait_for_message(proc, "ignoring SIGTERM")
-    assert processes_mentioning(str(aosbuild.workdir))
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    run = finish(proc, timeout=GRACE + 30)
-    took = time.monotonic() - sent
-    assert run.returncode == 130, run.stderr
-    assert_explained(run, "Aborted")
-    assert took < GRACE + 10, f"aosbuild took {took:.1f}s to stop"
-    assert_clean(aosbuild)
+    try:
+        wait_for_message(proc, "ignoring SIGTERM")
+        deadline = time.monotonic() + 10
+        while not pids_with_marker(marker):  # the stage execs itself with the marker on its command line
+            assert time.monotonic() < deadline, "the stage never showed its marker"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        run = finish(proc, timeout=GRACE + 30)
+        took = time.monotonic() - sent
+        assert run.returncode == 130, run.stderr
+        assert_explained(run, "Aborted")
+        assert took < GRACE + 10, f"aosbuild took {took:.1f}s to stop"
+        assert pids_with_marker(marker) == []
+        assert_clean(aosbuild)
+    finally:
+        for pid in pids_with_marker(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 # 3. a stage that forks a daemon to outlive it
