@@ -23,7 +23,7 @@ GPT = [{"start": 2048, "size": 2048, "type": BIOS_BOOT, "uuid": "FAC7F1FB-3E8D-4
 
 
 def install(**options: Any) -> dict[str, Any]:
-    return stage("org.osbuild.grub2.inst", filename="disk.img", platform="i386-pc", **options)
+    return stage("org.osbuild.grub2.inst", **{"filename": "disk.img", "platform": "i386-pc", **options})
 
 
 def disk(label: str, partitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,6 +107,8 @@ def test_refuses_to_overwrite(aosbuild: Aosbuild, label: str, partitions: list[d
     ({"core": CORE, "prefix": PREFIX, "location": 0}, ".location", "0 is less than the minimum of 1"),
     ({"core": {**CORE, "filesystem": "vfat"}, "prefix": PREFIX}, ".core", "{'type': 'mkimage'"),
     ({"core": CORE, "prefix": {**PREFIX, "number": "1"}}, ".prefix", "{'type': 'partition'"),
+    ({"core": CORE, "prefix": PREFIX, "platform": "powerpc-ieee1275"}, ".platform",
+     "'powerpc-ieee1275' is not one of ['i386-pc']"),
 ])
 def test_bad_options(aosbuild: Aosbuild, options: dict[str, Any], location: str, message: str) -> None:
     result = aosbuild(manifest(pipeline("p", install(**options))))
