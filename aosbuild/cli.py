@@ -21,6 +21,7 @@ import structlog
 from . import __version__, engine
 from .describe import describe
 from .download import JOBS, PER_HOST, TIMEOUT, DownloadOptions
+from .entry import exit_code
 from .errors import AosbuildError, ManifestError, SourceError, StageError
 from .library import Library
 from .loading import load_file
@@ -145,16 +146,16 @@ def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
     if argv and argv[0] in COMMANDS:
         try:
             return run_command(argv[0], argv[1:])
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             sys.stderr.write("Aborted\n")
-            return 130
+            return exit_code(interrupt)
     args = parser(prog).parse_args(argv)
     configure_logging(args.debug)
     try:
         return _main(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
-        return 130
+        return exit_code(interrupt)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -199,7 +200,7 @@ def _main(args: argparse.Namespace) -> int:
         interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
         if interrupt is not None:
             sys.stderr.write("Aborted\n")
-            return interrupt.exit_code if isinstance(interrupt, Interrupted) else 130
+            return interrupt.exit_code if isinstance(interrupt, Interrupted) else exit_code(interrupt)
         ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
         if ours is None or args.debug:
             raise

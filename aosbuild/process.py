@@ -104,13 +104,14 @@ async def stop(process: Process, grace: float = GRACE_SECONDS) -> None:
                 await process.wait()
 
 
-MAX_LINE = 16 * 1024
+# Characters per line event: a record stays under 64 KiB even when JSON escapes every character (6x).
+MAX_LINE = 8 * 1024
 
 
 class LineSplitter:
-    """Turns chunks of bytes into text lines; the last partial line waits for more, up to MAX_LINE.
+    """Turns chunks of bytes into text lines of at most MAX_LINE characters; a partial line waits for more.
 
-    The bound keeps memory flat and every monitor record small when a process writes without newlines.
+    The bound keeps memory flat and every monitor record small when a process writes long lines or none.
     """
 
     def __init__(self, on_line: Callable[[str], None]) -> None:
@@ -118,14 +119,19 @@ class LineSplitter:
         self._partial = ""
         self._on_line = on_line
 
+    def _emit(self, line: str) -> None:
+        for start in range(0, len(line), MAX_LINE):
+            self._on_line(line[start:start + MAX_LINE])
+
     def feed(self, data: bytes) -> None:
         text = self._partial + self._decoder.decode(data)
         *lines, self._partial = text.split("\n")
         for line in lines:
-            self._on_line(line + "\n")
-        while len(self._partial) > MAX_LINE:
-            self._on_line(self._partial[:MAX_LINE])
-            self._partial = self._partial[MAX_LINE:]
+            self._emit(line + "\n")
+        if len(self._partial) > MAX_LINE:
+            cut = len(self._partial) - len(self._partial) % MAX_LINE
+            self._emit(self._partial[:cut])
+            self._partial = self._partial[cut:]
 
     def close(self) -> None:
         text = self._partial + self._decoder.decode(b"", final=True)

@@ -139,12 +139,6 @@ def test_signal_at_a_random_moment(aosbuild: Aosbuild, signum: int, delay: float
     assert_clean(aosbuild, before)
 
 
-STARTUP_BUG = ("a signal before the build's event loop runs (imports, manifest loading, engine.prepare) is not "
-               "handled: SIGTERM kills aosbuild silently (-15), SIGINT prints a KeyboardInterrupt traceback "
-               "(exit 1 or -2); run_until_signalled installs the handlers only inside anyio.run")
-
-
-@pytest.mark.xfail(strict=True, reason=STARTUP_BUG)
 @pytest.mark.parametrize("signum", [int(signal.SIGINT), int(signal.SIGTERM)])
 def test_signal_during_startup(aosbuild: Aosbuild, signum: int) -> None:
     proc = start(aosbuild, disk_manifest(hanging_loop_stage()), "--monitor", "jsonseq")
@@ -231,16 +225,11 @@ def peak_rss_while_running(proc: subprocess.Popen[bytes]) -> tuple[Run, int]:
     return run, peak
 
 
-LONG_LINES_BUG = ("process.LineSplitter caps only a trailing partial line at MAX_LINE (16 KiB): a complete line "
-                  "that ends inside a read chunk is emitted whole (up to 16 KiB + 64 KiB), so a stage writing "
-                  "100 kB lines produces ~67.5 kB jsonseq records, over the 64 KiB limit")
-
-
 @pytest.mark.parametrize(("line", "exit_code"), [
     pytest.param(0, 0, id="no-newlines"),
     pytest.param(0, 3, id="no-newlines-failing"),
     pytest.param(1000, 3, id="short-lines-failing"),
-    pytest.param(100_000, 0, id="long-lines", marks=pytest.mark.xfail(strict=True, reason=LONG_LINES_BUG)),
+    pytest.param(100_000, 0, id="long-lines"),
 ])
 def test_flood_of_output_stays_bounded(aosbuild: Aosbuild, line: int, exit_code: int) -> None:
     m = manifest(pipeline("loud", stage("org.aosbuild.test.output", bytes=HUNDRED_MB, line=line,
