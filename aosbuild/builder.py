@@ -141,9 +141,9 @@ def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
 async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: Entry, build_root: Path,
                     runner: Path) -> tuple[StageResult, str]:
     """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines."""
-    info = ctx.library.find("Stage", stage.type) or ctx.library.find("Assembler", stage.type)
+    info = ctx.library.find(stage.kind, stage.type)
     if info is None or info.path is None:
-        raise SandboxError(f"stage {stage.type} is not in the library")
+        raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
     async with ctx.store.scratch_dir("stage") as scratch, open_loop_server() as loops:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}

@@ -61,6 +61,8 @@ class Mount:
 class Stage:
     type: str
     id: str
+    # "Assembler" for a v1 assembler: it runs assemblers/<type>, which may share its name with a stage
+    kind: str = "Stage"
     options: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Input] = field(default_factory=dict)
     devices: dict[str, Device] = field(default_factory=dict)  # in dependency order, parents first
@@ -80,13 +82,14 @@ class Stage:
 
 def make_stage(*, type_: str, build: str | None, base: str | None, options: dict[str, Any],
                source_epoch: int | None, inputs: dict[str, Input], devices: dict[str, Device],
-               mounts: tuple[Mount, ...]) -> Stage:
+               mounts: tuple[Mount, ...], kind: str = "Stage") -> Stage:
     """Build a stage with its osbuild id (devices are only hashed through the mounts that use them)."""
     stage_id = ids.stage_id(
         type_=type_, build=build, base=base, options=options, source_epoch=source_epoch,
         input_ids={name: inp.id for name, inp in inputs.items()},
         mount_ids=[m.id for m in mounts])
-    return Stage(type=type_, id=stage_id, options=options, inputs=inputs, devices=devices, mounts=mounts)
+    return Stage(type=type_, id=stage_id, kind=kind, options=options, inputs=inputs, devices=devices,
+                 mounts=mounts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

