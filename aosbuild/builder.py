@@ -2,6 +2,8 @@
 
 The tree is built in a staging entry of the store and committed under the pipeline's id when the last
 stage succeeds; `--checkpoint`ed stages are committed on the way. A failing stage commits nothing.
+Every entry keeps the results of the stages that made it, so a pipeline resumed from the store reports
+the stages it did not run exactly as the build that ran them did.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .process import explain_status
 from .results import StageResult
 from .rpc import HandlerError
 from .runnerlib import MOUNTS_ENV
-from .store import Entry
+from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
 
 OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already
 ERROR_TAIL_LINES = 20
@@ -125,33 +127,34 @@ def runner_for(ctx: BuildContext, pipeline: Pipeline) -> str:
     build = ctx.manifest.by_id(pipeline.build)
     if build is not None and build.runner:
         return build.runner
-    info = read_os_release(ctx.store.tree(pipeline.build) / "usr/lib/os-release")
+    info = read_os_release(ctx.pins.tree(pipeline.build) / "usr/lib/os-release")
     return choose_runner(ctx.library.runner_names(), info.get("ID", "linux"),
                          info.get("VERSION_ID", "").replace(".", ""))
 
 
 def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
-    """How many stages of the pipeline are already in the store (the newest cached stage wins)."""
+    """How many stages of the pipeline are already in the store (the newest cached stage wins); that
+    entry is pinned for the rest of the build."""
     for index in range(len(pipeline.stages), 0, -1):
-        if ctx.store.contains(pipeline.stages[index - 1].id):
+        if ctx.pins.try_pin(pipeline.stages[index - 1].id):
             return index
     return 0
 
 
-async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: Entry, build_root: Path,
+async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry, build_root: Path,
                     runner: Path) -> tuple[StageResult, str]:
     """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines."""
     info = ctx.library.find(stage.kind, stage.type)
     if info is None or info.path is None:
         raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
-    async with ctx.store.scratch_dir("stage") as scratch, open_loop_server() as loops:
+    async with ctx.store.stage() as scratch, open_loop_server() as loops:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         for inp in stage.inputs.values():
             input_binds, inputs[inp.name] = map_input(
-                inp, scratch=scratch, tree_of=ctx.store.tree, source_item=ctx.sources.path)
+                inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
             binds += input_binds
-        devdir: DevDir | None = DevDir(scratch / "dev")
+        devdir: DevDir | None = DevDir(scratch.path / "dev")
         assert devdir is not None
         if not devdir.usable():
             if stage.devices:
@@ -207,18 +210,69 @@ def clamp_mtimes(tree: Path, epoch: int) -> None:
         os.utime(tree, (epoch, epoch))
 
 
+async def restore(ctx: BuildContext, pipeline: Pipeline, resume: int, entry: NewEntry) -> None:
+    """Start the entry from the newest cached stage, and report the stages up to it as they were."""
+    cached_id = pipeline.stages[resume - 1].id
+    cached = ctx.pins.get(cached_id)
+    await ctx.store.copy(cached.tree, entry.tree, f"cannot resume from {cached_id}")
+    await ctx.store.copy(cached.meta, entry.meta, f"cannot resume from {cached_id}")
+    stages = {stage.id: stage for stage in pipeline.stages}
+    for record in ctx.pins.results(cached_id):
+        result = StageResult.from_record(record)
+        entry.results.append(record)
+        ctx.logs[pipeline.name].append(result)
+        if result.id in stages:
+            ctx.monitor.stage_finished(pipeline, stages[result.id], result)
+
+
+def keep_after(ctx: BuildContext, pipeline: Pipeline, stage: Stage) -> bool:
+    """Whether the tree after `stage` is kept besides the pipeline's final tree: where `--checkpoint`
+    asks, and always before the last stage, so that a change to the last stage reruns that stage alone
+    rather than the whole pipeline (at the price of one copy of the tree per pipeline built)."""
+    if stage is pipeline.stages[-1]:
+        return False
+    return stage.id in ctx.options.checkpoints or stage is pipeline.stages[-2]
+
+
+async def checkpoint(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry) -> None:
+    """Commit a copy of the entry as it is after `stage`, which the pipeline goes on building on."""
+    if ctx.store.contains(stage.id):
+        return
+    async with ctx.store.store(stage.id) as copy:
+        await ctx.store.copy(entry.tree, copy.tree, f"cannot store checkpoint {stage.id}")
+        await ctx.store.copy(entry.meta, copy.meta, f"cannot store checkpoint {stage.id}")
+        copy.results = list(entry.results)
+    report_outcome(ctx, pipeline, copy, f"checkpoint {stage.type} {stage.id}")
+
+
+def report_outcome(ctx: BuildContext, pipeline: Pipeline, entry: NewEntry, what: str) -> None:
+    """Tell people when a tree was not stored, and why: they may want a larger bound."""
+    log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
+    if entry.outcome == STORED:
+        return
+    limit = format_size(ctx.store.limits().max_size)
+    message = {
+        EXISTS: f"another build stored {what} first; this copy is discarded",
+        TOO_LARGE: f"{what} is not stored: its tree ({format_size(entry.size)}) is larger than the cache "
+                   f"bound ({limit}); raise it with --cache-max-size",
+        NO_ROOM: f"{what} is not stored: the cache bound ({limit}) is taken by trees that running builds "
+                 "are using",
+    }[str(entry.outcome)]
+    ctx.monitor.log(message, pipeline)
+
+
 async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> None:
     """Run the stages of `pipeline` after index `resume` and commit its tree under its id."""
     assert pipeline.id is not None
-    build_root = Path("/") if pipeline.build is None else ctx.store.tree(pipeline.build)
+    build_root = Path("/") if pipeline.build is None else ctx.pins.tree(pipeline.build)
     runner_name = runner_for(ctx, pipeline)
     runner = ctx.library.runner(runner_name)
     ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runner_name)
     results = ctx.logs.setdefault(pipeline.name, [])
     logger = log.bind(pipeline=pipeline.name, id=pipeline.id)
-    async with ctx.store.new_entry() as entry:
+    async with ctx.store.store(pipeline.id, keep=ctx.pins) as entry:
         if resume:
-            await ctx.store.restore(pipeline.stages[resume - 1].id, entry)
+            await restore(ctx, pipeline, resume, entry)
         for stage in pipeline.stages[resume:]:
             await ctx.sources.wait_for(stage.source_refs())
             result, tail = await run_stage(ctx, pipeline, stage, entry, build_root, runner)
@@ -231,10 +285,10 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
                 ctx.monitor.pipeline_finished(pipeline, success=False)
                 raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
                                  reason=result.reason, output_tail=tail)
-            entry.write_metadata(stage.id, result.metadata)
-            if stage.id in ctx.options.checkpoints and stage is not pipeline.stages[-1]:
-                await ctx.store.checkpoint(entry, stage.id)
+            entry.add_result(result.to_record())
+            if keep_after(ctx, pipeline, stage):
+                await checkpoint(ctx, pipeline, stage, entry)
         if pipeline.source_epoch is not None:
             await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
-        await ctx.store.commit(entry, pipeline.id)
+    report_outcome(ctx, pipeline, entry, f"pipeline {pipeline.name} ({pipeline.id})")
     ctx.monitor.pipeline_finished(pipeline, success=True)

@@ -28,7 +28,7 @@ from .loading import load_file
 from .monitor import MONITORS, human_bytes, make_monitor
 from .results import source_error_document, stage_error_document, success_document, v1_document
 from .signals import Interrupted, run_until_signalled
-from .store import Store
+from .store import KEEP, Store, parse_size
 
 OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
 
@@ -75,11 +75,21 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
                    help=f"downloads at the same time from one host (default: {PER_HOST})")
     p.add_argument("--download-timeout", type=positive_float, default=TIMEOUT, metavar="SECONDS",
                    help=f"retry a download when the server sends nothing for this long (default: {TIMEOUT:g})")
+    p.add_argument("--cache-max-size", type=size_argument, default=KEEP, metavar="SIZE",
+                   help="bound of the trees in the store, kept for later builds: bytes, kB, KiB, MB, MiB, GB, "
+                        "GiB, TB, TiB or 'unlimited' (default: 20 GiB or half the store's filesystem)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show engine events and tracebacks")
     p.add_argument("--version", action="version", version=f"aosbuild {__version__} (osbuild {OSBUILD_VERSION})")
     return p
+
+
+def size_argument(text: str) -> int | None:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def configure_logging(debug: bool) -> None:
@@ -129,6 +139,7 @@ COMMANDS: dict[str, str] = {
     "install-osbuild-command": "aosbuild.osbuild_compat:install",
     "report": "aosbuild.report:main",
     "sample": "aosbuild.samples:main",
+    "store": "aosbuild.store.commands:main",
 }
 
 
@@ -191,7 +202,7 @@ def _main(args: argparse.Namespace) -> int:
                                                       timeout=args.download_timeout))
     ctx = None
     try:
-        store = Store.open(Path(args.store))
+        store = Store.open(Path(args.store), max_size=args.cache_max_size)
         ctx, planned = engine.prepare(manifest, request, store=store, library=library,
                                       monitor=make_monitor(monitor_name, monitor_fd))
         anyio.run(run_until_signalled, lambda: engine.build(ctx, planned, request), backend=args.backend)
@@ -227,7 +238,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.json and manifest.version == "1" and not args.sources_only:
         print_json(v1_document(manifest, ctx.logs))
     elif args.json:
-        metadata = {} if args.sources_only else engine.collect_metadata(manifest, store)
+        metadata = {} if args.sources_only else engine.collect_metadata(ctx)
         print_json(success_document(metadata=metadata, sources=ctx.sources.results, logs=ctx.logs))
     elif human_stdout and args.sources_only:
         sources_summary(ctx)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .library import Library
-from .manifest import Manifest
+from .manifest import Manifest, Pipeline
 from .monitor import Monitor
 from .results import StageResult
 from .sources import Sources
-from .store import Store
+from .store import Pins, Store
 
 
 def default_jobs() -> int:
@@ -37,3 +37,8 @@ class BuildContext:
     # what this run did, for --json and the summary
     logs: dict[str, list[StageResult]] = field(default_factory=dict)
     failed: StageResult | None = None
+    cached: list[Pipeline] = field(default_factory=list)  # found whole in the store, reported from it
+    pins: Pins = field(init=False)  # the store entries this build relies on, held until it ends
+
+    def __post_init__(self) -> None:
+        self.pins = Pins(self.store)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from . import scheduler
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
@@ -19,6 +21,7 @@ from .errors import UsageError
 from .library import Library
 from .manifest import Manifest, Pipeline
 from .monitor import Monitor
+from .results import StageResult
 from .sources import Sources
 from .store import Store, copy_tree
 
@@ -84,25 +87,42 @@ def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[
     return frozenset(matched)
 
 
-def collect_metadata(manifest: Manifest, store: Store) -> dict[str, dict[str, Any]]:
-    """Stage metadata of every pipeline in the store, as `{pipeline: {stage type: metadata}}`."""
+def collect_metadata(ctx: BuildContext) -> dict[str, dict[str, Any]]:
+    """Stage metadata of the pipelines this build ran or found in the store, `{pipeline: {type: metadata}}`."""
     result: dict[str, dict[str, Any]] = {}
-    for pipeline in manifest.pipelines:
-        if not store.contains(pipeline.id):
-            continue
-        assert pipeline.id is not None
-        by_id = store.metadata(pipeline.id)
-        entries = {s.type: by_id[s.id] for s in pipeline.stages if s.id in by_id}
+    for pipeline in ctx.manifest.pipelines:
+        entries = {r.type: r.metadata for r in ctx.logs.get(pipeline.name, ()) if r.success and r.metadata}
         if entries:
             result[pipeline.name] = entries
     return result
 
 
-async def export(store: Store, pipeline: Pipeline, name: str, output_directory: Path) -> None:
+async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
     target = output_directory / name
     target.mkdir(parents=True, exist_ok=True)
     if pipeline.id is not None:
-        await copy_tree(store.tree(pipeline.id), target)
+        await copy_tree(ctx.pins.tree(pipeline.id), target)
+
+
+def report_cached(ctx: BuildContext) -> None:
+    """Report the pipelines found in the store, stage by stage, as the build that stored them did."""
+    for pipeline in ctx.cached:
+        assert pipeline.id is not None
+        ctx.monitor.pipeline_cached(pipeline)
+        stages = {stage.id: stage for stage in pipeline.stages}
+        results = ctx.logs[pipeline.name] = [StageResult.from_record(r) for r in ctx.pins.results(pipeline.id)]
+        for result in results:
+            if result.id in stages:
+                ctx.monitor.stage_finished(pipeline, stages[result.id], result)
+
+
+async def release(ctx: BuildContext) -> None:
+    """Let go of the store: unpin what the build held, and mark the source items it used as used."""
+    with anyio.CancelScope(shield=True):
+        await ctx.pins.aclose()
+        used = [ctx.sources.path(item.checksum) for items in ctx.sources.results.values() for item in items
+                if item.error is None]
+        await anyio.to_thread.run_sync(ctx.store.finish, used)
 
 
 def prepare(manifest: Manifest, request: Request, *, store: Store, library: Library,
@@ -130,6 +150,7 @@ async def fetch_sources(ctx: BuildContext, request: Request) -> None:
         await ctx.sources.fetch_all()
         success = True
     finally:
+        await release(ctx)
         ctx.monitor.build_finished(request.label, success=success)
 
 
@@ -139,17 +160,15 @@ async def build(ctx: BuildContext, planned: list[scheduler.Planned], request: Re
         await fetch_sources(ctx, request)
         return
     ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources), pipelines=len(planned))
-    targets = resolve_exports(ctx.manifest, request.exports) or ctx.manifest.pipelines
-    for pipeline in targets:
-        if ctx.store.contains(pipeline.id):
-            ctx.monitor.pipeline_cached(pipeline)
     success = False
     try:
+        report_cached(ctx)
         await scheduler.run(ctx, planned)
         for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports),
                                   strict=True):
             assert request.output_directory is not None
-            await export(ctx.store, pipeline, name, request.output_directory)
+            await export(ctx, pipeline, name, request.output_directory)
         success = True
     finally:
+        await release(ctx)
         ctx.monitor.build_finished(request.label, success=success)

@@ -10,7 +10,8 @@
     ├── ChecksumMismatch          bytes did not match the checksum that names them
     ├── StageError                a stage failed: its name, id, exit status and last output lines
     ├── SandboxError              the sandbox could not be set up (bwrap missing, bad build root, ...)
-    └── StoreError                the store cannot be used (permissions, disk full, ...)
+    └── StoreError                the store cannot be used (permissions, disk full, another format, ...)
+        └── CacheMiss             an entry is not in the store, or is locked by another build (internal)
 
 Each error carries the fields a person needs and a message that says what happened and what to do.
 """
@@ -132,3 +133,11 @@ class SandboxError(AosbuildError):
 
 class StoreError(AosbuildError):
     """The store cannot be read or written."""
+
+
+class CacheMiss(StoreError):
+    """An entry that is absent, or locked by a build writing or evicting it: either way, not usable now."""
+
+    def __init__(self, object_id: str) -> None:
+        self.object_id = object_id
+        super().__init__(f"{object_id} is not in the store")

@@ -207,6 +207,8 @@ class JsonSeqMonitor(Monitor):
                                    "output": tail(result.output)}
         if result.error:
             payload["error"] = result.error
+        if result.cached:  # reported from the store: what the build that stored it reported
+            payload["cached"] = True
         self._emit(message=f"Finished module {stage.type}", result=payload,
                    context=self._context("osbuild.monitor", self._pid(pipeline), (stage.type, stage.id)),
                    pipeline_name=pipeline.name, options=stage.options, duration=result.duration,
@@ -319,6 +321,10 @@ class LogMonitor(Monitor):
         self._write(self._prefix(pipeline) + text + ("" if text.endswith("\n") else "\n"))
 
     def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None:
+        if result.cached:
+            self._write(f"{self._prefix(pipeline)}{stage.type}: {stage.id} (cached; it took "
+                        f"{result.duration:.2f}s)\n")
+            return
         outcome = "" if result.success else f" (failed: {result.reason})"
         self._write(f"{self._prefix(pipeline)}\u23f1  Duration: {result.duration:.2f}s{outcome}\n")
 

@@ -1,7 +1,7 @@
 """The drop-in `osbuild` command: osbuild's command line (reference §2) on aosbuild's engine.
 
 It parses exactly osbuild's options and spellings, then builds like `aosbuild` does. `--break` and `--in-vm`
-are refused (exit 2); `--cache-max-size` is accepted and checked but not enforced (the store has no size limit).
+are refused (exit 2); `--cache-max-size` bounds the store, as `aosbuild --cache-max-size` does.
 `--version` prints `osbuild N`, N being the osbuild release whose behaviour aosbuild follows, because tools such
 as osbuild/images (`RunOSBuild`) check it.
 
@@ -17,10 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-import structlog
-
 from . import cli
 from .download import JOBS, PER_HOST, TIMEOUT
+from .store import KEEP
 
 PROG = "osbuild"
 SIZE_UNITS = {"": 1, "kB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30,
@@ -48,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                    help="directory containing stages, assemblers, and the osbuild library "
                    "(aosbuild's bundled library is searched after it)")
     p.add_argument("--cache-max-size", metavar="SIZE", type=parse_size, default=None,
-                   help="maximum size of the cache (bytes) or 'unlimited' (accepted, not enforced)")
+                   help="maximum size of the cache (bytes) or 'unlimited'")
     p.add_argument("--checkpoint", metavar="ID", action="append", type=str, default=None,
                    help="stage to commit to the object store during build (can be passed multiple times), "
                    "accepts globs")
@@ -81,6 +80,8 @@ def translate(args: argparse.Namespace) -> argparse.Namespace:
         checkpoint=args.checkpoint or [], export=args.export, output_directory=args.output_directory,
         inspect=args.inspect, json=args.json, monitor=args.monitor, monitor_fd=args.monitor_fd,
         stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,
+        cache_max_size=KEEP if args.cache_max_size is None else None if args.cache_max_size == "unlimited"
+        else args.cache_max_size,
         download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False)
 
 
@@ -94,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap)\n")
         return 2
     cli.configure_logging(False)
-    if args.cache_max_size is not None:
-        structlog.get_logger().debug("--cache-max-size accepted but not enforced", size=args.cache_max_size)
     try:
         return cli._main(translate(args))
     except KeyboardInterrupt:

@@ -21,6 +21,18 @@ class StageResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None  # the exception the stage reported, if any
     reason: str = ""  # why it failed, in words ("exited with status 1", "timed out after 10s")
+    cached: bool = False  # reported from the store: this is what the build that stored it reported
+
+    def to_record(self) -> dict[str, Any]:
+        """What the store keeps of a successful stage, to report it again on a cache hit."""
+        return {"id": self.id, "type": self.type, "output": self.output, "duration": self.duration,
+                "metadata": self.metadata}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> StageResult:
+        return cls(id=record["id"], type=record["type"], success=True, output=record.get("output", ""),
+                   duration=float(record.get("duration", 0.0)), metadata=record.get("metadata") or {},
+                   cached=True)
 
 
 def _sources_section(sources: Mapping[str, Sequence[ItemResult]], success: bool) -> dict[str, Any]:
@@ -74,8 +86,9 @@ def v1_document(manifest: Manifest, logs: Mapping[str, Sequence[StageResult]]) -
     """osbuild's v1 `--json` result (`formats/v1.py: output`): the `tree` pipeline with its build pipelines
     nested under `build`, and the assembler pipeline's one stage as `assembler`.
 
-    A pipeline that did not run in this build (cached, or never reached) counts as a success and has no
-    `stages`: so, as osbuild, a build whose sources failed to download shows `"success": true` (exit 1 still).
+    A pipeline found in the store has the stages of the build that stored it (osbuild shows none); one never
+    reached counts as a success and has no `stages`: so, as osbuild, a build whose sources failed to
+    download shows `"success": true` (exit 1 still).
     Unlike osbuild, a pipeline's own failure is not hidden by its build pipeline's success.
     """
 

@@ -2,8 +2,10 @@
 
 `plan` picks what must be built for the requested pipelines: each one that is not in the store, resumed
 after its newest cached stage, plus whatever it still needs (its build root and the pipelines its
-remaining stages read). `run` starts every planned pipeline at once; each waits for exactly what it
-needs, then for one of `--jobs` slots. The first failure cancels everything else.
+remaining stages read). What it finds in the store it pins (read-locks) for the whole build, so no other
+build evicts it meanwhile; an entry it cannot lock is a miss, and built. `run` starts every planned
+pipeline at once; each waits for exactly what it needs, then for one of `--jobs` slots. The first
+failure cancels everything else.
 """
 
 from __future__ import annotations
@@ -27,11 +29,29 @@ class Planned:
 
 
 def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> list[Planned]:
-    """The pipelines to build, dependencies first (a pipeline in the store is not rebuilt)."""
+    """The pipelines to build, dependencies first (a pipeline in the store is not rebuilt).
+
+    Pipelines found in the store go to `ctx.cached`, with those they were built from that are in the
+    store too, so that the build can report their stages as the build that stored them did.
+    """
     planned: dict[str, Planned] = {}
+    cached: set[str] = set()
+
+    def found(pipeline_id: str) -> None:
+        pipeline = ctx.manifest.by_id(pipeline_id)
+        if pipeline_id in cached or pipeline is None:
+            return
+        cached.add(pipeline_id)
+        for dep in sorted(pipeline.dependencies()):
+            if dep not in planned and ctx.store.contains(dep) and ctx.pins.try_pin(dep):
+                found(dep)
+        ctx.cached.append(pipeline)
 
     def visit(pipeline_id: str, wanted_by: str) -> None:
-        if pipeline_id in planned or ctx.store.contains(pipeline_id):
+        if pipeline_id in planned or pipeline_id in cached:
+            return
+        if ctx.pins.try_pin(pipeline_id):
+            found(pipeline_id)
             return
         pipeline = ctx.manifest.by_id(pipeline_id)
         if pipeline is None:

@@ -154,6 +154,9 @@ def test_stage_timeout(osbuild: Osbuild) -> None:
 def test_cache_max_size_is_checked(osbuild: Osbuild) -> None:
     m = manifest(pipeline("tree", stage("org.osbuild.noop")))
     assert osbuild(m, "--cache-max-size", "unlimited").returncode == 0
+    assert osbuild(m, "--cache-max-size", "5GiB").returncode == 0
+    info = json.loads((osbuild.store / "cache.info").read_text())
+    assert info["maximum-size"] == 5 * 2**30  # remembered, as osbuild does
     bad = osbuild(m, "--cache-max-size", "lots")
     assert bad.returncode == 2
     assert "invalid size" in bad.stderr

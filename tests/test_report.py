@@ -240,6 +240,38 @@ def test_cached_failed_and_unfinished(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "failed stage" in svg
 
 
+def test_results_repeated_from_the_store_end_no_running_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed pipeline reports its stored stages while others run stages of the same type."""
+    description = a_b_c(d=None)
+    clock = Clock()
+    monkeypatch.setattr(monitor, "time", SimpleNamespace(time=clock.time, monotonic=clock.monotonic))
+    m = loaded(description)
+    a, b = m.by_name("A"), m.by_name("B")
+    assert a is not None
+    assert b is not None
+    read_end, write_end = os.pipe()
+    mon = JsonSeqMonitor(write_end)
+    mon.build_started("test.json", sources=0, pipelines=2)
+    mon.pipeline_started(a, build_root="<host>", runner="org.osbuild.linux")
+    mon.stage_started(a, a.stages[0])
+    clock.now += 1
+    mon.pipeline_started(b, build_root="<host>", runner="org.osbuild.linux")
+    mon.stage_finished(b, b.stages[0], StageResult(id=b.stages[0].id, type=b.stages[0].type, success=True,
+                                                   output="", duration=9.0, cached=True))
+    mon.pipeline_finished(b, success=True)
+    clock.now += 1
+    mon.stage_finished(a, a.stages[0], StageResult(id=a.stages[0].id, type=a.stages[0].type, success=True,
+                                                   output="", duration=2.0))
+    mon.pipeline_finished(a, success=True)
+    mon.build_finished("test.json", success=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        timeline = read_timeline(f.read().decode())
+    runs = {p.name: p for p in timeline.pipelines}
+    assert runs["A"].stages[0].end - runs["A"].stages[0].start == pytest.approx(2.0)
+    assert runs["B"].stages == ()
+
+
 def test_a_stream_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = drive(a_b_c(d=None), [(0, "start", "A"), (0, "start", "B"), (1, "end", "A"), (1, "start", "C"),
                                    (1.5, "end", "B"), (2, "end", "C")], monkeypatch)

@@ -263,6 +263,8 @@ class _Reader:
     def finished_module(self, module: str, ts: float, record: dict[str, Any], ctx_pipeline: dict[str, Any]) -> None:
         result = _dict(record.get("result"))
         success = result.get("success") if isinstance(result.get("success"), bool) else None
+        if result.get("cached") is True:  # aosbuild repeats a stored stage's result: it did not run now
+            return
         if module.startswith(SOURCE_PREFIX):  # a source's result: it has no stages
             source = self.pipelines.get(module)
             if source is not None and success is False:

@@ -1,0 +1,20 @@
+"""The store: committed trees under their ids, shared by concurrent builds, bounded in size.
+
+- `fscache`: the `Store` (layout, format version, limits, the entry lifecycle, eviction)
+- `pins`: the entries one build holds until it ends
+- `entries`: one entry on disk and the lock protocol that makes sharing it safe
+- `locks`: Linux open-file-description locks
+- `sizes`: size arguments, disk usage, the default bounds
+- `sourcecache`: the source items' own accounting and pruning
+- `commands`: `aosbuild store info|prune|clear|limit`
+"""
+
+from __future__ import annotations
+
+from .entries import Entry, LoadedEntry, NewEntry
+from .fscache import EXISTS, KEEP, NO_ROOM, STORED, TOO_LARGE, VERSION, Limits, Store, copy_tree
+from .pins import Pins
+from .sizes import Bound, format_size, parse_size
+
+__all__ = ["EXISTS", "KEEP", "NO_ROOM", "STORED", "TOO_LARGE", "VERSION", "Bound", "Entry", "Limits",
+           "LoadedEntry", "NewEntry", "Pins", "Store", "copy_tree", "format_size", "parse_size"]

@@ -1,0 +1,238 @@
+"""`aosbuild store info|prune|clear|limit`: the store, for the people who run it.
+
+- `info`: size, entries and limits; which entries are in use; staging entries of running and dead builds
+- `prune --to SIZE`: evict least recently used trees down to SIZE (and sources down to their bound)
+- `clear`: remove every tree and source item, also from a store of another format (the way out of a
+  format mismatch); refused while a build is running
+- `limit`: show or set the bounds (as `--cache-max-size` does for the trees), and prune to new ones
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from . import entries, sourcecache
+from .fscache import KEEP, VERSION, Store
+from .locks import UNLOCK, WRITE, LockFile, holder
+from .sizes import Bound, bound_from_json, bound_to_json, disk_usage, format_size, parse_size
+
+
+def size_argument(text: str) -> Bound:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aosbuild store", description="Look after an aosbuild store.")
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--store", "--cache", dest="store", default=".osbuild", metavar="DIR",
+                         help="the store (default: .osbuild)")
+        return sub
+
+    info = command("info", "show the size, entries and limits of the store")
+    info.add_argument("--json", action="store_true", help="as JSON")
+    prune = command("prune", "evict least recently used trees (and source items) down to a size")
+    prune.add_argument("--to", required=True, type=size_argument, metavar="SIZE",
+                       help="what the trees may take afterwards (e.g. 5GiB; 0 evicts all not in use)")
+    prune.add_argument("--sources-to", type=size_argument, default=KEEP, metavar="SIZE",
+                       help="what the source items may take afterwards (default: their bound)")
+    command("clear", "remove every tree and source item; also makes a store of another format usable")
+    limit = command("limit", "show or set the bounds of the store (kept for every later build)")
+    limit.add_argument("--cache-max-size", type=size_argument, default=KEEP, metavar="SIZE",
+                       help="bound of the trees: bytes, kB, KiB, MB, MiB, GB, GiB, TB, TiB or 'unlimited'")
+    limit.add_argument("--sources-max-size", type=size_argument, default=KEEP, metavar="SIZE",
+                       help="bound of the source items, in the same units")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    root = Path(args.store).absolute()
+    try:
+        if args.command == "clear":
+            return clear(root)
+        if args.command != "limit" and not (root / "cache.info").exists():  # a new store may get limits
+            raise StoreError(f"{root} is not an aosbuild store (it has no cache.info)")
+        if args.command == "info":
+            return info(root, as_json=args.json)
+        store = Store.open(root, use=False)
+        if args.command == "prune":
+            return prune(store, args.to, args.sources_to)
+        if args.command == "limit":
+            return limit(store, args.cache_max_size, args.sources_max_size)
+    except StoreError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"Error: {exc.filename or root}: {exc.strerror}\n")
+        return 1
+    raise AssertionError(args.command)
+
+
+def _in_use(lock_path: Path) -> bool:
+    """Whether somebody holds a lock on the file (a reader of an entry, a build of the store)."""
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return holder(fd, WRITE) != UNLOCK
+    finally:
+        os.close(fd)
+
+
+def describe(root: Path) -> dict[str, Any]:
+    """Everything `info` shows, as a JSON-able dict; reads the store without changing it."""
+    store = Store(root)
+    document: dict[str, Any] = {"store": str(root), "version": store.read_info().get("version"),
+                                "supported-version": VERSION}
+    if document["version"] != VERSION:
+        return document
+    limits = store.limits()
+    committed = entries.list_committed(store.objects)
+    items = sourcecache.items(store.sources)
+    staging = [store.staging / n for n in os.listdir(store.staging)] + [store.tmp / n for n in os.listdir(store.tmp)]
+    live = [p for p in staging if _in_use(p / entries.LOCK)]
+    fs = os.statvfs(root)
+    document.update({
+        "running-builds": _in_use(root / "cache.lock"),
+        "trees": {"entries": len(committed), "size": sum(c.size for c in committed),
+                  "maximum-size": bound_to_json(limits.max_size), "configured": limits.max_size_configured},
+        "sources": {"items": len(items), "size": sum(i.size for i in items),
+                    "maximum-size": bound_to_json(limits.sources_max_size),
+                    "configured": limits.sources_max_size_configured},
+        "staging": {"building": len(live), "dead": len(staging) - len(live),
+                    "size": sum(disk_usage(p) for p in staging)},
+        "filesystem": {"size": fs.f_blocks * fs.f_frsize, "free": fs.f_bavail * fs.f_frsize},
+        "entries": [{"id": c.id, "size": c.size, "last-used": c.last_used, "created": c.created,
+                     "in-use": _in_use(store.objects / c.id / entries.LOCK)} for c in reversed(committed)],
+    })
+    return document
+
+
+def info(root: Path, *, as_json: bool) -> int:
+    document = describe(root)
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        return 0
+    if document["version"] != VERSION:
+        sys.stdout.write(f"Store {root}: format {document['version']}, this aosbuild reads format {VERSION}.\n"
+                         f"`aosbuild store clear --store {root}` empties it for this aosbuild.\n")
+        return 1
+
+    def bound(section: dict[str, Any], default: str) -> str:
+        text = format_size(bound_from_json(section["maximum-size"]))
+        return text if section["configured"] else f"{text} (default: {default})"
+
+    trees, sources, staging, fs = document["trees"], document["sources"], document["staging"], document["filesystem"]
+    lines = [f"Store {root} (format {VERSION})",
+             f"  trees:       {trees['entries']} entries, {format_size(trees['size'])} of "
+             f"{bound(trees, '20 GiB or half the filesystem')}",
+             f"  sources:     {sources['items']} items, {format_size(sources['size'])} of "
+             f"{bound(sources, '10 GiB or a quarter of the filesystem')}",
+             f"  builds:      {'running' if document['running-builds'] else 'none running'}; "
+             f"{staging['building']} entries under construction, {staging['dead']} left by dead builds "
+             f"({format_size(staging['size'])})",
+             f"  filesystem:  {format_size(fs['free'])} free of {format_size(fs['size'])}"]
+    if document["entries"]:
+        lines += ["", "Entries, most recently used first:"]
+        for entry in document["entries"]:
+            used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["last-used"]))
+            lines.append(f"  {entry['id']}  {format_size(entry['size']):>10}  used {used}"
+                         + ("  (in use)" if entry["in-use"] else ""))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def prune(store: Store, to: Bound, sources_to: Bound) -> int:
+    dead = entries.reclaim_dead(store.staging) + entries.reclaim_dead(store.tmp)
+    if to is not None:
+        count, freed = store.prune(to)
+        sys.stdout.write(f"trees: evicted {count} entries, {format_size(freed)}\n")
+    if sources_to is KEEP:
+        sources_to = store.limits().sources_max_size
+    pruned = store.prune_sources(sources_to)
+    if pruned is None:
+        sys.stdout.write("sources: not pruned, builds are running (the last one to end prunes them)\n")
+    else:
+        sys.stdout.write(f"sources: removed {pruned[0]} items, {format_size(pruned[1])}\n")
+    if dead:
+        sys.stdout.write(f"staging: removed {dead} entries left by dead builds\n")
+    return 0
+
+
+def limit(store: Store, max_size: Bound, sources_max_size: Bound) -> int:
+    """Set the limits and prune to them at once; without arguments, show them."""
+    if max_size is not KEEP or sources_max_size is not KEEP:
+        store.set_limits(max_size=max_size, sources_max_size=sources_max_size)
+    limits = store.limits()
+    if max_size is not KEEP and limits.max_size is not None:
+        store.prune(limits.max_size)
+    if sources_max_size is not KEEP:
+        store.prune_sources(limits.sources_max_size)
+    sys.stdout.write(f"trees:   {format_size(limits.max_size)}{'' if limits.max_size_configured else ' (default)'}\n"
+                     f"sources: {format_size(limits.sources_max_size)}"
+                     f"{'' if limits.sources_max_size_configured else ' (default)'}\n")
+    return 0
+
+
+def clear(root: Path) -> int:
+    """Remove every tree, source item and staging entry; keep the limits. Works on any store format."""
+    if not ((root / "cache.info").exists() or (root / "CACHEDIR.TAG").exists()):
+        raise StoreError(f"{root} does not look like a store (no cache.info, no CACHEDIR.TAG): not touching it")
+    in_use = LockFile.try_open(root / "cache.lock", WRITE, create=True)
+    if in_use is None:
+        raise StoreError(f"builds are running on {root}: clear it when they have finished")
+    try:
+        size_lock = LockFile.wait_open(root / "size.lock", WRITE)
+        try:
+            store = Store(root)
+            for d in (store.staging, store.tmp):
+                d.mkdir(exist_ok=True)
+            trash = entries.create(store.tmp)  # if this process dies, the next build removes what is left
+            for name in ("objects", "sources", "stage"):
+                if (root / name).exists():
+                    os.rename(root / name, trash.path / "data" / name)
+            for name in os.listdir(store.tmp):
+                if store.tmp / name != trash.path:
+                    os.rename(store.tmp / name, trash.path / "data" / f"tmp-{name}")
+            (root / "cache.size").unlink(missing_ok=True)  # osbuild's size counter
+            _reset_info(root)
+            store._create()
+        finally:
+            size_lock.close()
+    finally:
+        in_use.close()
+    entries.remove(trash)
+    sys.stdout.write(f"cleared {root}\n")
+    return 0
+
+
+def _reset_info(root: Path) -> None:
+    """cache.info of this format, with the limits of the old one where they can be read."""
+    try:
+        old = json.loads((root / "cache.info").read_text())
+    except (OSError, ValueError):
+        old = {}
+    info: dict[str, Any] = {"version": VERSION}
+    for key in ("maximum-size", "sources-maximum-size"):
+        try:
+            if isinstance(old, dict) and key in old:
+                info[key] = bound_to_json(bound_from_json(old[key]))
+        except ValueError:
+            pass
+    tmp = root / ".cache.info-new"
+    tmp.write_text(json.dumps(info))
+    os.rename(tmp, root / "cache.info")

@@ -1,0 +1,274 @@
+"""Store entries on disk, and the lock protocol that makes them safe to share between processes.
+
+An entry is a directory::
+
+    object.lock          the entry's lock file; its atime is the entry's last use (for LRU eviction)
+    object.info          {"size": <bytes on disk>, "created": <unix time>}, written just before commit
+    data/tree/           the filesystem tree
+    data/meta/           <stage-id>.json: metadata a stage reported (osbuild's layout), and
+                         results.json: every stage's result (id, type, output, duration, metadata)
+
+The protocol, which every function here follows:
+
+- An entry under construction lives in `stage/` (or `tmp/`, for scratch space) as `uuid-<hex>`, and its
+  creator holds a write lock on its `object.lock` for as long as it lives. A staging entry whose lock can
+  be taken has lost its owner (killed, crashed): whoever takes the lock may remove it.
+- A committed entry is `objects/<id>`, put there by renaming a staging entry, which cannot replace a
+  non-empty directory: two builds of one id never overwrite each other, the second one loses quietly.
+- Readers hold a read lock; evicting takes a write lock without waiting, so an entry that is read is
+  never evicted and an entry being evicted is a miss. Eviction first renames the entry back into `stage/`
+  (still locked), so `objects/` only ever shows complete entries.
+- Whoever takes a lock checks afterwards that the path still names the file it locked: between its
+  `open()` and its lock, the previous holder may have renamed the entry or removed it.
+- Removing an entry removes its data first and its lock file last, so a directory in `stage/` with data
+  in it always has a lock file, and one without a lock file is empty (and can go with `rmdir`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .locks import READ, WRITE, LockFile
+from .sizes import disk_usage
+
+LOCK = "object.lock"
+INFO = "object.info"
+RESULTS = "results.json"
+
+
+class Entry:
+    """An entry this process holds: under construction (write-locked) or committed (read-locked)."""
+
+    def __init__(self, path: Path, lock: LockFile) -> None:
+        self.path = path
+        self.lock = lock
+
+    @property
+    def tree(self) -> Path:
+        return self.path / "data" / "tree"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "data" / "meta"
+
+
+class NewEntry(Entry):
+    """An entry under construction, with the stage results that go with its tree."""
+
+    def __init__(self, path: Path, lock: LockFile) -> None:
+        super().__init__(path, lock)
+        self.results: list[dict[str, Any]] = []
+        self.outcome: str | None = None  # how its commit went: one of fscache's outcomes
+        self.size = 0                    # bytes on disk, known once it is committed
+
+    def add_result(self, result: dict[str, Any]) -> None:
+        """Record a finished stage: its result, and its metadata in osbuild's place if there is any."""
+        self.results.append(result)
+        if result.get("metadata"):
+            (self.meta / f"{result['id']}.json").write_text(json.dumps(result["metadata"]))
+
+    def write_info(self) -> int:
+        """Write results and object.info, the last files of an entry; returns its size on disk."""
+        (self.meta / RESULTS).write_text(json.dumps(self.results))
+        self.size = disk_usage(self.path)
+        with open(self.path / INFO, "x") as f:
+            json.dump({"size": self.size, "created": time.time()}, f)
+        return self.size
+
+
+class LoadedEntry(Entry):
+    """A committed entry, read-locked: it stays as it is, and is not evicted, until closed."""
+
+    def __init__(self, object_id: str, path: Path, lock: LockFile, info: dict[str, Any]) -> None:
+        super().__init__(path, lock)
+        self.id = object_id
+        self.info = info
+        self._results: list[dict[str, Any]] | None = None
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        if self._results is None:
+            try:
+                self._results = json.loads((self.meta / RESULTS).read_text())
+            except FileNotFoundError:
+                self._results = []
+        return self._results
+
+    def close(self) -> None:
+        self.lock.close()
+
+
+def create(parent: Path) -> NewEntry:
+    """A fresh, empty, write-locked entry in `parent`."""
+    while True:
+        path = parent / f"uuid-{uuid.uuid4().hex}"
+        path.mkdir()
+        # a reclaimer may remove the directory while it is still empty or take the new lock file first;
+        # then start over with another name rather than share
+        lock = LockFile.try_open(path / LOCK, WRITE, create=True)
+        if lock is not None:
+            entry = NewEntry(path, lock)
+            try:
+                entry.tree.mkdir(parents=True)
+                entry.meta.mkdir()
+            except BaseException:
+                remove(entry)
+                raise
+            return entry
+
+
+def open_committed(objects: Path, object_id: str) -> LoadedEntry | None:
+    """The committed entry `object_id`, read-locked and marked used; None if it is absent or contended."""
+    path = objects / object_id
+    lock = LockFile.try_open(path / LOCK, READ)
+    if lock is None:
+        return None
+    try:
+        info = json.loads((path / INFO).read_text())
+    except (OSError, ValueError):
+        lock.close()  # not an entry this store made; treat as absent
+        return None
+    lock.touch()
+    return LoadedEntry(object_id, path, lock, info)
+
+
+def commit(entry: NewEntry, objects: Path, object_id: str) -> bool:
+    """Rename the entry to `objects/<id>`; False, and nothing changed, if that id is there already."""
+    target = objects / object_id
+    try:
+        os.rename(entry.path, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    entry.path = target
+    return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Committed:
+    """What eviction needs to know of a committed entry, read without locking it."""
+
+    id: str
+    size: int
+    last_used: float
+    created: float
+
+
+def list_committed(objects: Path) -> list[Committed]:
+    """Every committed entry, least recently used first. One being removed meanwhile is left out."""
+    found = []
+    for name in os.listdir(objects):
+        path = objects / name
+        try:
+            used = os.stat(path / LOCK).st_atime
+            info = json.loads((path / INFO).read_text())
+            size, created = int(info["size"]), float(info["created"])
+        except (OSError, ValueError, KeyError, TypeError):
+            size, created, used = 0, 0.0, 0.0  # incomplete or foreign: worth nothing, evicted first
+            if not path.exists():
+                continue
+        found.append(Committed(id=name, size=size, last_used=used, created=created))
+    found.sort(key=lambda c: c.last_used)
+    return found
+
+
+def take_for_eviction(objects: Path, object_id: str) -> LockFile | None:
+    """The write lock of a committed entry, if nobody reads it; then it may be moved out and removed."""
+    return LockFile.try_open(objects / object_id / LOCK, WRITE)
+
+
+def move_out(objects: Path, object_id: str, staging: Path, lock: LockFile) -> Entry:
+    """Move a committed entry whose write lock we hold back into staging, where it can be removed."""
+    target = staging / f"uuid-{uuid.uuid4().hex}"
+    os.rename(objects / object_id, target)
+    return Entry(target, lock)
+
+
+def remove(entry: Entry) -> None:
+    """Remove an entry we hold the write lock of: data first, then its lock file, then the directory."""
+    remove_contents(entry.path, keep=LOCK)
+    try:
+        os.unlink(entry.path / LOCK)
+        os.rmdir(entry.path)
+    except FileNotFoundError:
+        pass
+    finally:
+        entry.lock.close()
+
+
+def remove_contents(path: Path, keep: str | None = None) -> None:
+    """Remove everything in `path` but `keep`, even directories a stage made read-only.
+
+    Retries a few times: right after a kill -9, a dying stage may still be writing into the tree.
+    """
+    def make_writable(func: Any, p: str, exc: Any) -> None:
+        if isinstance(exc, FileNotFoundError):
+            return
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except FileNotFoundError:
+            pass
+
+    for attempt in range(5):
+        try:
+            with os.scandir(path) as it:
+                names = [e for e in it if e.name != keep]
+        except FileNotFoundError:
+            return
+        for child in names:
+            if child.is_dir(follow_symlinks=False):
+                shutil.rmtree(child.path, onerror=make_writable)  # onexc needs Python 3.12
+            else:
+                try:
+                    os.unlink(child.path)
+                except FileNotFoundError:
+                    pass
+        try:
+            with os.scandir(path) as it:
+                if all(e.name == keep for e in it):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05 * (attempt + 1))
+    raise OSError(errno.ENOTEMPTY, f"cannot empty {path}: something keeps writing into it")
+
+
+def reclaim(path: Path) -> bool:
+    """Remove a staging entry if its owner is gone; True if it was removed."""
+    lock = LockFile.try_open(path / LOCK, WRITE)
+    if lock is None:
+        if not (path / LOCK).exists():
+            try:
+                os.rmdir(path)  # empty: just created, or its remover died before the rmdir
+                return True
+            except OSError:
+                pass
+        return False
+    remove(Entry(path, lock))
+    return True
+
+
+def reclaim_dead(staging: Path) -> int:
+    """Remove every entry in `staging` whose owner is gone; returns how many."""
+    removed = 0
+    for name in os.listdir(staging):
+        path = staging / name
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            continue
+        if name.startswith("uuid-") and is_dir and reclaim(path):
+            removed += 1
+    return removed
+

@@ -1,0 +1,386 @@
+"""The store: a cache of trees under their ids, shared by concurrent builds, bounded in size.
+
+Layout (osbuild's, with a format of its own; see `entries` for one entry)::
+
+    <store>/CACHEDIR.TAG
+    <store>/cache.info        {"version": 2, "maximum-size": <bytes>|"unlimited", "sources-maximum-size": ...}
+    <store>/cache.lock        read-locked by every running build; `store clear` needs it write-locked
+    <store>/size.lock         write-locked for the moment a commit checks the bound, evicts and renames
+    <store>/objects/<id>/     committed entries
+    <store>/stage/uuid-<hex>/ entries under construction, and evicted ones being removed
+    <store>/tmp/uuid-<hex>/   scratch entries, always removed
+    <store>/sources/<type>/<checksum>   source items (`sourcecache`)
+
+The entry lifecycle is three async context managers: `load(id)` (read-locked, or `CacheMiss`),
+`store(id)` (a fresh entry, committed when the block ends, discarded quietly if another build committed
+the id first) and `stage()` (scratch, always removed). The size bound holds for committed trees: a
+commit that would pass it first evicts the least recently used entries nobody is reading; if that is not
+enough, or the tree alone is larger than the bound, the tree is not stored, and the build goes on with it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from .. import process
+from ..errors import CacheMiss, StoreError
+from . import entries, sourcecache
+from .entries import Entry, LoadedEntry, NewEntry
+from .locks import READ, WRITE, LockFile
+from .sizes import Bound, bound_from_json, bound_to_json, default_max, default_sources_max, format_size
+
+VERSION = 2
+CACHEDIR_TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# This is a cache directory tag created by aosbuild.\n"
+
+# how a commit went
+STORED = "stored"          # the entry is objects/<id> now
+EXISTS = "exists"          # another build committed that id first; this copy was discarded
+TOO_LARGE = "too-large"    # the tree alone is larger than the bound; not stored
+NO_ROOM = "no-room"        # entries being read hold the space; not stored
+
+if TYPE_CHECKING:
+    from .pins import Pins
+
+log = structlog.get_logger(__name__)
+
+
+class _Keep:
+    pass
+
+
+KEEP: Any = _Keep()  # a limit argument left as it is in cache.info
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    max_size: Bound             # in effect, for trees
+    max_size_configured: bool   # False: the default
+    sources_max_size: Bound
+    sources_max_size_configured: bool
+
+
+class Store:
+    """A store directory; `Store.open` makes or checks it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.staging = root / "stage"
+        self.sources = root / "sources"
+        self.tmp = root / "tmp"
+        self._in_use: LockFile | None = None
+
+    # -- opening, format and limits ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path, *, max_size: Bound = KEEP, sources_max_size: Bound = KEEP,
+             use: bool = True) -> Store:
+        """Open (or create) the store at `root`. With `use`, this process counts as a build using it
+        until `finish`, and staging entries of dead builds are removed first."""
+        store = cls(root.absolute())
+        try:
+            store._create()
+            store.check_version()
+            if max_size is not KEEP or sources_max_size is not KEEP:
+                store.set_limits(max_size=max_size, sources_max_size=sources_max_size)
+            if use:
+                store._begin()
+        except OSError as exc:
+            raise StoreError(f"cannot use {store.root} as the store: {exc.strerror}") from exc
+        return store
+
+    def _create(self) -> None:
+        for d in (self.objects, self.staging, self.sources, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        tag = self.root / "CACHEDIR.TAG"
+        if not tag.exists():
+            tag.write_text(CACHEDIR_TAG)
+        info = self.root / "cache.info"
+        if not info.exists():
+            # written aside and linked into place: a concurrent reader sees all of it or nothing
+            tmp = self.root / f".cache.info-{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps({"version": VERSION}))
+            try:
+                os.link(tmp, info)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+
+    def read_info(self) -> dict[str, Any]:
+        try:
+            info = json.loads((self.root / "cache.info").read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.root}/cache.info cannot be read ({exc}): this is not an aosbuild store, "
+                             f"or a damaged one; `aosbuild store clear --store {self.root}` starts it afresh") \
+                from exc
+        if not isinstance(info, dict):
+            raise StoreError(f"{self.root}/cache.info is not a JSON object: `aosbuild store clear --store "
+                             f"{self.root}` starts the store afresh")
+        return info
+
+    def check_version(self) -> None:
+        version = self.read_info().get("version")
+        if version == VERSION:
+            return
+        if isinstance(version, int) and version > VERSION:
+            what = f"a newer aosbuild (store format {version}; this aosbuild reads format {VERSION})"
+            way = "use that aosbuild, or another --store, or"
+        else:
+            what = (f"osbuild or an older aosbuild (store format {version}; this aosbuild reads format "
+                    f"{VERSION}, which adds locks and stage results to every entry)")
+            way = "use another --store, or"
+        raise StoreError(f"the store {self.root} was made by {what}: {way} empty this one with "
+                         f"`aosbuild store clear --store {self.root}` (its trees will be built again)")
+
+    def limits(self) -> Limits:
+        info = self.read_info()
+        try:
+            configured = "maximum-size" in info
+            max_size = bound_from_json(info["maximum-size"]) if configured else default_max(self.root)
+            sources_configured = "sources-maximum-size" in info
+            sources_max = (bound_from_json(info["sources-maximum-size"]) if sources_configured
+                           else default_sources_max(self.root))
+        except ValueError as exc:
+            raise StoreError(f"{self.root}/cache.info: {exc}; set the limit again with "
+                             f"`aosbuild store limit --store {self.root}`") from exc
+        return Limits(max_size=max_size, max_size_configured=configured, sources_max_size=sources_max,
+                      sources_max_size_configured=sources_configured)
+
+    def set_limits(self, *, max_size: Bound = KEEP, sources_max_size: Bound = KEEP) -> None:
+        """Remember new limits in cache.info (they hold for every later build on this store)."""
+        with self._size_lock():
+            info = self.read_info()
+            if max_size is not KEEP:
+                info["maximum-size"] = bound_to_json(max_size)
+            if sources_max_size is not KEEP:
+                info["sources-maximum-size"] = bound_to_json(sources_max_size)
+            tmp = self.root / f".cache.info-{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps(info))
+            os.rename(tmp, self.root / "cache.info")
+
+    @contextmanager
+    def _size_lock(self) -> Any:
+        """Serialises what changes objects/ and the limits. Held for moments: taken waiting, in a thread."""
+        lock = LockFile.wait_open(self.root / "size.lock", WRITE)
+        try:
+            yield
+        finally:
+            lock.close()
+
+    # -- the life of a build on this store ---------------------------------------------------------------
+
+    def _begin(self) -> None:
+        lock = LockFile.try_open(self.root / "cache.lock", READ, create=True)
+        if lock is None:  # `store clear` or a source prune is running: they take moments
+            log.info("store.waiting", store=str(self.root), reason="being pruned or cleared")
+            lock = LockFile.wait_open(self.root / "cache.lock", READ)
+        self._in_use = lock
+        dead = entries.reclaim_dead(self.staging) + entries.reclaim_dead(self.tmp)
+        if dead:
+            log.info("store.reclaimed", store=str(self.root), entries=dead)
+
+    def finish(self, used_sources: Iterable[Path] = ()) -> None:
+        """The build is over: mark its source items used, and prune sources if no other build runs."""
+        sourcecache.touch(used_sources)
+        self.close()
+        self.prune_sources(self.limits().sources_max_size)
+
+    def close(self) -> None:
+        """Stop counting as a build using the store."""
+        if self._in_use is not None:
+            self._in_use.close()
+            self._in_use = None
+
+    def prune_sources(self, to: Bound) -> tuple[int, int] | None:
+        """Prune source items down to `to` bytes, unless a build is running; None if one is."""
+        if to is None:
+            return 0, 0
+        lock = LockFile.try_open(self.root / "cache.lock", WRITE, create=True)
+        if lock is None:
+            return None
+        try:
+            removed = sourcecache.prune(self.sources, to)
+        finally:
+            lock.close()
+        if removed[0]:
+            log.info("store.sources_pruned", items=removed[0], bytes=removed[1])
+        return removed
+
+    # -- entries ---------------------------------------------------------------------------------------
+
+    def contains(self, object_id: str | None) -> bool:
+        """Whether an entry is committed now (without locking it: it may be gone a moment later)."""
+        return object_id is not None and (self.objects / object_id / entries.INFO).is_file()
+
+    def try_load(self, object_id: str) -> LoadedEntry | None:
+        """The entry, read-locked, or None: absent, or locked by a writer (a contended lock is a miss)."""
+        return entries.open_committed(self.objects, object_id)
+
+    @asynccontextmanager
+    async def load(self, object_id: str) -> AsyncIterator[LoadedEntry]:
+        """A committed entry, read-locked for the block: nobody evicts it meanwhile. CacheMiss if absent."""
+        entry = self.try_load(object_id)
+        if entry is None:
+            raise CacheMiss(object_id)
+        try:
+            yield entry
+        finally:
+            entry.close()
+
+    @asynccontextmanager
+    async def stage(self) -> AsyncIterator[Entry]:
+        """A scratch entry, removed when the block ends, however it ends."""
+        entry = entries.create(self.tmp)
+        try:
+            yield entry
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(entries.remove, entry)
+
+    @asynccontextmanager
+    async def store(self, object_id: str, *, keep: Pins | None = None) -> AsyncIterator[NewEntry]:
+        """A fresh entry to fill; committed as `object_id` when the block ends without an exception.
+
+        If another build committed `object_id` first, this copy is discarded quietly. Whatever the
+        outcome (`entry.outcome`), with `keep` the tree stays usable in `keep` until it is closed.
+        """
+        entry = entries.create(self.staging)
+        try:
+            yield entry
+            entry.outcome = await self._commit(entry, object_id)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(entries.remove, entry)
+            raise
+        with anyio.CancelScope(shield=True):
+            await self._settle(entry, object_id, keep)
+
+    async def _settle(self, entry: NewEntry, object_id: str, keep: Pins | None) -> None:
+        """After a commit: hand the tree to `keep` or let it go."""
+        if entry.outcome == STORED:
+            entry.lock.change(READ)  # from writer to reader atomically: nobody can evict it in between
+            if keep is not None:
+                keep.adopt(LoadedEntry(object_id, entry.path, entry.lock, {}))
+            else:
+                entry.lock.close()
+            return
+        if keep is not None and not (entry.outcome == EXISTS and keep.try_pin(object_id)):
+            keep.float(object_id, entry)  # not stored, or the winner's copy is gone already: use ours
+            return
+        await anyio.to_thread.run_sync(entries.remove, entry)
+
+    async def _commit(self, entry: NewEntry, object_id: str) -> str:
+        try:
+            size = await anyio.to_thread.run_sync(entry.write_info)
+            bound = self.limits().max_size
+            if bound is not None and size > bound:
+                return TOO_LARGE
+            outcome, evicted = await anyio.to_thread.run_sync(self._commit_locked, entry, object_id, size)
+        except OSError as exc:
+            raise self.write_error(f"cannot commit {object_id}", exc) from exc
+        if evicted:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_remove_all, evicted)
+        return outcome
+
+    def _commit_locked(self, entry: NewEntry, object_id: str, size: int) -> tuple[str, list[Entry]]:
+        with self._size_lock():
+            if self.contains(object_id):
+                return EXISTS, []
+            evicted: list[Entry] = []
+            bound = self.limits().max_size
+            if bound is not None:
+                committed = entries.list_committed(self.objects)
+                excess = sum(c.size for c in committed) + size - bound
+                if excess > 0:
+                    taken = self._take_lru(committed, excess)
+                    if sum(c.size for c, _ in taken) < excess:
+                        for _, lock in taken:
+                            lock.close()
+                        return NO_ROOM, []
+                    evicted = self._move_out(taken)
+            if not entries.commit(entry, self.objects, object_id):
+                return EXISTS, evicted
+            return STORED, evicted
+
+    def _take_lru(self, committed: list[entries.Committed], need: int) -> list[tuple[entries.Committed, LockFile]]:
+        """Write locks on the least recently used entries, until they are worth `need` bytes or there are
+        no more; entries being read are skipped, never waited for."""
+        taken: list[tuple[entries.Committed, LockFile]] = []
+        freed = 0
+        for candidate in committed:
+            if freed >= need:
+                break
+            lock = entries.take_for_eviction(self.objects, candidate.id)
+            if lock is not None:
+                taken.append((candidate, lock))
+                freed += candidate.size
+        return taken
+
+    def _move_out(self, taken: list[tuple[entries.Committed, LockFile]]) -> list[Entry]:
+        """Evict: move the taken entries out of objects/ (at once), to be removed after the size lock."""
+        moved: list[Entry] = []
+        try:
+            for committed, lock in taken:
+                moved.append(entries.move_out(self.objects, committed.id, self.staging, lock))
+        finally:
+            for _, lock in taken[len(moved):]:
+                lock.close()
+        if moved:
+            log.info("store.evicted", ids=[c.id for c, _ in taken], bytes=sum(c.size for c, _ in taken))
+        return moved
+
+    def prune(self, to: int) -> tuple[int, int]:
+        """Evict least recently used entries until the trees take at most `to` bytes, as far as entries
+        being read allow; returns (entries, bytes) evicted. Blocking: for the store commands."""
+        with self._size_lock():
+            committed = entries.list_committed(self.objects)
+            taken = self._take_lru(committed, sum(c.size for c in committed) - to)
+            evicted = self._move_out(taken)
+        _remove_all(evicted)
+        return len(evicted), sum(c.size for c, _ in taken[:len(evicted)])
+
+    def write_error(self, what: str, exc: OSError) -> StoreError:
+        """A StoreError for a failed write that says why; for a full disk, what to do about it."""
+        if exc.errno == errno.ENOSPC:
+            free = os.statvfs(self.root)
+            return StoreError(f"{what}: the filesystem of the store {self.root} is full "
+                              f"({format_size(free.f_bavail * free.f_frsize)} free). Free some space there, or "
+                              f"lower the bound of the store: aosbuild store prune --to SIZE --store {self.root}")
+        return StoreError(f"{what} in the store {self.root}: {exc.strerror or exc}")
+
+    def source_path(self, content_type: str, checksum: str) -> Path:
+        return self.sources / content_type / checksum
+
+
+    async def copy(self, src: Path, dst: Path, what: str) -> None:
+        """`copy_tree` into the store; a full disk is a StoreError that says so."""
+        try:
+            await copy_tree(src, dst)
+        except process.CommandError as exc:
+            if "No space left on device" in exc.output:
+                raise self.write_error(what, OSError(errno.ENOSPC, "No space left on device")) from exc
+            raise
+
+
+def _remove_all(evicted: list[Entry]) -> None:
+    for entry in evicted:
+        entries.remove(entry)
+
+
+async def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a tree's contents with owners, modes, links and xattrs, sharing blocks where the fs can."""
+    await anyio.Path(dst).mkdir(parents=True, exist_ok=True)
+    await process.run(["cp", "--reflink=auto", "-a", "--", f"{src}/.", f"{dst}/"])
