@@ -1,0 +1,200 @@
+"""Benchmark the store: a fully cached rebuild, and committing and exporting a 1 GiB tree against `cp -a`.
+
+Run with the venv's interpreter from anywhere: `.venv/bin/python bench/store.py [--repeat N] [--quick]`.
+Prints a Markdown table and writes the raw timings to `bench/results/store-<UTC timestamp>.json`.
+The rebuild scenario runs the CLI as a user would; the 1 GiB scenario drives `aosbuild.store` directly,
+since a build would add the time of a stage writing 1 GiB to what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from run import FAST_TMP, REPO, TEST_LIBDIR, Summary, machine, repeat, timed_ms, write_results
+
+sys.path.insert(0, str(REPO))
+from aosbuild.store import Store, copy_tree  # the repository's, not an installed one
+
+PIPELINES = 8
+STAGES = 5
+TREE_FILES = 4096
+TREE_FILE_SIZE = 256 * 1024  # 4096 files of 256 KiB in 64 directories: 1 GiB
+QUICK_TREE_FILES = 256
+
+
+def cached_manifest() -> dict[str, Any]:
+    """Eight pipelines of five stages, the last four reading the first four's trees."""
+    pipelines = []
+    for i in range(PIPELINES):
+        stages: list[dict[str, Any]] = [
+            {"type": "org.aosbuild.test.files", "options": {"seed": f"p{i}s{j}", "count": 8, "size": 65536}}
+            for j in range(STAGES - 1)]
+        if i >= PIPELINES // 2:
+            reads = {"t": {"type": "org.osbuild.tree", "origin": "org.osbuild.pipeline",
+                           "references": [f"name:p{i - PIPELINES // 2}"]}}
+            stages.append({"type": "org.osbuild.tar", "inputs": {"tree": reads["t"]},
+                           "options": {"filename": "tree.tar"}})
+        else:
+            stages.append({"type": "org.osbuild.mkdir", "options": {"paths": [{"path": "/etc"}]}})
+        pipelines.append({"name": f"p{i}", "stages": stages})
+    return {"version": "2", "pipelines": pipelines}
+
+
+def aosbuild(store: Path, manifest: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "aosbuild", "--libdir", os.fspath(TEST_LIBDIR), "--store", os.fspath(store),
+            "-q", *args, os.fspath(manifest)]
+
+
+def measure_rebuild(root: Path, times: int) -> dict[str, list[float]]:
+    """Startup on an empty manifest, a cold build, and the same build again, fully cached."""
+    empty = root / "empty.json"
+    empty.write_text(json.dumps({"version": "2"}))
+    manifest = root / "cached.json"
+    manifest.write_text(json.dumps(cached_manifest()))
+    counter = iter(range(1 << 30))
+
+    def sample() -> dict[str, float]:
+        store = root / f"store-{next(counter)}"
+        try:
+            startup = timed_ms(aosbuild(store, empty))
+            cold = timed_ms(aosbuild(store, manifest))
+            cached = timed_ms(aosbuild(store, manifest))
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
+        return {"startup_ms": startup, "cold_ms": cold, "cached_ms": cached, "cached_over_startup_ms": cached - startup}
+
+    return repeat(times, sample)
+
+
+def write_tree(tree: Path, files: int) -> None:
+    block = os.urandom(TREE_FILE_SIZE)
+    for i in range(files):
+        directory = tree / f"d{i % 64:02}"
+        directory.mkdir(exist_ok=True)
+        (directory / f"f{i}").write_bytes(block[i % 251:] + block[:i % 251])
+
+
+def measure_tree(root: Path, times: int, files: int) -> dict[str, list[float]]:
+    """Commit a filled staging entry, export it as a build does; and `cp -a` of the same tree.
+    The two copies run in alternating order, so neither always gets the warmer caches."""
+    counter = iter(range(1 << 30))
+
+    def sample() -> dict[str, float]:
+        store_dir, export, plain = root / "store", root / "export", root / "plain"
+        result: dict[str, float] = {}
+        cp_first = next(counter) % 2 == 1
+
+        async def run() -> None:
+            store = Store.open(store_dir, max_size=None)
+            async with store.store("tree") as entry:
+                write_tree(entry.tree, files)  # not timed: a stage's work
+                start = time.perf_counter()
+            # the block's end is the commit: sizing the tree, checking the bound, the rename
+            result["commit_ms"] = (time.perf_counter() - start) * 1000
+            assert entry.outcome == "stored", entry.outcome
+
+            async def export_tree() -> None:
+                start = time.perf_counter()
+                await copy_tree(loaded.tree, export / "tree")  # what --export does
+                result["export_ms"] = (time.perf_counter() - start) * 1000
+
+            async def cp_a() -> None:
+                start = time.perf_counter()
+                await anyio.run_process(["cp", "-a", "--", os.fspath(loaded.tree), os.fspath(plain)])
+                result["cp_a_ms"] = (time.perf_counter() - start) * 1000
+
+            async with store.load("tree") as loaded:
+                for copy in (cp_a, export_tree) if cp_first else (export_tree, cp_a):
+                    await copy()
+            store.close()
+
+        try:
+            anyio.run(run)
+        finally:
+            for d in (store_dir, export, plain):
+                shutil.rmtree(d, ignore_errors=True)
+        result["commit_and_export_ms"] = result["commit_ms"] + result["export_ms"]
+        return result
+
+    return repeat(times, sample)
+
+
+def rebuild_table(raw: dict[str, list[float]]) -> list[str]:
+    s = {key: Summary.of(values) for key, values in raw.items()}
+    return [
+        f"### Fully cached rebuild ({PIPELINES} pipelines x {STAGES} stages, 4 of them reading another's tree)",
+        "",
+        "| measurement | median ms (min-max) |",
+        "|---|---|",
+        f"| aosbuild startup, empty manifest | {s['startup_ms'].cell()} |",
+        f"| cold build, empty store | {s['cold_ms'].cell()} |",
+        f"| **the same build again, fully cached** | **{s['cached_ms'].cell()}** |",
+        f"| cached rebuild - startup | {s['cached_over_startup_ms'].cell()} |",
+    ]
+
+
+def tree_table(raw: dict[str, list[float]], files: int) -> list[str]:
+    s = {key: Summary.of(values) for key, values in raw.items()}
+    size = files * TREE_FILE_SIZE / 2**30
+    return [
+        f"### Committing and exporting a {size:g} GiB tree ({files} files) vs `cp -a` of it",
+        "",
+        "| aosbuild: commit | aosbuild: export | aosbuild: commit + export | `cp -a` |",
+        "|---|---|---|---|",
+        f"| {s['commit_ms'].cell()} ms | {s['export_ms'].cell()} ms | {s['commit_and_export_ms'].cell()} ms"
+        f" | {s['cp_a_ms'].cell()} ms |",
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--repeat", type=int, default=None, metavar="N",
+                        help="repetitions of each scenario (default: 5, or 2 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: 2 repetitions, a {QUICK_TREE_FILES}-file tree")
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 5
+    if args.repeat < 1:
+        parser.error("repetitions must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files = QUICK_TREE_FILES if args.quick else TREE_FILES
+    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-bench-store-") as tmp:
+        root = Path(tmp)
+        measure_rebuild(root, 1)  # warm up: .pyc files, the page cache
+        rebuild = measure_rebuild(root, args.repeat)
+        tree = measure_tree(root, args.repeat, files)
+    info = machine()
+    lines = [f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, kernel {info['kernel']}, "
+             f"commit {(info['commit'] or 'unknown')[:12]}{' (dirty)' if info['dirty'] else ''}; "
+             f"{args.repeat} repetitions; median (min-max).",
+             "", *rebuild_table(rebuild), "", *tree_table(tree, files)]
+    print("\n".join(lines))
+    report = {"started": f"store-{started}", "machine": info, "duration_s": round(time.perf_counter() - clock, 1),
+              "settings": {"repeat": args.repeat, "pipelines": PIPELINES, "stages": STAGES, "tree_files": files,
+                           "tree_file_size": TREE_FILE_SIZE},
+              "rebuild": {"samples_ms": rebuild, "summary_ms": {k: asdict(Summary.of(v)) for k, v in rebuild.items()}},
+              "tree": {"samples_ms": tree, "summary_ms": {k: asdict(Summary.of(v)) for k, v in tree.items()}}}
+    print(f"\nraw results: {write_results(report).relative_to(REPO)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
