@@ -285,7 +285,10 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
                 ctx.monitor.pipeline_finished(pipeline, success=False)
                 raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
                                  reason=result.reason, output_tail=tail)
-            entry.add_result(result.to_record())
+            try:
+                entry.add_result(result.to_record())
+            except OSError as exc:
+                raise ctx.store.write_error(f"cannot keep the metadata of stage {stage.id}", exc) from exc
             if keep_after(ctx, pipeline, stage):
                 await checkpoint(ctx, pipeline, stage, entry)
         if pipeline.source_epoch is not None:

@@ -118,6 +118,10 @@ def test_eviction_least_recently_used_first_and_a_full_cache_never_fails_a_build
     assert aosbuild(trees["a"], "-q").returncode == 0  # a hit: `a` is used again, `b` is now the oldest
     assert aosbuild(trees["d"], "-q").returncode == 0  # the bound was remembered
     assert sorted(os.listdir(aosbuild.store / "objects")) == sorted(ids[n] for n in ("a", "c", "d"))
+    # a lower bound holds from the build that sets it, even one that stores nothing
+    assert aosbuild(trees["d"], "-q", "--cache-max-size", "700KiB").returncode == 0
+    assert sorted(os.listdir(aosbuild.store / "objects")) == sorted(ids[n] for n in ("a", "d"))
+    assert aosbuild(trees["c"], "-q", "--cache-max-size", "1000KiB").returncode == 0
 
     # larger than the bound: built and exported all the same, and the log says why it is not kept
     huge = big_tree("huge", 2048)

@@ -210,7 +210,7 @@ def clear(root: Path) -> int:
                     os.rename(store.tmp / name, trash.path / "data" / f"tmp-{name}")
             (root / "cache.size").unlink(missing_ok=True)  # osbuild's size counter
             _reset_info(root)
-            store._create()
+            store.create_layout()
         finally:
             size_lock.close()
     finally:

@@ -90,7 +90,7 @@ class Store:
         until `finish`, and staging entries of dead builds are removed first."""
         store = cls(root.absolute())
         try:
-            store._create()
+            store.create_layout()
             store.check_version()
             if max_size is not KEEP or sources_max_size is not KEEP:
                 store.set_limits(max_size=max_size, sources_max_size=sources_max_size)
@@ -100,7 +100,7 @@ class Store:
             raise StoreError(f"cannot use {store.root} as the store: {exc.strerror}") from exc
         return store
 
-    def _create(self) -> None:
+    def create_layout(self) -> None:
         for d in (self.objects, self.staging, self.sources, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         tag = self.root / "CACHEDIR.TAG"
@@ -192,10 +192,14 @@ class Store:
             log.info("store.reclaimed", store=str(self.root), entries=dead)
 
     def finish(self, used_sources: Iterable[Path] = ()) -> None:
-        """The build is over: mark its source items used, and prune sources if no other build runs."""
+        """The build is over: mark its source items used, bring the trees under the bound (lowered by
+        this build's `--cache-max-size`, maybe), and prune sources if no other build runs."""
         sourcecache.touch(used_sources)
         self.close()
-        self.prune_sources(self.limits().sources_max_size)
+        limits = self.limits()
+        if limits.max_size is not None:
+            self.prune(limits.max_size)
+        self.prune_sources(limits.sources_max_size)
 
     def close(self) -> None:
         """Stop counting as a build using the store."""
@@ -239,10 +243,16 @@ class Store:
         finally:
             entry.close()
 
+    def _new_entry(self, parent: Path) -> NewEntry:
+        try:
+            return entries.create(parent)
+        except OSError as exc:
+            raise self.write_error("cannot make a new entry", exc) from exc
+
     @asynccontextmanager
     async def stage(self) -> AsyncIterator[Entry]:
         """A scratch entry, removed when the block ends, however it ends."""
-        entry = entries.create(self.tmp)
+        entry = self._new_entry(self.tmp)
         try:
             yield entry
         finally:
@@ -256,7 +266,7 @@ class Store:
         If another build committed `object_id` first, this copy is discarded quietly. Whatever the
         outcome (`entry.outcome`), with `keep` the tree stays usable in `keep` until it is closed.
         """
-        entry = entries.create(self.staging)
+        entry = self._new_entry(self.staging)
         try:
             yield entry
             entry.outcome = await self._commit(entry, object_id)
