@@ -139,7 +139,10 @@ def test_signal_at_a_random_moment(aosbuild: Aosbuild, signum: int, delay: float
     assert_clean(aosbuild, before)
 
 
-@pytest.mark.parametrize("signum", [int(signal.SIGINT), int(signal.SIGTERM)])
+@pytest.mark.parametrize("signum", [
+    pytest.param(int(signal.SIGINT), marks=pytest.mark.xfail(strict=False, reason=(
+        "seen once in CI under load: 'Aborted' printed, yet the process ended by SIGINT (-2); not yet explained"))),
+    int(signal.SIGTERM)])
 def test_signal_during_startup(aosbuild: Aosbuild, signum: int) -> None:
     proc = start(aosbuild, disk_manifest(hanging_loop_stage()), "--monitor", "jsonseq")
     time.sleep(0.3)  # importing aosbuild takes longer than this
