@@ -1,4 +1,4 @@
-"""The console script's entry: signals are handled from the first instruction, before the heavy imports.
+"""The console scripts' entry: signals are handled from the first instruction, before the heavy imports.
 
 Until the engine's event loop takes over signal handling (`aosbuild.signals`), SIGINT raises
 KeyboardInterrupt as usual and SIGTERM raises `Terminated`, so an early signal exits 130 or 143 with
@@ -7,6 +7,7 @@ KeyboardInterrupt as usual and SIGTERM raises `Terminated`, so an early signal e
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
 from types import FrameType
@@ -24,12 +25,34 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
     return 143 if isinstance(interrupt, Terminated) else 130
 
 
-def main() -> int:
+def forget_interrupts() -> None:
+    """Make the exit code we return the one the process ends with.
+
+    CPython remembers a KeyboardInterrupt that escaped code it ran from a string (dataclasses build their
+    methods with exec(), so a Ctrl-C during the imports often lands there) and, under `python -m`, ends the
+    process by SIGINT at exit whatever exit code it was given, even when the interrupt was handled.
+    Running any string through exec() clears that memory (`_Py_UnhandledKeyboardInterrupt`).
+    """
+    exec("pass")
+
+
+def run_guarded(module: str) -> int:
+    """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        from .cli import main as cli_main
-
-        return cli_main()
+        code: int = importlib.import_module(module).main()
     except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
-        return exit_code(interrupt)
+        code = exit_code(interrupt)
+    forget_interrupts()
+    return code
+
+
+def main() -> int:
+    """`aosbuild`."""
+    return run_guarded("aosbuild.cli")
+
+
+def osbuild() -> int:
+    """The drop-in `osbuild` command (`aosbuild install-osbuild-command`)."""
+    return run_guarded("aosbuild.osbuild_compat")

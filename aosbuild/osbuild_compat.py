@@ -117,8 +117,8 @@ def install(argv: list[str]) -> int:
         sys.stderr.write(f"Error: {target} exists and was not written by aosbuild; use --force to replace it\n")
         return 1
     bindir.mkdir(parents=True, exist_ok=True)
-    target.write_text(f"#!{sys.executable}\n{marker}\nimport sys\n\nfrom aosbuild.osbuild_compat import main\n\n"
-                      "sys.exit(main())\n")
+    target.write_text(f"#!{sys.executable}\n{marker}\nimport sys\n\nfrom aosbuild.entry import osbuild\n\n"
+                      "sys.exit(osbuild())\n")
     target.chmod(0o755)
     sys.stdout.write(f"{target}\n")
     return 0

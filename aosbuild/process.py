@@ -153,15 +153,29 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
         start_new_session=True)
     process = Process(popen)
     splitter = LineSplitter(on_line)
+    at_end = False
     try:
         if on_started is not None:
             on_started()
         await process.read_output(splitter.feed)
+        at_end = True
         splitter.close()
         return await process.wait()
     finally:
         await stop(process, grace)
+        if not at_end:
+            await drain(process, grace)
         process.close()
+
+
+async def drain(process: Process, timeout: float) -> None:
+    """Wait until nothing holds the output pipe any more: the process's own children are gone too.
+
+    A cancelled bwrap dies at once, but its child (the sandbox's init) dies of `--die-with-parent` a moment
+    later and may still be setting up, creating mount points in directories the engine is about to remove.
+    """
+    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+        await process.read_output(lambda chunk: None)
 
 
 class CommandError(AosbuildError):

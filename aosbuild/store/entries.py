@@ -217,8 +217,9 @@ def remove_contents(path: Path, keep: str | None = None) -> None:
         try:
             os.chmod(os.path.dirname(p), 0o700)
             func(p)
-        except FileNotFoundError:
-            pass
+        except OSError as again:
+            if again.errno not in (errno.ENOENT, errno.ENOTEMPTY):  # ENOTEMPTY: written into; the loop retries
+                raise
 
     for attempt in range(5):
         try:
