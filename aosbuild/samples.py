@@ -100,7 +100,9 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
                 "type": "org.osbuild.qemu",
                 "inputs": {"image": {"type": "org.osbuild.files", "origin": "org.osbuild.pipeline",
                                      "references": {"name:image": {"file": "disk.img"}}}},
-                "options": {"filename": "disk.qcow2", "format": {"type": "qcow2", "compat": "1.1"}}}]},
+                # zstd: about as small as osbuild's default zlib, five times faster to write
+                "options": {"filename": "disk.qcow2",
+                            "format": {"type": "qcow2", "compat": "1.1", "compression_type": "zstd"}}}]},
         ],
     }
 
