@@ -184,7 +184,11 @@ def _main(args: argparse.Namespace) -> int:
         return 2
 
     if args.inspect:
-        print_json(describe(manifest))
+        try:
+            host_runner: str | None = library.host_runner()
+        except AosbuildError:  # only named for build pipelines without a runner of their own
+            host_runner = None
+        print_json(describe(manifest, host_runner))
         return 0
     if args.export and not args.output_directory and not args.sources_only:
         sys.stderr.write("Need --output-directory for --export\n")

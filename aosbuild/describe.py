@@ -8,18 +8,16 @@ from .manifest import Device, Input, Manifest, Mount, Pipeline, Stage
 
 
 def _device(device: Device) -> dict[str, Any]:
+    # osbuild leaves `parent` out (the parent's id is in the mount ids already)
     desc: dict[str, Any] = {"type": device.type}
-    if device.parent:
-        desc["parent"] = device.parent.name
     if device.options:
         desc["options"] = device.options
     return desc
 
 
 def _mount(mount: Mount) -> dict[str, Any]:
-    desc: dict[str, Any] = {"name": mount.name, "type": mount.type}
-    if mount.target:
-        desc["target"] = mount.target
+    # `target` is always there, `null` when the manifest has none, as osbuild prints it
+    desc: dict[str, Any] = {"name": mount.name, "type": mount.type, "target": mount.target}
     if mount.device:
         desc["source"] = mount.device.name
     if mount.partition:
@@ -33,7 +31,8 @@ def _input(inp: Input) -> dict[str, Any]:
     desc: dict[str, Any] = {"type": inp.type, "origin": inp.origin}
     if inp.options:
         desc["options"] = inp.options
-    desc["references"] = inp.refs
+    if inp.refs:  # empty when every pipeline reference lacked `name:` and was dropped
+        desc["references"] = inp.refs
     return desc
 
 
@@ -50,12 +49,16 @@ def _stage(stage: Stage) -> dict[str, Any]:
     return desc
 
 
-def _pipeline(pipeline: Pipeline) -> dict[str, Any]:
+def _pipeline(pipeline: Pipeline, build_ids: set[str], host_runner: str | None) -> dict[str, Any]:
     desc: dict[str, Any] = {"name": pipeline.name}
     if pipeline.build:
         desc["build"] = pipeline.build
-    if pipeline.runner:
-        desc["runner"] = pipeline.runner
+    # osbuild keeps a `runner` only where it is used: on pipelines that others use as build root
+    # (without one of its own, such a pipeline runs its users on the host's runner)
+    if pipeline.id in build_ids:
+        runner = pipeline.runner or host_runner
+        if runner:
+            desc["runner"] = runner
     # osbuild leaves `source-epoch` out of the description (it is in the stage ids already)
     if pipeline.stages:
         desc["stages"] = [_stage(s) for s in pipeline.stages]
@@ -93,16 +96,17 @@ def describe_v1(manifest: Manifest) -> dict[str, Any]:
     return desc
 
 
-def describe(manifest: Manifest) -> dict[str, Any]:
-    """What `osbuild --inspect` prints for the manifest, in its own format."""
+def describe(manifest: Manifest, host_runner: str | None = None) -> dict[str, Any]:
+    """What `osbuild --inspect` prints for the manifest, in its own format.
+
+    `host_runner` is named for build pipelines that have no `runner` of their own, as osbuild does.
+    """
     if manifest.version == "1":
         return describe_v1(manifest)
-    desc: dict[str, Any] = {"version": "2", "pipelines": [_pipeline(p) for p in manifest.pipelines]}
+    build_ids = {p.build for p in manifest.pipelines if p.build}
+    desc: dict[str, Any] = {"version": "2",
+                            "pipelines": [_pipeline(p, build_ids, host_runner) for p in manifest.pipelines]}
     if manifest.sources:
-        desc["sources"] = {}
-        for source in manifest.sources:
-            entry: dict[str, Any] = {"items": source.items}
-            if source.options:
-                entry["options"] = source.options
-            desc["sources"][source.type] = entry
+        # osbuild describes a source by its items only
+        desc["sources"] = {source.type: {"items": source.items} for source in manifest.sources}
     return desc

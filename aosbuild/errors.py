@@ -62,7 +62,9 @@ class ManifestError(AosbuildError):
 
     def __init__(self, source: str, problems: Sequence[Problem]) -> None:
         self.source = source
-        self.problems = tuple(sorted(set(problems), key=lambda p: (_sort_key(p.path), p.message)))
+        # osbuild sorts by the rendered path (so `.mounts.root` before `.mounts[0]`, `[10]` before `[2]`);
+        # its order among problems at one path is arbitrary, here it is by message
+        self.problems = tuple(sorted(set(problems), key=lambda p: (p.location, p.message)))
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -78,11 +80,6 @@ class ManifestError(AosbuildError):
             "success": False,
             "errors": [{"message": p.message, "path": list(p.path)} for p in self.problems],
         }
-
-
-def _sort_key(path: tuple[str | int, ...]) -> tuple[tuple[int, str | int], ...]:
-    # ints and strings do not compare; keep indices before keys at the same depth
-    return tuple((0, k) if isinstance(k, int) else (1, k) for k in path)
 
 
 class UsageError(AosbuildError):

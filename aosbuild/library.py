@@ -56,6 +56,11 @@ class ModuleInfo:
             schema: dict[str, Any] = {"title": "Pipeline Stage", "type": "object",
                                       "additionalProperties": False, "properties": props,
                                       "required": [key]}
+        elif self.kind == "Source" and version == "1":
+            # v1 sources have their own shape (`urls` for org.osbuild.files); osbuild wraps the schema
+            # in a strict object, as here
+            schema = {"title": "Pipeline Source", "type": "object", "additionalProperties": False,
+                      **(self.schema_v1 or self.schema_v2)}
         elif self.kind == "Device":
             schema = {"additionalProperties": True,
                       "properties": {"type": {"enum": [self.name]}, **self.schema_v2}}

@@ -132,6 +132,12 @@ class _V2Loader:
             devices = self.devices(stage_desc.get("devices", {}), (*spath, "devices"))
             mounts = tuple(self.mount(m, devices, (*spath, "mounts", k))
                            for k, m in enumerate(stage_desc.get("mounts", [])))
+            seen: set[str] = set()
+            for k, mount in enumerate(mounts):
+                if mount.name in seen:  # osbuild fails here with a traceback: "Duplicated mount"
+                    self.problems.append(Problem(f"Duplicated mount '{mount.name}': mount names must be unique "
+                                                 "in a stage", (*spath, "mounts", k, "name")))
+                seen.add(mount.name)
             stage = make_stage(type_=stage_desc["type"], build=build, base=base,
                                options=dict(stage_desc.get("options", {})), source_epoch=epoch,
                                inputs=inputs, devices=devices, mounts=mounts)

@@ -24,10 +24,15 @@ class Input:
     # resolved references: pipeline id or source checksum -> reference options
     refs: dict[str, dict[str, Any]]
     options: dict[str, Any] = field(default_factory=dict)
+    # osbuild's v1 assembler references a tree without stages by its id, None: the input means an
+    # empty tree (no refs here) but is hashed as `{null: {}}`
+    null_ref: bool = False
 
     @property
     def id(self) -> str:
-        return ids.input_id(self.type, self.origin, self.refs, self.options)
+        # json.dumps writes a None key as "null", so this hashes exactly as osbuild's {None: {}}
+        refs = {"null": {}} if self.null_ref else self.refs
+        return ids.input_id(self.type, self.origin, refs, self.options)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

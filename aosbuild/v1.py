@@ -33,9 +33,19 @@ def validate_v1(description: dict[str, Any], library: Library) -> list[Problem]:
     walk(description.get("pipeline"), ("pipeline",))
     sources = description.get("sources")
     if isinstance(sources, dict):
-        for name in sources:
-            if library.find("Source", "org.osbuild.curl" if name == "org.osbuild.files" else name) is None:
-                problems.append(Problem(f"could not find schema information for '{name}'", ("sources", name)))
+        for name, source in sources.items():
+            # osbuild checks `org.osbuild.files` as `org.osbuild.curl` and reports it under that name
+            module = "org.osbuild.curl" if name == "org.osbuild.files" else name
+            info = library.find("Source", module)
+            if info is None:
+                problems.append(Problem(f"could not find schema information for '{module}'", ("sources", module)))
+                continue
+            found = list(check(info.validation_schema("1"), source, ("sources", module)))
+            if not found and name == "org.osbuild.files" and "urls" not in source:
+                # the schema allows `items` too, but osbuild's v1 loader then fails with a KeyError
+                found.append(Problem("a v1 'org.osbuild.files' source lists its files under 'urls'",
+                                     ("sources", name)))
+            problems += found
     return problems
 
 
@@ -79,7 +89,7 @@ def load_v1(description: dict[str, Any], library: Library, source: str, *, valid
     assembler = desc.get("assembler")
     if assembler:
         tree_input = Input(name="tree", type="org.osbuild.tree", origin=PIPELINE_ORIGIN,
-                           refs={tree.id: {}} if tree.id else {})
+                           refs={tree.id: {}} if tree.id else {}, null_ref=tree.id is None)
         stage = make_stage(type_=assembler["name"], build=tree.build, base=None,
                            options=dict(assembler.get("options", {})), source_epoch=None,
                            inputs={"tree": tree_input}, devices={}, mounts=(), kind="Assembler")

@@ -60,7 +60,11 @@ def validate_v2(description: dict[str, Any], library: Library) -> list[Problem]:
                 if isinstance(group, dict):
                     for name, desc in group.items():
                         problems += _module(library, kind, desc, "type", "2", (*path, key, name))
+            # osbuild reports a mount's own schema errors under its name, not its index (the
+            # manifest schema's under the index), and checks only the last of same-named mounts
             mounts = stage.get("mounts")
-            for k, mount in enumerate(mounts if isinstance(mounts, list) else []):
-                problems += _module(library, "Mount", mount, "type", "2", (*path, "mounts", k))
+            named = {m["name"]: m for m in (mounts if isinstance(mounts, list) else [])
+                     if isinstance(m, dict) and isinstance(m.get("name"), str)}
+            for name, mount in named.items():
+                problems += _module(library, "Mount", mount, "type", "2", (*path, "mounts", name))
     return problems
