@@ -1,50 +1,37 @@
-"""Benchmark source downloads: `aosbuild --sources-only` at several `--download-jobs` against `apt-get download`.
+"""Downloads scenario: `aosbuild --sources-only` at several `--download-jobs` against `apt-get download`.
 
-Run with the venv's interpreter: `.venv/bin/python bench/downloads.py [--repeat N] [--jobs 1,4,8,16]`.
 Each `--download-jobs N` run also sets `--download-jobs-per-host N`, since the set comes from one or two
 hosts and the per-host default (4) would otherwise cap N; one more run keeps both defaults.
 The package set (minbase plus systemd, about 100 .debs) is depsolved once, untimed, against the mirror of
-this host's apt configuration; every timed run then starts from an empty store or directory. Prints a
-Markdown table and writes the raw timings to `bench/results/downloads-<UTC timestamp>.json`.
+this host's apt configuration; every timed run then starts from an empty store or directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-from run import FAST_TMP, REPO, RESULTS, Summary, machine, repeat
+from common import REPO, Section, Summary, repeat, timed_ms
 
 from aosbuild.depsolve import AptRoot, DepsolveRequest, DepsolveResult, default_cache, depsolve, open_apt_root
 
 JOBS = (1, 4, 8, 16)
+QUICK_JOBS = (1, 8)
 PACKAGES = ("systemd",)
 VARIANT = "minbase"
 STORE_ITEMS = Path("sources") / "org.osbuild.files"  # where a store keeps org.osbuild.curl items
 
 
 def run_timed(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | None = None) -> float:
-    """Wall seconds of one command; a failure aborts the benchmark: a failed download's time means nothing."""
-    start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed with exit status {proc.returncode}: {' '.join(argv)}\n"
-                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return elapsed
+    """Wall seconds of one command; a failure aborts the benchmark."""
+    return timed_ms(argv, cwd=cwd, env=env) / 1000
 
 
 def manifest(result: DepsolveResult) -> dict[str, Any]:
@@ -150,55 +137,21 @@ def table(raw: dict[str, list[float]], jobs: Sequence[int], total_bytes: int, co
     return lines
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=5, metavar="N", help="repetitions (default: 5)")
-    parser.add_argument("--jobs", default=",".join(map(str, JOBS)), metavar="LIST",
-                        help="--download-jobs values, comma-separated (default: 1,4,8,16)")
-    parser.add_argument("--cache", type=Path, metavar="DIR",
-                        help="aosbuild depsolve's cache (default: its own default)")
-    args = parser.parse_args(argv)
-    try:
-        args.jobs = [int(j) for j in args.jobs.split(",")]
-    except ValueError:
-        parser.error("--jobs takes integers, comma-separated")
-    if args.repeat < 1 or min(args.jobs) < 1:
-        parser.error("repetitions and jobs must be at least 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    clock = time.perf_counter()
-    result, apt_root = anyio.run(prepare, args.cache, backend="trio")
+def run(root: Path, times: int, quick: bool) -> Section:
+    jobs = QUICK_JOBS if quick else JOBS
+    result, apt_root = anyio.run(prepare, None, backend="trio")
     total = sum(p.size for p in result.packages)
-    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-bench-downloads-") as tmp:
-        path = Path(tmp) / "manifest.json"
-        path.write_text(json.dumps(manifest(result)))
-        ws = Workspace(Path(tmp), path, result, apt_root)
-        ws.aosbuild_fresh(None)  # untimed: .pyc files, the page cache and the resolver warm up
-        raw = measure(ws, args.repeat, args.jobs)
-    info = machine()
+    path = root / "manifest.json"
+    path.write_text(json.dumps(manifest(result)))
+    ws = Workspace(root, path, result, apt_root)
+    ws.aosbuild_fresh(None)  # untimed: .pyc files, the page cache and the resolver warm up
+    raw = measure(ws, times, jobs)
     # counted, never named: no mirror address goes into the repository, results included
     hosts = {urlsplit(p.url).netloc for p in result.packages}
-    lines = [f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, kernel {info['kernel']}, "
-             f"commit {(info['commit'] or 'unknown')[:12]}{' (dirty)' if info['dirty'] else ''}; "
-             f"{args.repeat} repetitions; median (min-max); packages from {len(result.repositories)} repositories "
-             f"on {len(hosts)} host(s) of this machine's apt sources.",
-             "", *table(raw, args.jobs, total, len(result.packages))]
-    print("\n".join(lines))
-    report = {"started": started, "machine": info, "duration_s": round(time.perf_counter() - clock, 1),
-              "settings": {"repeat": args.repeat, "jobs": args.jobs, "variant": VARIANT,
-                           "packages": list(PACKAGES), "count": len(result.packages), "bytes": total,
-                           "repositories": len(result.repositories), "hosts": len(hosts)},
-              "samples_s": raw, "summary_s": {k: asdict(Summary.of(v)) for k, v in raw.items()}}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"downloads-{started}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nraw results: {out.relative_to(REPO)}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    apt, default = Summary.of(raw["apt_get_download_s"]), Summary.of(raw["aosbuild_default_s"])
+    return Section(name="downloads", samples=raw, table=table(raw, jobs, total, len(result.packages)),
+                   headline={"apt_get_s": apt.median, "aosbuild_default_s": default.median,
+                             "speedup_default": apt.median / default.median},
+                   settings={"jobs": list(jobs), "variant": VARIANT, "packages": list(PACKAGES),
+                             "count": len(result.packages), "bytes": total,
+                             "repositories": len(result.repositories), "hosts": len(hosts)})

@@ -1,27 +1,21 @@
-"""Benchmark the store: a fully cached rebuild, and committing and exporting a 1 GiB tree against `cp -a`.
+"""Store scenarios: a fully cached rebuild against startup, committing and exporting a 1 GiB tree against `cp -a`.
 
-Run with the venv's interpreter from anywhere: `.venv/bin/python bench/store.py [--repeat N] [--quick]`.
-Prints a Markdown table and writes the raw timings to `bench/results/store-<UTC timestamp>.json`.
 The rebuild scenario runs the CLI as a user would; the 1 GiB scenario drives `aosbuild.store` directly,
 since a build would add the time of a stage writing 1 GiB to what is measured.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-from run import FAST_TMP, REPO, TEST_LIBDIR, Summary, machine, repeat, timed_ms, write_results
+from common import REPO, TEST_LIBDIR, Section, Summary, repeat, summary_table, timed_ms
 
 sys.path.insert(0, str(REPO))
 from aosbuild.store import Store, copy_tree  # the repository's, not an installed one
@@ -132,69 +126,38 @@ def measure_tree(root: Path, times: int, files: int) -> dict[str, list[float]]:
 
 def rebuild_table(raw: dict[str, list[float]]) -> list[str]:
     s = {key: Summary.of(values) for key, values in raw.items()}
-    return [
+    return summary_table(
         f"### Fully cached rebuild ({PIPELINES} pipelines x {STAGES} stages, 4 of them reading another's tree)",
-        "",
-        "| measurement | median ms (min-max) |",
-        "|---|---|",
-        f"| aosbuild startup, empty manifest | {s['startup_ms'].cell()} |",
-        f"| cold build, empty store | {s['cold_ms'].cell()} |",
-        f"| **the same build again, fully cached** | **{s['cached_ms'].cell()}** |",
-        f"| cached rebuild - startup | {s['cached_over_startup_ms'].cell()} |",
-    ]
+        "ms", [("aosbuild startup, empty manifest", s["startup_ms"]),
+               ("cold build, empty store", s["cold_ms"]),
+               ("**the same build again, fully cached**", s["cached_ms"]),
+               ("cached rebuild - startup", s["cached_over_startup_ms"])])
 
 
 def tree_table(raw: dict[str, list[float]], files: int) -> list[str]:
     s = {key: Summary.of(values) for key, values in raw.items()}
     size = files * TREE_FILE_SIZE / 2**30
-    return [
+    return summary_table(
         f"### Committing and exporting a {size:g} GiB tree ({files} files) vs `cp -a` of it",
-        "",
-        "| aosbuild: commit | aosbuild: export | aosbuild: commit + export | `cp -a` |",
-        "|---|---|---|---|",
-        f"| {s['commit_ms'].cell()} ms | {s['export_ms'].cell()} ms | {s['commit_and_export_ms'].cell()} ms"
-        f" | {s['cp_a_ms'].cell()} ms |",
-    ]
+        "ms", [("aosbuild: commit (size walk, results, bound check, rename)", s["commit_ms"]),
+               ("aosbuild: export (`cp --reflink=auto -a`)", s["export_ms"]),
+               ("**aosbuild: commit + export**", s["commit_and_export_ms"]),
+               ("**`cp -a` of the same tree**", s["cp_a_ms"])])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--repeat", type=int, default=None, metavar="N",
-                        help="repetitions of each scenario (default: 5, or 2 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run: 2 repetitions, a {QUICK_TREE_FILES}-file tree")
-    args = parser.parse_args(argv)
-    if args.repeat is None:
-        args.repeat = 2 if args.quick else 5
-    if args.repeat < 1:
-        parser.error("repetitions must be at least 1")
-    return args
+def rebuild(root: Path, times: int, quick: bool) -> Section:
+    measure_rebuild(root, 1)  # warm up: .pyc files, the page cache
+    raw = measure_rebuild(root, times)
+    s = {key: Summary.of(values) for key, values in raw.items()}
+    return Section(name="rebuild", samples=raw, table=rebuild_table(raw),
+                   headline={"cached_over_startup_ms": s["cached_over_startup_ms"].median},
+                   settings={"pipelines": PIPELINES, "stages": STAGES})
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    files = QUICK_TREE_FILES if args.quick else TREE_FILES
-    started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    clock = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-bench-store-") as tmp:
-        root = Path(tmp)
-        measure_rebuild(root, 1)  # warm up: .pyc files, the page cache
-        rebuild = measure_rebuild(root, args.repeat)
-        tree = measure_tree(root, args.repeat, files)
-    info = machine()
-    lines = [f"Machine: {info['cpu_model']}, {info['cpus']} CPUs, kernel {info['kernel']}, "
-             f"commit {(info['commit'] or 'unknown')[:12]}{' (dirty)' if info['dirty'] else ''}; "
-             f"{args.repeat} repetitions; median (min-max).",
-             "", *rebuild_table(rebuild), "", *tree_table(tree, files)]
-    print("\n".join(lines))
-    report = {"started": f"store-{started}", "machine": info, "duration_s": round(time.perf_counter() - clock, 1),
-              "settings": {"repeat": args.repeat, "pipelines": PIPELINES, "stages": STAGES, "tree_files": files,
-                           "tree_file_size": TREE_FILE_SIZE},
-              "rebuild": {"samples_ms": rebuild, "summary_ms": {k: asdict(Summary.of(v)) for k, v in rebuild.items()}},
-              "tree": {"samples_ms": tree, "summary_ms": {k: asdict(Summary.of(v)) for k, v in tree.items()}}}
-    print(f"\nraw results: {write_results(report).relative_to(REPO)}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def commit_export(root: Path, times: int, quick: bool) -> Section:
+    files = QUICK_TREE_FILES if quick else TREE_FILES
+    raw = measure_tree(root, times, files)
+    s = {key: Summary.of(values) for key, values in raw.items()}
+    return Section(name="commit", samples=raw, table=tree_table(raw, files),
+                   headline={"commit_ms": s["commit_ms"].median, "cp_a_ms": s["cp_a_ms"].median},
+                   settings={"tree_files": files, "tree_file_size": TREE_FILE_SIZE})

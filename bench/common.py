@@ -1,0 +1,101 @@
+"""What every benchmark scenario shares: timing a command, repetitions, summaries, the machine, sections.
+
+Each scenario module (engine, store, downloads, debian) returns `Section`s; `suite.py` runs them, prints
+their tables and writes them with the commit and the machine to bench/results/.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+TEST_LIBDIR = REPO / "tests" / "lib"
+# the root disk is slow at creating files; stores on it would measure the disk, not aosbuild
+FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+# what `--jobs` defaults to in aosbuild's CLI; recorded so the tables say what "default" meant
+DEFAULT_JOBS = max(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Summary:
+    """Median and spread of one measurement, in the unit of its samples."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Summary:
+        return cls(median=statistics.median(samples), min=min(samples), max=max(samples))
+
+    def cell(self, digits: int = 1) -> str:
+        return f"{self.median:.{digits}f} ({self.min:.{digits}f}-{self.max:.{digits}f})"
+
+
+@dataclass(kw_only=True)
+class Section:
+    """One scenario's outcome: every sample, the table people read, and the few numbers the history follows."""
+
+    name: str
+    samples: dict[str, list[float]]
+    table: list[str]
+    headline: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summaries(self) -> dict[str, Summary]:
+        return {key: Summary.of(values) for key, values in self.samples.items()}
+
+
+def summary_table(title: str, unit: str, rows: Sequence[tuple[str, Summary]], digits: int = 1) -> list[str]:
+    """A two-column Markdown table of medians with their min-max."""
+    return [title, "", f"| measurement | median {unit} (min-max) |", "|---|---|",
+            *(f"| {label} | {summary.cell(digits)} |" for label, summary in rows)]
+
+
+def timed_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | None = None) -> float:
+    """Run one command to completion and return its wall time; a failure aborts: its time means nothing."""
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    elapsed = (time.perf_counter() - start) * 1000
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed with exit status {proc.returncode}: {' '.join(argv)}\n"
+                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def repeat(times: int, sample: Callable[[], dict[str, float]]) -> dict[str, list[float]]:
+    """Collect `times` samples, each a dict of interleaved measurements, so drift hits all of them alike."""
+    runs = [sample() for _ in range(times)]
+    return {key: [run[key] for run in runs] for key in runs[0]}
+
+
+def git(*args: str) -> str:
+    """Git's output, or "" outside a checkout: a benchmark copied elsewhere should still run."""
+    proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from: they mean little without the commit, the hardware and the load."""
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    # "dirty": uncommitted changes mean the commit alone does not say what was measured
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain")),
+            "kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": model,
+            "python": platform.python_version(), "default_jobs": DEFAULT_JOBS,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "store_dir": FAST_TMP or tempfile.gettempdir()}

@@ -1,0 +1,114 @@
+"""Debian image scenario: the README's main job, cold and warm, each next to its floor.
+
+Cold: `aosbuild --export qcow2` of `aosbuild sample debian` on a store that has the sources but no
+objects (downloads are the downloads scenario's subject). Its baseline is mmdebstrap installing the
+image's package set from a local repository of the same .debs, run directly on the host: the single step
+no tool that installs those packages with dpkg can skip; everything aosbuild does beyond it (the build
+root, configuration, the initramfs, the disk, the qcow2) shows as the difference.
+
+Warm: the same command again on the same store, into a new output directory: every pipeline is cached and
+only the qcow2 is copied out. Its baseline is aosbuild's startup on an empty manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import Section, Summary, repeat, summary_table, timed_ms
+
+ITEMS = Path("sources") / "org.osbuild.files"  # where a store keeps org.osbuild.curl items
+
+
+def aosbuild(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "aosbuild", *(os.fspath(arg) for arg in args)]
+
+
+def os_install_stage(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The stage that installs the image's packages: the os pipeline's first."""
+    os_pipeline = next(p for p in manifest["pipelines"] if p["name"] == "os")
+    stage: dict[str, Any] = os_pipeline["stages"][0]
+    assert stage["type"] == "org.aosbuild.debian.install", stage["type"]
+    return stage
+
+
+def mmdebstrap_argv(stage: dict[str, Any], repo: Path, target: Path) -> list[str]:
+    """mmdebstrap as org.aosbuild.debian.install runs it, so the baseline installs exactly the same."""
+    options = stage["options"]
+    return ["mmdebstrap", "--mode=root", f"--variant={options['variant']}",
+            f"--architectures={options['architecture']}", "--format=directory",
+            "--aptopt=Acquire::Languages \"none\"", "--dpkgopt=force-unsafe-io",
+            f"--include={','.join(options['packages'])}", options["suite"], os.fspath(target),
+            f"deb [trusted=yes] copy://{repo} ./"]
+
+
+def baseline_ms(stage: dict[str, Any], items: Path, work: Path) -> float:
+    """Index the .debs as a flat repository and install them with mmdebstrap; both timed, as in the stage."""
+    repo, target = work / "repo", work / "tree"
+    repo.mkdir(parents=True)
+    script = ['set -e; cd "$1"; shift; for deb in "$@"; do',
+              '  name=$(dpkg-deb --show --showformat \'${Package}_${Version}_${Architecture}\' "$deb");',
+              '  ln -s "$deb" "$(printf %s "$name" | sed s/:/%3a/g).deb"; done;',
+              'apt-ftparchive packages . > Packages;',
+              f'apt-ftparchive -o APT::FTPArchive::Release::Suite={stage["options"]["suite"]} '
+              f'-o APT::FTPArchive::Release::Codename={stage["options"]["suite"]} release . > Release']
+    debs = [os.fspath(items / checksum) for checksum in stage["inputs"]["packages"]["references"]]
+    env = dict(os.environ, INITRD="No")
+    try:
+        index = timed_ms(["sh", "-c", " ".join(script), "index", os.fspath(repo), *debs])
+        return index + timed_ms(mmdebstrap_argv(stage, repo, target), env=env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(root: Path, times: int, quick: bool) -> Section:
+    manifest_path, template = root / "debian.json", root / "template"
+    subprocess.run(aosbuild("sample", "debian", "--output", manifest_path, "--password", "bench"),
+                   check=True, capture_output=True)
+    # untimed: every source into a store that then serves as every cold build's starting point
+    subprocess.run(aosbuild("--store", template, "-q", "--sources-only", manifest_path), check=True)
+    manifest = json.loads(manifest_path.read_text())
+    stage = os_install_stage(manifest)
+    empty = root / "empty.json"
+    empty.write_text(json.dumps({"version": "2"}))
+    counter = iter(range(1 << 30))
+
+    def sample() -> dict[str, float]:
+        n = next(counter)
+        store = root / f"store-{n}"
+        subprocess.run(["cp", "-a", "--reflink=auto", template, store], check=True)
+        build = aosbuild("--store", store, "-q", "--export", "qcow2")
+        try:
+            cold = timed_ms([*build, "--output-directory", f"{root}/out-{n}-cold", os.fspath(manifest_path)])
+            warm = timed_ms([*build, "--output-directory", f"{root}/out-{n}-warm", os.fspath(manifest_path)])
+            startup = timed_ms(aosbuild("--store", store, "-q", empty))
+        finally:
+            for path in (store, root / f"out-{n}-cold", root / f"out-{n}-warm"):
+                shutil.rmtree(path, ignore_errors=True)
+        floor = baseline_ms(stage, template / ITEMS, root / f"mmdebstrap-{n}")
+        return {"cold_ms": cold, "mmdebstrap_ms": floor, "cold_over_mmdebstrap_ms": cold - floor,
+                "warm_ms": warm, "startup_ms": startup, "warm_over_startup_ms": warm - startup}
+
+    raw = {key.removesuffix("_ms") + "_s": [ms / 1000 for ms in values]
+           for key, values in repeat(times, sample).items()}
+    shutil.rmtree(template, ignore_errors=True)
+    s = {key: Summary.of(values) for key, values in raw.items()}
+    table = summary_table(
+        f"### Debian 12 image, `aosbuild sample debian` to qcow2 ({len(stage['inputs']['packages']['references'])}"
+        " packages in the image)",
+        "s", [("**cold: empty object store, sources present**", s["cold_s"]),
+              ("mmdebstrap of the image's packages from the same .debs (indexing included)", s["mmdebstrap_s"]),
+              ("cold - mmdebstrap: everything else aosbuild does", s["cold_over_mmdebstrap_s"]),
+              ("**warm: the same build again, every pipeline cached, qcow2 exported**", s["warm_s"]),
+              ("aosbuild startup, empty manifest", s["startup_s"]),
+              ("warm - startup", s["warm_over_startup_s"])], digits=2)
+    return Section(name="debian", samples=raw, table=table,
+                   headline={"cold_s": s["cold_s"].median, "mmdebstrap_s": s["mmdebstrap_s"].median,
+                             "warm_s": s["warm_s"].median},
+                   settings={"packages": len(stage["inputs"]["packages"]["references"]),
+                             "export": "qcow2", "suite": stage["options"]["suite"]})
