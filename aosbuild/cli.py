@@ -148,7 +148,10 @@ def run_command(name: str, argv: list[str]) -> int:
 
     module_name, _, function = COMMANDS[name].partition(":")
     module = importlib.import_module(module_name)
-    result: int = getattr(module, function)(argv)
+    try:
+        result: int = getattr(module, function)(argv)
+    except SystemExit as exc:  # argparse's --help (0) and usage errors (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     return result
 
 

@@ -400,10 +400,7 @@ def request_from(args: argparse.Namespace) -> DepsolveRequest:
 
 def main(argv: list[str]) -> int:
     p = parser()
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else 2
+    args = p.parse_args(argv)
     try:
         request = request_from(args)
     except ValueError as exc:

@@ -168,13 +168,13 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
         process.close()
 
 
-async def drain(process: Process, timeout: float) -> None:
+async def drain(process: Process, grace: float) -> None:
     """Wait until nothing holds the output pipe any more: the process's own children are gone too.
 
     A cancelled bwrap dies at once, but its child (the sandbox's init) dies of `--die-with-parent` a moment
     later and may still be setting up, creating mount points in directories the engine is about to remove.
     """
-    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+    with anyio.CancelScope(shield=True), anyio.move_on_after(grace):
         await process.read_output(lambda chunk: None)
 
 

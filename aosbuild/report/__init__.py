@@ -51,11 +51,7 @@ def read_text(path: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = parser()
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exc:  # argparse's --help (0) and usage errors (2)
-        return exc.code if isinstance(exc.code, int) else 2
+    args = parser().parse_args(argv)
     try:
         text = read_text(args.stream)
     except OSError as exc:
