@@ -2,7 +2,9 @@
 
 Mounts are made inside the sandbox's own mount namespace, so none of them can outlive the sandbox;
 they are unmounted (and so written back) before the runner exits, which is before the engine detaches
-the loop devices under them. Without mounts the runner simply becomes the stage.
+the loop devices under them. Without mounts the runner simply becomes the stage: a Python stage for this
+same interpreter runs in it (one interpreter start per stage instead of two, about 40 ms), any other
+stage is exec'd.
 """
 
 from __future__ import annotations
@@ -39,11 +41,8 @@ def umount(target: str) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
-def run_stage(stage: str, argv: list[str]) -> int:
-    """Exec the stage, or, with mounts to make, mount, run it as a child, and unmount."""
-    plan_text = os.environ.pop(MOUNTS_ENV, "")
-    if not plan_text:
-        os.execv(stage, [stage, *argv])
+def run_with_mounts(stage: str, argv: list[str], plan_text: str) -> int:
+    """Mount, run the stage as a child, unmount; its exit code."""
     import json
 
     mounted: list[str] = []
@@ -66,16 +65,52 @@ def run_stage(stage: str, argv: list[str]) -> int:
             umount(target)
 
 
+def for_this_interpreter(stage: str) -> bool:
+    """True if the stage is a script whose `#!` line names exactly the interpreter running this runner."""
+    with open(stage, "rb") as f:
+        return f.readline().rstrip(b"\n") == b"#!" + os.fsencode(sys.executable)
+
+
+def become(stage: str, argv: list[str]) -> None:
+    """Run a Python stage's code in this interpreter, as if it had been exec'd; it ends the process.
+
+    A failure's traceback starts at the stage's own code, as it would in a process of its own.
+    """
+    import runpy
+
+    sys.argv = [stage, *argv]
+    sys.path[0] = os.path.dirname(stage)
+    try:
+        runpy.run_path(stage, run_name="__main__")
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        import traceback
+
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != stage:
+            tb = tb.tb_next
+        traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
+        raise SystemExit(1) from None
+    raise SystemExit(0)
+
+
 def main(prepare: object = None) -> int:
     """A runner's entry point: `prepare()` (if given) readies the build root, then the stage runs."""
-    stage = sys.argv[1]
+    stage, argv = sys.argv[1], sys.argv[2:]
     try:
         if callable(prepare):
             prepare()
-        return run_stage(stage, sys.argv[2:])
+        plan_text = os.environ.pop(MOUNTS_ENV, "")
+        if plan_text:
+            return run_with_mounts(stage, argv, plan_text)
+        if not for_this_interpreter(stage):
+            os.execv(stage, [stage, *argv])
     except OSError as exc:
         from aosbuild import stageapi  # only on failure: every stage would pay for this import
 
         stageapi.report_exception(exc)
         print(f"runner: cannot run {stage}: {exc}", file=sys.stderr)
         return 2
+    become(stage, argv)  # outside the handler above: the stage's own errors are its own
+    return 0
