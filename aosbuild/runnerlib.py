@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 MOUNTS_ENV = "AOSBUILD_MOUNTS"
 MS_RDONLY = 1
@@ -71,7 +71,7 @@ def for_this_interpreter(stage: str) -> bool:
         return f.readline().rstrip(b"\n") == b"#!" + os.fsencode(sys.executable)
 
 
-def become(stage: str, argv: list[str]) -> None:
+def become(stage: str, argv: list[str]) -> NoReturn:
     """Run a Python stage's code in this interpreter, as if it had been exec'd; it ends the process.
 
     A failure's traceback starts at the stage's own code, as it would in a process of its own.
@@ -113,4 +113,3 @@ def main(prepare: object = None) -> int:
         print(f"runner: cannot run {stage}: {exc}", file=sys.stderr)
         return 2
     become(stage, argv)  # outside the handler above: the stage's own errors are its own
-    return 0
