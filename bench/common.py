@@ -54,7 +54,12 @@ class Section:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summaries(self) -> dict[str, Summary]:
-        return {key: Summary.of(values) for key, values in self.samples.items()}
+        return summarise(self.samples)
+
+
+def summarise(samples: dict[str, list[float]]) -> dict[str, Summary]:
+    """Every measurement's median and spread, by the same keys."""
+    return {key: Summary.of(values) for key, values in samples.items()}
 
 
 def summary_table(title: str, unit: str, rows: Sequence[tuple[str, Summary]], digits: int = 1) -> list[str]:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import Section, Summary, repeat, summary_table, timed_ms
+from common import Section, repeat, summarise, summary_table, timed_ms
 
 ITEMS = Path("sources") / "org.osbuild.files"  # where a store keeps org.osbuild.curl items
 
@@ -97,7 +97,7 @@ def run(root: Path, times: int, quick: bool) -> Section:
     raw = {key.removesuffix("_ms") + "_s": [ms / 1000 for ms in values]
            for key, values in repeat(times, sample).items()}
     shutil.rmtree(template, ignore_errors=True)
-    s = {key: Summary.of(values) for key, values in raw.items()}
+    s = summarise(raw)
     table = summary_table(
         f"### Debian 12 image, `aosbuild sample debian` to qcow2 ({len(stage['inputs']['packages']['references'])}"
         " packages in the image)",

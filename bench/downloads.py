@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
-from common import REPO, Section, Summary, repeat, timed_ms
+from common import REPO, Section, Summary, repeat, summarise, timed_ms
 
 from aosbuild.depsolve import AptRoot, DepsolveRequest, DepsolveResult, default_cache, depsolve, open_apt_root
 
@@ -120,8 +120,8 @@ def measure(ws: Workspace, times: int, jobs: Sequence[int]) -> dict[str, list[fl
     return repeat(times, sample)
 
 
-def table(raw: dict[str, list[float]], jobs: Sequence[int], total_bytes: int, count: int) -> list[str]:
-    apt = Summary.of(raw["apt_get_download_s"])
+def table(s: dict[str, Summary], jobs: Sequence[int], total_bytes: int, count: int) -> list[str]:
+    apt = s["apt_get_download_s"]
     rows = [("`apt-get download` (one keep-alive connection per host)", "apt_get_download_s")]
     rows += [(f"aosbuild `--sources-only --download-jobs {n} --download-jobs-per-host {n}`", f"aosbuild_j{n}_s")
              for n in jobs]
@@ -129,10 +129,9 @@ def table(raw: dict[str, list[float]], jobs: Sequence[int], total_bytes: int, co
     lines = [f"### Downloading {count} packages, {total_bytes / 1e6:.1f} MB, from an empty cache", "",
              "| method | wall s, median (min-max) | MB/s (median) | speed-up vs apt-get |", "|---|---|---|---|"]
     for label, key in rows:
-        s = Summary.of(raw[key])
-        lines.append(f"| {label} | {s.cell(2)} | {total_bytes / 1e6 / s.median:.1f} | "
-                     f"{apt.median / s.median:.2f}x |")
-    cached = Summary.of(raw["aosbuild_cached_s"])
+        lines.append(f"| {label} | {s[key].cell(2)} | {total_bytes / 1e6 / s[key].median:.1f} | "
+                     f"{apt.median / s[key].median:.2f}x |")
+    cached = s["aosbuild_cached_s"]
     lines.append(f"| aosbuild, every item already in the store (fixed cost) | {cached.cell(2)} | - | - |")
     return lines
 
@@ -148,8 +147,9 @@ def run(root: Path, times: int, quick: bool) -> Section:
     raw = measure(ws, times, jobs)
     # counted, never named: no mirror address goes into the repository, results included
     hosts = {urlsplit(p.url).netloc for p in result.packages}
-    apt, default = Summary.of(raw["apt_get_download_s"]), Summary.of(raw["aosbuild_default_s"])
-    return Section(name="downloads", samples=raw, table=table(raw, jobs, total, len(result.packages)),
+    s = summarise(raw)
+    apt, default = s["apt_get_download_s"], s["aosbuild_default_s"]
+    return Section(name="downloads", samples=raw, table=table(s, jobs, total, len(result.packages)),
                    headline={"apt_get_s": apt.median, "aosbuild_default_s": default.median,
                              "speedup_default": apt.median / default.median},
                    settings={"jobs": list(jobs), "variant": VARIANT, "packages": list(PACKAGES),

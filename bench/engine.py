@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_JOBS, TEST_LIBDIR, Section, Summary, repeat, summary_table, timed_ms
+from common import DEFAULT_JOBS, TEST_LIBDIR, Section, Summary, repeat, summarise, summary_table, timed_ms
 
 NOOP_STAGES = 20
 SLEEP_SECONDS = 1.0
@@ -109,8 +109,7 @@ def warm_up(ws: Workspace) -> None:
     bwrap_series_ms(1)
 
 
-def overhead_table(raw: dict[str, list[float]]) -> list[str]:
-    s = {key: Summary.of(values) for key, values in raw.items()}
+def overhead_table(s: dict[str, Summary]) -> list[str]:
     return summary_table(
         f"### Per-stage overhead ({NOOP_STAGES} `org.osbuild.noop` stages vs {NOOP_STAGES} bare `bwrap ... true`)",
         "ms", [("aosbuild startup, empty manifest", s["startup_ms"]),
@@ -142,8 +141,8 @@ def overhead(root: Path, times: int, quick: bool) -> Section:
     ws = Workspace(root)
     warm_up(ws)
     raw = measure_overhead(ws, times)
-    s = {key: Summary.of(values) for key, values in raw.items()}
-    return Section(name="overhead", samples=raw, table=overhead_table(raw),
+    s = summarise(raw)
+    return Section(name="overhead", samples=raw, table=overhead_table(s),
                    headline={"startup_ms": s["startup_ms"].median,
                              "overhead_per_stage_ms": s["overhead_per_stage_ms"].median},
                    settings={"noop_stages": NOOP_STAGES, "bwrap_argv": BWRAP_ARGV})

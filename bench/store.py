@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from common import REPO, TEST_LIBDIR, Section, Summary, repeat, summary_table, timed_ms
+from common import REPO, TEST_LIBDIR, Section, Summary, repeat, summarise, summary_table, timed_ms
 
 sys.path.insert(0, str(REPO))
 from aosbuild.store import Store, copy_tree  # the repository's, not an installed one
@@ -124,8 +124,7 @@ def measure_tree(root: Path, times: int, files: int) -> dict[str, list[float]]:
     return repeat(times, sample)
 
 
-def rebuild_table(raw: dict[str, list[float]]) -> list[str]:
-    s = {key: Summary.of(values) for key, values in raw.items()}
+def rebuild_table(s: dict[str, Summary]) -> list[str]:
     return summary_table(
         f"### Fully cached rebuild ({PIPELINES} pipelines x {STAGES} stages, 4 of them reading another's tree)",
         "ms", [("aosbuild startup, empty manifest", s["startup_ms"]),
@@ -134,8 +133,7 @@ def rebuild_table(raw: dict[str, list[float]]) -> list[str]:
                ("cached rebuild - startup", s["cached_over_startup_ms"])])
 
 
-def tree_table(raw: dict[str, list[float]], files: int) -> list[str]:
-    s = {key: Summary.of(values) for key, values in raw.items()}
+def tree_table(s: dict[str, Summary], files: int) -> list[str]:
     size = files * TREE_FILE_SIZE / 2**30
     return summary_table(
         f"### Committing and exporting a {size:g} GiB tree ({files} files) vs `cp -a` of it",
@@ -148,8 +146,8 @@ def tree_table(raw: dict[str, list[float]], files: int) -> list[str]:
 def rebuild(root: Path, times: int, quick: bool) -> Section:
     measure_rebuild(root, 1)  # warm up: .pyc files, the page cache
     raw = measure_rebuild(root, times)
-    s = {key: Summary.of(values) for key, values in raw.items()}
-    return Section(name="rebuild", samples=raw, table=rebuild_table(raw),
+    s = summarise(raw)
+    return Section(name="rebuild", samples=raw, table=rebuild_table(s),
                    headline={"cached_over_startup_ms": s["cached_over_startup_ms"].median},
                    settings={"pipelines": PIPELINES, "stages": STAGES})
 
@@ -157,7 +155,7 @@ def rebuild(root: Path, times: int, quick: bool) -> Section:
 def commit_export(root: Path, times: int, quick: bool) -> Section:
     files = QUICK_TREE_FILES if quick else TREE_FILES
     raw = measure_tree(root, times, files)
-    s = {key: Summary.of(values) for key, values in raw.items()}
-    return Section(name="commit", samples=raw, table=tree_table(raw, files),
+    s = summarise(raw)
+    return Section(name="commit", samples=raw, table=tree_table(s, files),
                    headline={"commit_ms": s["commit_ms"].median, "cp_a_ms": s["cp_a_ms"].median},
                    settings={"tree_files": files, "tree_file_size": TREE_FILE_SIZE})
