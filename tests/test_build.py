@@ -186,14 +186,19 @@ def test_checkpoints(aosbuild: Aosbuild) -> None:
     assert sorted(os.listdir(aosbuild.output / "tree")) == ["a", "c"]
 
 
-def test_export_errors(aosbuild: Aosbuild) -> None:
+def check_export_errors(cli: Aosbuild) -> None:
+    """An unknown export and a missing --output-directory, as osbuild words them (the drop-in's test too)."""
     m = manifest(pipeline("tree", stage("org.osbuild.noop")), pipeline("other", stage("org.osbuild.noop")))
-    missing = aosbuild(m, "--export", "nope", "--output-directory", str(aosbuild.output))
+    missing = cli(m, "--export", "nope", "--output-directory", str(cli.output))
     assert missing.returncode == 1
     assert "Export nope not found in ['tree', 'other']" in missing.stderr
-    no_dir = aosbuild(m, "--export", "tree")
+    no_dir = cli(m, "--export", "tree")
     assert no_dir.returncode == 1
     assert "Need --output-directory for --export" in no_dir.stderr
+
+
+def test_export_errors(aosbuild: Aosbuild) -> None:
+    check_export_errors(aosbuild)
 
 
 def test_export_by_id(aosbuild: Aosbuild) -> None:

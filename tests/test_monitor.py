@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from aosbuild.manifest import Pipeline, Source, make_stage
 from aosbuild.monitor import JsonSeqMonitor, LogMonitor, human_bytes, omitempty, tail
@@ -36,6 +37,11 @@ def capture(run: object) -> bytes:
         return f.read()
 
 
+def parse_records(stream: bytes) -> list[dict[str, Any]]:
+    """The JSON records of a captured jsonseq stream (each line is RS, then the record)."""
+    return [json.loads(line[1:]) for line in stream.split(b"\n") if line]
+
+
 def interleaved(monitor: JsonSeqMonitor | LogMonitor) -> None:
     a, b = two_pipelines()
     monitor.build_started("m.json", sources=0, pipelines=2)
@@ -56,7 +62,7 @@ def interleaved(monitor: JsonSeqMonitor | LogMonitor) -> None:
 def test_jsonseq_interleaved_pipelines_pass_the_checker() -> None:
     stream = capture(lambda fd: interleaved(JsonSeqMonitor(fd)))
     assert "pipelines=2 stages=2 failed_stages=0 final_done=2/2 ok" in check_jsonseq(stream)
-    records = [json.loads(line[1:]) for line in stream.split(b"\n") if line]
+    records = parse_records(stream)
     contexts = {}
     for record in records:
         if "origin" in record["context"]:
@@ -133,7 +139,7 @@ def sources_run(monitor: JsonSeqMonitor | LogMonitor) -> None:
 def test_jsonseq_source_records_as_osbuild() -> None:
     stream = capture(lambda fd: sources_run(JsonSeqMonitor(fd)))
     assert "pipelines=2 stages=1 failed_stages=0 final_done=2/2 ok" in check_jsonseq(stream)
-    records = [json.loads(line[1:]) for line in stream.split(b"\n") if line]
+    records = parse_records(stream)
     lines = [r for r in records if "Downloaded" in r.get("message", "")]
     assert len(lines) == 10  # one per item; byte progress is not streamed
     assert lines[0]["message"] == "source/org.osbuild.curl (org.osbuild.curl): Downloaded http://h/0\n"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from .conftest import TEST_LIBDIR, Aosbuild, check_jsonseq, manifest, pipeline, stage
-from .test_build import started_stages
+from .test_build import check_export_errors, started_stages
 from .test_ids import GOLDEN
 
 
@@ -122,13 +122,7 @@ def test_inspect(osbuild: Osbuild) -> None:
 
 
 def test_export_errors(osbuild: Osbuild) -> None:
-    m = manifest(pipeline("tree", stage("org.osbuild.noop")), pipeline("other", stage("org.osbuild.noop")))
-    missing = osbuild(m, "--export", "nope", "--output-directory", str(osbuild.output))
-    assert missing.returncode == 1
-    assert "Export nope not found in ['tree', 'other']" in missing.stderr
-    no_dir = osbuild(m, "--export", "tree")
-    assert no_dir.returncode == 1
-    assert "Need --output-directory for --export" in no_dir.stderr
+    check_export_errors(osbuild)
 
 
 def test_checkpoints(osbuild: Osbuild) -> None:

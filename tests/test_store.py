@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,17 @@ from aosbuild.store.locks import READ, UNLOCK, WRITE, LockFile, holder
 from aosbuild.store.sizes import disk_usage, format_size
 
 KIB = 1024
+
+
+@contextmanager
+def python_running(script: str) -> Iterator[str]:
+    """`script` in another Python until the block ends, then killed (-9) and reaped; yields its first line."""
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            yield proc.stdout.readline().strip()
+        finally:
+            proc.send_signal(signal.SIGKILL)
 
 
 def fill(tree: Path, size: int, name: str = "data") -> None:
@@ -78,13 +90,9 @@ def test_a_lock_dies_with_its_process(tmp_path: Path) -> None:
     holder_script = ("import time; from pathlib import Path; from aosbuild.store.locks import LockFile, WRITE;"
                      f"l = LockFile.try_open(Path({str(path)!r}), WRITE, create=True);"
                      "print(l is not None, flush=True); time.sleep(60)")
-    with subprocess.Popen([sys.executable, "-c", holder_script], stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "True"
-            assert LockFile.try_open(path, READ) is None
-        finally:
-            proc.send_signal(signal.SIGKILL)
+    with python_running(holder_script) as first_line:
+        assert first_line == "True"
+        assert LockFile.try_open(path, READ) is None
     lock = LockFile.try_open(path, WRITE)
     assert lock is not None
     lock.close()
@@ -196,15 +204,11 @@ def test_a_dead_builds_staging_entries_are_reclaimed(tmp_path: Path) -> None:
     script = ("import time; from pathlib import Path; from aosbuild.store import entries;"
               f"e = entries.create(Path({str(root / 'stage')!r})); (e.tree / 'f').write_text('x');"
               "print(e.path, flush=True); time.sleep(60)")
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            path = Path(proc.stdout.readline().strip())
-            assert (path / "data" / "tree" / "f").exists()
-            Store.open(root).close()  # the owner is alive: its entry stays
-            assert path.exists()
-        finally:
-            proc.send_signal(signal.SIGKILL)
+    with python_running(script) as first_line:
+        path = Path(first_line)
+        assert (path / "data" / "tree" / "f").exists()
+        Store.open(root).close()  # the owner is alive: its entry stays
+        assert path.exists()
     Store.open(root).close()  # the owner is dead: its lock can be taken, so its entry goes
     assert not path.exists()
 
