@@ -38,7 +38,10 @@ def os_install_stage(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def mmdebstrap_argv(stage: dict[str, Any], repo: Path, target: Path) -> list[str]:
-    """mmdebstrap as org.aosbuild.debian.install runs it, so the baseline installs exactly the same."""
+    """mmdebstrap as org.aosbuild.debian.install runs it, so the baseline installs exactly the same.
+
+    A copy on purpose (the stage is a sandbox script, not a module): when the stage's call changes, change this.
+    """
     options = stage["options"]
     return ["mmdebstrap", "--mode=root", f"--variant={options['variant']}",
             f"--architectures={options['architecture']}", "--format=directory",
