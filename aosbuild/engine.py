@@ -18,12 +18,13 @@ from . import scheduler
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
 from .errors import UsageError
+from .exporting import export_tree
 from .library import Library
 from .manifest import Manifest, Pipeline
 from .monitor import Monitor
 from .results import StageResult
 from .sources import Sources
-from .store import Store, copy_tree
+from .store import Store
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,10 +99,9 @@ def collect_metadata(ctx: BuildContext) -> dict[str, dict[str, Any]]:
 
 
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
-    target = output_directory / name
-    target.mkdir(parents=True, exist_ok=True)
-    if pipeline.id is not None:
-        await copy_tree(ctx.pins.tree(pipeline.id), target)
+    """Copy the pipeline's tree to OUTDIR/NAME, replacing what was there only when the copy is complete."""
+    tree = None if pipeline.id is None else ctx.pins.tree(pipeline.id)
+    await export_tree(tree, output_directory / name)
 
 
 def report_cached(ctx: BuildContext) -> None:

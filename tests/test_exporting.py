@@ -1,0 +1,169 @@
+"""Exports replace OUTDIR/NAME with a fresh copy: nothing a previous export left is written through or kept."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aosbuild.errors import AosbuildError
+from aosbuild.exporting import export_tree, move_aside, swap_in
+from aosbuild.store import copy_tree
+
+from .conftest import Aosbuild, manifest, pipeline, stage
+
+Snapshot = dict[str, tuple[str, int, int, int, bytes]]
+
+
+def snapshot(root: Path) -> Snapshot:
+    """Every entry under `root` (itself as "."): its kind, mode, owner and content or link target."""
+    result: Snapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames] if dirpath == str(root) else [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                kind, data = "link", os.fsencode(os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                kind, data = "dir", b""
+            else:
+                kind, data = "file", path.read_bytes()
+            result[os.path.normpath(path.relative_to(root))] = (kind, stat.S_IMODE(st.st_mode), st.st_uid,
+                                                                st.st_gid, data)
+    return result
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith("."))
+
+
+def test_reexport_writes_through_nothing_the_last_export_left(aosbuild: Aosbuild) -> None:
+    canary = aosbuild.workdir / "canary"
+    canary.write_text("host file\n")
+    canary_dir = aosbuild.workdir / "canary-dir"
+    canary_dir.mkdir()
+    # a Debian-like tree: an absolute symlink that points out of the tree (as /etc/alternatives/* do)
+    m = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/etc"}]),
+                          stage("org.osbuild.ln", paths=[{"target": str(canary), "link_name": "tree:///etc/editor",
+                                                          "symbolic": True}]),
+                          stage("org.aosbuild.test.files", seed="a", count=2)))
+    tree_id = json.loads(aosbuild(m, "--inspect").stdout)["pipelines"][0]["stages"][-1]["id"]
+    args = ("--export", "tree", "--output-directory", str(aosbuild.output))
+    run = aosbuild(m, *args)
+    assert run.returncode == 0, run.stderr
+    exported = aosbuild.output / "tree"
+    stored = snapshot(aosbuild.store / "objects" / tree_id / "data" / "tree")
+    assert snapshot(exported) == stored
+    assert os.readlink(exported / "etc" / "editor") == str(canary)
+
+    # the attack: links where the next export writes a file and a directory, and a stale file
+    (exported / "a-0").unlink()
+    (exported / "a-0").symlink_to(canary)
+    (exported / "etc" / "editor").unlink()
+    (exported / "etc").rmdir()
+    (exported / "etc").symlink_to(canary_dir)
+    (exported / "stale").write_text("from an earlier export\n")
+    run = aosbuild(m, *args)
+    assert canary.read_text() == "host file\n"
+    assert os.listdir(canary_dir) == []
+    assert run.returncode == 0, run.stderr
+    assert snapshot(exported) == stored  # the stale file is gone, the links are replaced
+    assert leftovers(aosbuild.output) == []
+
+    # the export directory itself a symlink: replaced, not followed
+    shutil.rmtree(exported)
+    exported.symlink_to(canary_dir)
+    run = aosbuild(m, *args)
+    assert os.listdir(canary_dir) == []
+    assert run.returncode == 0, run.stderr
+    assert not exported.is_symlink()
+    assert snapshot(exported) == stored
+    assert leftovers(aosbuild.output) == []
+
+
+def test_swap_in_replaces_whatever_is_there(workdir: Path) -> None:
+    outside = workdir / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep\n")
+    for old in ("nothing", "dir", "file", "link"):
+        target = workdir / "out" / old
+        target.parent.mkdir(exist_ok=True)
+        if old == "dir":
+            target.mkdir()
+            (target / "stale").write_text("stale\n")
+            (target / "link").symlink_to(outside)  # removed as a link, not followed
+        elif old == "file":
+            target.write_text("file\n")
+        elif old == "link":
+            target.symlink_to(outside)
+        fresh = workdir / "out" / f".{old}.tmp-x"
+        fresh.mkdir()
+        (fresh / "new").write_text("new\n")
+        swap_in(fresh, target)
+        assert not target.is_symlink()
+        assert os.listdir(target) == ["new"]
+        assert not fresh.exists()
+    assert leftovers(workdir / "out") == []
+    assert os.listdir(outside) == ["keep"]
+
+
+def test_move_aside_replaces_a_symlink_without_following_it(workdir: Path) -> None:
+    """The way without rename flags (for filesystems that take none)."""
+    outside = workdir / "outside"
+    outside.mkdir()
+    target = workdir / "target"
+    target.symlink_to(outside)
+    fresh = workdir / ".target.tmp-x"
+    fresh.mkdir()
+    (fresh / "new").write_text("new\n")
+    move_aside(fresh, target)
+    assert not target.is_symlink()
+    assert os.listdir(target) == ["new"]
+    assert os.listdir(outside) == []
+    assert sorted(os.listdir(workdir)) == ["outside", "target"]
+
+
+async def test_a_cancelled_export_leaves_no_temporary_directory(workdir: Path) -> None:
+    tree = workdir / "tree"
+    tree.mkdir()
+    (tree / "new").write_text("new\n")
+    target = workdir / "out" / "tree"
+    target.mkdir(parents=True)
+    (target / "old").write_text("old\n")
+    copied = anyio.Event()
+
+    async def copy_then_hang(src: Path, dst: Path) -> None:
+        await copy_tree(src, dst)  # the real copy, into the temporary directory
+        copied.set()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(export_tree, tree, target, copy=copy_then_hang))
+        await copied.wait()
+        assert len(leftovers(target.parent)) == 1  # the copy is under way, beside the target
+        tg.cancel_scope.cancel()
+    assert leftovers(target.parent) == []
+    assert os.listdir(target) == ["old"]
+
+
+async def test_a_failed_export_leaves_the_old_one(workdir: Path) -> None:
+    target = workdir / "out" / "tree"
+    target.mkdir(parents=True)
+    (target / "old").write_text("old\n")
+    with pytest.raises(AosbuildError):
+        await export_tree(workdir / "no-such-tree", target)
+    assert leftovers(target.parent) == []
+    assert os.listdir(target) == ["old"]
+
+
+async def test_an_empty_pipeline_exports_an_empty_directory(workdir: Path) -> None:
+    target = workdir / "out" / "tree"
+    await export_tree(None, target)
+    assert os.listdir(target) == []
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
