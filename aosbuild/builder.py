@@ -20,13 +20,13 @@ import structlog
 from . import sandbox
 from .context import BuildContext
 from .devices import DevDir, open_devices
-from .errors import AosbuildError, SandboxError, StageError
+from .errors import AosbuildError, SandboxError, StageError, StoreError
 from .inputs import map_input
 from .library import choose_runner, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
 from .mounts import plan_mounts
-from .process import explain_status
+from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import HandlerError
 from .runnerlib import MOUNTS_ENV
@@ -235,13 +235,25 @@ def keep_after(ctx: BuildContext, pipeline: Pipeline, stage: Stage) -> bool:
 
 
 async def checkpoint(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry) -> None:
-    """Commit a copy of the entry as it is after `stage`, which the pipeline goes on building on."""
+    """Commit a copy of the entry as it is after `stage`, which the pipeline goes on building on.
+
+    Only a `--checkpoint` the user asked for is required. The automatic copy before the last stage is
+    optional, and an optional keep never fails a build: a full store or any store error is a warning.
+    """
     if ctx.store.contains(stage.id):
         return
-    async with ctx.store.store(stage.id) as copy:
-        await ctx.store.copy(entry.tree, copy.tree, f"cannot store checkpoint {stage.id}")
-        await ctx.store.copy(entry.meta, copy.meta, f"cannot store checkpoint {stage.id}")
-        copy.results = list(entry.results)
+    try:
+        async with ctx.store.store(stage.id) as copy:
+            await ctx.store.copy(entry.tree, copy.tree, f"cannot store checkpoint {stage.id}")
+            await ctx.store.copy(entry.meta, copy.meta, f"cannot store checkpoint {stage.id}")
+            copy.results = list(entry.results)
+    except (StoreError, CommandError) as exc:
+        if stage.id in ctx.options.checkpoints:
+            raise
+        log.debug("store.optional_keep_failed", stage_id=stage.id, error=str(exc))
+        ctx.monitor.log(f"warning: the tree after {stage.type} {stage.id} (before the last stage) is not kept, "
+                        f"the build goes on without it: {exc}", pipeline)
+        return
     report_outcome(ctx, pipeline, copy, f"checkpoint {stage.type} {stage.id}")
 
 

@@ -374,3 +374,24 @@ def test_store_fills_up(small_store: Aosbuild) -> None:
     assert run.returncode == 0, run.stderr
     assert (aosbuild.output / "small" / "fill").stat().st_size == 1 << 20
     assert_clean(aosbuild)
+
+
+def test_copy_before_the_last_stage_never_fails_the_build(small_store: Aosbuild) -> None:
+    """The automatic copy of the tree before the last stage is an optional keep: when the store's
+    filesystem has no room for it, the build warns and goes on; a --checkpoint asked for still fails."""
+    aosbuild = small_store
+    # 12 MiB fit in the 20 MiB store, a second copy of them does not
+    m = manifest(pipeline("big", stage("org.aosbuild.test.fill", megabytes=12),
+                          stage("org.aosbuild.test.files", seed="last")))
+    run = aosbuild(m, "--export", "big", "--output-directory", str(aosbuild.output), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "warning: the tree after org.aosbuild.test.fill" in run.stdout, run.stdout
+    assert "is full" in run.stdout
+    assert (aosbuild.output / "big" / "fill").stat().st_size == 12 << 20
+    assert (aosbuild.output / "big" / "last-0").is_file()
+    assert_clean(aosbuild)
+
+    asked = aosbuild(m, "--checkpoint", "org.aosbuild.test.fill", timeout=120)
+    assert asked.returncode == 1, asked.stderr
+    assert_explained(asked, "cannot store checkpoint", "is full")
+    assert_clean(aosbuild)
