@@ -18,7 +18,7 @@ from . import scheduler
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
 from .errors import UsageError
-from .exporting import export_tree
+from .exporting import export_target, export_tree
 from .library import Library
 from .manifest import Manifest, Pipeline
 from .monitor import Monitor
@@ -101,7 +101,7 @@ def collect_metadata(ctx: BuildContext) -> dict[str, dict[str, Any]]:
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
     """Copy the pipeline's tree to OUTDIR/NAME, replacing what was there only when the copy is complete."""
     tree = None if pipeline.id is None else ctx.pins.tree(pipeline.id)
-    await export_tree(tree, output_directory / name)
+    await export_tree(tree, export_target(output_directory, name))
 
 
 def report_cached(ctx: BuildContext) -> None:

@@ -95,6 +95,17 @@ def move_aside(fresh: Path, target: Path) -> None:
     remove(aside)
 
 
+def export_target(output_directory: Path, name: str) -> Path:
+    """OUTDIR/NAME, which must lie inside OUTDIR: what is there is replaced as a whole, so a name that
+    is empty, `.`, absolute or climbs out would replace the output directory or a host directory."""
+    relative = os.path.normpath(name)
+    if not name or os.path.isabs(relative) or relative == "." or relative.split(os.sep)[0] == "..":
+        raise UsageError(f"cannot export {name!r}: an export is a directory inside --output-directory "
+                         f"({output_directory}), so its name must not be empty, '.', absolute or lead out "
+                         "of it with '..'")
+    return output_directory / relative
+
+
 async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree) -> None:
     """Copy `tree` (None: an empty tree) to `target`, replacing whatever is there only when complete."""
     parent = target.parent

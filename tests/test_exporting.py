@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aosbuild.errors import AosbuildError
-from aosbuild.exporting import export_tree, move_aside, swap_in
+from aosbuild.errors import AosbuildError, UsageError
+from aosbuild.exporting import export_target, export_tree, move_aside, swap_in
 from aosbuild.store import copy_tree
 
 from .conftest import Aosbuild, manifest, pipeline, stage
@@ -167,3 +167,14 @@ async def test_an_empty_pipeline_exports_an_empty_directory(workdir: Path) -> No
     await export_tree(None, target)
     assert os.listdir(target) == []
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
+
+
+@pytest.mark.parametrize("name", ["", ".", "a/..", "..", "../x", "a/../../x", "/etc", "//etc"])
+def test_an_export_never_replaces_the_output_directory_or_what_is_outside_it(workdir: Path, name: str) -> None:
+    with pytest.raises(UsageError, match="inside --output-directory"):
+        export_target(workdir, name)
+
+
+@pytest.mark.parametrize(("name", "relative"), [("tree", "tree"), ("a/b", "a/b"), ("a/../b", "b"), ("x/", "x")])
+def test_export_target_inside_the_output_directory(workdir: Path, name: str, relative: str) -> None:
+    assert export_target(workdir, name) == workdir / relative
