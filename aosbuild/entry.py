@@ -1,7 +1,7 @@
 """The console scripts' entry: signals are handled from the first instruction, before the heavy imports.
 
 Until the engine's event loop takes over signal handling (`aosbuild.signals`), SIGINT raises
-KeyboardInterrupt as usual and SIGTERM raises `Terminated`, so an early signal exits 130 or 143 with
+KeyboardInterrupt as usual and SIGTERM or SIGHUP raise `Terminated`, so an early signal exits 130, 143 or 129 with
 "Aborted" instead of a traceback or a silent death. Standard library only, like the package's __init__.
 """
 
@@ -14,15 +14,19 @@ from types import FrameType
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the event loop: treated like Ctrl-C, with the exit code 143."""
+    """SIGTERM (or SIGHUP) outside the event loop: treated like Ctrl-C, with the exit code 143 (129)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.exit_code = 128 + signum
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
-    return 143 if isinstance(interrupt, Terminated) else 130
+    return interrupt.exit_code if isinstance(interrupt, Terminated) else 130
 
 
 def forget_interrupts() -> None:
@@ -39,6 +43,7 @@ def forget_interrupts() -> None:
 def run_guarded(module: str) -> int:
     """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143."""
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         code: int = importlib.import_module(module).main()
     except KeyboardInterrupt as interrupt:

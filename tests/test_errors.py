@@ -1,0 +1,84 @@
+"""Bad input and bad flags end in a clear message and the documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import Aosbuild, Run, manifest, pipeline, stage
+from .test_osbuild_compat import Osbuild
+
+SIMPLE = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/x"}])))
+
+
+def clear(run: Run, code: int, message: str) -> None:
+    assert run.returncode == code, (run.stdout, run.stderr)
+    assert message in run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (b'{"version": "2", "pipelines": [{"name": "\xff"}]}', "not UTF-8: byte 0xff at offset 41"),
+    (b'{"version": "2", "pipelines": [], "x": ' + b"1" * 4400 + b"}", "invalid number: Exceeds the limit"),
+    (b'{"version": "2", "pipelines": [{"name": "tree", "stages": [{"type": "org.osbuild.noop", "options": '
+     b'{"x": ' + b"[" * 980 + b"]" * 980 + b"}}]}]}", "nested more than 500 levels deep"),
+    (b'{"version": "2", "pipelines": [], "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+     "nested more than 500 levels deep"),
+], ids=["utf-8", "digits", "nesting", "deep-nesting"])
+def test_unreadable_manifest(aosbuild: Aosbuild, text: bytes, message: str) -> None:
+    path = aosbuild.workdir / "bad.json"
+    path.write_bytes(text)
+    clear(aosbuild(path), 2, message)
+
+
+def test_unreadable_manifest_osbuild_json(workdir: Path) -> None:
+    path = workdir / "bad.json"
+    path.write_bytes(b'{"version": "2", "pipelines": [{"name": "\xff"}]}')
+    run = Osbuild(workdir)(path, "--json")
+    clear(run, 2, "not UTF-8")
+    assert json.loads(run.stdout)["success"] is False
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--jobs", "-1"], "--jobs: must be 1 or more, not -1"),
+    (["--jobs", "0"], "--jobs: must be 1 or more, not 0"),
+    (["--monitor-fd", "99"], "--monitor-fd: 99 is not a descriptor open for writing"),
+    (["--monitor-fd", "-1"], "--monitor-fd: -1 is not a descriptor open for writing"),
+    (["--monitor-fd", "0"], "--monitor-fd: 0 is not a descriptor open for writing"),
+    (["--stage-timeout", "nan"], "--stage-timeout: must be a number of seconds above 0, not nan"),
+    (["--stage-timeout", "0"], "--stage-timeout: must be a number of seconds above 0, not 0"),
+    (["--stage-timeout", "-1"], "--stage-timeout: must be a number of seconds above 0, not -1"),
+    (["--libdir", "/nonexistent/lib"], "--libdir: /nonexistent/lib is not a directory"),
+    (["--export", "tree", "--output-directory", "FILE"], "FILE exists and is not a directory"),
+    (["--export", "tree", "--output-directory", "DANGLING"], "DANGLING is a symbolic link to nothing"),
+])
+@pytest.mark.parametrize("command", ["aosbuild", "osbuild"])
+def test_bad_flag(workdir: Path, command: str, args: list[str], message: str) -> None:
+    if command == "osbuild" and args[0] == "--jobs":
+        pytest.skip("the drop-in has no --jobs")
+    (workdir / "FILE").write_text("")
+    (workdir / "DANGLING").symlink_to(workdir / "nothing")
+    args = [str(workdir / a) if a in ("FILE", "DANGLING") else a for a in args]
+    message = message.replace("FILE", str(workdir / "FILE")).replace("DANGLING", str(workdir / "DANGLING"))
+    runner = Aosbuild(workdir) if command == "aosbuild" else Osbuild(workdir)
+    path = runner.write_manifest(SIMPLE)
+    with path.open("rb") as stdin:  # fd 0 open for reading only, whatever pytest's stdin is
+        proc = subprocess.run(runner.command(path, *args, "--json"), stdin=stdin, capture_output=True,
+                              text=True, timeout=120, cwd=workdir)
+    run = Run(proc.returncode, proc.stdout, proc.stderr)
+    clear(run, 2, message)
+    document = json.loads(run.stdout)
+    assert document["success"] is False
+    assert message in document["message"]
+    assert not (workdir / "store").exists() or not list((workdir / "store" / "objects").glob("*"))
+
+
+@pytest.mark.parametrize("params", [{"offset": "not a number"}, [1, 2]], ids=["bad-value", "not-an-object"])
+def test_rpc_bad_params_get_an_error_reply(aosbuild: Aosbuild, params: Any) -> None:
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.rpc-call", method="loop.attach", params=params)))
+    run = aosbuild(m)
+    clear(run, 1, "engine replied with an error: invalid params for loop.attach")
