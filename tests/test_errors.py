@@ -82,3 +82,33 @@ def test_rpc_bad_params_get_an_error_reply(aosbuild: Aosbuild, params: Any) -> N
     m = manifest(pipeline("tree", stage("org.aosbuild.test.rpc-call", method="loop.attach", params=params)))
     run = aosbuild(m)
     clear(run, 1, "engine replied with an error: invalid params for loop.attach")
+
+
+def only_entry(aosbuild: Aosbuild) -> Path:
+    (entry,) = (aosbuild.store / "objects").iterdir()
+    return entry
+
+
+def test_corrupt_results_json_is_a_miss(aosbuild: Aosbuild) -> None:
+    assert aosbuild(SIMPLE).returncode == 0
+    (only_entry(aosbuild) / "data" / "meta" / "results.json").write_text("{not json")
+    run = aosbuild(SIMPLE, "--monitor", "jsonseq")
+    clear(run, 0, "")
+    assert any(r.get("message", "").startswith("Starting module org.osbuild.mkdir") for r in run.jsonseq())
+
+
+def test_infinite_size_in_object_info(aosbuild: Aosbuild) -> None:
+    assert aosbuild(SIMPLE).returncode == 0
+    (only_entry(aosbuild) / "object.info").write_text('{"size": 1e400, "created": 1}')
+    clear(aosbuild(SIMPLE, "--cache-max-size", "1"), 0, "")
+
+
+def test_read_only_store(aosbuild: Aosbuild) -> None:
+    aosbuild.store.mkdir()
+    # the read-only bind mount lives in a private mount namespace and goes away with the process
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(aosbuild.store),
+               *aosbuild.command(SIMPLE)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=aosbuild.workdir)
+    clear(Run(proc.returncode, proc.stdout, proc.stderr), 1,
+          f"cannot use {aosbuild.store} as the store: Read-only file system; give --store a writable directory")
