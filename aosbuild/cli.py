@@ -23,7 +23,7 @@ import structlog
 from . import __version__, engine
 from .describe import describe
 from .download import JOBS, PER_HOST, TIMEOUT, DownloadOptions
-from .entry import exit_code
+from .entry import broken_pipe, exit_code
 from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
 from .library import Library
 from .loading import load_file
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
     except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
         return exit_code(interrupt)
+    except BrokenPipeError:
+        return broken_pipe()
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -256,6 +258,9 @@ def _main(args: argparse.Namespace) -> int:
         if interrupt is not None:
             sys.stderr.write("Aborted\n")
             return interrupt.exit_code if isinstance(interrupt, Interrupted) else exit_code(interrupt)
+        broken = next((e for e in errors if isinstance(e, BrokenPipeError)), None)
+        if broken is not None and not args.debug:
+            raise broken from None  # the reader of our output is gone: nothing more to say (main)
         ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
         if ours is None or args.debug:
             raise

@@ -8,6 +8,7 @@ KeyboardInterrupt as usual and SIGTERM or SIGHUP raise `Terminated`, so an early
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 from types import FrameType
@@ -27,6 +28,18 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
     return interrupt.exit_code if isinstance(interrupt, Terminated) else 130
+
+
+def broken_pipe() -> int:
+    """The reader of our output went away (`aosbuild ... | head -1`): end quietly, as the shell's tools do.
+
+    Standard output is pointed at /dev/null so that flushing it at exit cannot fail again; 141 is what a
+    tool killed by SIGPIPE exits with in the shell.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def forget_interrupts() -> None:
@@ -49,6 +62,8 @@ def run_guarded(module: str) -> int:
     except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
         code = exit_code(interrupt)
+    except BrokenPipeError:
+        code = broken_pipe()
     forget_interrupts()
     return code
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import cli
 from .download import JOBS, PER_HOST, TIMEOUT
-from .entry import exit_code
+from .entry import broken_pipe, exit_code
 from .store import KEEP
 
 PROG = "osbuild"
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
         return exit_code(interrupt)
+    except BrokenPipeError:
+        return broken_pipe()
 
 
 def install(argv: list[str]) -> int:

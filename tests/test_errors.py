@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,19 @@ def test_read_only_store(aosbuild: Aosbuild) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=aosbuild.workdir)
     clear(Run(proc.returncode, proc.stdout, proc.stderr), 1,
           f"cannot use {aosbuild.store} as the store: Read-only file system; give --store a writable directory")
+
+
+@pytest.mark.parametrize("monitor", ["log", "jsonseq"])
+def test_broken_pipe_ends_quietly(aosbuild: Aosbuild, monitor: str) -> None:
+    # `aosbuild ... | head -1` with head long gone: the reading end is closed before the build starts
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(aosbuild.command(SIMPLE, "--monitor", monitor), stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=aosbuild.workdir)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+    assert list((aosbuild.store / "stage").iterdir()) == []
+    assert list((aosbuild.store / "tmp").iterdir()) == []
