@@ -129,3 +129,13 @@ def test_broken_pipe_ends_quietly(aosbuild: Aosbuild, monitor: str) -> None:
     assert proc.stderr == ""
     assert list((aosbuild.store / "stage").iterdir()) == []
     assert list((aosbuild.store / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("port", ["99999", "0"])
+def test_invalid_url_port_fails_at_once(aosbuild: Aosbuild, port: str) -> None:
+    checksum = "sha256:" + "0" * 64
+    m = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/x"}])),
+                 sources={"org.osbuild.curl": {"items": {checksum: f"http://127.0.0.1:{port}/file"}}})
+    run = aosbuild(m, "--sources-only", timeout=60)
+    clear(run, 1, f"invalid port {port} in the URL (ports are 1 to 65535); fix the source item's URL")
+    assert "attempt" not in run.stdout + run.stderr
