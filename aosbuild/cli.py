@@ -273,6 +273,9 @@ def _main(args: argparse.Namespace) -> int:
             elif isinstance(ours, SourceError):
                 print_json(source_error_document(source_type=ours.source_type, output=str(ours),
                                                  sources=ctx.sources.results))
+        if args.json and (ctx is None or (ctx.failed is None and not isinstance(ours, SourceError))):
+            # failed before or outside any stage or source (a read-only store, ...): still a document
+            print_json({"type": "error", "success": False, "title": type(ours).__name__, "message": str(ours)})
         elif human_stdout and args.sources_only and ctx is not None:
             sources_summary(ctx)
         elif human_stdout:

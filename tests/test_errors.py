@@ -139,3 +139,16 @@ def test_invalid_url_port_fails_at_once(aosbuild: Aosbuild, port: str) -> None:
     run = aosbuild(m, "--sources-only", timeout=60)
     clear(run, 1, f"invalid port {port} in the URL (ports are 1 to 65535); fix the source item's URL")
     assert "attempt" not in run.stdout + run.stderr
+
+
+def test_read_only_store_osbuild_json(workdir: Path) -> None:
+    osbuild = Osbuild(workdir)
+    osbuild.store.mkdir()
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(osbuild.store),
+               *osbuild.command(SIMPLE, "--json")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=workdir)
+    clear(Run(proc.returncode, proc.stdout, proc.stderr), 1, "Read-only file system")
+    document = json.loads(proc.stdout)
+    assert document["success"] is False
+    assert "Read-only file system; give --store a writable directory" in document["message"]
