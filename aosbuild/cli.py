@@ -7,8 +7,10 @@ Exit codes: 0 success, 1 a failed build or an impossible request, 2 an invalid m
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -21,8 +23,8 @@ import structlog
 from . import __version__, engine
 from .describe import describe
 from .download import JOBS, PER_HOST, TIMEOUT, DownloadOptions
-from .entry import exit_code
-from .errors import AosbuildError, ManifestError, SourceError, StageError
+from .entry import broken_pipe, exit_code
+from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
 from .library import Library
 from .loading import load_file
 from .monitor import MONITORS, human_bytes, make_monitor
@@ -101,12 +103,15 @@ def configure_logging(debug: bool) -> None:
 
 
 def read_manifest(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
     try:
-        return Path(path).read_text()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise ManifestError(path, []) from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, [Problem(f"not UTF-8: byte {data[exc.start]:#04x} at offset {exc.start}; "
+                                           "JSON manifests must be UTF-8")]) from None
 
 
 def flatten(exc: BaseException) -> Iterator[BaseException]:
@@ -170,9 +175,43 @@ def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
     except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
         return exit_code(interrupt)
+    except BrokenPipeError:
+        return broken_pipe()
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before anything is built, flag values that could never work (exit 2)."""
+    if args.jobs is not None and args.jobs < 1:
+        raise InvalidArgument("--jobs", f"must be 1 or more, not {args.jobs}; leave it out for the default")
+    if args.stage_timeout is not None and not (args.stage_timeout > 0 and math.isfinite(args.stage_timeout)):
+        raise InvalidArgument("--stage-timeout", f"must be a number of seconds above 0, not {args.stage_timeout}")
+    if args.monitor_fd is not None:
+        try:
+            writable = (fcntl.fcntl(args.monitor_fd, fcntl.F_GETFL) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        except (OSError, ValueError, OverflowError):  # closed, negative or absurd
+            writable = False
+        if not writable:
+            raise InvalidArgument("--monitor-fd", f"{args.monitor_fd} is not a descriptor open for writing; "
+                                  "open it in the calling shell (e.g. 3>file) or leave the flag out")
+    for libdir in args.libdir:
+        if not Path(libdir).is_dir():
+            raise InvalidArgument("--libdir", f"{libdir} is not a directory")
+    out = args.output_directory
+    if out is not None and out.is_symlink() and not out.exists():
+        raise InvalidArgument("--output-directory", f"{out} is a symbolic link to nothing; remove it or "
+                              "point it at a directory")
+    if out is not None and out.exists() and not out.is_dir():
+        raise InvalidArgument("--output-directory", f"{out} exists and is not a directory; choose another path")
 
 
 def _main(args: argparse.Namespace) -> int:
+    try:
+        check_arguments(args)
+    except InvalidArgument as exc:
+        if args.json:
+            print_json(exc.as_json())
+        sys.stderr.write(f"Error: {exc}\n")
+        return exc.exit_code
     library = Library([Path(d) for d in args.libdir])
     label = args.manifest
     try:
@@ -219,6 +258,9 @@ def _main(args: argparse.Namespace) -> int:
         if interrupt is not None:
             sys.stderr.write("Aborted\n")
             return interrupt.exit_code if isinstance(interrupt, Interrupted) else exit_code(interrupt)
+        broken = next((e for e in errors if isinstance(e, BrokenPipeError)), None)
+        if broken is not None and not args.debug:
+            raise broken from None  # the reader of our output is gone: nothing more to say (main)
         ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
         if ours is None or args.debug:
             raise
@@ -231,6 +273,9 @@ def _main(args: argparse.Namespace) -> int:
             elif isinstance(ours, SourceError):
                 print_json(source_error_document(source_type=ours.source_type, output=str(ours),
                                                  sources=ctx.sources.results))
+        if args.json and (ctx is None or (ctx.failed is None and not isinstance(ours, SourceError))):
+            # failed before or outside any stage or source (a read-only store, ...): still a document
+            print_json({"type": "error", "success": False, "title": type(ours).__name__, "message": str(ours)})
         elif human_stdout and args.sources_only and ctx is not None:
             sources_summary(ctx)
         elif human_stdout:

@@ -188,6 +188,9 @@ class Downloader:
             raise DownloadError(url, f"not a valid URL: {exc}") from None
         if parsed.scheme not in ("http", "https"):
             raise DownloadError(url, "aosbuild downloads http:// and https:// URLs only")
+        if parsed.port is not None and not 0 < parsed.port < 65536:  # asking again cannot help
+            raise DownloadError(url, f"invalid port {parsed.port} in the URL (ports are 1 to 65535); "
+                                "fix the source item's URL")
         if secrets not in (None, "org.osbuild.mtls"):
             raise DownloadError(url, f"aosbuild has no secrets provider '{secrets}'")
         try:

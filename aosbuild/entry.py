@@ -1,28 +1,45 @@
 """The console scripts' entry: signals are handled from the first instruction, before the heavy imports.
 
 Until the engine's event loop takes over signal handling (`aosbuild.signals`), SIGINT raises
-KeyboardInterrupt as usual and SIGTERM raises `Terminated`, so an early signal exits 130 or 143 with
+KeyboardInterrupt as usual and SIGTERM or SIGHUP raise `Terminated`, so an early signal exits 130, 143 or 129 with
 "Aborted" instead of a traceback or a silent death. Standard library only, like the package's __init__.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 from types import FrameType
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside the event loop: treated like Ctrl-C, with the exit code 143."""
+    """SIGTERM (or SIGHUP) outside the event loop: treated like Ctrl-C, with the exit code 143 (129)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.exit_code = 128 + signum
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
-    return 143 if isinstance(interrupt, Terminated) else 130
+    return interrupt.exit_code if isinstance(interrupt, Terminated) else 130
+
+
+def broken_pipe() -> int:
+    """The reader of our output went away (`aosbuild ... | head -1`): end quietly, as the shell's tools do.
+
+    Standard output is pointed at /dev/null so that flushing it at exit cannot fail again; 141 is what a
+    tool killed by SIGPIPE exits with in the shell.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def forget_interrupts() -> None:
@@ -39,11 +56,14 @@ def forget_interrupts() -> None:
 def run_guarded(module: str) -> int:
     """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143."""
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         code: int = importlib.import_module(module).main()
     except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
         code = exit_code(interrupt)
+    except BrokenPipeError:
+        code = broken_pipe()
     forget_interrupts()
     return code
 

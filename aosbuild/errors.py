@@ -5,6 +5,7 @@
     AosbuildError                 exit 1 unless stated
     ├── ManifestError             exit 2: the manifest cannot be read or is invalid (all problems at once)
     ├── UsageError                exit 1: a command-line request that cannot be met (unknown export, ...)
+    ├── InvalidArgument           exit 2: a flag's value is invalid (--jobs 0, a closed --monitor-fd, ...)
     ├── SourceError               an item could not be fetched or verified
     ├── DownloadError             a URL could not be downloaded (HTTP status, connection, size, checksum)
     ├── ChecksumMismatch          bytes did not match the checksum that names them
@@ -84,6 +85,20 @@ class ManifestError(AosbuildError):
 
 class UsageError(AosbuildError):
     """The command line asks for something the manifest or store cannot give."""
+
+
+class InvalidArgument(AosbuildError):
+    """A command-line flag has a value that can never work; found before anything is built."""
+
+    exit_code = 2
+
+    def __init__(self, flag: str, message: str) -> None:
+        self.flag = flag
+        super().__init__(f"{flag}: {message}")
+
+    def as_json(self) -> dict[str, object]:
+        return {"type": "error", "success": False, "title": "invalid command line", "flag": self.flag,
+                "message": str(self)}
 
 
 class SourceError(AosbuildError):

@@ -27,15 +27,42 @@ from .manifest import (
 from .v1 import load_v1
 from .validation import validate_v2
 
+# Deeper documents pass the schemas but break Python's recursive JSON encoding (ids, the stage channel).
+MAX_DEPTH = 500
+TOO_DEEP = Problem(f"nested more than {MAX_DEPTH} levels deep; no manifest needs that, check what generated it")
+
 
 def parse(text: str, source: str) -> Any:
-    """Parse JSON, turning a syntax error into a ManifestError that names file, line and column."""
+    """Parse JSON, turning a syntax error into a ManifestError that names file, line and column.
+
+    Documents nested deeper than MAX_DEPTH and integers Python will not convert (over 4300 digits) are
+    refused here, at load, rather than crashing the build later.
+    """
     try:
-        return json.loads(text)
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{source}:{exc.lineno}:{exc.colno}",
                             [Problem(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")]
                             ) from None
+    except RecursionError:  # nested far deeper than MAX_DEPTH
+        raise ManifestError(source, [TOO_DEEP]) from None
+    except ValueError as exc:  # int() digit limit
+        raise ManifestError(source, [Problem(f"invalid number: {exc}; write such values as strings")]) from None
+    if depth(document) > MAX_DEPTH:
+        raise ManifestError(source, [TOO_DEEP])
+    return document
+
+
+def depth(document: Any) -> int:
+    """How deeply arrays and objects nest in a parsed document, without recursion."""
+    deepest = 0
+    stack = [(document, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def load(description: Any, library: Library, source: str = "manifest", *, validate: bool = True) -> Manifest:

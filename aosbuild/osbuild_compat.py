@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import cli
 from .download import JOBS, PER_HOST, TIMEOUT
+from .entry import broken_pipe, exit_code
 from .store import KEEP
 
 PROG = "osbuild"
@@ -97,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.configure_logging(False)
     try:
         return cli._main(translate(args))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         sys.stderr.write("Aborted\n")
-        return 130
+        return exit_code(interrupt)
+    except BrokenPipeError:
+        return broken_pipe()
 
 
 def install(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ Handler = Callable[[dict[str, Any], list[int]], Awaitable[tuple[Any, list[int]]]
 
 METHOD_NOT_FOUND = -32601
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 SERVER_ERROR = -32000
 
 log = structlog.get_logger(__name__)
@@ -81,11 +82,20 @@ async def serve(sock: socket.socket, handlers: Mapping[str, Handler]) -> None:
                 reply_fds: list[int] = []
             else:
                 try:
-                    result, reply_fds = await handler(dict(message.get("params") or {}), fds)
+                    params = message.get("params") or {}
+                    if not isinstance(params, dict):
+                        raise TypeError(f"params must be an object, not {type(params).__name__}")
+                    result, reply_fds = await handler(dict(params), fds)
                     reply = {"jsonrpc": "2.0", "id": request_id, "result": result}
                 except HandlerError as exc:
                     reply = {"jsonrpc": "2.0", "id": request_id,
                              "error": {"code": SERVER_ERROR, "message": str(exc)}}
+                    reply_fds = []
+                except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                    # a stage's bad params are the stage's error, never the engine's crash
+                    log.warning("rpc.bad_params", method=method, error=repr(exc))
+                    reply = {"jsonrpc": "2.0", "id": request_id,
+                             "error": {"code": INVALID_PARAMS, "message": f"invalid params for {method}: {exc!r}"}}
                     reply_fds = []
             if request_id is not None:
                 await _send(sock, reply, reply_fds)

@@ -1,8 +1,8 @@
-"""Running a command's async work so that SIGINT and SIGTERM cancel it cleanly.
+"""Running a command's async work so that SIGINT, SIGTERM and SIGHUP cancel it cleanly.
 
 The signal cancels the work's scope; every resource is released on the way out (processes stopped, loop
 devices detached, staging entries removed), and only then is `Interrupted` raised for the CLI to turn
-into exit code 130 or 143.
+into exit code 130, 143 or 129.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import anyio
 
 T = TypeVar("T")
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 class Interrupted(Exception):
@@ -28,7 +28,7 @@ class Interrupted(Exception):
 
 
 async def run_until_signalled(work: Callable[[], Awaitable[T]]) -> T:
-    """Await `work()`; SIGINT or SIGTERM cancel it and raise Interrupted after the cleanup.
+    """Await `work()`; SIGINT, SIGTERM or SIGHUP (the terminal closed) cancel it, then raise Interrupted.
 
     The work's own exception is re-raised as it is, not wrapped in an exception group.
     """
@@ -38,7 +38,7 @@ async def run_until_signalled(work: Callable[[], Awaitable[T]]) -> T:
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with anyio.open_signal_receiver(*EXIT_CODES) as signals:
                 async for signum in signals:
                     received.append(signum)
                     tg.cancel_scope.cancel()

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM during a stage: the right exit code, and nothing left running, mounted or staged."""
+"""Ctrl-C, SIGTERM and SIGHUP during a stage: the right exit code, and nothing left running, mounted or staged."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def mounts_under(path: Path) -> list[str]:
     return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line]
 
 
-@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_mid_stage_cleans_up(aosbuild: Aosbuild, signum: int, exit_code: int) -> None:
     m = manifest(*(pipeline(f"p{i}", stage("org.osbuild.mkdir", paths=[{"path": "/x"}]),
                             stage("org.aosbuild.test.sleep", seconds=120, marker=f"m{i}")) for i in range(3)))

@@ -134,11 +134,14 @@ def open_committed(objects: Path, object_id: str) -> LoadedEntry | None:
         return None
     try:
         info = json.loads((path / INFO).read_text())
+        entry = LoadedEntry(object_id, path, lock, info)
+        if not isinstance(entry.results, list):
+            raise ValueError(f"{RESULTS} is not a list")
     except (OSError, ValueError):
-        lock.close()  # not an entry this store made; treat as absent
+        lock.close()  # not an entry this store made, or a damaged one; treat as absent
         return None
     lock.touch()
-    return LoadedEntry(object_id, path, lock, info)
+    return entry
 
 
 def commit(entry: NewEntry, objects: Path, object_id: str) -> bool:
@@ -173,7 +176,7 @@ def list_committed(objects: Path) -> list[Committed]:
             used = os.stat(path / LOCK).st_atime
             info = json.loads((path / INFO).read_text())
             size, created = int(info["size"]), float(info["created"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a size of 1e400
             size, created, used = 0, 0.0, 0.0  # incomplete or foreign: worth nothing, evicted first
             if not path.exists():
                 continue

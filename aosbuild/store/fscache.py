@@ -91,14 +91,22 @@ class Store:
         store = cls(root.absolute())
         try:
             store.create_layout()
+            store.check_writable()
             store.check_version()
             if max_size is not KEEP or sources_max_size is not KEEP:
                 store.set_limits(max_size=max_size, sources_max_size=sources_max_size)
             if use:
                 store._begin()
         except OSError as exc:
-            raise StoreError(f"cannot use {store.root} as the store: {exc.strerror}") from exc
+            raise StoreError(f"cannot use {store.root} as the store: {exc.strerror}; give --store a "
+                             "writable directory") from exc
         return store
+
+    def check_writable(self) -> None:
+        """Fail now, not mid-build, on a store that cannot be written (a read-only mount, say)."""
+        probe = self.tmp / f".probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
 
     def create_layout(self) -> None:
         for d in (self.objects, self.staging, self.sources, self.tmp):
