@@ -79,6 +79,17 @@ def test_a_damaged_tree_is_built_again(aosbuild: Aosbuild, damage: Callable[[Pat
     assert leftovers(aosbuild.store) == []
 
 
+def test_store_prune_removes_damaged_entries(aosbuild: Aosbuild) -> None:
+    assert export(aosbuild, os_manifest(), "os").returncode == 0
+    found = entries_by_stages(aosbuild.store)
+    remove_tree(found[3])
+    pruned = subprocess.run([*aosbuild.command(Path("-"))[:3], "store", "prune", "--to", "1GiB", "--store",
+                             str(aosbuild.store)], capture_output=True, text=True, check=False)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "trees: removed 1 damaged entries\n" in pruned.stdout
+    assert os.listdir(aosbuild.store / "objects") == [found[2].name]
+
+
 def test_a_damaged_resume_point_is_built_again(aosbuild: Aosbuild) -> None:
     assert export(aosbuild, os_manifest("one"), "os").returncode == 0
     remove_tree(entries_by_stages(aosbuild.store)[2])
@@ -101,6 +112,10 @@ def test_store_verify_reports_and_removes_damaged_entries(aosbuild: Aosbuild) ->
     remove_tree(found[3])
     corrupt_results(found[2])
     (found[2] / "object.lock").unlink()  # one that no lock can be taken on, until verify makes one
+    info = json.loads(subprocess.run([*aosbuild.command(Path("-"))[:3], "store", "info", "--json", "--store",
+                                      str(aosbuild.store)], capture_output=True, text=True, check=True).stdout)
+    assert {e["id"]: e["damaged"].split(" ")[0] for e in info["entries"]} == \
+        {found[3].name: "data/tree", found[2].name: "data/meta/results.json"}
 
     bad = store_verify(aosbuild, "--json")
     assert bad.returncode == 1, bad.stderr

@@ -122,7 +122,8 @@ def describe(root: Path) -> dict[str, Any]:
                     "size": sum(disk_usage(p) for p in staging)},
         "filesystem": {"size": fs.f_blocks * fs.f_frsize, "free": fs.f_bavail * fs.f_frsize},
         "entries": [{"id": c.id, "size": c.size, "last-used": c.last_used, "created": c.created,
-                     "in-use": _in_use(store.objects / c.id / entries.LOCK)} for c in reversed(committed)],
+                     "in-use": _in_use(store.objects / c.id / entries.LOCK),
+                     "damaged": entries.damage(store.objects / c.id)} for c in reversed(committed)],
     })
     return document
 
@@ -156,13 +157,17 @@ def info(root: Path, *, as_json: bool) -> int:
         for entry in document["entries"]:
             used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["last-used"]))
             lines.append(f"  {entry['id']}  {format_size(entry['size']):>10}  used {used}"
-                         + ("  (in use)" if entry["in-use"] else ""))
+                         + ("  (in use)" if entry["in-use"] else "")
+                         + (f"  (damaged: {entry['damaged']})" if entry["damaged"] else ""))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
 def prune(store: Store, to: Bound, sources_to: Bound) -> int:
     dead = entries.reclaim_dead(store.staging) + entries.reclaim_dead(store.tmp)
+    damaged = [d for d in verify_entries(store)[1] if d["removed"]]
+    if damaged:
+        sys.stdout.write(f"trees: removed {len(damaged)} damaged entries\n")
     if to is not None:
         count, freed = store.prune(to)
         sys.stdout.write(f"trees: evicted {count} entries, {format_size(freed)}\n")
