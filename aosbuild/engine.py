@@ -134,7 +134,7 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
                            **({"jobs": request.jobs} if request.jobs else {}))
     sources = Sources(store, manifest.sources, monitor, download=request.download,
                       only=needed_items(manifest, exports) if request.sources_only else None,
-                      keep_going=request.sources_only)
+                      keep_going=request.sources_only, verify=request.sources_only)
     ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=monitor,
                        sources=sources, options=options)
     if request.sources_only:

@@ -30,7 +30,7 @@ from .errors import ChecksumMismatch, DownloadError, SourceError
 from .fetchers import FETCHERS, Fetcher
 from .manifest import Source
 from .monitor import Monitor
-from .store import Store
+from .store import Store, sourcecache
 
 CONTENT_TYPE = "org.osbuild.files"
 PROGRESS_INTERVAL = 0.1          # seconds between byte-progress events of one source
@@ -159,13 +159,16 @@ class _ItemProgress:
 class Sources:
     """Fetches the items of a manifest's sources and lets pipelines wait for the ones they use.
 
-    `only` limits the items to those checksums (a source left with none is skipped altogether).
+    `only` limits the items to those checksums (a source left with none is skipped altogether). An item
+    in the store is used if it is unchanged since it was verified (`sourcecache.check`; with `verify`,
+    only after hashing it again); a damaged one is removed and fetched again.
     """
 
     def __init__(self, store: Store, sources: Iterable[Source], monitor: Monitor, *,
                  download: DownloadOptions | None = None, only: Collection[str] | None = None,
-                 keep_going: bool = False) -> None:
+                 keep_going: bool = False, verify: bool = False) -> None:
         self.store = store
+        self.verify = verify  # hash every item in the store before trusting it, not only changed ones
         self.monitor = monitor
         self.download = download or DownloadOptions()
         self.keep_going = keep_going
@@ -219,18 +222,21 @@ class Sources:
         label = fetcher.label(description) if fetcher else None
         progress = _ItemProgress(run, checksum, label or checksum)
         try:
-            cached = target.exists()
+            cached = not self.verify and sourcecache.recorded(target)
             if not cached:
-                if fetcher is None:
-                    raise SourceError(source_type, checksum, f"aosbuild cannot fetch items of {source_type} yet")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 lock = target.with_name(f".lock-{checksum}")
                 waiting = f"Waiting for another aosbuild process to fetch {label or checksum}\n"
                 async with item_lock(lock, on_wait=lambda: run.log(waiting)):
-                    cached = target.exists()  # the other process may have fetched it meanwhile
+                    # the other process may have fetched it meanwhile; what is there is checked first
+                    cached = await anyio.to_thread.run_sync(self._check_cached, run, target, checksum, label)
                     if not cached:
+                        if fetcher is None:
+                            raise SourceError(source_type, checksum,
+                                              f"aosbuild cannot fetch items of {source_type} yet")
                         with VerifiedFile(target, checksum) as out:
                             await fetcher.fetch(checksum, description, out, progress)
+                        sourcecache.record(target)
                         if label:
                             run.log(f"Downloaded {label}\n")
             size = target.stat().st_size
@@ -248,6 +254,19 @@ class Sources:
             run.results[checksum] = ItemResult(checksum=checksum, cached=cached, size=size)
             self._ready[checksum].set()
             run.report(force=True)
+
+    def _check_cached(self, run: _Run, target: Path, checksum: str, label: str | None) -> bool:
+        """Whether the item in the store is good; a damaged one is removed, with a warning. Blocking."""
+        try:
+            problem = sourcecache.check(target, checksum, full=self.verify)
+        except FileNotFoundError:
+            return False
+        if problem is None:
+            return True
+        sourcecache.discard(target)
+        run.log(f"Warning: the stored item {checksum} is damaged ({problem}): removed, fetching it again"
+                f"{f' from {label}' if label else ''}\n")
+        return False
 
     def _failed(self, run: _Run, progress: _ItemProgress, error: SourceError, scope: anyio.CancelScope) -> None:
         run.bytes_done -= progress.received

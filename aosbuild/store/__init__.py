@@ -6,7 +6,7 @@
 - `locks`: Linux open-file-description locks
 - `sizes`: size arguments, disk usage, the default bounds
 - `sourcecache`: the source items' own accounting and pruning
-- `commands`: `aosbuild store info|prune|clear|limit`
+- `commands`: `aosbuild store info|prune|clear|limit|verify`
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""`aosbuild store info|prune|clear|limit`: the store, for the people who run it.
+"""`aosbuild store info|prune|clear|limit|verify`: the store, for the people who run it.
 
 - `info`: size, entries and limits; which entries are in use; staging entries of running and dead builds
 - `prune --to SIZE`: evict least recently used trees down to SIZE (and sources down to their bound)
 - `clear`: remove every tree and source item, also from a store of another format (the way out of a
   format mismatch); refused while a build is running
 - `limit`: show or set the bounds (as `--cache-max-size` does for the trees), and prune to new ones
+- `verify`: check every entry's structure and every source item's checksum; remove what is damaged
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                        help="bound of the trees: bytes, kB, KiB, MB, MiB, GB, GiB, TB, TiB or 'unlimited'")
     limit.add_argument("--sources-max-size", type=size_argument, default=KEEP, metavar="SIZE",
                        help="bound of the source items, in the same units")
+    verify = command("verify", "check every tree entry and source item, and remove the damaged ones")
+    verify.add_argument("--json", action="store_true", help="as JSON")
     return p
 
 
@@ -72,6 +75,8 @@ def main(argv: list[str]) -> int:
             return prune(store, args.to, args.sources_to)
         if args.command == "limit":
             return limit(store, args.cache_max_size, args.sources_max_size)
+        if args.command == "verify":
+            return verify(store, as_json=args.json)
     except StoreError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         return 1
@@ -117,7 +122,8 @@ def describe(root: Path) -> dict[str, Any]:
                     "size": sum(disk_usage(p) for p in staging)},
         "filesystem": {"size": fs.f_blocks * fs.f_frsize, "free": fs.f_bavail * fs.f_frsize},
         "entries": [{"id": c.id, "size": c.size, "last-used": c.last_used, "created": c.created,
-                     "in-use": _in_use(store.objects / c.id / entries.LOCK)} for c in reversed(committed)],
+                     "in-use": _in_use(store.objects / c.id / entries.LOCK),
+                     "damaged": entries.damage(store.objects / c.id)} for c in reversed(committed)],
     })
     return document
 
@@ -151,13 +157,17 @@ def info(root: Path, *, as_json: bool) -> int:
         for entry in document["entries"]:
             used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["last-used"]))
             lines.append(f"  {entry['id']}  {format_size(entry['size']):>10}  used {used}"
-                         + ("  (in use)" if entry["in-use"] else ""))
+                         + ("  (in use)" if entry["in-use"] else "")
+                         + (f"  (damaged: {entry['damaged']})" if entry["damaged"] else ""))
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
 def prune(store: Store, to: Bound, sources_to: Bound) -> int:
     dead = entries.reclaim_dead(store.staging) + entries.reclaim_dead(store.tmp)
+    damaged = [d for d in verify_entries(store)[1] if d["removed"]]
+    if damaged:
+        sys.stdout.write(f"trees: removed {len(damaged)} damaged entries\n")
     if to is not None:
         count, freed = store.prune(to)
         sys.stdout.write(f"trees: evicted {count} entries, {format_size(freed)}\n")
@@ -186,6 +196,60 @@ def limit(store: Store, max_size: Bound, sources_max_size: Bound) -> int:
                      f"sources: {format_size(limits.sources_max_size)}"
                      f"{'' if limits.sources_max_size_configured else ' (default)'}\n")
     return 0
+
+
+def verify_entries(store: Store) -> tuple[int, list[dict[str, Any]]]:
+    """Check every committed entry's structure; (entries checked, the damaged ones)."""
+    checked, damaged = 0, []
+    for name in sorted(os.listdir(store.objects)):
+        problem = entries.damage(store.objects / name)
+        if problem is not None and not (store.objects / name).exists():
+            continue  # evicted meanwhile
+        checked += 1
+        if problem is not None:
+            removed = entries.discard_damaged(store.objects, name)
+            damaged.append({"id": name, "problem": problem, "removed": removed})
+    return checked, damaged
+
+
+def verify_sources(store: Store) -> tuple[int, list[dict[str, Any]]]:
+    """Hash every source item; (items checked, the damaged ones). Items being fetched are left alone."""
+    checked, damaged = 0, []
+    for found in sourcecache.items(store.sources):
+        item = found.path
+        with sourcecache.try_lock(item) as held:
+            if not held:
+                continue
+            try:
+                problem = sourcecache.check(item, item.name, full=True)
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                continue  # not named by a checksum: not an item of a type aosbuild checks
+            checked += 1
+            if problem is not None:
+                sourcecache.discard(item)
+                damaged.append({"type": item.parent.name, "checksum": item.name, "problem": problem,
+                                "removed": True})
+    return checked, damaged
+
+
+def verify(store: Store, *, as_json: bool) -> int:
+    """Exit 0 if everything is good, 1 if something was damaged (removed, unless a build reads it)."""
+    checked, damaged = verify_entries(store)
+    items, bad_items = verify_sources(store)
+    if as_json:
+        document = {"store": str(store.root), "entries": {"checked": checked, "damaged": damaged},
+                    "sources": {"checked": items, "damaged": bad_items}}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        lines = [f"trees: {checked} entries checked, {len(damaged)} damaged"]
+        lines += [f"  {d['id']}: {d['problem']}; "
+                  + ("removed" if d["removed"] else "not removed: a build is using it") for d in damaged]
+        lines.append(f"sources: {items} items checked, {len(bad_items)} damaged")
+        lines += [f"  {d['type']}/{d['checksum']}: {d['problem']}; removed" for d in bad_items]
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 1 if damaged or bad_items else 0
 
 
 def clear(root: Path) -> int:

@@ -22,6 +22,8 @@ The protocol, which every function here follows:
   `open()` and its lock, the previous holder may have renamed the entry or removed it.
 - Removing an entry removes its data first and its lock file last, so a directory in `stage/` with data
   in it always has a lock file, and one without a lock file is empty (and can go with `rmdir`).
+- A committed entry is checked when it is loaded, cheaply (`damage`: its structure, not its contents);
+  a damaged one is a miss, and is removed under its write lock if nobody else reads it.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from .locks import READ, WRITE, LockFile
 from .sizes import disk_usage
 
 LOCK = "object.lock"
 INFO = "object.info"
 RESULTS = "results.json"
+
+log = structlog.get_logger(__name__)
 
 
 class Entry:
@@ -126,22 +132,67 @@ def create(parent: Path) -> NewEntry:
             return entry
 
 
+def damage(path: Path) -> str | None:
+    """What is wrong with the committed entry at `path`, or None: a check of its structure, not of its
+    contents (object.info valid, data/tree and data/meta directories, results.json a list)."""
+    try:
+        info = json.loads((path / INFO).read_text())
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int)
+                and isinstance(info.get("created"), (int, float))):
+            return f"{INFO} is not {{\"size\": <int>, \"created\": <time>}}"
+    except (OSError, ValueError) as exc:
+        return f"{INFO} cannot be read: {exc}"
+    for name in ("data/tree", "data/meta"):
+        try:
+            if not stat.S_ISDIR(os.lstat(path / name).st_mode):
+                return f"{name} is not a directory"
+        except OSError as exc:
+            return f"{name} is missing ({exc.strerror})"
+    try:
+        results = json.loads((path / "data" / "meta" / RESULTS).read_text())
+    except (OSError, ValueError) as exc:
+        return f"data/meta/{RESULTS} cannot be read: {exc}"
+    if not (isinstance(results, list) and all(isinstance(r, dict) for r in results)):
+        return f"data/meta/{RESULTS} is not a list of stage results"
+    return None
+
+
 def open_committed(objects: Path, object_id: str) -> LoadedEntry | None:
-    """The committed entry `object_id`, read-locked and marked used; None if it is absent or contended."""
+    """The committed entry `object_id`, read-locked and marked used; None if it is absent or contended,
+    and if it is damaged (then it is removed, unless somebody else reads it)."""
     path = objects / object_id
     lock = LockFile.try_open(path / LOCK, READ)
     if lock is None:
         return None
-    try:
-        info = json.loads((path / INFO).read_text())
-        entry = LoadedEntry(object_id, path, lock, info)
-        if not isinstance(entry.results, list):
-            raise ValueError(f"{RESULTS} is not a list")
-    except (OSError, ValueError):
-        lock.close()  # not an entry this store made, or a damaged one; treat as absent
+    problem = damage(path)
+    if problem is not None:
+        lock.close()
+        log.warning("store.damaged", id=object_id, problem=problem,
+                    action="removed; it is built again" if discard_damaged(objects, object_id)
+                    else "in use by another build; built again without it")
         return None
+    info = json.loads((path / INFO).read_text())
     lock.touch()
-    return entry
+    return LoadedEntry(object_id, path, lock, info)
+
+
+def discard_damaged(objects: Path, object_id: str) -> bool:
+    """Remove a committed entry found damaged, under its write lock; False if somebody reads it (or it is
+    gone already, or no longer damaged: another process replaced it)."""
+    size_lock = LockFile.wait_open(objects.parent / "size.lock", WRITE)  # what changes objects/ holds it
+    try:
+        # a committed entry without its lock file gets one: nobody else can hold it
+        lock = LockFile.try_open(objects / object_id / LOCK, WRITE, create=True)
+        if lock is None:
+            return False
+        if damage(objects / object_id) is None:
+            lock.close()
+            return False
+        moved = move_out(objects, object_id, objects.parent / "stage", lock)
+    finally:
+        size_lock.close()
+    remove(moved)
+    return True
 
 
 def commit(entry: NewEntry, objects: Path, object_id: str) -> bool:

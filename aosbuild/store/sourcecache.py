@@ -8,15 +8,28 @@ holds a read lock on `cache.lock` from start to end, and pruning takes the write
 or does not happen (the build that finishes last prunes).
 Files whose names start with a dot (partial downloads, per-item locks) belong to whoever fetches items
 and are neither counted nor pruned here.
+
+An item is verified when it enters the store, and its size, modification time and inode are recorded
+then in `sources/.verified/<content type>/<checksum>`; before an item is used, `check` compares them
+(cheap), and hashes the item again only when they differ, when there is no record, or when asked to
+(`--sources-only`, `aosbuild store verify`). Items are hard-linked into stages, so a stage writing into
+one changes its modification time too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..checksum import PARTIAL_PREFIX, checksum_of, split_checksum
+
+RECORDS = ".verified"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +43,8 @@ def items(sources: Path) -> list[Item]:
     """Every item, least recently used first."""
     found = []
     for content_type in _listdir(sources):
+        if content_type.startswith("."):
+            continue  # the records, not a content type
         directory = sources / content_type
         for name in _listdir(directory):
             if name.startswith("."):
@@ -68,6 +83,7 @@ def prune(sources: Path, to: int) -> tuple[int, int]:
             os.unlink(item.path)
         except FileNotFoundError:
             continue
+        forget(item.path)
         count += 1
         freed += item.size
     return count, freed
@@ -78,3 +94,102 @@ def _listdir(path: Path) -> list[str]:
         return sorted(os.listdir(path))
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def record_path(item: Path) -> Path:
+    """Where the record of `sources/<type>/<checksum>` is kept."""
+    return item.parent.parent / RECORDS / item.parent.name / item.name
+
+
+def _fingerprint(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _read_record(item: Path) -> dict[str, int] | None:
+    try:
+        record = json.loads(record_path(item).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record(item: Path) -> None:
+    """Remember the item as it is now, verified. The caller holds the item's lock."""
+    path = record_path(item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(PARTIAL_PREFIX + path.name)
+    partial.write_text(json.dumps(_fingerprint(os.stat(item))))
+    os.rename(partial, path)
+
+
+def forget(item: Path) -> None:
+    """Remove the record of an item that is gone."""
+    try:
+        os.unlink(record_path(item))
+    except FileNotFoundError:
+        pass
+
+
+def recorded(item: Path) -> bool:
+    """Whether the item is there as it was when it was verified (its size, modification time, inode)."""
+    try:
+        st = os.stat(item)
+    except OSError:
+        return False
+    return _read_record(item) == _fingerprint(st)
+
+
+def check(item: Path, checksum: str, *, full: bool = False) -> str | None:
+    """What is wrong with the item named `checksum`, or None if it is good (and then recorded as good).
+
+    Hashes it only if its record is missing or differs from it, or with `full`. FileNotFoundError if the
+    item is not there; ValueError for a checksum of an unknown algorithm. The caller holds the item's lock.
+    """
+    algorithm, _ = split_checksum(checksum)
+    st = os.stat(item)
+    known = _read_record(item)
+    if known is not None and known.get("size") != st.st_size:
+        return f"its size is {st.st_size} bytes, {known.get('size')} when it was verified"
+    if known == _fingerprint(st) and not full:
+        return None
+    actual = checksum_of(item, algorithm)
+    if actual != checksum:
+        return f"its bytes have the checksum {actual}"
+    if known != _fingerprint(st):
+        record(item)
+    return None
+
+
+def discard(item: Path) -> None:
+    """Remove a damaged item and its record. The caller holds the item's lock."""
+    try:
+        os.unlink(item)
+    except FileNotFoundError:
+        pass
+    forget(item)
+
+
+@contextlib.contextmanager
+def try_lock(item: Path) -> Iterator[bool]:
+    """The item's lock (`aosbuild.sources.item_lock`'s protocol), without waiting: True if held."""
+    path = item.with_name(f".lock-{item.name}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = False
+        else:
+            try:
+                st, mine = os.stat(path), os.fstat(fd)
+                held = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:  # its holder removed it as we locked it
+                held = False
+        try:
+            yield held
+        finally:
+            if held:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    finally:
+        os.close(fd)
