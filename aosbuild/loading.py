@@ -212,5 +212,11 @@ class _V2Loader:
             if device is None:
                 self.problems.append(Problem(f"mount '{desc['name']}' uses unknown device '{desc['source']}'",
                                              (*path, "source")))
+        target = desc.get("target")
+        if isinstance(target, str) and target.strip("/"):
+            _, why = relative_path(target)
+            if why:
+                self.problems.append(Problem(f"mount target {target!r} {why}: a mount target is a path below "
+                                             "the stage's mounts directory", (*path, "target")))
         return Mount(name=desc["name"], type=desc["type"], device=device, partition=desc.get("partition"),
                      target=desc.get("target"), options=dict(desc.get("options", {})))

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from aosbuild.errors import SandboxError
 from aosbuild.inputs import map_input
 from aosbuild.manifest import PIPELINE_ORIGIN, Input
+from aosbuild.runnerlib import make_mount_point
 from aosbuild.sandbox import INPUTS
 
 from .conftest import FAST_TMP, TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
@@ -95,8 +96,38 @@ def test_file_input_bind_target_comes_from_the_confined_name(tmp_path: Path) -> 
             mapped(bad)
 
 
-@pytest.mark.parametrize("name", ["..", ".", "", "/tmp/escaped", "../escaped", "a/b", "x" * 256])
+def test_mount_point_through_a_symlink_out_of_the_mounts_is_refused(tmp_path: Path) -> None:
+    """A filesystem mounted first (its content made from manifest data) holds `boot -> /elsewhere`: the
+    next mount's point must not follow it out of the mounts directory."""
+    mounts, elsewhere = tmp_path / "mounts", tmp_path / "elsewhere"
+    mounts.mkdir()
+    elsewhere.mkdir()
+    (mounts / "boot").symlink_to(elsewhere)
+    (mounts / "real").mkdir()
+    (mounts / "inside").symlink_to("real")
+    for target in (mounts / "boot", mounts / "boot/efi"):
+        with pytest.raises(OSError, match="resolves outside"):
+            make_mount_point(str(target), str(mounts))
+    assert list(elsewhere.iterdir()) == []
+    make_mount_point(str(mounts / "inside/efi"), str(mounts))
+    assert (mounts / "real/efi").is_dir()
+
+
+def test_mount_target_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
+    document = manifest(pipeline("image", {
+        "type": "org.osbuild.noop",
+        "devices": {"disk": {"type": "org.osbuild.loopback", "options": {"filename": "disk.img"}}},
+        "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/../../usr"}]}))
+    result = aosbuild(document)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert ".pipelines[0].stages[0].mounts[0].target" in result.stdout
+    assert "contains '..'" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "ABSOLUTE", "../escaped", "a/b", "x" * 256])
 def test_pipeline_names_that_are_not_one_directory_are_refused(aosbuild: Aosbuild, name: str) -> None:
+    escaped = aosbuild.workdir / "escaped"
+    name = str(escaped) if name == "ABSOLUTE" else name
     aosbuild.output.mkdir()
     path = aosbuild.write_manifest(manifest(pipeline(name, stage("org.osbuild.truncate", filename="f", size="1"))))
     outside = set(os.listdir(aosbuild.workdir)) | {"store"}
@@ -107,7 +138,7 @@ def test_pipeline_names_that_are_not_one_directory_are_refused(aosbuild: Aosbuil
     assert "Traceback" not in result.stdout + result.stderr
     assert set(os.listdir(aosbuild.workdir)) <= outside
     assert os.listdir(aosbuild.output) == []
-    assert not Path("/tmp/escaped").exists()
+    assert not escaped.exists()
 
 
 def test_tree_input_by_pipeline_id_is_refused(aosbuild: Aosbuild) -> None:
