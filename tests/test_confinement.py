@@ -213,3 +213,38 @@ def test_fuzzed_paths_and_names_stay_inside(fuzz_dir: Path, file: str, export_na
     assert not Path("/tmp/aosbuild-fuzz-escaped").exists()
     if proc.returncode == 0:
         assert os.listdir(output) == ["consume"]
+
+
+def test_copy_through_a_planted_symlink_to_proc_sys_is_refused(aosbuild: Aosbuild) -> None:
+    """`k -> /proc/sys/kernel` in the tree, then a copy to `tree:///k/...`: with the stage's capabilities
+    that would write the kernel's settings; the copy stage refuses to follow the symlink out."""
+    # hostname: a file the sandbox's own UTS namespace holds, so even a broken check harms no host
+    before = Path("/proc/sys/kernel/hostname").read_text()
+    document = manifest(pipeline(
+        "attack",
+        stage("org.osbuild.truncate", filename="/f", size="0"),
+        stage("org.osbuild.ln", paths=[{"target": "/proc/sys/kernel", "link_name": "tree:///k", "symbolic": True}]),
+        stage("org.osbuild.copy", paths=[{"from": "tree:///f", "to": "tree:///k/hostname"}])))
+    result = aosbuild(document)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "resolves outside its root" in result.stdout + result.stderr
+    assert Path("/proc/sys/kernel/hostname").read_text() == before
+
+
+def test_ln_into_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    from aosbuild import stageapi
+
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    tree.mkdir()
+    elsewhere.mkdir()
+    (tree / "out").symlink_to(elsewhere)
+    (tree / "etc").mkdir()
+    args = {"tree": str(tree), "paths": {"mounts": str(tmp_path / "mounts")}}
+    with pytest.raises(ValueError, match="resolves outside"):
+        stageapi.resolve_confined("tree:///out/x", args, follow_last=False)
+    with pytest.raises(ValueError, match="resolves outside"):
+        stageapi.resolve_confined("tree:///out", args, follow_last=True)
+    with pytest.raises(ValueError, match="resolves outside"):
+        stageapi.resolve_confined("tree:///out/", args, follow_last=False)
+    assert stageapi.resolve_confined("tree:///out", args, follow_last=False) == str(tree / "out")
+    assert stageapi.resolve_confined("/etc/x", args, follow_last=True) == str(tree / "etc/x")
