@@ -200,6 +200,13 @@ class _V2Loader:
                 break
             for name in ready:
                 d = pending.pop(name)
+                filename = dict(d.get("options") or {}).get("filename")
+                if d.get("type") == "org.osbuild.loopback" and isinstance(filename, str):
+                    _, bad = relative_path(filename)
+                    if bad:
+                        self.problems.append(Problem(
+                            f"loopback file {filename!r} {bad}: a device's file is a path inside the tree",
+                            (*path, name, "options", "filename")))
                 devices[name] = Device(name=name, type=d["type"],
                                        parent=devices[d["parent"]] if d.get("parent") else None,
                                        options=dict(d.get("options", {})))

@@ -113,6 +113,16 @@ def test_mount_point_through_a_symlink_out_of_the_mounts_is_refused(tmp_path: Pa
     assert (mounts / "real/efi").is_dir()
 
 
+def test_loopback_file_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
+    document = manifest(pipeline("image", {
+        "type": "org.osbuild.noop",
+        "devices": {"disk": {"type": "org.osbuild.loopback", "options": {"filename": "../../../../etc/passwd"}}}}))
+    result = aosbuild(document)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert ".pipelines[0].stages[0].devices.disk.options.filename" in result.stdout
+    assert "contains '..'" in result.stdout
+
+
 def test_mount_target_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
     document = manifest(pipeline("image", {
         "type": "org.osbuild.noop",
