@@ -215,7 +215,7 @@ def _main(args: argparse.Namespace) -> int:
     library = Library([Path(d) for d in args.libdir])
     label = args.manifest
     try:
-        manifest = load_file(label, read_manifest(label), library)
+        manifest = load_file(label, read_manifest(label), library, build=not args.inspect)
     except ManifestError as exc:
         if exc.__cause__ is not None:
             sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}\n")

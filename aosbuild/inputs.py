@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .confine import relative_path, resolve_inside
 from .errors import SandboxError
 from .manifest import PIPELINE_ORIGIN, Input
 from .sandbox import INPUTS, Bind
@@ -39,10 +40,13 @@ def map_input(inp: Input, *, scratch: Path, tree_of: Callable[[str], Path],
         binds = []
         files: dict[str, Any] = {}
         for pipeline_id, ref in inp.refs.items():
-            name = str(ref.get("file", "")).lstrip("/")
-            path = (tree_of(pipeline_id) / name).resolve()
-            if not name or not path.is_relative_to(tree_of(pipeline_id).resolve()) or not path.is_file():
-                raise SandboxError(f"input '{inp.name}': no file '{ref.get('file')}' in pipeline {pipeline_id}")
+            # the loader refused bad names already; checked again here, and the bind target is built
+            # from the checked name, so a symlink in the tree cannot move the mount point
+            name, why = relative_path(str(ref.get("file", "")))
+            path = resolve_inside(tree_of(pipeline_id), name) if name else None
+            if name is None or path is None or not path.is_file():
+                raise SandboxError(f"input '{inp.name}': no file '{ref.get('file')}' in pipeline {pipeline_id}"
+                                   + (f" (the name {why})" if why else " inside its tree"))
             binds.append(Bind(path, f"{target}/{name}"))
             files[name] = {}
         return binds, {"path": target, "data": {"files": files}}

@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .confine import component, relative_path
 from .errors import ManifestError, Problem
 from .library import Library
 from .manifest import (
@@ -65,11 +66,13 @@ def depth(document: Any) -> int:
     return deepest
 
 
-def load(description: Any, library: Library, source: str = "manifest", *, validate: bool = True) -> Manifest:
+def load(description: Any, library: Library, source: str = "manifest", *, validate: bool = True,
+         build: bool = False) -> Manifest:
     """Validate and load a parsed manifest of any supported format.
 
     `validate=False` skips the module schemas (ids can be computed for manifests whose stages this
-    library does not have), but never the checks of meaning.
+    library does not have), but never the checks of meaning. Pipeline references osbuild drops are
+    dropped too, so that ids (`--inspect`) are osbuild's; `build=True` (what a build loads) refuses them.
     """
     if not isinstance(description, dict):
         raise ManifestError(source, [Problem("a manifest must be a JSON object")])
@@ -78,14 +81,14 @@ def load(description: Any, library: Library, source: str = "manifest", *, valida
         problems = validate_v2(description, library) if validate else []
         if problems:
             raise ManifestError(source, problems)
-        return _V2Loader(description, source).load()
+        return _V2Loader(description, source, build=build).load()
     if version == "1":
         return load_v1(description, library, source, validate=validate)
     raise ManifestError(source, [Problem(f"Unsupported manifest format: version {version!r}", ("version",))])
 
 
-def load_file(path: str, text: str, library: Library) -> Manifest:
-    return load(parse(text, path), library, path)
+def load_file(path: str, text: str, library: Library, *, build: bool = False) -> Manifest:
+    return load(parse(text, path), library, path, build=build)
 
 
 def normalize_references(refs: Any) -> dict[str, dict[str, Any]]:
@@ -102,8 +105,9 @@ def normalize_references(refs: Any) -> dict[str, dict[str, Any]]:
 
 
 class _V2Loader:
-    def __init__(self, description: dict[str, Any], source: str) -> None:
+    def __init__(self, description: dict[str, Any], source: str, *, build: bool) -> None:
         self.description = description
+        self.build = build
         self.source = source
         self.problems: list[Problem] = []
         self.ids_by_name: dict[str, str | None] = {}
@@ -126,6 +130,11 @@ class _V2Loader:
                 self.problems.append(Problem(f"duplicate pipeline name '{pipeline.name}'",
                                              ("pipelines", i, "name")))
             self.ids_by_name[pipeline.name] = pipeline.id
+            why = component(pipeline.name)
+            if why:  # the name is the directory it is exported to (osbuild's schema allows any string)
+                self.problems.append(Problem(f"pipeline name {pipeline.name!r} {why}: a pipeline name must be "
+                                             "one path component, the directory it is exported to",
+                                             ("pipelines", i, "name")))
         if self.problems:
             raise ManifestError(self.source, self.problems)
         return Manifest(version="2", pipelines=tuple(pipelines), sources=sources,
@@ -179,12 +188,24 @@ class _V2Loader:
         resolved: dict[str, dict[str, Any]] = {}
         if origin == PIPELINE_ORIGIN:
             for ref, opts in refs.items():
-                # osbuild quirk, kept for identical ids: pipeline references that are not `name:`
-                # references are dropped
-                if ref.startswith("name:"):
-                    target = self.resolve(ref, (*path, "references"))
-                    if target:
-                        resolved[target] = opts
+                # osbuild quirk, kept by --inspect for identical ids: pipeline references that are not
+                # `name:` references are dropped (an empty input); a build refuses them instead
+                if not ref.startswith("name:"):
+                    if self.build:
+                        self.problems.append(Problem(
+                            f"pipeline reference {ref!r} is not a 'name:<pipeline>' reference: osbuild ignores "
+                            "such references (the input would be empty); refer to the pipeline by its name",
+                            (*path, "references")))
+                    continue
+                target = self.resolve(ref, (*path, "references"))
+                if target:
+                    resolved[target] = opts
+                if desc.get("type") == "org.osbuild.files" and "file" in opts:
+                    _, why = relative_path(str(opts["file"]))
+                    if why:
+                        self.problems.append(Problem(
+                            f"file {opts['file']!r} {why}: a file input names a file inside the pipeline's tree",
+                            (*path, "references", ref, "file")))
         elif origin == SOURCE_ORIGIN:
             unknown = sorted(set(refs) - self.source_items)
             if unknown:
@@ -206,6 +227,13 @@ class _V2Loader:
                 break
             for name in ready:
                 d = pending.pop(name)
+                filename = dict(d.get("options") or {}).get("filename")
+                if d.get("type") == "org.osbuild.loopback" and isinstance(filename, str):
+                    _, bad = relative_path(filename)
+                    if bad:
+                        self.problems.append(Problem(
+                            f"loopback file {filename!r} {bad}: a device's file is a path inside the tree",
+                            (*path, name, "options", "filename")))
                 devices[name] = Device(name=name, type=d["type"],
                                        parent=devices[d["parent"]] if d.get("parent") else None,
                                        options=dict(d.get("options", {})))
@@ -218,5 +246,11 @@ class _V2Loader:
             if device is None:
                 self.problems.append(Problem(f"mount '{desc['name']}' uses unknown device '{desc['source']}'",
                                              (*path, "source")))
+        target = desc.get("target")
+        if isinstance(target, str) and target.strip("/"):
+            _, why = relative_path(target)
+            if why:
+                self.problems.append(Problem(f"mount target {target!r} {why}: a mount target is a path below "
+                                             "the stage's mounts directory", (*path, "target")))
         return Mount(name=desc["name"], type=desc["type"], device=device, partition=desc.get("partition"),
                      target=desc.get("target"), options=dict(desc.get("options", {})))

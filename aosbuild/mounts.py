@@ -45,7 +45,7 @@ def plan_mounts(mounts: Sequence[Mount], devices: dict[str, Any]) -> tuple[list[
         data = [name for name in DATA_FLAGS if options.get(name)]
         data += [f"{name}={options[name]}" for name in DATA_VALUES if name in options]
         target = mount_point(mount.target)
-        plan.append({"source": source, "target": target, "fstype": fstype,
+        plan.append({"source": source, "target": target, "root": MOUNTS, "fstype": fstype,
                      "flags": MS_RDONLY if options.get("readonly") else 0, "data": ",".join(data)})
         arguments[mount.name] = {"path": target}
     return plan, arguments

@@ -41,6 +41,24 @@ def umount(target: str) -> None:
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
+def _inside(path: str, root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def make_mount_point(target: str, root: str) -> None:
+    """Create `target` below `root`, refusing when a symlink (in a filesystem mounted before, which a
+    manifest's data may have made) would put it elsewhere: checked before creating and after."""
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not _inside(existing, root):
+        raise OSError(f"mount point {target} resolves outside {root}: refusing to mount there")
+    os.makedirs(target, exist_ok=True)
+    if not _inside(target, root):
+        raise OSError(f"mount point {target} resolves outside {root}: refusing to mount there")
+
+
 def run_with_mounts(stage: str, argv: list[str], plan_text: str) -> int:
     """Mount, run the stage as a child, unmount; its exit code."""
     import json
@@ -48,7 +66,7 @@ def run_with_mounts(stage: str, argv: list[str], plan_text: str) -> int:
     mounted: list[str] = []
     try:
         for entry in json.loads(plan_text):
-            os.makedirs(entry["target"], exist_ok=True)
+            make_mount_point(entry["target"], entry["root"])
             mount(entry["source"], entry["target"], entry["fstype"], entry["flags"], entry["data"])
             mounted.append(entry["target"])
         pid = os.fork()

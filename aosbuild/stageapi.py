@@ -228,9 +228,35 @@ def resolve_location(url: str, args: dict[str, Any]) -> str:
                          "use tree:///<path>, input://<name>/<path>, mount://<name>/<path> or a plain path")
     root = os.path.normpath(root)
     target = os.path.normpath(os.path.join(root, path.lstrip("/")))
-    if target != root and not target.startswith(root.rstrip("/") + "/"):
+    if not _inside(target, root):
         raise ValueError(f"location '{url}' escapes its root '{root}' through '..'; "
                          "write the path without climbing above it")
     if path.endswith("/"):
         target = os.path.join(target, ".")
     return target
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def resolve_confined(url: str, args: dict[str, Any], *, follow_last: bool) -> str:
+    """`resolve_location`, then checked again with symlinks resolved: the directory the location is in
+    (and, with `follow_last`, the location itself, for a destination that is written through) must stay
+    below its root, so a symlink a manifest planted in the tree cannot send a write elsewhere
+    (`/proc/sys`, another input, the sandbox's `/`)."""
+    target = resolve_location(url, args)
+    root = os.path.realpath(resolve_location(url.partition("://")[0] + "://" + _root_name(url) + "/", args)
+                            if "://" in url else args["tree"])
+    if follow_last or target.endswith("/."):  # "the contents of" a directory follow it, too
+        checked = target
+    else:
+        checked = os.path.dirname(target)
+    if not _inside(os.path.realpath(checked), root):
+        raise ValueError(f"location '{url}' resolves outside its root '{root}' through a symlink; "
+                         "the tree, inputs and mounts may hold symlinks, a location must not follow them out")
+    return target
+
+
+def _root_name(url: str) -> str:
+    return url.partition("://")[2].partition("/")[0]
