@@ -9,6 +9,7 @@ which then stops them in order.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 import signal
 import subprocess
@@ -57,12 +58,22 @@ class Process:
 
     @property
     def returncode(self) -> int | None:
-        return self.popen.poll()
+        return self.popen.returncode
 
     async def wait(self) -> int:
-        while self.popen.poll() is None:
-            await anyio.wait_readable(self.pidfd)
-        return self.popen.returncode
+        """Wait for the process to end, then kill what is left of its process group, then reap it.
+
+        Until it is reaped the process's id stays taken, so its process group cannot be another's yet:
+        whatever it started and left behind (a bwrap child still setting up, which missed
+        `--die-with-parent` because its parent died first) is killed by that id and nothing else.
+        """
+        if self.popen.returncode is None:
+            await anyio.wait_readable(self.pidfd)  # readable once the process has exited, before reaping
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return self.popen.wait()
 
     async def read_output(self, on_chunk: Callable[[bytes], None]) -> None:
         """Pass every chunk of the merged stdout/stderr to `on_chunk` until end of file."""
@@ -80,9 +91,10 @@ class Process:
             on_chunk(chunk)
 
     def signal(self, signum: int) -> None:
-        if self.popen.poll() is None:
+        if self.popen.returncode is None:
+            # not popen.send_signal: it would reap an exited process, and wait() kills its group first
             try:
-                self.popen.send_signal(signum)
+                os.kill(self.popen.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -140,6 +152,27 @@ class LineSplitter:
             self._on_line(text)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A `preexec_fn` that makes the child die with the engine, even of SIGKILL (as mkosi does).
+
+    It checks the parent after setting the signal: an engine that died in between never sends it.
+    """
+    prctl = _libc().prctl
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(127)
+
+    return preexec
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapping[str, str] | None = None,
                         pass_fds: Sequence[int] = (), cwd: Path | None = None,
                         on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS) -> int:
@@ -150,7 +183,7 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
     popen = subprocess.Popen(  # noqa: ASYNC220  # fork from this thread on purpose: see Process
         argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
     process = Process(popen)
     splitter = LineSplitter(on_line)
     at_end = False

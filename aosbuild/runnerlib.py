@@ -14,6 +14,7 @@ import sys
 from typing import Any, NoReturn
 
 MOUNTS_ENV = "AOSBUILD_MOUNTS"
+CAPS_ENV = "AOSBUILD_CAPS"  # the stage's intended effective capability set, a hex mask
 MS_RDONLY = 1
 
 
@@ -113,10 +114,37 @@ def become(stage: str, argv: list[str]) -> NoReturn:
     raise SystemExit(0)
 
 
+class CapabilityError(OSError):
+    """The sandbox gave the stage other capabilities than the engine asked for."""
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    raise CapabilityError("/proc/self/status has no CapEff line")
+
+
+def check_capabilities(intended_text: str) -> None:
+    """Refuse to run the stage with other capabilities than the engine asked the sandbox for."""
+    intended = int(intended_text, 16)
+    effective = effective_capabilities()
+    if effective != intended:
+        extra, missing = effective & ~intended, intended & ~effective
+        raise CapabilityError(
+            f"the sandbox gave the stage the capabilities {effective:#x} instead of {intended:#x}"
+            f" (extra {extra:#x}, missing {missing:#x}): bwrap did not apply --cap-drop/--cap-add;"
+            " check its version and the host's capability bounding set")
+
+
 def main(prepare: object = None) -> int:
     """A runner's entry point: `prepare()` (if given) readies the build root, then the stage runs."""
     stage, argv = sys.argv[1], sys.argv[2:]
     try:
+        caps_text = os.environ.pop(CAPS_ENV, "")
+        if caps_text:
+            check_capabilities(caps_text)
         if callable(prepare):
             prepare()
         plan_text = os.environ.pop(MOUNTS_ENV, "")

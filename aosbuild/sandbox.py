@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 
 from . import process, rpc
+from .runnerlib import CAPS_ENV
 from .stageapi import FD_ENV
 
 SANDBOX_ROOT = "/run/osbuild"
@@ -32,6 +33,13 @@ CAPABILITIES = (
     "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_CHROOT",
     "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
 )
+# bit numbers of those capabilities (linux/capability.h)
+CAP_BITS = {
+    "CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_FSETID": 4,
+    "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_BIND_SERVICE": 10,
+    "CAP_IPC_LOCK": 14, "CAP_SYS_CHROOT": 18, "CAP_SYS_ADMIN": 21, "CAP_SYS_NICE": 23, "CAP_SYS_RESOURCE": 24,
+    "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29, "CAP_SETFCAP": 31, "CAP_MAC_OVERRIDE": 32,
+}
 # top-level directories that may be symlinks into /usr (merged /usr) or real directories
 ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # host configuration a build root's tools need, taken from the build root when present
@@ -57,12 +65,34 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-def bwrap_argv(spec: SandboxSpec) -> list[str]:
+def bounding_set(status: str | None = None) -> int:
+    """The host's capability bounding set (`CapBnd` of /proc/self/status) as a bit mask."""
+    text = Path("/proc/self/status").read_text() if status is None else status
+    for line in text.splitlines():
+        if line.startswith("CapBnd:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def stage_capabilities(bounding: int) -> tuple[str, ...]:
+    """The stage's capabilities: osbuild's set, less what the bounding set lacks.
+
+    bwrap (0.8) cannot add a capability outside the bounding set, and then keeps *all* of them instead of
+    failing, so asking only for what the host can give is what keeps the stage's set the intended one.
+    """
+    return tuple(cap for cap in CAPABILITIES if bounding >> CAP_BITS[cap] & 1)
+
+
+def capability_mask(caps: tuple[str, ...]) -> int:
+    return sum(1 << CAP_BITS[cap] for cap in caps)
+
+
+def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[str]:
     root = spec.build_root
     argv = ["bwrap", "--chdir", "/", "--die-with-parent", "--new-session",
             "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--cap-drop", "ALL"]
-    for cap in CAPABILITIES:
+    for cap in caps:
         argv += ["--cap-add", cap]
     argv += ["--ro-bind", os.fspath(root / "usr"), "/usr"]
     for name in ROOT_DIRS:
@@ -108,7 +138,10 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
     """Run the stage under bwrap, serving its RPC channel; returns the exit status."""
     engine_sock, stage_sock = rpc.open_socketpair()
     with engine_sock, stage_sock:
-        env = sandbox_env({**spec.env, FD_ENV: str(stage_sock.fileno())})
+        caps = stage_capabilities(bounding_set())
+        # the runner checks the stage's effective set against this before it runs the stage
+        env = sandbox_env({**spec.env, FD_ENV: str(stage_sock.fileno()),
+                           CAPS_ENV: f"{capability_mask(caps):x}"})
         server_done = anyio.Event()
 
         async def serve() -> None:
@@ -119,7 +152,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             tg.start_soon(serve)
             # once the sandbox holds the stage's end, the engine's copy must go, or EOF never comes
             returncode = await process.run_streaming(
-                bwrap_argv(spec), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
+                bwrap_argv(spec, caps), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
                 on_started=stage_sock.close)
             # let the server read what the stage sent just before it exited, then stop it
             with anyio.move_on_after(DRAIN_SECONDS):

@@ -1,0 +1,56 @@
+"""The stage sandbox's capabilities: exactly osbuild's set as far as the host's bounding set allows."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import pytest
+
+from aosbuild import runnerlib, sandbox
+
+from .conftest import Aosbuild, manifest, pipeline, stage
+
+PR_CAPBSET_DROP = 24
+
+
+def test_stage_capabilities_leave_out_what_the_bounding_set_lacks() -> None:
+    everything = (1 << 41) - 1
+    assert sandbox.stage_capabilities(everything) == sandbox.CAPABILITIES
+    without = everything & ~(1 << sandbox.CAP_BITS["CAP_SYS_RESOURCE"])
+    assert "CAP_SYS_RESOURCE" not in sandbox.stage_capabilities(without)
+    assert len(sandbox.stage_capabilities(without)) == len(sandbox.CAPABILITIES) - 1
+    assert sandbox.bounding_set("Name:\tx\nCapBnd:\t000001fffeffffff\n") == 0x1FFFEFFFFFF
+
+
+def test_runner_refuses_other_capabilities_than_intended() -> None:
+    mine = runnerlib.effective_capabilities()
+    runnerlib.check_capabilities(f"{mine:x}")
+    with pytest.raises(runnerlib.CapabilityError, match="instead of"):
+        runnerlib.check_capabilities(f"{mine ^ 1:x}")
+
+
+def drop_from_bounding_set(*caps: str) -> None:
+    """In the child before exec: drop capabilities from its bounding set, as a container would."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in caps:
+        if libc.prctl(PR_CAPBSET_DROP, sandbox.CAP_BITS[cap], 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+@pytest.mark.parametrize("dropped", [(), ("CAP_SYS_RESOURCE",), ("CAP_SYS_RESOURCE", "CAP_SYS_NICE", "CAP_SETFCAP")])
+def test_stage_gets_intended_capabilities_under_a_reduced_bounding_set(
+        aosbuild: Aosbuild, dropped: tuple[str, ...]) -> None:
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.caps")))
+    argv = aosbuild.command(m, "--export", "tree", "--output-directory", str(aosbuild.output))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=aosbuild.workdir,
+                          preexec_fn=lambda: drop_from_bounding_set(*dropped))
+    assert proc.returncode == 0, proc.stderr
+    caps = dict(line.split(":\t") for line in (aosbuild.output / "tree" / "caps").read_text().splitlines())
+    bounding = sandbox.bounding_set()
+    for cap in dropped:
+        bounding &= ~(1 << sandbox.CAP_BITS[cap])
+    intended = sandbox.capability_mask(sandbox.CAPABILITIES) & bounding
+    assert int(caps["CapEff"], 16) == intended
+    assert int(caps["CapPrm"], 16) == intended
+
