@@ -109,7 +109,12 @@ def nodev_store(aosbuild: Aosbuild) -> Iterator[Aosbuild]:
     try:
         yield aosbuild
     finally:
-        subprocess.run(["umount", str(aosbuild.store)], check=True)
+        # a plain umount fails while anything is still mounted below the store; then take it all away
+        # (lazily, so the workdir can be removed) and fail the test
+        left = subprocess.run(["umount", str(aosbuild.store)], capture_output=True, text=True)
+        if left.returncode != 0:
+            subprocess.run(["umount", "--recursive", "--lazy", str(aosbuild.store)], check=True)
+    assert left.returncode == 0, f"the store could not be unmounted: {left.stderr}"
     assert mounted_anywhere(aosbuild.workdir) == []
     assert loops_attached_under(aosbuild.workdir) == []
 
