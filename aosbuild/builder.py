@@ -28,7 +28,7 @@ from .manifest import Pipeline, Stage
 from .mounts import plan_mounts
 from .process import explain_status
 from .results import StageResult
-from .rpc import HandlerError
+from .rpc import Handler, HandlerError
 from .runnerlib import MOUNTS_ENV
 from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
 
@@ -113,9 +113,18 @@ class StageSession:
             raise HandlerError(str(exc)) from exc
         return {"path": self.devdir.add_loop(device)}, []
 
-    def handlers(self) -> dict[str, Any]:
-        return {"arguments": self.on_arguments, "metadata": self.on_metadata, "log": self.on_log,
-                "progress": self.on_progress, "exception": self.on_exception, "loop.attach": self.on_loop_attach}
+    def handlers(self) -> dict[str, Handler]:
+        handlers: dict[str, Handler] = {
+            "arguments": self.on_arguments, "metadata": self.on_metadata, "log": self.on_log,
+            "progress": self.on_progress, "exception": self.on_exception, "loop.attach": self.on_loop_attach}
+        return {name: self._from_inside(handler) for name, handler in handlers.items()}
+
+    def _from_inside(self, handler: Handler) -> Handler:
+        async def call(params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+            # a message from the stage means bwrap has made its mounts: its /dev need not stay on the host
+            self.devdir.leave_host()
+            return await handler(params, fds)
+        return call
 
 
 def runner_for(ctx: BuildContext, pipeline: Pipeline) -> str:

@@ -34,23 +34,33 @@ DEV_MOUNT_OPTIONS = "mode=0755,size=64k"  # nodes take no room; nothing else bel
 
 
 class DevDir:
-    """The directory that becomes /dev in the sandbox (an empty mount of `open_dev_dir`'s)."""
+    """The directory that becomes /dev in the sandbox (an empty mount of `open_dev_dir`'s), reached
+    through a descriptor so that it can leave the host's mount tree while the stage runs."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.on_host = True
         for name, (major, minor) in BASIC_NODES.items():
-            os.mknod(path / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=self.fd)
         for name, target in LINKS.items():
-            os.symlink(target, path / name)
-        (path / "pts").mkdir()
-        (path / "shm").mkdir()
+            os.symlink(target, name, dir_fd=self.fd)
+        os.mkdir("pts", dir_fd=self.fd)
+        os.mkdir("shm", dir_fd=self.fd)
 
     def add_loop(self, device: LoopDevice) -> str:
         """Make the device (and its partitions) visible in the sandbox; returns its sandbox path."""
-        os.mknod(self.path / device.name, 0o600 | stat.S_IFBLK, os.makedev(device.major, device.minor))
+        os.mknod(device.name, 0o600 | stat.S_IFBLK, os.makedev(device.major, device.minor), dir_fd=self.fd)
         for name, major, minor in device.partitions:
-            os.mknod(self.path / name, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+            os.mknod(name, 0o600 | stat.S_IFBLK, os.makedev(major, minor), dir_fd=self.fd)
         return f"/dev/{device.name}"
+
+    def leave_host(self) -> None:
+        """Take the tmpfs off the host's mount tree, once the sandbox has bound it as its /dev: it lives
+        on as the sandbox's /dev and through `fd`, and with them it goes, even if the engine is killed."""
+        if self.on_host:
+            self.on_host = False
+            umount(os.fspath(self.path), MNT_DETACH)
 
 
 @asynccontextmanager
@@ -64,9 +74,17 @@ async def open_dev_dir(path: Path) -> AsyncIterator[DevDir]:
         raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror} "
                            "(stages need root)") from exc
     try:
-        yield DevDir(path)
-    finally:
+        devdir = DevDir(path)
+    except BaseException:
         umount(os.fspath(path), MNT_DETACH)
+        raise
+    try:
+        yield devdir
+    finally:
+        try:
+            devdir.leave_host()
+        finally:
+            os.close(devdir.fd)
 
 
 def _backing_file(tree: Path, filename: str) -> Path:

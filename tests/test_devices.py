@@ -128,6 +128,8 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
                 break
         ours = bound_loops() - before
         assert len(ours) == 2  # the manifest's device and the one the stage asked for
+        # the stage's /dev is mounted in its own mount namespace only, not on the host's tree
+        assert [line for line in mounts_under(aosbuild.workdir) if "aosbuild-dev" in line] == []
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
