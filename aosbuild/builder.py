@@ -19,7 +19,7 @@ import structlog
 
 from . import sandbox
 from .context import BuildContext
-from .devices import DevDir, open_devices
+from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
 from .inputs import map_input
 from .library import choose_runner, read_os_release
@@ -28,7 +28,7 @@ from .manifest import Pipeline, Stage
 from .mounts import plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
-from .rpc import HandlerError
+from .rpc import Handler, HandlerError
 from .runnerlib import MOUNTS_ENV
 from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
 
@@ -42,7 +42,7 @@ class StageSession:
     """What the engine knows while one stage runs: its output, metadata, progress and exception."""
 
     def __init__(self, ctx: BuildContext, pipeline: Pipeline, stage: Stage, arguments: dict[str, Any], *,
-                 loops: LoopServer, devdir: DevDir | None) -> None:
+                 loops: LoopServer, devdir: DevDir) -> None:
         self.ctx = ctx
         self.loops = loops
         self.devdir = devdir
@@ -104,8 +104,6 @@ class StageSession:
         """A loop device over the descriptor the stage passed, visible in its /dev until it ends."""
         if not fds:
             raise HandlerError("loop.attach needs the backing file's descriptor")
-        if self.devdir is None:
-            raise HandlerError("this store's filesystem cannot hold device nodes (nodev)")
         try:
             device = await self.loops.attach(
                 fds[0], offset=int(params.get("offset", 0)), size=int(params.get("size", 0)),
@@ -115,9 +113,18 @@ class StageSession:
             raise HandlerError(str(exc)) from exc
         return {"path": self.devdir.add_loop(device)}, []
 
-    def handlers(self) -> dict[str, Any]:
-        return {"arguments": self.on_arguments, "metadata": self.on_metadata, "log": self.on_log,
-                "progress": self.on_progress, "exception": self.on_exception, "loop.attach": self.on_loop_attach}
+    def handlers(self) -> dict[str, Handler]:
+        handlers: dict[str, Handler] = {
+            "arguments": self.on_arguments, "metadata": self.on_metadata, "log": self.on_log,
+            "progress": self.on_progress, "exception": self.on_exception, "loop.attach": self.on_loop_attach}
+        return {name: self._from_inside(handler) for name, handler in handlers.items()}
+
+    def _from_inside(self, handler: Handler) -> Handler:
+        async def call(params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
+            # a message from the stage means bwrap has made its mounts: its /dev need not stay on the host
+            self.devdir.leave_host()
+            return await handler(params, fds)
+        return call
 
 
 def runner_for(ctx: BuildContext, pipeline: Pipeline) -> str:
@@ -147,22 +154,16 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
     info = ctx.library.find(stage.kind, stage.type)
     if info is None or info.path is None:
         raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
-    async with ctx.store.stage() as scratch, open_loop_server() as loops:
+    # the stage's /dev is unmounted first, then its loop devices are detached, then its scratch removed
+    async with ctx.store.stage() as scratch, open_loop_server() as loops, \
+            open_dev_dir(scratch.path / "dev") as devdir:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         for inp in stage.inputs.values():
             input_binds, inputs[inp.name] = map_input(
                 inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
             binds += input_binds
-        devdir: DevDir | None = DevDir(scratch.path / "dev")
-        assert devdir is not None
-        if not devdir.usable():
-            if stage.devices:
-                raise SandboxError(f"the store {ctx.store.root} is on a filesystem mounted nodev, so stages "
-                                   "cannot use devices: use a --store elsewhere")
-            devdir = None
-        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir,  # type: ignore[arg-type]
-                                loops=loops) as devices:
+        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices:
             mount_plan, mounts = plan_mounts(stage.mounts, devices)
             meta: dict[str, Any] = {"id": stage.id}
             env = {}
@@ -177,7 +178,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                          "meta": meta}
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
             spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
-                                       runner=runner, dev=devdir.path if devdir else None, binds=tuple(binds),
+                                       runner=runner, dev=devdir.path, binds=tuple(binds),
                                        env=env)
             ctx.monitor.stage_started(pipeline, stage)
             started = time.monotonic()

@@ -1,8 +1,10 @@
 """Devices of a stage: the sandbox's own /dev, and the loop devices the manifest asks for.
 
-The sandbox's /dev is a directory the engine owns (under the store's scratch space), bind-mounted into
-the sandbox, so device nodes can be added while the stage runs (a stage's `loop.attach` request). It
-holds the usual character devices and a node for each loop device attached for the stage.
+The sandbox's /dev is a small tmpfs the engine mounts for the stage (in the stage's scratch space) and
+bind-mounts into the sandbox, so device nodes can be added while the stage runs (a stage's `loop.attach`
+request). Being a mount of its own, without `nodev`, its nodes work whatever the store's filesystem is
+mounted with (a stock Debian mounts /dev/shm and /tmp `nodev`). It holds the usual character devices
+and a node for each loop device attached for the stage, and is unmounted when the stage ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
+from .runnerlib import mount, umount
 
 # name -> (major, minor) of the character devices every sandbox gets
 BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
@@ -24,33 +27,64 @@ LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/sel
          "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 
+MS_NOSUID = 2
+MS_NOEXEC = 8
+MNT_DETACH = 2
+DEV_MOUNT_OPTIONS = "mode=0755,size=64k"  # nodes take no room; nothing else belongs there
+
+
 class DevDir:
-    """The directory that becomes /dev in the sandbox."""
+    """The directory that becomes /dev in the sandbox (an empty mount of `open_dev_dir`'s), reached
+    through a descriptor so that it can leave the host's mount tree while the stage runs."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.mkdir()
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.on_host = True
         for name, (major, minor) in BASIC_NODES.items():
-            os.mknod(path / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=self.fd)
         for name, target in LINKS.items():
-            os.symlink(target, path / name)
-        (path / "pts").mkdir()
-        (path / "shm").mkdir()
-
-    def usable(self) -> bool:
-        """False where the filesystem is mounted `nodev` and the nodes cannot be opened."""
-        try:
-            os.close(os.open(self.path / "null", os.O_WRONLY))
-            return True
-        except PermissionError:
-            return False
+            os.symlink(target, name, dir_fd=self.fd)
+        os.mkdir("pts", dir_fd=self.fd)
+        os.mkdir("shm", dir_fd=self.fd)
 
     def add_loop(self, device: LoopDevice) -> str:
         """Make the device (and its partitions) visible in the sandbox; returns its sandbox path."""
-        os.mknod(self.path / device.name, 0o600 | stat.S_IFBLK, os.makedev(device.major, device.minor))
+        os.mknod(device.name, 0o600 | stat.S_IFBLK, os.makedev(device.major, device.minor), dir_fd=self.fd)
         for name, major, minor in device.partitions:
-            os.mknod(self.path / name, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+            os.mknod(name, 0o600 | stat.S_IFBLK, os.makedev(major, minor), dir_fd=self.fd)
         return f"/dev/{device.name}"
+
+    def leave_host(self) -> None:
+        """Take the tmpfs off the host's mount tree, once the sandbox has bound it as its /dev: it lives
+        on as the sandbox's /dev and through `fd`, and with them it goes, even if the engine is killed."""
+        if self.on_host:
+            self.on_host = False
+            umount(os.fspath(self.path), MNT_DETACH)
+
+
+@asynccontextmanager
+async def open_dev_dir(path: Path) -> AsyncIterator[DevDir]:
+    """A fresh tmpfs at `path` (created here) for the sandbox's /dev; unmounted on exit, however the
+    stage ended. Lazily: a process of the stage that is still going would otherwise keep it busy."""
+    os.mkdir(path)
+    try:
+        mount("aosbuild-dev", os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
+    except OSError as exc:
+        raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror} "
+                           "(stages need root)") from exc
+    try:
+        devdir = DevDir(path)
+    except BaseException:
+        umount(os.fspath(path), MNT_DETACH)
+        raise
+    try:
+        yield devdir
+    finally:
+        try:
+            devdir.leave_host()
+        finally:
+            os.close(devdir.fd)
 
 
 def _backing_file(tree: Path, filename: str) -> Path:

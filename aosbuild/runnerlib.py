@@ -36,8 +36,8 @@ def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
         raise OSError(err, f"mount {source} on {target} ({fstype}, {data or 'defaults'}): {os.strerror(err)}")
 
 
-def umount(target: str) -> None:
-    if _libc().umount2(target.encode(), 0) != 0:
+def umount(target: str, flags: int = 0) -> None:
+    if _libc().umount2(target.encode(), flags) != 0:
         err = _errno()
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 

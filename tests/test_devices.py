@@ -13,6 +13,9 @@ import pytest
 from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
 from .test_interrupt import mounts_under, processes_mentioning
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 HELLO = "sha256:f80caab74e43203d39d78d3548f5834bb310959a1020f2c9c4c4610e04a24e64"
 START, SIZE = 2048, 129024
 
@@ -27,6 +30,11 @@ def loops_backed_by(path: Path) -> list[str]:
         except OSError:
             continue
     return found
+
+
+def mounts_below_store(aosbuild: Aosbuild) -> list[str]:
+    """What is mounted under the test's directory besides the store's own tmpfs."""
+    return [line for line in mounts_under(aosbuild.workdir) if line.split()[4] != str(aosbuild.store)]
 
 
 def bound_loops() -> set[str]:
@@ -77,7 +85,7 @@ def test_filesystem_on_a_partition_offset(aosbuild: Aosbuild) -> None:
     assert read_from_partition(aosbuild.output / "image" / "disk.img", "/etc/hello", aosbuild.workdir) == \
         "hello osbuild\n"
     assert loops_backed_by(aosbuild.workdir) == []
-    assert mounts_under(aosbuild.workdir) == []
+    assert mounts_below_store(aosbuild) == []
 
 
 def test_stage_requests_a_loop_device(aosbuild: Aosbuild) -> None:
@@ -99,7 +107,7 @@ def test_failing_stage_with_mounts_leaves_nothing(aosbuild: Aosbuild) -> None:
     assert result.returncode == 1
     assert "org.aosbuild.test.fail" in result.stderr
     assert loops_backed_by(aosbuild.workdir) == []
-    assert mounts_under(aosbuild.workdir) == []
+    assert mounts_below_store(aosbuild) == []
     assert list((aosbuild.store / "stage").iterdir()) == []
 
 
@@ -120,6 +128,8 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
                 break
         ours = bound_loops() - before
         assert len(ours) == 2  # the manifest's device and the one the stage asked for
+        # the stage's /dev is mounted in its own mount namespace only, not on the host's tree
+        assert [line for line in mounts_under(aosbuild.workdir) if "aosbuild-dev" in line] == []
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -128,7 +138,7 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
             proc.wait()
     assert proc.returncode == {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}[signum], stderr.decode()
     assert ours & bound_loops() == set()
-    assert mounts_under(aosbuild.workdir) == []
+    assert mounts_below_store(aosbuild) == []
     assert processes_mentioning(str(aosbuild.workdir)) == []
     assert list((aosbuild.store / "stage").iterdir()) == []
     assert list((aosbuild.store / "tmp").iterdir()) == []

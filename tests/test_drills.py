@@ -15,14 +15,16 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .conftest import NODEV_SOURCE, Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
 from .test_devices import SIZE, START, bound_loops, disk_manifest, loopback
 from .test_interrupt import mounts_under, processes_mentioning
+
+# every drill's store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12
+pytestmark = pytest.mark.usefixtures("nodev_store")
 
 GRACE = 5.0  # aosbuild.process.GRACE_SECONDS: SIGTERM, then this long, then SIGKILL
 EXIT_CODES = {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}
@@ -31,9 +33,9 @@ EXIT_CODES = {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}
 def assert_clean(aosbuild: Aosbuild, loops_before: set[str] | None = None) -> None:
     """Nothing of the build is left: no process, mount, loop device, staging or temporary entry."""
     assert processes_mentioning(str(aosbuild.workdir)) == []
-    # the store itself may be a tmpfs of the test's (drill 7); nothing may be mounted anywhere below it
+    # the store itself is a tmpfs of the test's (`nodev_store`); nothing may be mounted anywhere below it
     points = [line.split()[4] for line in mounts_under(aosbuild.workdir)]
-    assert [point for point in points if point != str(aosbuild.store) or not is_small_store(aosbuild)] == []
+    assert [point for point in points if point != str(aosbuild.store) or not is_test_store(aosbuild)] == []
     if loops_before is not None:
         assert bound_loops() <= loops_before
     for entry in ("stage", "tmp"):
@@ -41,8 +43,8 @@ def assert_clean(aosbuild: Aosbuild, loops_before: set[str] | None = None) -> No
             assert list((aosbuild.store / entry).iterdir()) == []
 
 
-def is_small_store(aosbuild: Aosbuild) -> bool:
-    return any(line.split()[4] == str(aosbuild.store) and " - tmpfs aosbuild-drill " in line
+def is_test_store(aosbuild: Aosbuild) -> bool:
+    return any(line.split()[4] == str(aosbuild.store) and f" - tmpfs {NODEV_SOURCE} " in line
                for line in mounts_under(aosbuild.workdir))
 
 
@@ -352,14 +354,10 @@ def test_tar_keeps_an_absolute_symlink_as_a_symlink(aosbuild: Aosbuild) -> None:
 # 7. a store on a small tmpfs that fills up
 
 @pytest.fixture
-def small_store(aosbuild: Aosbuild) -> Iterator[Aosbuild]:
-    """The store is a 20 MiB tmpfs of its own."""
-    aosbuild.store.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "aosbuild-drill", str(aosbuild.store)], check=True)
-    try:
-        yield aosbuild
-    finally:
-        subprocess.run(["umount", "--lazy", str(aosbuild.store)], check=True)
+def small_store(nodev_store: Aosbuild) -> Aosbuild:
+    """The store's tmpfs (`nodev_store`'s, which unmounts it) shrunk to 20 MiB."""
+    subprocess.run(["mount", "-o", "remount,size=20m", str(nodev_store.store)], check=True)
+    return nodev_store
 
 
 def test_store_fills_up(small_store: Aosbuild) -> None:

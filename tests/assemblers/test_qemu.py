@@ -31,6 +31,9 @@ from tests.stages.disks import (
 
 from .v1 import assemble, assert_invalid_v1, run, v1_stage
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 ROOT_UUID = "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75"
 BOOT_UUID = "0194fdc2-fa2f-4cc0-81d3-ff12045b73c8"
 KERNEL = "6.1.0-10-amd64"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import Aosbuild
 from tests.stages.disks import debugfs, e2fsck, superblock
 
 from .v1 import assemble, assert_invalid_v1, run, v1_stage
+
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
 
 UUID = "9c6ae55b-cf88-45b8-84e8-64990759f39d"
 STAGES = [v1_stage("org.osbuild.hostname", hostname="example"),

@@ -29,6 +29,9 @@ from .disks import (
 )
 from .treediff import export
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 UUID = "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75"
 ROOT, ROOT_SIZE = 2048, 65536  # 32 MiB
 ESP, ESP_SIZE = 67584, 63488  # the rest of the 64 MiB disk, minus the backup GPT's space

@@ -14,6 +14,9 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 from .disks import BIOS_BOOT, GRUB_DIR, LINUX, on_device, table
 from .treediff import assert_invalid, export
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 CORE = {"type": "mkimage", "partlabel": "dos", "filesystem": "ext4"}
 PREFIX = {"type": "partition", "partlabel": "dos", "number": 0, "path": "/boot/grub"}
 DOS = [{"start": 2048, "type": "83", "bootable": True}]

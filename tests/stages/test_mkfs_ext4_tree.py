@@ -13,6 +13,9 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 from .disks import debugfs, e2fsck, extract, on_device, superblock, tree_input
 from .treediff import assert_invalid, assert_refused, export, umask
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 UUID = "6e4ff95f-f662-45ee-a82a-bdf44a2d0b75"
 START, SIZE = 2048, 63488  # 31 MiB from 1 MiB on, in a 32 MiB disk
 # /etc/hostname (0600), a hard link to it, a symlink, /var (0700), a sparse /var/disk

@@ -14,6 +14,9 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 from .disks import extract, loopback, on_device
 from .treediff import assert_invalid, export
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 START, SIZE = 2048, 65536  # a 32 MiB partition from 1 MiB on
 
 

@@ -12,6 +12,9 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 from .disks import loopback, on_device, qemu_img_info
 from .treediff import assert_invalid, export
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 IMAGE_INPUT = {"type": "org.osbuild.files", "origin": "org.osbuild.pipeline",
                "references": {"name:image": {"file": "disk.img"}}}
 # a partitioned 64 MiB image with a FAT file system on it: something to convert besides zeros

@@ -11,6 +11,9 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 from .disks import BIOS_BOOT, ESP, LINUX, loopback, on_device, table
 from .treediff import assert_invalid, export
 
+# the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
+pytestmark = pytest.mark.usefixtures("nodev_store")
+
 
 def partitioned(aosbuild: Aosbuild, **options: Any) -> dict[str, Any]:
     description = manifest(pipeline("image", stage("org.osbuild.truncate", filename="disk.img", size="64M"),
