@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,10 +15,14 @@ from typing import Any
 
 import pytest
 
+from .jsonseq_check import check
+
 TESTS = Path(__file__).resolve().parent
 TEST_LIBDIR = TESTS / "lib"
 REPO = TESTS.parent
-CHECKER = REPO.parent / "shared" / "tools" / "jsonseq_check.py"
+# the tests' own copies: osbuild 191's --inspect output, and good and broken JSON-seq streams
+GOLDEN = TESTS / "golden" / "osbuild-191"
+SAMPLES = TESTS / "jsonseq-samples"
 # the root disk is slow at creating files; trees and stores live on tmpfs when there is one
 FAST_TMP = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
@@ -120,11 +125,54 @@ def nodev_store(aosbuild: Aosbuild) -> Iterator[Aosbuild]:
 
 
 def check_jsonseq(stream: str | bytes) -> str:
-    """Run the shared checker in --strict mode; returns its summary line, fails the test otherwise."""
-    data = stream.encode() if isinstance(stream, str) else stream
-    proc = subprocess.run([sys.executable, str(CHECKER), "--strict"], input=data, capture_output=True)
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode().strip()
+    """Check a stream with the tests' own strict checker; returns its summary line, fails the test otherwise."""
+    checker = check(stream.encode() if isinstance(stream, str) else stream)
+    assert not checker.problems, "\n".join(checker.problems)
+    return checker.summary
+
+
+def shared_dir() -> Path | None:
+    """The reference material beside the checkout (`../shared`, or `$AOSBUILD_SHARED`); no test needs it."""
+    path = Path(os.environ.get("AOSBUILD_SHARED") or REPO.parent / "shared")
+    return path if path.is_dir() else None
+
+
+@dataclass(frozen=True, slots=True)
+class OsbuildOracle:
+    """osbuild 191's own library, the oracle: `python -m osbuild --libdir LIBDIR`."""
+
+    libdir: Path
+
+    def __call__(self, *args: str, timeout: float = 60) -> Run:
+        env = dict(os.environ)
+        if (self.libdir / "osbuild" / "__init__.py").exists():  # laid out as installed, package and all
+            env["PYTHONPATH"] = str(self.libdir)
+        proc = subprocess.run([sys.executable, "-m", "osbuild", "--libdir", str(self.libdir), *args],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def find_osbuild_libdir() -> Path | None:
+    """`$AOSBUILD_OSBUILD_LIBDIR`, an installed osbuild's `/usr/lib/osbuild`, or `../shared/osbuild-191`."""
+    shared = shared_dir()
+    candidates = [os.environ.get("AOSBUILD_OSBUILD_LIBDIR"), "/usr/lib/osbuild", shared and shared / "osbuild-191"]
+    for candidate in candidates:
+        if not candidate or not Path(candidate, "stages").is_dir():
+            continue
+        path = Path(candidate)
+        if (path / "osbuild" / "__init__.py").exists() or importlib.util.find_spec("osbuild") is not None:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def osbuild_oracle() -> OsbuildOracle:
+    """The osbuild oracle; tests that use it are skipped where there is none."""
+    libdir = find_osbuild_libdir()
+    if libdir is None:
+        pytest.skip("no osbuild library: set AOSBUILD_OSBUILD_LIBDIR, install osbuild "
+                    "or put shared/ beside the checkout")
+    return OsbuildOracle(libdir=libdir)
 
 
 def pipeline(name: str, *stages: dict[str, Any], **extra: Any) -> dict[str, Any]:

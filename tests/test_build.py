@@ -8,8 +8,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
-from .test_ids import GOLDEN
+from .conftest import GOLDEN, Aosbuild, check_jsonseq, manifest, pipeline, stage
 
 
 def started_stages(stream: list[dict[str, object]]) -> list[str]:

@@ -17,7 +17,7 @@ from aosbuild.errors import ManifestError
 from aosbuild.library import Library
 from aosbuild.loading import load
 
-from .test_ids import GOLDEN
+from .conftest import GOLDEN
 
 LIBRARY = Library()
 SEEDS = [json.loads(p.read_text()) for p in sorted(GOLDEN.glob("*.json"))]

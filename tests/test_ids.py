@@ -13,11 +13,10 @@ from aosbuild.describe import describe
 from aosbuild.library import Library
 from aosbuild.loading import load
 
-from .conftest import REPO
+from .conftest import GOLDEN, TESTS
 
-GOLDEN = REPO.parent / "shared" / "reference" / "golden"
 # more goldens of our own, printed by osbuild's code for the same manifests (see tests/golden/README.md)
-OWN_GOLDEN = REPO / "tests" / "golden"
+OWN_GOLDEN = TESTS / "golden"
 GOLDEN_DIRS = (GOLDEN, OWN_GOLDEN)
 
 

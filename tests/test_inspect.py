@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import Aosbuild
-from .test_ids import GOLDEN, golden_manifests
+from .conftest import GOLDEN, Aosbuild, OsbuildOracle
+from .test_ids import golden_manifests
 
 GOLDEN_MANIFESTS = golden_manifests("*.json")
 
@@ -24,6 +24,14 @@ def test_inspect_matches_osbuild(aosbuild: Aosbuild, path: Path) -> None:
     expected = json.loads(path.with_suffix(".expected").read_text())
     assert result.returncode == (2 if path.stem.startswith("invalid") else 0), result.stderr
     assert json.loads(result.stdout) == expected
+
+
+@pytest.mark.parametrize("path", GOLDEN_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_goldens_are_what_osbuild_prints(osbuild_oracle: OsbuildOracle, path: Path) -> None:
+    """The copied goldens are still osbuild 191's output, where its library is at hand."""
+    result = osbuild_oracle("--inspect", str(path))
+    assert result.returncode == (2 if path.stem.startswith("invalid") else 0), result.stderr
+    assert json.loads(result.stdout) == json.loads(path.with_suffix(".expected").read_text())
 
 
 def test_goldens_cover_both_formats_and_invalid_manifests() -> None:

@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import TEST_LIBDIR, Aosbuild, check_jsonseq, manifest, pipeline, stage
+from .conftest import GOLDEN, TEST_LIBDIR, Aosbuild, check_jsonseq, manifest, pipeline, stage
 from .test_build import check_export_errors, started_stages
-from .test_ids import GOLDEN
 
 
 class Osbuild(Aosbuild):

@@ -23,9 +23,8 @@ from aosbuild.report.svg import render_html, render_svg, tick_label, ticks
 from aosbuild.report.timeline import StreamError
 from aosbuild.results import StageResult
 
-from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
+from .conftest import SAMPLES, Aosbuild, check_jsonseq, manifest, pipeline, stage
 
-SAMPLES = Path(__file__).parents[2] / "shared" / "tools" / "jsonseq-samples"
 SVG = "{http://www.w3.org/2000/svg}"
 
 
