@@ -197,9 +197,14 @@ def resolve_location(url: str, args: dict[str, Any]) -> str:
     `tree:///p` is below the tree, `input://<name>/p` below that input, `mount://<name>/p` below that
     mount, `mount:///p` below the root of all mounts, and a plain path (absolute or not) below the tree.
     As in osbuild, a trailing slash means "the contents of": the path then ends in `/.`, which is what
-    `cp -a` needs. Resolution is lexical; a location that climbs out of its root through `..` is refused
-    with a ValueError.
+    `cp -a` needs. A location that climbs out of its root through `..`, or whose directory a symlink (one
+    a manifest planted in the tree, say) sends out of its root, is refused with a ValueError.
     """
+    return _locate(url, args)[1]
+
+
+def _locate(url: str, args: dict[str, Any]) -> tuple[str, str]:
+    """The root of a location and the location's path below it, checked as `resolve_location` says."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, name, path = "tree", "", url
@@ -231,9 +236,19 @@ def resolve_location(url: str, args: dict[str, Any]) -> str:
     if not _inside(target, root):
         raise ValueError(f"location '{url}' escapes its root '{root}' through '..'; "
                          "write the path without climbing above it")
+    # the directory the location is in must stay below its root with symlinks resolved, so that nothing
+    # the stage writes there lands in /proc/sys, another input or the sandbox's own /
+    directory = target if target == root or path.endswith("/") else os.path.dirname(target)
+    if not _inside(os.path.realpath(directory), os.path.realpath(root)):
+        raise _through_symlink(url, root)
     if path.endswith("/"):
         target = os.path.join(target, ".")
-    return target
+    return root, target
+
+
+def _through_symlink(url: str, root: str) -> ValueError:
+    return ValueError(f"location '{url}' resolves outside its root '{root}' through a symlink; "
+                      "the tree, inputs and mounts may hold symlinks, a location must not follow them out")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -241,22 +256,9 @@ def _inside(path: str, root: str) -> bool:
 
 
 def resolve_confined(url: str, args: dict[str, Any], *, follow_last: bool) -> str:
-    """`resolve_location`, then checked again with symlinks resolved: the directory the location is in
-    (and, with `follow_last`, the location itself, for a destination that is written through) must stay
-    below its root, so a symlink a manifest planted in the tree cannot send a write elsewhere
-    (`/proc/sys`, another input, the sandbox's `/`)."""
-    target = resolve_location(url, args)
-    root = os.path.realpath(resolve_location(url.partition("://")[0] + "://" + _root_name(url) + "/", args)
-                            if "://" in url else args["tree"])
-    if follow_last or target.endswith("/."):  # "the contents of" a directory follow it, too
-        checked = target
-    else:
-        checked = os.path.dirname(target)
-    if not _inside(os.path.realpath(checked), root):
-        raise ValueError(f"location '{url}' resolves outside its root '{root}' through a symlink; "
-                         "the tree, inputs and mounts may hold symlinks, a location must not follow them out")
+    """`resolve_location`, and with `follow_last` (a destination that is written through) the location
+    itself must also stay below its root with symlinks resolved."""
+    root, target = _locate(url, args)
+    if follow_last and not _inside(os.path.realpath(target), os.path.realpath(root)):
+        raise _through_symlink(url, root)
     return target
-
-
-def _root_name(url: str) -> str:
-    return url.partition("://")[2].partition("/")[0]

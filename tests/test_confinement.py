@@ -258,3 +258,20 @@ def test_ln_into_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
         stageapi.resolve_confined("tree:///out/", args, follow_last=False)
     assert stageapi.resolve_confined("tree:///out", args, follow_last=False) == str(tree / "out")
     assert stageapi.resolve_confined("/etc/x", args, follow_last=True) == str(tree / "etc/x")
+
+
+@pytest.mark.parametrize("attack", [
+    stage("org.osbuild.truncate", filename="/out/planted", size="0"),
+    stage("org.osbuild.mkdir", paths=[{"path": "/out/planted"}]),
+])
+def test_any_stage_location_through_a_planted_symlink_is_refused(aosbuild: Aosbuild, attack: dict[str, Any]) -> None:
+    """Every bundled stage resolves its locations with `stageapi.resolve_location`, which refuses a
+    directory that a planted symlink sends out of the tree (here to the sandbox's `/tmp`, a place that no
+    stage may write through its tree)."""
+    document = manifest(pipeline(
+        "attack",
+        stage("org.osbuild.ln", paths=[{"target": "/tmp", "link_name": "tree:///out", "symbolic": True}]),
+        attack))
+    result = aosbuild(document)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "resolves outside its root" in result.stdout + result.stderr
