@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 1 a failed build or an impossible request, 2 an invalid manifest or command line,
 130 interrupted by SIGINT, 143 by SIGTERM.
+
+The engine, validation (jsonschema) and logging (structlog, which pulls in asyncio) are imported in the
+functions that use them, so that `--version` and `--inspect` do not pay for what only a build needs
+(tests/test_startup.py).
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import logging
 import math
 import os
 import sys
@@ -17,19 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
-import structlog
-
-from . import __version__, engine
-from .describe import describe
-from .download import JOBS, PER_HOST, TIMEOUT, DownloadOptions
+from . import __version__
+from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import broken_pipe, exit_code
 from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
 from .library import Library
-from .loading import load_file
 from .monitor import MONITORS, human_bytes, make_monitor
-from .results import source_error_document, stage_error_document, success_document, v1_document
-from .signals import Interrupted, run_until_signalled
 from .store import KEEP, Store, parse_size
 
 OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
@@ -95,6 +91,10 @@ def size_argument(text: str) -> int | None:
 
 
 def configure_logging(debug: bool) -> None:
+    import logging
+
+    import structlog
+
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
                     structlog.dev.ConsoleRenderer(colors=False)],
@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
             sys.stderr.write("Aborted\n")
             return exit_code(interrupt)
     args = parser(prog).parse_args(argv)
-    configure_logging(args.debug)
     try:
         return _main(args)
     except KeyboardInterrupt as interrupt:
@@ -205,6 +204,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from .loading import load_file
+
     try:
         check_arguments(args)
     except InvalidArgument as exc:
@@ -226,6 +227,8 @@ def _main(args: argparse.Namespace) -> int:
         return 2
 
     if args.inspect:
+        from .describe import describe
+
         try:
             host_runner: str | None = library.host_runner()
         except AosbuildError:  # only named for build pipelines without a runner of their own
@@ -236,6 +239,14 @@ def _main(args: argparse.Namespace) -> int:
         sys.stderr.write("Need --output-directory for --export\n")
         return 1
 
+    import anyio
+
+    from . import engine
+    from .download import DownloadOptions
+    from .results import source_error_document, stage_error_document, success_document, v1_document
+    from .signals import Interrupted, run_until_signalled
+
+    configure_logging(args.debug)  # only a build logs: --inspect need not import structlog
     monitor_name = args.monitor or ("null" if args.json or args.quiet else "log")
     monitor_fd = args.monitor_fd if args.monitor_fd is not None else sys.stdout.fileno()
     # the summary and "Failed" go to stdout only where they cannot corrupt a machine-read stream

@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_vm:
         sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap)\n")
         return 2
-    cli.configure_logging(False)
     try:
         return cli._main(translate(args))
     except KeyboardInterrupt as interrupt:

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import structlog
 
 from .. import process
 from ..errors import CacheMiss, StoreError
+from ..logs import get_logger
 from . import entries, sourcecache
 from .entries import Entry, LoadedEntry, NewEntry
 from .locks import READ, WRITE, LockFile
@@ -52,7 +52,7 @@ NO_ROOM = "no-room"        # entries being read hold the space; not stored
 if TYPE_CHECKING:
     from .pins import Pins
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog on first use: --version and --inspect import the store
 
 
 class _Keep:

@@ -1,0 +1,56 @@
+"""Start-up cost: `--version` and `--inspect` import only what they need (README, bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).parent.parent / "samples" / "hello.json"
+
+# Run the real entry point in a fresh interpreter, then list the heavy modules it ended up importing.
+PROBE = """
+import json, sys
+from aosbuild.entry import main
+try:
+    code = main()
+except SystemExit as exc:  # argparse's --version
+    code = exc.code
+heavy = sorted({name.partition(".")[0] for name in sys.modules} & {HEAVY})
+sys.stderr.write("HEAVY " + json.dumps(heavy) + "\\n")
+sys.exit(code)
+"""
+
+BUILD_ONLY = ["asyncio", "httpx", "structlog", "trio"]
+
+
+def imported(argv: list[str], heavy: list[str]) -> tuple[list[str], str]:
+    script = PROBE.replace("{HEAVY}", repr(set(heavy)))
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stderr.splitlines() if line.startswith("HEAVY "))
+    names: list[str] = json.loads(line.removeprefix("HEAVY "))
+    return names, done.stdout
+
+
+def test_version_imports_no_engine_validation_or_logging() -> None:
+    names, out = imported(["--version"], [*BUILD_ONLY, "jsonschema"])
+    assert out.startswith("aosbuild ")
+    assert names == []
+
+
+def test_inspect_imports_no_engine_or_logging() -> None:
+    names, out = imported(["--inspect", str(SAMPLE)], BUILD_ONLY)
+    assert "pipelines" in json.loads(out)
+    assert names == []
+
+
+@pytest.mark.parametrize("module", ["aosbuild.cli", "aosbuild.osbuild_compat"])
+def test_command_line_modules_import_light(module: str) -> None:
+    code = f"import sys, {module}; print(sorted({{n.partition('.')[0] for n in sys.modules}} & {set(BUILD_ONLY)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.strip() == "[]"
