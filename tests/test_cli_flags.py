@@ -160,7 +160,7 @@ def pipeline_spans(records: list[dict[str, Any]]) -> dict[str, tuple[float, floa
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_jobs_short_flag(aosbuild: Aosbuild, jobs: str) -> None:
-    seconds = 1.5
+    seconds = 2.0
     m = manifest(pipeline("one", stage("org.aosbuild.test.sleep", seconds=seconds, marker="one")),
                  pipeline("two", stage("org.aosbuild.test.sleep", seconds=seconds, marker="two")))
     began = time.monotonic()
