@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from ..logs import get_logger
 from .locks import READ, WRITE, LockFile
 from .sizes import disk_usage
 
@@ -48,7 +47,7 @@ LOCK = "object.lock"
 INFO = "object.info"
 RESULTS = "results.json"
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog on first use: --version and --inspect import the store
 
 
 class Entry:
