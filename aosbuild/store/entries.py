@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..logs import get_logger
+from ..runnerlib import umount
 from .locks import READ, WRITE, LockFile
 from .sizes import disk_usage
 
@@ -309,8 +310,27 @@ def reclaim(path: Path) -> bool:
             except OSError:
                 pass
         return False
+    detach_mounts_below(path)
     remove(Entry(path, lock))
     return True
+
+
+MNT_DETACH = 2
+
+
+def detach_mounts_below(path: Path) -> None:
+    """Lazily unmount what a dead build left mounted in its entry: a build killed with -9 between
+    mounting a stage's /dev (in its scratch space) and the stage's start leaves that tmpfs there."""
+    prefix = os.fspath(path) + "/"
+    with open("/proc/self/mountinfo") as mountinfo:
+        # field 5 is the mount point, with spaces and the like escaped as octal (\040)
+        points = [line.split()[4].encode().decode("unicode_escape") for line in mountinfo]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        try:
+            umount(point, MNT_DETACH)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):  # gone already
+                raise
 
 
 def reclaim_dead(staging: Path) -> int:
