@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,19 @@ def test_broken_pipe_ends_quietly(aosbuild: Aosbuild, monitor: str) -> None:
     assert proc.stderr == ""
     assert list((aosbuild.store / "stage").iterdir()) == []
     assert list((aosbuild.store / "tmp").iterdir()) == []
+
+
+def test_broken_pipe_ends_store_info_quietly(aosbuild: Aosbuild) -> None:
+    assert aosbuild(SIMPLE).returncode == 0  # a store with an entry, so that info has lines to print
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "aosbuild", "store", "info", "--store", str(aosbuild.store)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
 
 
 @pytest.mark.parametrize("port", ["99999", "0"])

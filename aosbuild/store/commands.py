@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..entry import broken_pipe
 from ..errors import StoreError
 from . import entries, sourcecache
 from .fscache import KEEP, VERSION, Store
@@ -80,6 +81,8 @@ def main(argv: list[str]) -> int:
     except StoreError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         return 1
+    except BrokenPipeError:  # `aosbuild store info | head -1`: an OSError, but nothing to report
+        return broken_pipe()
     except OSError as exc:
         sys.stderr.write(f"Error: {exc.filename or root}: {exc.strerror}\n")
         return 1
