@@ -19,7 +19,7 @@ from typing import Any
 from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
-from .runnerlib import mount, umount
+from .runnerlib import MNT_DETACH, mount, umount
 
 # name -> (major, minor) of the character devices every sandbox gets
 BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
@@ -29,7 +29,6 @@ LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/sel
 
 MS_NOSUID = 2
 MS_NOEXEC = 8
-MNT_DETACH = 2
 DEV_MOUNT_OPTIONS = "mode=0755,size=64k"  # nodes take no room; nothing else belongs there
 
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 MOUNTS_ENV = "AOSBUILD_MOUNTS"
 CAPS_ENV = "AOSBUILD_CAPS"  # the stage's intended effective capability set, a hex mask
 MS_RDONLY = 1
+MNT_DETACH = 2  # umount2: take the mount off the tree now, free it when no one uses it
 
 
 def _libc() -> Any:

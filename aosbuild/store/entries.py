@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..logs import get_logger
-from ..runnerlib import umount
+from ..runnerlib import MNT_DETACH, umount
 from .locks import READ, WRITE, LockFile
 from .sizes import disk_usage
 
@@ -313,9 +313,6 @@ def reclaim(path: Path) -> bool:
     detach_mounts_below(path)
     remove(Entry(path, lock))
     return True
-
-
-MNT_DETACH = 2
 
 
 def detach_mounts_below(path: Path) -> None:
