@@ -11,35 +11,13 @@ from typing import Any
 import pytest
 
 from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
-from .test_interrupt import mounts_under, processes_mentioning
+from .leftovers import loops_backed_by, mounts_under, processes_mentioning, stray_mounts
 
 # the store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12: devices must work on it
 pytestmark = pytest.mark.usefixtures("nodev_store")
 
 HELLO = "sha256:f80caab74e43203d39d78d3548f5834bb310959a1020f2c9c4c4610e04a24e64"
 START, SIZE = 2048, 129024
-
-
-def loops_backed_by(path: Path) -> list[str]:
-    """Loop devices whose backing file is under `path` (the test's private directory)."""
-    found = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            if backing.read_text().strip().startswith(str(path)):
-                found.append(backing.parent.parent.name)
-        except OSError:
-            continue
-    return found
-
-
-def mounts_below_store(aosbuild: Aosbuild) -> list[str]:
-    """What is mounted under the test's directory besides the store's own tmpfs."""
-    return [line for line in mounts_under(aosbuild.workdir) if line.split()[4] != str(aosbuild.store)]
-
-
-def bound_loops() -> set[str]:
-    """Loop devices bound to a file right now (a stage's own requests show sandbox paths, so go by name)."""
-    return {p.parent.name for p in Path("/sys/block").glob("loop*/loop")}
 
 
 def loopback(**options: Any) -> dict[str, Any]:
@@ -85,18 +63,17 @@ def test_filesystem_on_a_partition_offset(aosbuild: Aosbuild) -> None:
     assert read_from_partition(aosbuild.output / "image" / "disk.img", "/etc/hello", aosbuild.workdir) == \
         "hello osbuild\n"
     assert loops_backed_by(aosbuild.workdir) == []
-    assert mounts_below_store(aosbuild) == []
+    assert stray_mounts(aosbuild.workdir) == []
 
 
 def test_stage_requests_a_loop_device(aosbuild: Aosbuild) -> None:
     m = manifest(pipeline("tree", stage("org.osbuild.truncate", filename="data.img", size="1M"),
                           stage("org.aosbuild.test.loop", filename="data.img", offset=4096, text="through")))
-    before = bound_loops()
     result = aosbuild(m, "--export", "tree", "--output-directory", str(aosbuild.output))
     assert result.returncode == 0, result.stderr
     data = (aosbuild.output / "tree" / "data.img").read_bytes()
     assert data[4096:4103] == b"through"
-    assert bound_loops() <= before
+    assert loops_backed_by(aosbuild.workdir) == []
 
 
 def test_failing_stage_with_mounts_leaves_nothing(aosbuild: Aosbuild) -> None:
@@ -107,7 +84,7 @@ def test_failing_stage_with_mounts_leaves_nothing(aosbuild: Aosbuild) -> None:
     assert result.returncode == 1
     assert "org.aosbuild.test.fail" in result.stderr
     assert loops_backed_by(aosbuild.workdir) == []
-    assert mounts_below_store(aosbuild) == []
+    assert stray_mounts(aosbuild.workdir) == []
     assert list((aosbuild.store / "stage").iterdir()) == []
 
 
@@ -116,7 +93,6 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
     hanging = {"type": "org.aosbuild.test.loop", "options": {"filename": "disk.img", "text": "x", "hang": 120},
                "devices": {"disk": loopback(start=START, size=SIZE)},
                "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}]}
-    before = bound_loops()
     proc = subprocess.Popen(aosbuild.command(disk_manifest(hanging), "--monitor", "jsonseq"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=aosbuild.workdir)
     assert proc.stdout is not None
@@ -126,10 +102,10 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
             assert line, "the build ended before the hanging stage"
             if json.loads(line[1:]).get("message", "").startswith("wrote through"):
                 break
-        ours = bound_loops() - before
-        assert len(ours) == 2  # the manifest's device and the one the stage asked for
+        # the manifest's device and the one the stage asked for (by its file's sandbox path)
+        assert len(loops_backed_by(aosbuild.workdir)) == 2
         # the stage's /dev is mounted in its own mount namespace only, not on the host's tree
-        assert [line for line in mounts_under(aosbuild.workdir) if "aosbuild-dev" in line] == []
+        assert [str(m) for m in mounts_under(aosbuild.workdir) if m.source == "aosbuild-dev"] == []
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -137,8 +113,8 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
             proc.kill()
             proc.wait()
     assert proc.returncode == {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}[signum], stderr.decode()
-    assert ours & bound_loops() == set()
-    assert mounts_below_store(aosbuild) == []
+    assert loops_backed_by(aosbuild.workdir) == []
+    assert stray_mounts(aosbuild.workdir) == []
     assert processes_mentioning(str(aosbuild.workdir)) == []
     assert list((aosbuild.store / "stage").iterdir()) == []
     assert list((aosbuild.store / "tmp").iterdir()) == []

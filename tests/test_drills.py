@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NODEV_SOURCE, Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
-from .test_devices import SIZE, START, bound_loops, disk_manifest, loopback
-from .test_interrupt import mounts_under, processes_mentioning
+from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .leftovers import loops_backed_by, processes_mentioning, stray_mounts
+from .test_devices import SIZE, START, disk_manifest, loopback
 
 # every drill's store is a tmpfs mounted nodev, as /dev/shm is on a stock Debian 12
 pytestmark = pytest.mark.usefixtures("nodev_store")
@@ -30,22 +30,15 @@ GRACE = 5.0  # aosbuild.process.GRACE_SECONDS: SIGTERM, then this long, then SIG
 EXIT_CODES = {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}
 
 
-def assert_clean(aosbuild: Aosbuild, loops_before: set[str] | None = None) -> None:
+def assert_clean(aosbuild: Aosbuild) -> None:
     """Nothing of the build is left: no process, mount, loop device, staging or temporary entry."""
     assert processes_mentioning(str(aosbuild.workdir)) == []
     # the store itself is a tmpfs of the test's (`nodev_store`); nothing may be mounted anywhere below it
-    points = [line.split()[4] for line in mounts_under(aosbuild.workdir)]
-    assert [point for point in points if point != str(aosbuild.store) or not is_test_store(aosbuild)] == []
-    if loops_before is not None:
-        assert bound_loops() <= loops_before
+    assert [str(m) for m in stray_mounts(aosbuild.workdir)] == []
+    assert loops_backed_by(aosbuild.workdir) == []
     for entry in ("stage", "tmp"):
         if (aosbuild.store / entry).exists():
             assert list((aosbuild.store / entry).iterdir()) == []
-
-
-def is_test_store(aosbuild: Aosbuild) -> bool:
-    return any(line.split()[4] == str(aosbuild.store) and f" - tmpfs {NODEV_SOURCE} " in line
-               for line in mounts_under(aosbuild.workdir))
 
 
 def assert_explained(run: Run, *words: str) -> None:
@@ -117,7 +110,6 @@ def test_signal_at_a_random_moment(aosbuild: Aosbuild, signum: int, delay: float
     m = disk_manifest(hanging_loop_stage())
     m["pipelines"].append(pipeline("side", stage("org.osbuild.mkdir", paths=[{"path": "/x"}]),
                                    stage("org.aosbuild.test.sleep", seconds=1)))
-    before = bound_loops()
     proc = start(aosbuild, m, "--monitor", "jsonseq")
     assert proc.stdout is not None
     # from the build's first record on; a signal before it is test_signal_during_startup's drill
@@ -138,7 +130,7 @@ def test_signal_at_a_random_moment(aosbuild: Aosbuild, signum: int, delay: float
     else:
         assert_explained(run)
         assert build_ended(run.stdout)
-    assert_clean(aosbuild, before)
+    assert_clean(aosbuild)
 
 
 def wait_for_entry_point(proc: subprocess.Popen[bytes]) -> None:
