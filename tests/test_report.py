@@ -119,7 +119,7 @@ def report_json(path: Path) -> dict[str, Any]:
 
 
 # each broken sample is synthetic.seq with one thing broken; its report is synthetic.seq's but for these
-BROKEN_DIFFERS = {
+BROKEN_DIFFERS: dict[str, dict[str, object]] = {
     # the pretty-printed first record is lost (its 16 lines are skipped): times count from the second
     "04-pretty-printed.seq": {"records": 14, "skipped": 16, "started_at": ..., "wall": ..., "parallelism": ...,
                               "pipelines": ...},
@@ -137,7 +137,7 @@ def test_broken_streams_are_read_as_the_good_one(path: Path) -> None:
     differences the breakage explains, and renders as text and SVG."""
     good = report_json(SAMPLES / "synthetic.seq")
     got = report_json(path)
-    expected = BROKEN_DIFFERS.get(path.name, {})
+    expected: dict[str, object] = BROKEN_DIFFERS.get(path.name, {})
     assert {key for key in good if got[key] != good[key]} == set(expected)
     assert {key: got[key] for key, value in expected.items() if value is not ...} == \
         {key: value for key, value in expected.items() if value is not ...}
