@@ -11,11 +11,14 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .ids import context_id
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .manifest import Pipeline, Source, Stage
     from .results import StageResult
     from .sources import ItemResult, SourceProgress
@@ -47,9 +50,42 @@ class Monitor:
     def pipeline_cached(self, pipeline: Pipeline) -> None: ...
     def log(self, message: str, pipeline: Pipeline | None = None) -> None: ...
     def build_finished(self, label: str, *, success: bool) -> None: ...
+    # aosbuild's own events, which osbuild's layouts have no place for (the log and jsonseq monitors ignore them)
+    def build_planned(self, stages: Sequence[PlannedStage]) -> None: ...
+    def exported(self, name: str, path: Path, size: int) -> None: ...
+    def tick(self) -> None:
+        """Called about twice a second while the build runs, for monitors that show elapsed times."""
 
 
 NullMonitor = Monitor
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannedStage:
+    """A stage the build will run, and how long it took before (None: never timed, nor its type)."""
+
+    pipeline: Pipeline
+    stage: Stage
+    expected: float | None
+
+
+class Tee(Monitor):
+    """Hands every event to several monitors, in order (the build's report, its saved stream, the user's)."""
+
+    def __init__(self, *monitors: Monitor) -> None:
+        self.monitors = monitors
+
+
+def _forward(name: str) -> Any:
+    def forward(self: Tee, *args: Any, **kwargs: Any) -> None:
+        for monitor in self.monitors:
+            getattr(monitor, name)(*args, **kwargs)
+    forward.__name__ = name
+    return forward
+
+
+for _event in [name for name, value in vars(Monitor).items() if callable(value) and not name.startswith("_")]:
+    setattr(Tee, _event, _forward(_event))
 
 
 def omitempty(value: Any) -> Any:
@@ -347,18 +383,23 @@ class LogMonitor(Monitor):
             self._status_shown = False
 
 
-MONITORS: dict[str, type[Monitor]] = {
+MONITORS: dict[str, type[Monitor] | None] = {
     "null": Monitor, "NullMonitor": Monitor,
     "log": LogMonitor, "LogMonitor": LogMonitor,
     "jsonseq": JsonSeqMonitor, "JSONSeqMonitor": JsonSeqMonitor,
+    "live": None,  # liveview.LiveMonitor, imported when chosen (it builds on this module)
 }
 
 
 def make_monitor(name: str, fd: int) -> Monitor:
     cls = MONITORS[name]
+    if cls is None:
+        from .liveview import LiveMonitor
+
+        return LiveMonitor(fd)
     if cls is Monitor:
         return Monitor()
     return cls(fd)  # type: ignore[call-arg]  # the other monitors take the output descriptor
 
 
-__all__ = ["MONITORS", "JsonSeqMonitor", "LogMonitor", "Monitor", "NullMonitor", "make_monitor"]
+__all__ = ["MONITORS", "JsonSeqMonitor", "LogMonitor", "Monitor", "NullMonitor", "PlannedStage", "Tee", "make_monitor"]

@@ -83,7 +83,8 @@ def translate(args: argparse.Namespace) -> argparse.Namespace:
         stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,
         cache_max_size=KEEP if args.cache_max_size is None else None if args.cache_max_size == "unlimited"
         else args.cache_max_size,
-        download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False)
+        download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False,
+        summary=False)
 
 
 def main(argv: list[str] | None = None) -> int:
