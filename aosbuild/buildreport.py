@@ -136,7 +136,7 @@ def what_was_made(report: BuildReport, report_command: str) -> str:
     from .monitor import human_bytes
 
     built, cached = report.count(cached=False), report.count(cached=True)
-    outcome = "built" if report.success else "failed after"
+    outcome = "built in" if report.success else "failed after"
     lines = [f"{report.label} {outcome} {report.wall:.1f}s: {built} stage{'s' * (built != 1)} built, "
              f"{cached} cached"]
     width = max((len(e.name) for e in report.exports), default=0)

@@ -91,6 +91,7 @@ class LiveMonitor(Monitor):
         self.expected: dict[str, float | None] = {}   # planned stage id -> seconds it took before
         self.finished: set[str] = set()               # planned stage ids that have ended
         self._owner: dict[str, str] = {}              # planned stage id -> its pipeline's name
+        self._types: dict[str, str] = {}              # planned stage id -> its type
         self.running: dict[str, Running] = {}
         self.sources: dict[str, SourceProgress] = {}
         self._pending: list[str] = []                 # lines to print above the live region
@@ -167,7 +168,7 @@ class LiveMonitor(Monitor):
         line = f"{BOLD}[{self.done}/{self.total}]{RESET} pipelines/sources{stages}, {seconds(now - self.started)}"
         left, unknown = self.time_left(now)
         if planned == 0 or (unknown and left == 0):
-            return line + ("" if planned == 0 else ", time left unknown (these stages never ran in this store)")
+            return line + ("" if planned == 0 else ", time left not known yet (first build of these stages)")
         text = f", about {seconds(left)} left"
         if unknown:
             text += f" + {unknown} stage{'s' * (unknown != 1)} never timed"
@@ -200,6 +201,7 @@ class LiveMonitor(Monitor):
     def build_planned(self, stages: Sequence[PlannedStage]) -> None:
         self.expected = {p.stage.id: p.expected for p in stages}
         self._owner = {p.stage.id: p.pipeline.name for p in stages}
+        self._types = {p.stage.id: p.stage.type for p in stages}
 
     def build_started(self, label: str, *, sources: int, pipelines: int) -> None:
         self.started = time.monotonic()
@@ -257,6 +259,9 @@ class LiveMonitor(Monitor):
                         f"{RESET}")
         elif result.success:
             self._print(f"  {GREEN}built{RESET}   {seconds(result.duration):>7}  {where}")
+            for other, expected in self.expected.items():  # the first of its type times the others
+                if expected is None and self._types.get(other) == stage.type:
+                    self.expected[other] = result.duration
         else:
             self._print(f"  {RED}{BOLD}FAILED{RESET}  {seconds(result.duration):>7}  {where}: {result.reason}")
             lines = result.output.splitlines()[-FAILED_TAIL:]
