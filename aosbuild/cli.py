@@ -118,7 +118,7 @@ def read_manifest(path: str) -> str:
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
-        raise ManifestError(path, []) from exc
+        raise ManifestError(path, []) from exc  # the CLI says why, from __cause__
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -140,14 +140,19 @@ def print_json(document: Any) -> None:
 
 
 def explain(exc: AosbuildError, *, tail: bool = True) -> str:
-    """The error for stderr; a failed stage's last output lines unless the live view showed them."""
-    if isinstance(exc, StageError) and tail:
-        text = f"Error: {exc}\n"
-        if exc.output_tail:
+    """The error for stderr, ending with what to do next; a failed stage's last output lines unless the
+    live view showed them already."""
+    text = f"Error: {exc}\n"
+    if isinstance(exc, StageError):
+        if exc.output_tail and tail:
             text += "Last output of the stage:\n" + "".join(f"  {line}" for line in
                                                           exc.output_tail.splitlines(keepends=True))
-        return text
-    return f"Error: {exc}\n"
+        text += ("What to do: its output says why it failed; fix the stage's options in the manifest (or "
+                 "the stage) and build again. `aosbuild report --last` shows the build up to the failure.\n")
+    elif isinstance(exc, SourceError):
+        text += ("What to do: check the item's URL and checksum in the manifest's `sources`; "
+                 "`--sources-only` fetches and verifies the sources without building.\n")
+    return text
 
 
 # `aosbuild <command> ...` runs a tool other than a build; anything else is a manifest to build.
@@ -196,7 +201,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.jobs is not None and args.jobs < 1:
         raise InvalidArgument("--jobs", f"must be 1 or more, not {args.jobs}; leave it out for the default")
     if args.stage_timeout is not None and not (args.stage_timeout > 0 and math.isfinite(args.stage_timeout)):
-        raise InvalidArgument("--stage-timeout", f"must be a number of seconds above 0, not {args.stage_timeout}")
+        raise InvalidArgument("--stage-timeout", f"must be a number of seconds above 0, not {args.stage_timeout}; "
+                              "leave it out for no limit")
     if args.monitor_fd is not None:
         try:
             writable = (fcntl.fcntl(args.monitor_fd, fcntl.F_GETFL) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
@@ -207,7 +213,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                                   "open it in the calling shell (e.g. 3>file) or leave the flag out")
     for libdir in args.libdir:
         if not Path(libdir).is_dir():
-            raise InvalidArgument("--libdir", f"{libdir} is not a directory")
+            raise InvalidArgument("--libdir", f"{libdir} is not a directory; give a directory that holds "
+                                  "stages/ (and runners/, schemas/, ...), as osbuild's library does")
     out = args.output_directory
     if out is not None and out.is_symlink() and not out.exists():
         raise InvalidArgument("--output-directory", f"{out} is a symbolic link to nothing; remove it or "
@@ -232,11 +239,17 @@ def _main(args: argparse.Namespace) -> int:
         manifest = load_file(label, read_manifest(label), library, build=not args.inspect)
     except ManifestError as exc:
         if exc.__cause__ is not None:
-            sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}\n")
-        elif args.json or args.inspect:
+            sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}; check the path (`-` reads the "
+                             "manifest from standard input)\n")
+            return 2
+        if args.json or args.inspect:
             print_json(exc.as_json())
         else:
             sys.stdout.write(exc.render())
+        count = len(exc.problems)
+        sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix the "
+                         f"{'problem' if count == 1 else f'{count} problems'} listed at their JSON paths, then "
+                         f"check it again with `aosbuild --inspect {label}` (it builds nothing)\n")
         return 2
 
     if args.inspect:
@@ -249,7 +262,8 @@ def _main(args: argparse.Namespace) -> int:
         print_json(describe(manifest, host_runner))
         return 0
     if args.export and not args.output_directory and not args.sources_only:
-        sys.stderr.write("Need --output-directory for --export\n")
+        sys.stderr.write("Need --output-directory for --export: add --output-directory DIR, the directory "
+                         "the exported trees go to\n")
         return 1
 
     import anyio
@@ -267,9 +281,10 @@ def _main(args: argparse.Namespace) -> int:
     human_stdout = not (args.json or args.quiet) and (
         monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno())
     # what was made: after the live view on its terminal; for osbuild's layouts on stderr, where no
-    # client of osbuild parses anything (the drop-in `osbuild` prints none, as osbuild)
+    # client of osbuild parses anything (the drop-in `osbuild` prints none, as osbuild); --sources-only
+    # has a summary of its own
     end_summary = None
-    if getattr(args, "summary", True) and not (args.json or args.quiet):
+    if getattr(args, "summary", True) and not (args.json or args.quiet or args.sources_only):
         end_summary = sys.stdout if monitor_name == "live" and monitor_fd == sys.stdout.fileno() else sys.stderr
     request = engine.Request(label=label, exports=tuple(args.export), output_directory=args.output_directory,
                              checkpoints=tuple(args.checkpoint), jobs=args.jobs,

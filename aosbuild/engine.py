@@ -51,7 +51,8 @@ def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline
         pipeline = manifest.lookup(name)
         if pipeline is None:
             names = [p.name for p in manifest.pipelines]
-            raise UsageError(f"Export {name} not found in {names}")
+            raise UsageError(f"Export {name} not found in {names}: export one of these names or a "
+                             "pipeline's id (`aosbuild --inspect MANIFEST` shows the ids)")
         pipelines.append(pipeline)
     return pipelines
 
@@ -88,7 +89,8 @@ def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[
                 if fnmatch.fnmatch(stage.id, pattern) or fnmatch.fnmatch(stage.type, pattern):
                     matched.add(stage.id)
     if patterns and not matched:
-        raise UsageError("No checkpoints matched provided patterns!")
+        raise UsageError("No checkpoints matched provided patterns! A pattern is a glob over pipeline names, "
+                         "stage ids and stage types: `aosbuild --inspect MANIFEST` shows them")
     return frozenset(matched)
 
 

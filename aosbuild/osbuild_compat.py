@@ -91,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.debug_break is not None:
-        sys.stderr.write(f"{PROG}: error: --break is not supported by aosbuild (no interactive debug shell)\n")
+        sys.stderr.write(f"{PROG}: error: --break is not supported by aosbuild (no interactive debug shell); "
+                         "leave it out, and read the failed stage's output (or use `aosbuild --debug`)\n")
         return 2
     if args.in_vm:
-        sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap)\n")
+        sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap); "
+                         "leave it out to build the pipeline on this host\n")
         return 2
     try:
         return cli._main(translate(args))

@@ -63,7 +63,8 @@ def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> Plan:
         pipeline = ctx.manifest.by_id(pipeline_id)
         if pipeline is None:
             raise UsageError(f"{wanted_by} needs pipeline {pipeline_id}, which is neither in the manifest "
-                             "nor in the store")
+                             "nor in the store: add that pipeline to the manifest, or build the manifest that "
+                             "has it into this --store first")
         resume = resume_point(ctx, pipeline)
         needs = pipeline.dependencies(after=resume)
         for dep in sorted(needs):

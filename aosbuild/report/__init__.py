@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
     try:
         text = read_text(args.stream)
     except OSError as exc:
-        sys.stderr.write(f"Error: cannot read {args.stream}: {exc.strerror or exc}\n")
+        sys.stderr.write(f"Error: cannot read {args.stream}: {exc.strerror or exc}; give a stream saved "
+                         "with `aosbuild --monitor jsonseq ... > FILE`, or --last for the store's last build\n")
         return 2
     manifest = None
     if args.manifest:
@@ -93,7 +94,8 @@ def main(argv: list[str]) -> int:
             manifest = load(parse(read_text(args.manifest), args.manifest), Library(), args.manifest,
                             validate=False)
         except OSError as exc:
-            sys.stderr.write(f"Error: cannot read {args.manifest}: {exc.strerror or exc}\n")
+            sys.stderr.write(f"Error: cannot read {args.manifest}: {exc.strerror or exc}; check the path, or "
+                             "leave --manifest out (the dependencies are then inferred from the timing)\n")
             return 2
         except ManifestError as exc:
             sys.stderr.write(exc.render())
