@@ -22,10 +22,10 @@ from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
 from .errors import AosbuildError, UsageError
 from .exporting import export_target, export_tree
-from .history import Durations, History
+from .history import Durations, History, SavedStream
 from .library import Library
 from .manifest import Manifest, Pipeline
-from .monitor import JsonSeqMonitor, Monitor, PlannedStage, Tee
+from .monitor import Monitor, PlannedStage, Tee
 from .results import StageResult
 from .sources import Sources
 from .store import Store
@@ -170,7 +170,7 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
         stream_fd = None
     monitors: list[Monitor] = [recorder, monitor]
     if stream_fd is not None:
-        monitors.insert(1, JsonSeqMonitor(stream_fd))
+        monitors.insert(1, SavedStream(stream_fd))
     tee = Tee(*monitors)
     sources = Sources(store, manifest.sources, tee, download=request.download,
                       only=needed_items(manifest, exports) if request.sources_only else None,

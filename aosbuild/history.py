@@ -22,11 +22,17 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .monitor import JsonSeqMonitor
+
+if TYPE_CHECKING:
+    from .manifest import Pipeline, Stage
 
 KEEP_BUILDS = 20
 KEEP_BYTES = 64 << 20
 KEEP_STAGES = 4096
+OUTPUT_BUDGET = 16 << 20  # bytes of stage output one saved stream keeps; the timings are what it is for
 
 
 class History:
@@ -101,6 +107,21 @@ class History:
             tmp = self.root / f".durations-{uuid.uuid4().hex}"
             tmp.write_text(json.dumps(durations.to_json()))
             os.rename(tmp, self.durations_file)
+
+
+class SavedStream(JsonSeqMonitor):
+    """The jsonseq stream the store keeps of a build: every record, but stage output only up to a budget,
+    so that a stage flooding its output cannot fill the store's filesystem."""
+
+    def __init__(self, fd: int, budget: int = OUTPUT_BUDGET) -> None:
+        super().__init__(fd)
+        self.budget = budget
+
+    def stage_output(self, pipeline: Pipeline, stage: Stage, text: str) -> None:
+        if self.budget <= 0:
+            return
+        self.budget -= len(text)
+        super().stage_output(pipeline, stage, text)
 
 
 class Durations:

@@ -12,7 +12,6 @@ read again at every redraw, so a resized terminal (SIGWINCH) is followed.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
@@ -92,11 +91,12 @@ class LiveMonitor(Monitor):
         self.finished: set[str] = set()               # planned stage ids that have ended
         self._owner: dict[str, str] = {}              # planned stage id -> its pipeline's name
         self._types: dict[str, str] = {}              # planned stage id -> its type
+        self._pipelines: list[str] = []               # names of the pipelines to build, in plan order
+        self._ended: set[str] = set()                 # names of the pipelines that have ended
         self.running: dict[str, Running] = {}
         self.sources: dict[str, SourceProgress] = {}
         self._pending: list[str] = []                 # lines to print above the live region
         self._drawn: list[int] = []                   # lengths of the live lines on screen
-        self._drawn_width = 0
         self._last_draw = 0.0
         self._width = 0
 
@@ -118,25 +118,24 @@ class LiveMonitor(Monitor):
             return
         self._last_draw = now
         width, height = self._size()
-        out = [self._erase(width)]
+        out = [self._erase()]
         out += [line + "\x1b[K\n" for line in self._pending]
         self._pending.clear()
         live = [] if final else self._live_lines(width, height)
         cut = [fit(line, width - 1) for line in live]
         out.append("\x1b[K\n".join(text for text, _ in cut) + ("\x1b[K" if cut else "") + "\x1b[J")
         self._drawn = [length for _, length in cut]
-        self._drawn_width = width
         # synchronized update (terminals that know it show the whole frame at once; others ignore it)
         write_all(self.fd, ("\x1b[?2026h" + "".join(out) + "\x1b[?2026l").encode(errors="replace"))
 
-    def _erase(self, width: int) -> str:
-        """Move the cursor to where the live region drawn last time starts."""
-        if not self._drawn:
-            return "\r"
-        if width >= self._drawn_width:
-            rows = len(self._drawn)
-        else:  # a narrower terminal may have wrapped the lines it shows
-            rows = sum(max(1, math.ceil(n / width)) for n in self._drawn)
+    def _erase(self) -> str:
+        """Move the cursor to where the live region drawn last time starts.
+
+        Each live line was cut to the width of its time and ended by a newline of ours, so a terminal
+        made narrower since cuts it rather than wrapping it (xterm, tmux, screen, the Linux console): it
+        still takes one row. Terminals that rewrap such lines leave a stale fragment once per resize.
+        """
+        rows = len(self._drawn)
         return "\r" + (f"\x1b[{rows - 1}A" if rows > 1 else "")
 
     def _live_lines(self, width: int, height: int) -> list[str]:
@@ -157,6 +156,9 @@ class LiveMonitor(Monitor):
             lines.append(f"  running {seconds(elapsed):>7}  {state.stage.type}{before}"
                          + (f"  {state.progress}" if state.progress else ""))
             lines += [f"  {DIM}\u2502 {text}{RESET}" for text in list(state.output)[-tail:]] if tail else []
+        waiting = [name for name in self._pipelines if name not in self.running and name not in self._ended]
+        if waiting:
+            lines.append(f"{DIM}waiting: {', '.join(waiting)}{RESET}")
         for source_type, progress in self.sources.items():
             lines.append(f"source {source_type} {progress_bar(progress)} {describe_progress(progress)}")
         lines.append(self._status_line(now))
@@ -202,6 +204,7 @@ class LiveMonitor(Monitor):
         self.expected = {p.stage.id: p.expected for p in stages}
         self._owner = {p.stage.id: p.pipeline.name for p in stages}
         self._types = {p.stage.id: p.stage.type for p in stages}
+        self._pipelines = list(dict.fromkeys(p.pipeline.name for p in stages))
 
     def build_started(self, label: str, *, sources: int, pipelines: int) -> None:
         self.started = time.monotonic()
@@ -275,6 +278,7 @@ class LiveMonitor(Monitor):
 
     def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None:
         state = self.running.pop(pipeline.name, None)
+        self._ended.add(pipeline.name)
         if success:
             self.done += 1
             took = "" if state is None else f" in {seconds(time.monotonic() - state.started)}"
