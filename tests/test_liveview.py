@@ -167,9 +167,9 @@ def test_redraw_moves_up_over_the_previous_live_region(tmp_path: Path) -> None:
         monitor = LiveMonitor(fd)
         monitor.build_planned([PlannedStage(pipeline=a, stage=a.stages[0], expected=4.0),
                                PlannedStage(pipeline=b, stage=b.stages[0], expected=None)])
-        monitor.build_started("m.json", sources=0, pipelines=2)  # live: the status line
-        monitor.pipeline_started(a, build_root="<host>", runner="r")  # live: a, status
-        monitor.stage_started(a, a.stages[0])  # live: a, its stage, status
+        monitor.build_started("m.json", sources=0, pipelines=2)  # live: waiting a, b; status
+        monitor.pipeline_started(a, build_root="<host>", runner="r")  # live: a; waiting b; status
+        monitor.stage_started(a, a.stages[0])  # live: a, its stage; waiting b; status
         monitor.tick()
         monitor.build_finished("m.json", success=True)
     finally:
@@ -177,14 +177,16 @@ def test_redraw_moves_up_over_the_previous_live_region(tmp_path: Path) -> None:
     frames = [re.sub(r"\x1b\[[0-9;]*m", "", f.removesuffix("\x1b[?2026l"))  # colours off
               for f in path.read_bytes().decode().split("\x1b[?2026h")[1:]]
     assert len(frames) == 5
-    assert frames[0].startswith("\r")
+    assert not frames[0].startswith("\r\x1b[")  # nothing drawn before
+    assert "waiting: a, b" in frames[0]
     assert "Building m.json: 2 pipelines and 2 stages to run" in frames[0]
     assert "about 4.00s left + 1 stage" in frames[0]  # cut at 80 columns
-    assert not frames[1].startswith("\r\x1b[")  # one live line before: the cursor is on it already
-    assert frames[2].startswith("\r\x1b[1A")  # two lines before: up one
-    assert frames[3].startswith("\r\x1b[2A")
+    assert frames[1].startswith("\r\x1b[1A")  # two live lines before: up one, to the first
+    assert "waiting: b" in frames[1]
+    assert frames[2].startswith("\r\x1b[2A")  # three before
+    assert frames[3].startswith("\r\x1b[3A")  # four before
     assert "running" in frames[3]
-    assert frames[4].startswith("\r\x1b[2A")
+    assert frames[4].startswith("\r\x1b[3A")
     assert "finished" in frames[4]
     assert "running" not in frames[4]
     assert frames[4].endswith("\x1b[J")  # what was below is cleared
