@@ -92,7 +92,8 @@ def size_argument(text: str) -> int | None:
 
 
 def live_terminal(fd: int) -> bool:
-    """The live view is the default on a terminal that can move its cursor."""
+    """The live view is the default on a terminal that can move its cursor (and without --debug, whose
+    engine events on stderr would tear the redrawn region apart)."""
     return os.isatty(fd) and os.environ.get("TERM", "dumb") != "dumb"
 
 
@@ -276,7 +277,7 @@ def _main(args: argparse.Namespace) -> int:
     configure_logging(args.debug)  # only a build logs: --inspect need not import structlog
     monitor_fd = args.monitor_fd if args.monitor_fd is not None else sys.stdout.fileno()
     monitor_name = args.monitor or ("null" if args.json or args.quiet else
-                                    "live" if live_terminal(monitor_fd) else "log")
+                                    "live" if live_terminal(monitor_fd) and not args.debug else "log")
     # the summary and "Failed" go to stdout only where they cannot corrupt a machine-read stream
     human_stdout = not (args.json or args.quiet) and (
         monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno())
