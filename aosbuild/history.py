@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 KEEP_BUILDS = 20
 KEEP_BYTES = 64 << 20
 KEEP_STAGES = 4096
-OUTPUT_BUDGET = 16 << 20  # bytes of stage output one saved stream keeps; the timings are what it is for
+OUTPUT_BUDGET = 1 << 20  # bytes of stage output lines one saved stream keeps: the timings are what it is
+# for, and each stage's result record carries its last 31000 bytes of output anyway
 
 
 class History:

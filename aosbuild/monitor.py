@@ -69,23 +69,33 @@ class PlannedStage:
     expected: float | None
 
 
+EVENTS = tuple(name for name, value in vars(Monitor).items() if callable(value) and not name.startswith("_"))
+
+
 class Tee(Monitor):
-    """Hands every event to several monitors, in order (the build's report, its saved stream, the user's)."""
+    """Hands every event to several monitors, in order (the build's report, its saved stream, the user's).
+
+    Each event goes only to the monitors that handle it: a stage's every output line costs one call
+    per monitor that shows it, not one per monitor.
+    """
 
     def __init__(self, *monitors: Monitor) -> None:
         self.monitors = monitors
+        for name in EVENTS:
+            handlers = [getattr(m, name) for m in monitors if getattr(type(m), name) is not getattr(Monitor, name)]
+            setattr(self, name, _fan_out(handlers))
 
 
-def _forward(name: str) -> Any:
-    def forward(self: Tee, *args: Any, **kwargs: Any) -> None:
-        for monitor in self.monitors:
-            getattr(monitor, name)(*args, **kwargs)
-    forward.__name__ = name
-    return forward
+def _fan_out(handlers: list[Any]) -> Any:
+    if not handlers:
+        return lambda *args, **kwargs: None
+    if len(handlers) == 1:
+        return handlers[0]
 
-
-for _event in [name for name, value in vars(Monitor).items() if callable(value) and not name.startswith("_")]:
-    setattr(Tee, _event, _forward(_event))
+    def fan_out(*args: Any, **kwargs: Any) -> None:
+        for handler in handlers:
+            handler(*args, **kwargs)
+    return fan_out
 
 
 def omitempty(value: Any) -> Any:
@@ -145,16 +155,21 @@ class JsonSeqMonitor(Monitor):
         self.total = 0
         self.done = 0
         self._sent_contexts: set[str] = set()
+        self._context_ids: dict[tuple[str, str | None, str | None, str | None, str | None], str] = {}
         self._pipeline_progress: dict[str, list[int]] = {}
         self._stage_progress: dict[str, dict[str, Any]] = {}
         self._stage_started: dict[str, float] = {}
 
     def _context(self, origin: str, pipeline: tuple[str | None, str | None] = (None, None),
                  stage: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
+        key = (origin, *pipeline, *stage)
+        cid = self._context_ids.get(key)
+        if cid is not None and cid in self._sent_contexts:  # every line of a stage: hash it once
+            return {"id": cid}
         context = {"origin": origin,
                    "pipeline": {"name": pipeline[0], "id": pipeline[1],
                                 "stage": {"name": stage[0], "id": stage[1]}}}
-        cid = context_id(context)
+        cid = self._context_ids[key] = context_id(context)
         if cid in self._sent_contexts:
             return {"id": cid}
         self._sent_contexts.add(cid)
