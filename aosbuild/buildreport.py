@@ -133,11 +133,11 @@ def shown_path(path: Path) -> Path:
 def what_was_made(report: BuildReport, report_command: str) -> str:
     """The end of a build in a few lines: each export with its size, what was built or reused, the wall
     time, and the command that shows where the time went."""
-    from .monitor import human_bytes
+    from .monitor import human_bytes, human_seconds
 
     built, cached = report.count(cached=False), report.count(cached=True)
     outcome = "built in" if report.success else "failed after"
-    lines = [f"{report.label} {outcome} {report.wall:.1f}s: {built} stage{'s' * (built != 1)} built, "
+    lines = [f"{report.label} {outcome} {human_seconds(report.wall)}: {built} stage{'s' * (built != 1)} built, "
              f"{cached} cached"]
     width = max((len(e.name) for e in report.exports), default=0)
     for export in report.exports:

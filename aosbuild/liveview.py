@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .monitor import Monitor, PlannedStage, describe_progress, progress_bar, write_all
+from .monitor import Monitor, PlannedStage, describe_progress, human_seconds, progress_bar, write_all
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,18 +32,6 @@ FPS = 10
 TAIL = 3            # output lines of a running stage in the live region
 FAILED_TAIL = 20    # output lines of a failed stage, printed in full
 BOLD, DIM, RED, GREEN, RESET = "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[32m", "\x1b[0m"
-
-
-def seconds(value: float) -> str:
-    """`0.42s`, `12.3s`, `2m05s`, `1h02m`: short, and precise where it matters."""
-    if value < 10:
-        return f"{value:.2f}s"
-    if value < 60:
-        return f"{value:.1f}s"
-    minutes, secs = divmod(int(value), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def printable(text: str) -> str:
@@ -144,7 +132,7 @@ class LiveMonitor(Monitor):
         tail = TAIL if len(self.running) * (2 + TAIL) < height - 2 else 0
         for state in self.running.values():
             pipeline = state.pipeline
-            line = f"{BOLD}{pipeline.name}{RESET}  {seconds(now - state.started)}"
+            line = f"{BOLD}{pipeline.name}{RESET}  {human_seconds(now - state.started)}"
             if state.stage is None:
                 lines.append(line + "  starting")
                 continue
@@ -152,8 +140,8 @@ class LiveMonitor(Monitor):
             lines.append(line + f"  stage {index}/{len(pipeline.stages)}")
             elapsed = now - state.stage_started
             expected = self.expected.get(state.stage.id)
-            before = f"  {DIM}(took {seconds(expected)} before){RESET}" if expected is not None else ""
-            lines.append(f"  running {seconds(elapsed):>7}  {state.stage.type}{before}"
+            before = f"  {DIM}(took {human_seconds(expected)} before){RESET}" if expected is not None else ""
+            lines.append(f"  running {human_seconds(elapsed):>7}  {state.stage.type}{before}"
                          + (f"  {state.progress}" if state.progress else ""))
             lines += [f"  {DIM}\u2502 {text}{RESET}" for text in list(state.output)[-tail:]] if tail else []
         waiting = [name for name in self._pipelines if name not in self.running and name not in self._ended]
@@ -167,11 +155,11 @@ class LiveMonitor(Monitor):
     def _status_line(self, now: float) -> str:
         planned = len(self.expected)
         stages = f", {len(self.finished)}/{planned} stages" if planned else ""
-        line = f"{BOLD}[{self.done}/{self.total}]{RESET} pipelines/sources{stages}, {seconds(now - self.started)}"
+        line = f"{BOLD}[{self.done}/{self.total}]{RESET} pipelines/sources{stages}, {human_seconds(now - self.started)}"
         left, unknown = self.time_left(now)
         if planned == 0 or (unknown and left == 0):
             return line + ("" if planned == 0 else ", time left not known yet (first build of these stages)")
-        text = f", about {seconds(left)} left"
+        text = f", about {human_seconds(left)} left"
         if unknown:
             text += f" + {unknown} stage{'s' * (unknown != 1)} never timed"
         return line + text
@@ -210,8 +198,11 @@ class LiveMonitor(Monitor):
         self.started = time.monotonic()
         self.total = sources + pipelines
         planned = len(self.expected)
-        self._print(f"{BOLD}Building {label}{RESET}: {pipelines} pipeline{'s' * (pipelines != 1)} and "
-                    f"{planned} stage{'s' * (planned != 1)} to run")
+        if planned or pipelines:
+            self._print(f"{BOLD}Building {label}{RESET}: {pipelines} pipeline{'s' * (pipelines != 1)} and "
+                        f"{planned} stage{'s' * (planned != 1)} to run")
+        else:
+            self._print(f"{BOLD}Building {label}{RESET}: nothing to run, the store has it all")
         self._draw(force=True)
 
     def source_progress(self, source: Source, progress: SourceProgress) -> None:
@@ -223,9 +214,9 @@ class LiveMonitor(Monitor):
         self.sources.pop(source.type, None)
         fetched = sum(1 for r in results if not r.cached and r.error is None)
         failed = sum(1 for r in results if r.error is not None)
-        outcome = "fetched" if success else f"{RED}FAILED{RESET} "
-        self._print(f"  {outcome}  source {source.type}: {fetched} downloaded, {len(results) - fetched - failed} "
-                    f"cached" + (f", {failed} failed" if failed else ""))
+        outcome = f"{GREEN}fetched{RESET}" if success else f"{RED}{BOLD}FAILED{RESET} "
+        self._print(f"  {outcome}           source {source.type}: {fetched} downloaded, "
+                    f"{len(results) - fetched - failed} cached" + (f", {failed} failed" if failed else ""))
         self._draw(force=True)
 
     def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None:
@@ -233,7 +224,7 @@ class LiveMonitor(Monitor):
         self._draw(force=True)
 
     def pipeline_cached(self, pipeline: Pipeline) -> None:
-        self._print(f"  {GREEN}cached{RESET}            pipeline {pipeline.name} (in the store already)")
+        self._print(f"  {GREEN}cached{RESET}            pipeline {pipeline.name}, in the store already:")
 
     def stage_started(self, pipeline: Pipeline, stage: Stage) -> None:
         state = self.running.get(pipeline.name)
@@ -258,15 +249,15 @@ class LiveMonitor(Monitor):
         self.finished.add(stage.id)
         where = f"{pipeline.name} / {stage.type}"
         if result.cached:
-            self._print(f"  {GREEN}cached{RESET}  {seconds(result.duration):>7}  {where}  {DIM}(as built before)"
+            self._print(f"  {GREEN}cached{RESET}  {human_seconds(result.duration):>7}  {where}  {DIM}(as built before)"
                         f"{RESET}")
         elif result.success:
-            self._print(f"  {GREEN}built{RESET}   {seconds(result.duration):>7}  {where}")
+            self._print(f"  {GREEN}built{RESET}   {human_seconds(result.duration):>7}  {where}")
             for other, expected in self.expected.items():  # the first of its type times the others
                 if expected is None and self._types.get(other) == stage.type:
                     self.expected[other] = result.duration
         else:
-            self._print(f"  {RED}{BOLD}FAILED{RESET}  {seconds(result.duration):>7}  {where}: {result.reason}")
+            self._print(f"  {RED}{BOLD}FAILED{RESET}  {human_seconds(result.duration):>7}  {where}: {result.reason}")
             lines = result.output.splitlines()[-FAILED_TAIL:]
             if lines:
                 self._print(f"  last {len(lines)} line{'s' * (len(lines) != 1)} of its output:")
@@ -281,7 +272,7 @@ class LiveMonitor(Monitor):
         self._ended.add(pipeline.name)
         if success:
             self.done += 1
-            took = "" if state is None else f" in {seconds(time.monotonic() - state.started)}"
+            took = "" if state is None else f" in {human_seconds(time.monotonic() - state.started)}"
             self._print(f"  {BOLD}done{RESET}              pipeline {pipeline.name}{took}")
         self._draw(force=True)
 
@@ -299,8 +290,7 @@ class LiveMonitor(Monitor):
             self._draw(force=True)
 
     def build_finished(self, label: str, *, success: bool) -> None:
+        # the live region goes; what the build made is the CLI's summary, printed next
         self.running.clear()
         self.sources.clear()
-        outcome = f"{GREEN}finished{RESET}" if success else f"{RED}failed{RESET}"
-        self._print(f"{BOLD}{label}{RESET} {outcome} after {seconds(time.monotonic() - self.started)}")
         self._draw(force=True, final=True)

@@ -125,6 +125,18 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def human_seconds(value: float) -> str:
+    """`0.42s`, `12.3s`, `2m05s`, `1h02m`: short, and precise where it matters."""
+    if value < 10:
+        return f"{value:.2f}s"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, secs = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def describe_progress(progress: SourceProgress) -> str:
     """`3/12 items, 1.2 MiB/4.5+ MiB` (the `+`: the size of some items is not known yet)."""
     more = "" if progress.sized >= progress.items_total else "+"
