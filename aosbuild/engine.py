@@ -196,9 +196,10 @@ async def tick(monitor: Monitor) -> None:
 async def build(prepared: Prepared, request: Request) -> BuildReport:
     """Build the plan and export; the report says what happened, and why the build failed if it did.
 
-    A failure of aosbuild's own kind (a stage, a source, the store) is the report's `error`, raised
-    after everything is cleaned up only in the sense that nothing is left running; cancellation,
-    interrupts and bugs propagate.
+    A failure of aosbuild's own kind (a stage, a source, the store) does not raise: it is the report's
+    `error`, once everything is cleaned up, so that the caller has the report of a failed build too.
+    Cancellation, interrupts and bugs propagate. The store's record of stage durations and its saved
+    streams are brought up to date at the end, whatever the outcome.
     """
     ctx, plan = prepared.ctx, prepared.plan
     success = False

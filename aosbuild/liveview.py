@@ -214,7 +214,8 @@ class LiveMonitor(Monitor):
         self.sources.pop(source.type, None)
         fetched = sum(1 for r in results if not r.cached and r.error is None)
         failed = sum(1 for r in results if r.error is not None)
-        outcome = f"{GREEN}fetched{RESET}" if success else f"{RED}{BOLD}FAILED{RESET} "
+        outcome = (f"{RED}{BOLD}FAILED{RESET} " if not success else f"{GREEN}fetched{RESET}" if fetched
+                   else f"{GREEN}cached{RESET} ")
         self._print(f"  {outcome}           source {source.type}: {fetched} downloaded, "
                     f"{len(results) - fetched - failed} cached" + (f", {failed} failed" if failed else ""))
         self._draw(force=True)
