@@ -119,6 +119,21 @@ def test_live_view_shows_running_stages_folds_finished_ones_and_estimates_a_rebu
     assert "2 stages built, 1 cached" not in screen
 
 
+def test_live_view_follows_the_terminal_width(aosbuild: Aosbuild, terminal: Terminal) -> None:
+    slow = manifest(pipeline("base", stage("org.aosbuild.test.sleep", seconds=3.0, marker="a")))
+    terminal.run(aosbuild.command(slow))
+    terminal.wait_for(lambda s: RUNNING.search(s) is not None, "a running stage")
+    terminal.tmux("resize-window", "-t", "lv", "-x", "60")
+
+    def status_line_cut(screen: str) -> bool:
+        last = [line for line in screen.splitlines() if line.strip()][-1]
+        # the status line, redrawn for 60 columns: cut to 59, not wrapped onto a second row
+        return last.startswith("[0/1] pipelines/sources") and len(last) <= 59 and RUNNING.search(screen) is not None
+
+    terminal.wait_for(status_line_cut, "the live region redrawn for 60 columns")
+    assert re.search(r"^EXIT=0$", terminal.wait_for(finished, "the end of the build"), re.MULTILINE)
+
+
 def test_live_view_shows_the_failed_stage_output_in_full(aosbuild: Aosbuild, terminal: Terminal) -> None:
     failing = manifest(pipeline("base", stage("org.osbuild.mkdir", paths=[{"path": "/etc"}]),
                                 stage("org.aosbuild.test.fail", lines=25)))
