@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from aosbuild.history import History
+from aosbuild.history import KEEP_BUILDS, History
 
 from .conftest import Aosbuild, manifest, pipeline, stage
 from .png import colored_pixels
@@ -80,3 +81,20 @@ def test_report_last_html_shows_the_gantt_chart_in_chromium(aosbuild: Aosbuild) 
     bars = colored_pixels(screenshot(page))
     assert colored_pixels(screenshot(blank)) == 0
     assert bars > 2000, f"only {bars} coloured pixels: no chart drawn"
+
+
+def test_store_prune_bounds_the_saved_streams(aosbuild: Aosbuild) -> None:
+    assert aosbuild(QUICK).returncode == 0
+    history = History(aosbuild.store)
+    newest = history.last_stream()
+    for _ in range(KEEP_BUILDS + 5):  # older builds' streams, as if many builds had run before
+        fd = history.new_stream()
+        os.close(fd)
+    assert newest is not None
+    os.rename(newest, history.builds / "99999999999999999999-newest.jsonseq")  # it stays the newest
+    result = subprocess.run([sys.executable, "-m", "aosbuild", "store", "prune", "--to", "1GiB",
+                             "--store", str(aosbuild.store)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "history: removed 6 saved build streams beyond the bound" in result.stdout
+    assert len(history.streams()) == KEEP_BUILDS
+    assert report(aosbuild, "--last", "--store", str(aosbuild.store)).returncode == 0  # the real one
