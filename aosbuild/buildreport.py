@@ -142,5 +142,7 @@ def what_was_made(report: BuildReport, report_command: str) -> str:
     width = max((len(e.name) for e in report.exports), default=0)
     for export in report.exports:
         lines.append(f"  {export.name:<{width}}  {shown_path(export.path)}  {human_bytes(export.size)}")
+    if report.success and not report.exports and report.pipelines:
+        lines.append("  (the trees are in the store; --export NAME --output-directory DIR copies one out)")
     lines.append(f"Where the time went: {report_command}")
     return "\n".join(lines) + "\n"

@@ -52,6 +52,8 @@ async def test_report_of_a_build_then_of_the_same_build_from_the_store(workdir: 
     summary = what_was_made(again, "aosbuild report --last")
     assert summary.startswith("m.json built in ")
     assert ": 1 stage built, 2 cached\n" in summary
+    assert "--export NAME --output-directory DIR copies one out" in summary  # nothing was exported
+    assert "copies one out" not in what_was_made(first, "x")
 
 
 async def test_report_of_a_failed_build(workdir: Path) -> None:
