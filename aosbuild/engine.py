@@ -187,10 +187,13 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     return Prepared(ctx=ctx, plan=plan, recorder=recorder, history=history, stream_fd=stream_fd)
 
 
+TICK = 0.2  # seconds between ticks: how stale a live view's elapsed times and coalesced lines can get
+
+
 async def tick(monitor: Monitor) -> None:
     while True:
         monitor.tick()
-        await anyio.sleep(0.5)
+        await anyio.sleep(TICK)
 
 
 async def build(prepared: Prepared, request: Request) -> BuildReport:

@@ -1,13 +1,15 @@
 """The live view: what a build is doing, redrawn in place on a terminal (the default there).
 
 Finished work scrolls up as one line per stage (built, cached or failed, with its duration); below
-it a live region, redrawn at most `FPS` times a second and on `tick`, shows each running pipeline,
-its running stage with the time it has run and the last `TAIL` lines of its output, the progress of
-downloads, and the build's progress with an estimate of the time left, from how long the same stages
-(or stages of the same type) took in this store before (`history.py`). A failed stage's last lines are
-printed in full. Plain ANSI: each redraw is one write that moves the cursor up over the previous live
-region and overwrites it line by line, so nothing flickers; lines are cut to the terminal's width,
-read again at every redraw, so a resized terminal (SIGWINCH) is followed.
+it a live region, redrawn at most `FPS` times a second (on events and on the engine's `tick`), shows
+each running pipeline, its running stage with the time it has run and the last `TAIL` lines of its
+output, the progress of downloads, and the build's progress with an estimate of the time left, from
+how long the same stages (or stages of the same type) took in this store before (`history.py`). A
+failed stage's last lines are printed in full.
+
+Plain ANSI: each redraw is one write that moves the cursor up over the previous live region and
+overwrites it line by line, so nothing flickers; lines are cut to the terminal's width, read again at
+every redraw, so a resized terminal (SIGWINCH) is followed.
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ class Running:
 
 
 class LiveMonitor(Monitor):
-    def __init__(self, fd: int) -> None:
+    """Events change the state; a redraw shows it, at most once per `interval`, and at the end."""
+
+    def __init__(self, fd: int, *, interval: float = 1 / FPS) -> None:
         self.fd = fd
+        self.interval = interval
         self.started = time.monotonic()
         self.total = 0
         self.done = 0
@@ -85,8 +90,7 @@ class LiveMonitor(Monitor):
         self.sources: dict[str, SourceProgress] = {}
         self._pending: list[str] = []                 # lines to print above the live region
         self._drawn: list[int] = []                   # lengths of the live lines on screen
-        self._last_draw = 0.0
-        self._width = 0
+        self._last_draw = -interval
 
     # -- drawing
 
@@ -100,9 +104,10 @@ class LiveMonitor(Monitor):
     def _print(self, line: str) -> None:
         self._pending.append(line)
 
-    def _draw(self, *, force: bool = False, final: bool = False) -> None:
+    def _draw(self, *, final: bool = False) -> None:
+        """Redraw, unless the last redraw was less than `interval` ago: the next event or tick will."""
         now = time.monotonic()
-        if not force and not self._pending and now - self._last_draw < 1 / FPS:
+        if not final and now - self._last_draw < self.interval:
             return
         self._last_draw = now
         width, height = self._size()
@@ -203,7 +208,7 @@ class LiveMonitor(Monitor):
                         f"{planned} stage{'s' * (planned != 1)} to run")
         else:
             self._print(f"{BOLD}Building {label}{RESET}: nothing to run, the store has it all")
-        self._draw(force=True)
+        self._draw()
 
     def source_progress(self, source: Source, progress: SourceProgress) -> None:
         self.sources[source.type] = progress
@@ -218,11 +223,11 @@ class LiveMonitor(Monitor):
                    else f"{GREEN}cached{RESET} ")
         self._print(f"  {outcome}           source {source.type}: {fetched} downloaded, "
                     f"{len(results) - fetched - failed} cached" + (f", {failed} failed" if failed else ""))
-        self._draw(force=True)
+        self._draw()
 
     def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None:
         self.running[pipeline.name] = Running(pipeline=pipeline, started=time.monotonic())
-        self._draw(force=True)
+        self._draw()
 
     def pipeline_cached(self, pipeline: Pipeline) -> None:
         self._print(f"  {GREEN}cached{RESET}            pipeline {pipeline.name}, in the store already:")
@@ -232,7 +237,7 @@ class LiveMonitor(Monitor):
         if state is not None:
             state.stage, state.stage_started, state.progress = stage, time.monotonic(), ""
             state.output.clear()
-        self._draw(force=True)
+        self._draw()
 
     def stage_output(self, pipeline: Pipeline, stage: Stage, text: str) -> None:
         state = self.running.get(pipeline.name)
@@ -266,7 +271,7 @@ class LiveMonitor(Monitor):
         state = self.running.get(pipeline.name)
         if state is not None and state.stage is stage:
             state.stage = None
-        self._draw(force=True)
+        self._draw()
 
     def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None:
         state = self.running.pop(pipeline.name, None)
@@ -275,23 +280,23 @@ class LiveMonitor(Monitor):
             self.done += 1
             took = "" if state is None else f" in {human_seconds(time.monotonic() - state.started)}"
             self._print(f"  {BOLD}done{RESET}              pipeline {pipeline.name}{took}")
-        self._draw(force=True)
+        self._draw()
 
     def log(self, message: str, pipeline: Pipeline | None = None) -> None:
         prefix = f"{pipeline.name}: " if pipeline is not None else ""
         self._pending += [f"  {prefix}{printable(line)}" for line in message.rstrip("\n").splitlines()]
-        self._draw(force=True)
+        self._draw()
 
     def exported(self, name: str, path: Path, size: int) -> None:
         self._print(f"  {BOLD}exported{RESET}          {name} to {path}")
-        self._draw(force=True)
+        self._draw()
 
     def tick(self) -> None:
-        if self.running or self.sources:
-            self._draw(force=True)
+        if self.running or self.sources or self._pending:
+            self._draw()
 
     def build_finished(self, label: str, *, success: bool) -> None:
         # the live region goes; what the build made is the CLI's summary, printed next
         self.running.clear()
         self.sources.clear()
-        self._draw(force=True, final=True)
+        self._draw(final=True)

@@ -54,7 +54,7 @@ class Monitor:
     def build_planned(self, stages: Sequence[PlannedStage]) -> None: ...
     def exported(self, name: str, path: Path, size: int) -> None: ...
     def tick(self) -> None:
-        """Called about twice a second while the build runs, for monitors that show elapsed times."""
+        """Called five times a second while the build runs, for monitors that show elapsed times."""
 
 
 NullMonitor = Monitor

@@ -179,7 +179,7 @@ def test_redraw_moves_up_over_the_previous_live_region(tmp_path: Path) -> None:
     a, b = two_pipelines()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        monitor = LiveMonitor(fd)
+        monitor = LiveMonitor(fd, interval=0)  # every event redraws
         monitor.build_planned([PlannedStage(pipeline=a, stage=a.stages[0], expected=4.0),
                                PlannedStage(pipeline=b, stage=b.stages[0], expected=None)])
         monitor.build_started("m.json", sources=0, pipelines=2)  # live: waiting a, b; status
