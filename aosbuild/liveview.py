@@ -164,7 +164,8 @@ class LiveMonitor(Monitor):
         left, unknown = self.time_left(now)
         if planned == 0 or (unknown and left == 0):
             return line + ("" if planned == 0 else ", time left not known yet (first build of these stages)")
-        text = f", about {human_seconds(left)} left"
+        # stages running longer than they did before leave nothing by the record: say so, not "0s left"
+        text = f", about {human_seconds(left)} left" if left >= 0.5 else ", any moment now by the record"
         if unknown:
             text += f" + {unknown} stage{'s' * (unknown != 1)} never timed"
         return line + text
