@@ -145,7 +145,7 @@ class LiveMonitor(Monitor):
             lines.append(line + f"  stage {index}/{len(pipeline.stages)}")
             elapsed = now - state.stage_started
             expected = self.expected.get(state.stage.id)
-            before = f"  {DIM}(took {human_seconds(expected)} before){RESET}" if expected is not None else ""
+            before = f"  {DIM}(expected {human_seconds(expected)}){RESET}" if expected is not None else ""
             lines.append(f"  running {human_seconds(elapsed):>7}  {state.stage.type}{before}"
                          + (f"  {state.progress}" if state.progress else ""))
             lines += [f"  {DIM}\u2502 {text}{RESET}" for text in list(state.output)[-tail:]] if tail else []
