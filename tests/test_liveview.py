@@ -1,6 +1,7 @@
 """The live view in a real terminal: tmux runs the command, the test reads the screen at several moments.
 
-Each test has a tmux server of its own (`tmux -L <socket>`), killed by that socket at the end.
+Each test has a tmux server of its own (`tmux -S <its directory>/tmux.socket`), killed by that socket
+at the end.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ class Terminal:
     """A 120x40 tmux pane running bash, on a tmux server of its own."""
 
     def __init__(self, cwd: Path) -> None:
-        self.socket = f"aosbuild-liveview-{os.getpid()}-{time.monotonic_ns()}"
+        self.socket = cwd / "tmux.socket"  # its own server, gone with the test's directory
         self.cwd = cwd
 
     def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True,
+        return subprocess.run(["tmux", "-S", str(self.socket), *args], check=True, capture_output=True,
                               text=True, timeout=30).stdout
 
     def start(self) -> None:
@@ -58,7 +59,7 @@ class Terminal:
         return screen
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=30)
 
 
 @pytest.fixture
