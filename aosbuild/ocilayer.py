@@ -307,7 +307,7 @@ def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) 
                 hidden = os.path.join(os.path.dirname(path), base[len(WHITEOUT_PREFIX):])
                 _remove(hidden)
                 if into == "upper":
-                    os.mknod(hidden, 0o600 | stat.S_IFCHR, os.makedev(0, 0))
+                    os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0))  # mode 0, as overlayfs makes them
                 continue
             this_layer.add(relative)
             if info.isdir():

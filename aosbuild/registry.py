@@ -270,7 +270,9 @@ class RegistryClient:
             except httpx.TimeoutException:
                 raise RemoteMiss(what, f"{self.reference.registry} did not answer in time") from None
             except httpx.TransportError as exc:
-                raise RemoteMiss(what, f"{self.reference.registry} cannot be reached ({type(exc).__name__})") from None
+                hint = ": its TLS certificate is not trusted (give a CA file)" if "CERTIFICATE_VERIFY_FAILED" in str(
+                    exc) else f" ({type(exc).__name__})"
+                raise RemoteMiss(what, f"{self.reference.registry} cannot be reached{hint}") from None
             if response.status_code != 401 or attempt == 2:
                 if response.status_code in (401, 403):
                     await response.aclose()
@@ -303,8 +305,9 @@ class RegistryClient:
             raise self._server_error(what, response)
         return int(response.headers.get("content-length", "0"))
 
-    async def fetch_blob(self, digest: str, dest: Path) -> int:
-        """Download blob `digest` to `dest`, verified while streaming; returns its size.
+    async def fetch_blob(self, digest: str, dest: Path, *, progress: Callable[[int], None] | None = None) -> int:
+        """Download blob `digest` to `dest`, verified while streaming; returns its size. `progress` is
+        called with the bytes received so far after each chunk.
 
         The bytes go to a temporary file beside `dest`, renamed onto it only when complete and verified:
         a mismatch, a short body, a missing blob or a cancellation leaves no file."""
@@ -314,7 +317,7 @@ class RegistryClient:
         fd, temporary = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as out:
-                size = await self._stream_into(f"{self._repo_url}/blobs/{digest}", digest, what, out)
+                size = await self._stream_into(f"{self._repo_url}/blobs/{digest}", digest, what, out, progress)
             os.rename(temporary, dest)
         except BaseException:
             os.unlink(temporary)
@@ -322,7 +325,8 @@ class RegistryClient:
         log.debug("registry.blob.fetched", digest=digest, size=size, registry=self.reference.registry)
         return size
 
-    async def _stream_into(self, url: str, digest: str, what: str, out: Any) -> int:
+    async def _stream_into(self, url: str, digest: str, what: str, out: Any,
+                           progress: Callable[[int], None] | None) -> int:
         response = await self._send("GET", url, what, stream=True)
         try:
             if response.status_code == 404:
@@ -337,6 +341,8 @@ class RegistryClient:
                     sha256.update(chunk)
                     size += len(chunk)
                     await anyio.to_thread.run_sync(out.write, chunk)
+                    if progress is not None:
+                        progress(size)
             except httpx.TimeoutException:
                 raise RemoteMiss(what, f"{self.reference.registry} stalled after {size} bytes") from None
             except httpx.TransportError:
