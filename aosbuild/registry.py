@@ -183,6 +183,18 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+def _untrusted(exc: BaseException) -> bool:
+    """Whether a connection failed on certificate verification, somewhere in its chain of causes."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _basic(credentials: Credentials) -> str:
     token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
     return f"Basic {token}"
@@ -270,8 +282,8 @@ class RegistryClient:
             except httpx.TimeoutException:
                 raise RemoteMiss(what, f"{self.reference.registry} did not answer in time") from None
             except httpx.TransportError as exc:
-                hint = ": its TLS certificate is not trusted (give a CA file)" if "CERTIFICATE_VERIFY_FAILED" in str(
-                    exc) else f" ({type(exc).__name__})"
+                hint = ": its TLS certificate is not trusted (give a CA file)" if _untrusted(exc) else \
+                    f" ({type(exc).__name__})"
                 raise RemoteMiss(what, f"{self.reference.registry} cannot be reached{hint}") from None
             if response.status_code != 401 or attempt == 2:
                 if response.status_code in (401, 403):
@@ -498,10 +510,12 @@ def _ssl_context(ca_file: Path | None) -> ssl.SSLContext:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RegistryOptions:
-    """How to reach a registry: TLS (system CAs, plus `ca_file`), `insecure` plain HTTP, `timeout` per
-    request phase (connect, each read and write: a registry silent for that long is a miss)."""
+    """How to reach a registry: HTTPS verified with the system CAs (plus `ca_file`, which implies HTTPS),
+    plain HTTP for a loopback registry or with `insecure`, HTTPS to a loopback one with `tls`; `timeout`
+    per request phase (connect, each read and write: a registry silent for that long is a miss)."""
 
     insecure: bool = False
+    tls: bool = False
     ca_file: Path | None = None
     timeout: float = DEFAULT_TIMEOUT
 
@@ -514,7 +528,8 @@ def open_registry(reference: Reference | str, options: RegistryOptions = Registr
     Credentials come from the auth files unless given. Plain HTTP is used for loopback registries and
     with `insecure`; anything else is HTTPS, verified. `transport` is for tests' fakes."""
     ref = Reference.parse(reference) if isinstance(reference, str) else reference
-    scheme = "http" if options.insecure or is_loopback(ref.registry) else "https"
+    plain = (options.insecure or is_loopback(ref.registry)) and not (options.tls or options.ca_file)
+    scheme = "http" if plain else "https"
     if credentials is None:
         credentials = find_credentials(ref, environ)
     http = httpx.AsyncClient(timeout=httpx.Timeout(options.timeout), follow_redirects=True,
