@@ -363,3 +363,73 @@ async def test_tls_with_a_given_ca(workdir: Path) -> None:
                                           environ={}) as remote:
             with pytest.raises(RemoteMiss, match="not trusted"):
                 await remote.ping()
+
+
+async def overlay_changes(lowers: list[Path], upper: Path, scratch: Path, change: Any) -> dict[str, Any]:
+    """Make a real overlayfs upper directory: mount `lowers` (top first) with `upper`, let `change` edit
+    the merged view, and return the merged tree's digest (what the layers must add up to)."""
+    merged, work = scratch / f"{upper.name}.merged", scratch / f"{upper.name}.work"
+    for directory in (upper, merged, work):
+        directory.mkdir()
+    options = (f"lowerdir={':'.join(map(os.fspath, lowers))},upperdir={upper},workdir={work},"
+               "redirect_dir=off,metacopy=off,index=off")
+    await anyio.run_process(["mount", "-t", "overlay", "overlay", "-o", options, merged])
+    try:
+        change(merged)
+        return tree(merged)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.run_process(["umount", merged])
+
+
+def first_changes(merged: Path) -> None:
+    (merged / "etc/deleted").unlink()  # a whiteout
+    shutil.rmtree(merged / "var/cache")  # removed and made again: an opaque directory
+    (merged / "var/cache").mkdir()
+    (merged / "var/cache/new").write_text("made in the second layer\n")
+    (merged / "etc/hostname").write_text("changed\n")  # copied up
+    os.chmod(merged / "usr/bin/ping", 0o755)  # metadata only, still copied up whole
+    os.setxattr(merged / "etc/kept", "user.note", b"added above")
+
+
+def second_changes(merged: Path) -> None:
+    shutil.rmtree(merged / "usr")  # a whole directory whited out
+    os.link(merged / "var/cache/new", merged / "var/cache/new-link")
+    os.mknod(merged / "etc/console", 0o600 | 0o020000, os.makedev(5, 1))
+
+
+async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(served: Registry,
+                                                                           workdir: Path) -> None:
+    base = make_upper(workdir / "base")
+    (base / "etc/deleted").unlink()
+    (base / "etc/deleted").write_text("a lower file, deleted above\n")
+    (base / "etc/kept").write_text("kept\n")
+    os.removexattr(base / "var/cache", "trusted.overlay.opaque")
+    (base / "var/cache/old").write_text("hidden above\n")
+    expected_one = await overlay_changes([base], workdir / "up1", workdir, first_changes)
+    expected = await overlay_changes([workdir / "up1", base], workdir / "up2", workdir, second_changes)
+    assert expected != expected_one
+    assert os.getxattr(workdir / "up1/var/cache", "trusted.overlay.opaque") == b"y"  # real overlay marks
+    layers = [(workdir / f"l{n}", write_layer(upper, workdir / f"l{n}"))
+              for n, upper in enumerate([base, workdir / "up1", workdir / "up2"])]
+    tag = registry.stage_tag(STAGE_ID)
+    async with client(served) as remote:
+        await push_image(remote, tag, layers, {"stage": STAGE_ID})
+    oci = workdir / "oci"
+    await anyio.run_process(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", f"{USER}:{PASSWORD}",
+                             f"docker://{served.host}/aosbuild/cache:{tag}", f"oci:{oci}:{tag}"])
+    index = json.loads((oci / "index.json").read_text())
+    [entry] = index["manifests"]
+
+    def blob(digest: str) -> Path:
+        return oci / "blobs/sha256" / digest.removeprefix("sha256:")
+
+    manifest = json.loads(blob(entry["digest"]).read_text())
+    assert [layer["digest"] for layer in manifest["layers"]] == [info.digest for _, info in layers]
+    assert json.loads(blob(manifest["config"]["digest"]).read_text())["aosbuild"] == {"stage": STAGE_ID}
+    rootfs = workdir / "rootfs"
+    rootfs.mkdir()
+    for layer in manifest["layers"]:
+        with open(blob(layer["digest"]), "rb") as f:  # noqa: ASYNC230  # the test's own check
+            ocilayer.unpack_layer(f, rootfs, into="tree")
+    assert tree(rootfs) == expected
