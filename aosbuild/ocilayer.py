@@ -71,24 +71,30 @@ class LayerInfo:
 
 
 class _HashingWriter:
-    """A write-only file that hashes and counts what passes through it to `target`."""
+    """A write-only file that hashes and counts what passes through it to `target`, in 1 MiB pieces
+    (tar writes many 512-byte headers: compressing and hashing each alone costs more than the work)."""
 
     def __init__(self, target: Any) -> None:
         self.target = target
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._pending = bytearray()
 
     def write(self, data: bytes) -> int:
-        self.sha256.update(data)
+        self._pending += data
         self.size += len(data)
-        self.target.write(data)
+        if len(self._pending) >= CHUNK:
+            self.flush()
         return len(data)
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
-        self.target.flush()
+        if self._pending:
+            self.sha256.update(self._pending)
+            self.target.write(bytes(self._pending))
+            self._pending.clear()
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
@@ -144,7 +150,8 @@ def _marker(name: str) -> tarfile.TarInfo:
 def _write_tar(upper: str, out: _HashingWriter) -> None:
     first_name: dict[tuple[int, int], str] = {}
     fileobj: Any = out  # tarfile needs only write() and tell()
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      copybufsize=CHUNK) as tar:
         for relative in _sorted_paths(upper):
             path = os.path.join(upper, relative)
             st = os.lstat(path)
@@ -199,11 +206,14 @@ def write_layer(upper: Path, out: BinaryIO, *, compression: Compression = "zstd"
         with compressor.stream_writer(sink, closefd=False) as zwriter:
             raw = _HashingWriter(zwriter)
             _write_tar(os.fspath(upper), raw)
+            raw.flush()
     else:
         with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=GZIP_LEVEL) as gwriter:
             raw = _HashingWriter(gwriter)
             _write_tar(os.fspath(upper), raw)
+            raw.flush()
     blob.flush()
+    out.flush()
     return LayerInfo(digest="sha256:" + blob.sha256.hexdigest(), size=blob.size,
                      diff_id="sha256:" + raw.sha256.hexdigest(), media_type=MEDIA_TYPES[compression])
 
