@@ -150,8 +150,8 @@ def _marker(name: str) -> tarfile.TarInfo:
 def _write_tar(upper: str, out: _HashingWriter) -> None:
     first_name: dict[tuple[int, int], str] = {}
     fileobj: Any = out  # tarfile needs only write() and tell()
-    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                      copybufsize=CHUNK) as tar:
+    with tarfile.TarFile(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                         copybufsize=CHUNK) as tar:
         for relative in _sorted_paths(upper):
             path = os.path.join(upper, relative)
             st = os.lstat(path)
