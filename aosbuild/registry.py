@@ -24,7 +24,7 @@ import re
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,6 +33,7 @@ import httpx
 
 from .errors import AosbuildError
 from .logs import get_logger
+from .registryauth import Credentials, find_credentials
 
 log = get_logger("aosbuild.registry")
 
@@ -97,76 +98,6 @@ class Reference:
         return f"{self.registry}/{self.repository}" + (f":{self.tag}" if self.tag else "")
 
 
-def stage_tag(stage_id: str) -> str:
-    """The tag that names a stage's manifest: `stage-` and its 64-hex id (69 characters, a valid tag)."""
-    if not re.fullmatch(r"[0-9a-f]{64}", stage_id):
-        raise RegistryError(f"{stage_id!r} is not a stage id (64 hex digits)")
-    return f"stage-{stage_id}"
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A user name and password (or token) for one registry; `source` says which file they came from."""
-
-    username: str
-    password: str = field(repr=False)
-    source: str = "given"
-
-
-def _normalise_key(key: str) -> str:
-    for prefix in ("https://", "http://"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    key = key.rstrip("/")
-    return key[: -len("/v1")] if key.endswith("/v1") else key
-
-
-def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
-    """The auth files container tools read, in their order: `$REGISTRY_AUTH_FILE`,
-    `$XDG_RUNTIME_DIR/containers/auth.json`, `~/.docker/config.json`."""
-    env = os.environ if environ is None else environ
-    files = []
-    if env.get("REGISTRY_AUTH_FILE"):
-        files.append(Path(env["REGISTRY_AUTH_FILE"]))
-    if env.get("XDG_RUNTIME_DIR"):
-        files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
-    home = env.get("HOME") or os.path.expanduser("~")
-    files.append(Path(home) / ".docker" / "config.json")
-    return files
-
-
-def find_credentials(reference: Reference, environ: Mapping[str, str] | None = None) -> Credentials | None:
-    """The credentials for `reference` from the first auth file that has an entry for it.
-
-    Entries are looked up as containers-auth.json(5) does: `host/repo/path`, then shorter namespaces,
-    then `host`; keys may carry a scheme or docker's `/v1/` suffix. A file that is missing or unreadable
-    is skipped; a malformed `auth` value is an error that names the file, never the value."""
-    parts = reference.repository.split("/")
-    wanted = [f"{reference.registry}/{'/'.join(parts[:n])}" for n in range(len(parts), 0, -1)]
-    wanted.append(reference.registry)
-    for path in auth_files(environ):
-        try:
-            document = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        auths = document.get("auths") if isinstance(document, dict) else None
-        if not isinstance(auths, dict):
-            continue
-        entries = {_normalise_key(key): value for key, value in auths.items() if isinstance(value, dict)}
-        for key in wanted:
-            entry = entries.get(key)
-            if entry is None or not isinstance(entry.get("auth"), str):
-                continue
-            try:
-                username, colon, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                raise RegistryError(f"{path}: the `auth` entry for {key} is not base64 of user:password") from None
-            if not colon:
-                raise RegistryError(f"{path}: the `auth` entry for {key} is not base64 of user:password")
-            return Credentials(username, password, source=str(path))
-    return None
-
-
 def is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
     if name == "localhost":
@@ -210,6 +141,7 @@ class RegistryClient:
         self._base = base
         self._credentials = credentials
         self._authorization: str | None = None  # the header value that last worked; never logged
+        self._bearer_scope: str | None = None
 
     @property
     def _repo_url(self) -> str:
@@ -241,12 +173,19 @@ class RegistryClient:
             return
         if scheme != "bearer" or "realm" not in params:
             raise RegistryAuthError(f"{self.reference.registry} asks for an unknown kind of auth for {what}")
-        if refused and "error" in params:
-            raise self._refused(what)
+        scope = params.get("scope") or f"repository:{self.reference.repository}:pull,push"
+        if refused and scope == self._bearer_scope:
+            raise self._refused(what)  # a token for this very scope did not do: a new one will not either
+        # a wider scope than the last token's (a push after a pull: error="insufficient_scope") gets a new one
         query = {"service": params["service"]} if "service" in params else {}
-        query["scope"] = params.get("scope") or f"repository:{self.reference.repository}:pull,push"
+        query["scope"] = scope
         headers = {"Authorization": _basic(self._credentials)} if self._credentials else {}
-        token_response = await self._http.get(params["realm"], params=query, headers=headers)
+        try:
+            token_response = await self._http.get(params["realm"], params=query, headers=headers)
+        except httpx.TimeoutException:
+            raise RemoteMiss(what, "the token service did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise RemoteMiss(what, f"the token service cannot be reached ({type(exc).__name__})") from None
         if token_response.status_code in (401, 403):
             raise self._refused(what)
         if token_response.status_code != 200:
@@ -259,6 +198,7 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise RemoteMiss(what, "the token service gave no token")
         self._authorization = f"Bearer {token}"
+        self._bearer_scope = scope
 
     def _refused(self, what: str) -> RegistryAuthError:
         source = self._credentials.source if self._credentials else "none"
@@ -531,7 +471,7 @@ def open_registry(reference: Reference | str, options: RegistryOptions = Registr
     plain = (options.insecure or is_loopback(ref.registry)) and not (options.tls or options.ca_file)
     scheme = "http" if plain else "https"
     if credentials is None:
-        credentials = find_credentials(ref, environ)
+        credentials = find_credentials(ref.registry, ref.repository, environ)
     http = httpx.AsyncClient(timeout=httpx.Timeout(options.timeout), follow_redirects=True,
                              verify=_ssl_context(options.ca_file), transport=transport)
     return RegistryClient(ref, http, f"{scheme}://{ref.registry}", credentials)
@@ -543,23 +483,3 @@ async def iter_file(path: Path) -> AsyncIterator[bytes]:
         while chunk := await f.read(CHUNK):
             yield chunk
 
-
-def image_config(*, diff_ids: list[str], results: Mapping[str, Any], architecture: str = "amd64") -> bytes:
-    """An OCI image config for a stack of layers, carrying aosbuild's stage results under `aosbuild`
-    (image tools ignore keys they do not know, so the image stays an image)."""
-    return canonical_json({"architecture": architecture, "os": "linux", "config": {},
-                           "rootfs": {"type": "layers", "diff_ids": diff_ids}, "aosbuild": dict(results)})
-
-
-def image_manifest(*, config: bytes, layers: list[Mapping[str, Any]],
-                   annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """An OCI image manifest (schema 2) for a config blob and layer descriptors
-    (`{"mediaType", "digest", "size"}`, lowest layer first)."""
-    manifest: dict[str, Any] = {
-        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-        "config": {"mediaType": CONFIG_TYPE, "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
-                   "size": len(config)},
-        "layers": [dict(layer) for layer in layers]}
-    if annotations:
-        manifest["annotations"] = dict(annotations)
-    return manifest

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 REGISTRY = "/usr/bin/docker-registry"
 USER = "builder"
@@ -117,3 +118,10 @@ def run_registry(directory: Path, *, tls: tuple[Path, Path] | None = None) -> It
         yield registry
     finally:
         registry.stop()
+
+
+@pytest.fixture
+def served(workdir: Path) -> Iterator[Registry]:
+    """A registry of the test's own, in its work directory."""
+    with run_registry(workdir / "registry") as running:
+        yield running

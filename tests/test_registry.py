@@ -18,20 +18,15 @@ import httpx
 import pytest
 import structlog
 
-from aosbuild import ocilayer, registry
-from aosbuild.registry import Credentials, Reference, RegistryOptions, RemoteMiss
+from aosbuild import ocilayer, registry, registryauth, stageimage
+from aosbuild.registry import Reference, RegistryOptions, RemoteMiss
+from aosbuild.registryauth import Credentials
 
 from .layertrees import make_upper, tree
 from .registry import PASSWORD, USER, Registry, run_registry
 
 STAGE_ID = "5" * 64
 CREDENTIALS = Credentials(USER, PASSWORD)
-
-
-@pytest.fixture
-def served(workdir: Path) -> Iterator[Registry]:
-    with run_registry(workdir / "registry") as running:
-        yield running
 
 
 def client(served: Registry, repository: str = "aosbuild/cache", *, timeout: float = 10,
@@ -47,14 +42,8 @@ def write_layer(upper: Path, blob: Path, compression: ocilayer.Compression = "zs
 
 async def push_image(remote: registry.RegistryClient, tag: str, blobs: list[tuple[Path, ocilayer.LayerInfo]],
                      results: dict[str, Any]) -> str:
-    for path, info in blobs:
-        await remote.push_blob(info.digest, path)
-    config = registry.image_config(diff_ids=[info.diff_id for _, info in blobs], results=results)
-    await remote.push_blob("sha256:" + hashlib.sha256(config).hexdigest(), config)
-    manifest = registry.image_manifest(
-        config=config, layers=[{"mediaType": i.media_type, "digest": i.digest, "size": i.size} for _, i in blobs],
-        annotations={"org.aosbuild.stage-id": STAGE_ID})
-    return await remote.put_manifest(tag, manifest)
+    assert tag == stageimage.stage_tag(STAGE_ID)
+    return await stageimage.push_stage(remote, STAGE_ID, blobs, results)
 
 
 def test_references() -> None:
@@ -66,11 +55,11 @@ def test_references() -> None:
         Reference.parse("just-a-name")
     with pytest.raises(registry.RegistryError, match="repository name"):
         Reference.parse("h/Upper/Case")
-    tag = registry.stage_tag("ab" * 32)
+    tag = stageimage.stage_tag("ab" * 32)
     assert tag == "stage-" + "ab" * 32
     assert registry.TAG_RE.fullmatch(tag)
     with pytest.raises(registry.RegistryError):
-        registry.stage_tag("not-hex")
+        stageimage.stage_tag("not-hex")
     assert registry.is_loopback("127.0.0.1:5000")
     assert registry.is_loopback("[::1]:5000")
     assert registry.is_loopback("localhost")
@@ -85,15 +74,15 @@ async def test_a_layer_and_manifest_pushed_are_pulled_into_another_directory(ser
     async with client(served) as pusher:
         assert await pusher.ping() == "registry/2.0"
         assert await pusher.blob_size(zstd.digest) is None
-        digest = await push_image(pusher, registry.stage_tag(STAGE_ID), [(workdir / "layer.zst", zstd)], results)
+        digest = await push_image(pusher, stageimage.stage_tag(STAGE_ID), [(workdir / "layer.zst", zstd)], results)
         assert await pusher.blob_size(zstd.digest) == zstd.size
         assert not await pusher.push_blob(zstd.digest, workdir / "layer.zst")  # there already: not sent again
-        assert registry.stage_tag(STAGE_ID) in await pusher.tags()
+        assert stageimage.stage_tag(STAGE_ID) in await pusher.tags()
     # another "machine": a new client, its own directory
     pulled = workdir / "machine-b"
     pulled.mkdir()
     async with client(served) as puller:
-        manifest, manifest_digest = await puller.get_manifest(registry.stage_tag(STAGE_ID))
+        manifest, manifest_digest = await puller.get_manifest(stageimage.stage_tag(STAGE_ID))
         assert manifest_digest == digest
         assert manifest["mediaType"] == registry.MANIFEST_TYPE
         assert manifest["annotations"]["org.aosbuild.stage-id"] == STAGE_ID
@@ -159,7 +148,7 @@ async def test_a_deleted_blob_is_a_miss(served: Registry, workdir: Path) -> None
         with pytest.raises(RemoteMiss):
             await remote.fetch_blob(digest, workdir / "blob")
         with pytest.raises(RemoteMiss, match="not in the registry"):
-            await remote.get_manifest(registry.stage_tag("0" * 64))
+            await remote.get_manifest(stageimage.stage_tag("0" * 64))
     assert not (workdir / "blob").exists()
     assert no_partial_files(workdir)
 
@@ -241,7 +230,7 @@ async def test_two_clients_pushing_the_same_content_at_once_both_succeed(served:
     async def machine(chunk_size: int | None) -> None:
         async with client(served) as remote:
             await remote.push_blob(info.digest, workdir / "layer", chunk_size=chunk_size)
-            outcomes.append(await push_image(remote, registry.stage_tag(STAGE_ID), [(workdir / "layer", info)],
+            outcomes.append(await push_image(remote, stageimage.stage_tag(STAGE_ID), [(workdir / "layer", info)],
                                              {"stage": STAGE_ID}))
 
     async with anyio.create_task_group() as group:
@@ -250,7 +239,7 @@ async def test_two_clients_pushing_the_same_content_at_once_both_succeed(served:
     assert len(outcomes) == 2
     assert outcomes[0] == outcomes[1]  # canonical JSON: the same manifest, byte for byte
     async with client(served) as remote:
-        manifest, digest = await remote.get_manifest(registry.stage_tag(STAGE_ID))
+        manifest, digest = await remote.get_manifest(stageimage.stage_tag(STAGE_ID))
         assert digest == outcomes[0]
         await remote.fetch_blob(manifest["layers"][0]["digest"], workdir / "pulled")
     assert (workdir / "pulled").read_bytes() == (workdir / "layer").read_bytes()
@@ -286,67 +275,86 @@ async def test_a_wrong_password_is_a_clear_error_with_no_secret_in_it(
 
 
 async def test_credentials_come_from_the_auth_files_in_their_order(served: Registry, workdir: Path) -> None:
-    def auth_file(path: Path, key: str, password: str) -> Path:
+    def auth_file(path: Path, key: str, password: str, **more: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
-        path.write_text(json.dumps({"auths": {key: {"auth": token}}}))
+        auths = {k: {"auth": base64.b64encode(f"{USER}:{p}".encode()).decode()}
+                 for k, p in {key: password, **more}.items()}
+        path.write_text(json.dumps({"auths": auths}))
         return path
 
+    def find(environ: dict[str, str]) -> Credentials | None:
+        return registryauth.find_credentials(ref.registry, ref.repository, environ)
+
+    ref = Reference.parse(f"{served.host}/aosbuild/cache")
     runtime = workdir / "run"
     home = workdir / "home"
     auth_file(home / ".docker/config.json", f"https://{served.host}/v1/", "docker-config-password")
     auth_file(runtime / "containers/auth.json", served.host, PASSWORD)
     environ = {"XDG_RUNTIME_DIR": os.fspath(runtime), "HOME": os.fspath(home)}
-    ref = Reference.parse(f"{served.host}/aosbuild/cache")
-    found = registry.find_credentials(ref, environ)
+    found = find(environ)
     assert found is not None
     assert (found.password, found.source) == (PASSWORD, str(runtime / "containers/auth.json"))
     # $REGISTRY_AUTH_FILE first; a namespace entry wins over the host's
-    first = auth_file(workdir / "first.json", f"{served.host}/aosbuild", "namespace-password")
-    found = registry.find_credentials(ref, {**environ, "REGISTRY_AUTH_FILE": os.fspath(first)})
+    first = auth_file(workdir / "first.json", served.host, "host-password",
+                      **{f"{served.host}/aosbuild": "namespace-password", f"{served.host}/other": "other"})
+    found = find({**environ, "REGISTRY_AUTH_FILE": os.fspath(first)})
     assert found is not None
     assert found.password == "namespace-password"
-    found = registry.find_credentials(ref, {"HOME": os.fspath(home)})
+    found = find({"HOME": os.fspath(home)})
     assert found is not None
     assert found.password == "docker-config-password"
     async with registry.open_registry(ref, RegistryOptions(timeout=10), environ=environ) as remote:
         assert await remote.ping() == "registry/2.0"
     (workdir / "bad.json").write_text(json.dumps({"auths": {served.host: {"auth": "!!notbase64"}}}))
-    with pytest.raises(registry.RegistryError, match="not base64") as caught:
-        registry.find_credentials(ref, {"REGISTRY_AUTH_FILE": os.fspath(workdir / "bad.json")})
+    with pytest.raises(registryauth.AuthFileError, match="not base64") as caught:
+        find({"REGISTRY_AUTH_FILE": os.fspath(workdir / "bad.json")})
     assert "notbase64" not in str(caught.value)
 
 
 async def test_bearer_token_challenges_are_answered_from_the_realm() -> None:
     """A fake registry and token service (httpx's MockTransport): the token is asked for with Basic
-    credentials and the scope, then sent as a Bearer; a refused token request names no secret."""
+    credentials and the challenge's scope, then sent as a Bearer; a push after a pull asks for a token
+    of the wider scope; a refused token request names no secret."""
     asked: list[httpx.Request] = []
+    good = "Basic " + base64.b64encode(b"u:right").decode()
 
     def handler(request: httpx.Request) -> httpx.Response:
         asked.append(request)
         if request.url.host == "auth.example":
-            if request.headers.get("authorization") != "Basic " + base64.b64encode(b"u:right").decode():
+            if request.headers.get("authorization") != good:
                 return httpx.Response(401)
-            return httpx.Response(200, json={"token": "tok-123"})
-        if request.headers.get("authorization") == "Bearer tok-123":
+            return httpx.Response(200, json={"token": "tok:" + request.url.params["scope"]})
+        scope = "repository:team/cache:pull" if request.method in ("GET", "HEAD") else \
+            "repository:team/cache:pull,push"
+        if request.headers.get("authorization") == f"Bearer tok:{scope}" or (
+                scope.endswith(":pull") and request.headers.get("authorization", "").endswith(",push")):
+            if request.method == "POST":
+                return httpx.Response(202, headers={"Location": "/v2/team/cache/blobs/uploads/u1"})
+            if request.method == "PUT":
+                return httpx.Response(201)
+            if request.method == "HEAD":
+                return httpx.Response(404)
             return httpx.Response(200, headers={"Docker-Distribution-API-Version": "registry/2.0"})
-        challenge = ('Bearer realm="https://auth.example/token",service="registry.example",'
-                     'scope="repository:team/cache:pull"')
+        error = ',error="insufficient_scope"' if request.headers.get("authorization") else ""
+        challenge = f'Bearer realm="https://auth.example/token",service="registry.example",scope="{scope}"{error}'
         return httpx.Response(401, headers={"WWW-Authenticate": challenge})
 
     transport = httpx.MockTransport(handler)
     async with registry.open_registry("registry.example/team/cache", credentials=Credentials("u", "right"),
                                       transport=transport) as remote:
         assert await remote.ping() == "registry/2.0"
-    token_request = next(r for r in asked if r.url.host == "auth.example")
-    assert token_request.url.params["service"] == "registry.example"
-    assert token_request.url.params["scope"] == "repository:team/cache:pull"
+        assert await remote.push_blob("sha256:" + hashlib.sha256(b"x").hexdigest(), b"x")
+    token_requests = [r for r in asked if r.url.host == "auth.example"]
+    assert [r.url.params["scope"] for r in token_requests] == [
+        "repository:team/cache:pull", "repository:team/cache:pull,push"]
+    assert token_requests[0].url.params["service"] == "registry.example"
     assert asked[0].url.scheme == "https"  # not loopback, not insecure: TLS
     async with registry.open_registry("registry.example/team/cache", credentials=Credentials("u", "wrong-pw"),
                                       transport=transport) as remote:
         with pytest.raises(registry.RegistryAuthError) as caught:
             await remote.ping()
     assert "wrong-pw" not in str(caught.value)
+    assert "refused the credentials" in str(caught.value)
 
 
 async def test_tls_with_a_given_ca(workdir: Path) -> None:
@@ -412,7 +420,7 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
     assert os.getxattr(workdir / "up1/var/cache", "trusted.overlay.opaque") == b"y"  # real overlay marks
     layers = [(workdir / f"l{n}", write_layer(upper, workdir / f"l{n}"))
               for n, upper in enumerate([base, workdir / "up1", workdir / "up2"])]
-    tag = registry.stage_tag(STAGE_ID)
+    tag = stageimage.stage_tag(STAGE_ID)
     async with client(served) as remote:
         await push_image(remote, tag, layers, {"stage": STAGE_ID})
     oci = workdir / "oci"
