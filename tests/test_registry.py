@@ -66,6 +66,33 @@ def test_references() -> None:
     assert not registry.is_loopback("registry.example:443")
 
 
+async def test_plain_http_only_for_loopback_or_when_asked() -> None:
+    cases = [("registry.example/a", RegistryOptions(), "https://"),
+             ("registry.example/a", RegistryOptions(insecure=True), "http://"),
+             ("127.0.0.1:5000/a", RegistryOptions(), "http://"),
+             ("127.0.0.1:5000/a", RegistryOptions(tls=True), "https://")]
+    for ref, options, scheme in cases:
+        async with registry.open_registry(ref, options, environ={}) as remote:
+            assert remote._base.startswith(scheme), (ref, options)
+
+
+def test_the_client_runs_on_asyncio_too(served: Registry, workdir: Path) -> None:
+    data = os.urandom(100_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def push_and_pull() -> None:
+        async with client(served) as remote:
+            assert await remote.push_blob(digest, data, chunk_size=30_000)
+            await remote.fetch_blob(digest, workdir / "blob")
+            served.blob_path(digest).write_bytes(data[::-1])
+            with pytest.raises(RemoteMiss, match="do not match"):
+                await remote.fetch_blob(digest, workdir / "again")
+
+    anyio.run(push_and_pull, backend="asyncio")
+    assert (workdir / "blob").read_bytes() == data
+    assert not (workdir / "again").exists()
+
+
 async def test_a_layer_and_manifest_pushed_are_pulled_into_another_directory(served: Registry,
                                                                             workdir: Path) -> None:
     upper = make_upper(workdir / "upper")
@@ -272,6 +299,7 @@ async def test_a_wrong_password_is_a_clear_error_with_no_secret_in_it(
         assert leak not in everything
     assert secret not in repr(Credentials(USER, secret))
     assert caplog.text  # httpx did log its requests: the check above looked at something
+    assert any(event["event"] == "registry.blob.pushed" for event in events)  # and so did the client
 
 
 async def test_credentials_come_from_the_auth_files_in_their_order(served: Registry, workdir: Path) -> None:
