@@ -152,7 +152,8 @@ def _write_tar(upper: str, out: _HashingWriter) -> None:
     fileobj: Any = out  # tarfile needs only write() and tell()
     with tarfile.TarFile(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
                          copybufsize=CHUNK) as tar:
-        for relative in _sorted_paths(upper):
+        # the root first, as "./": overlayfs shows the upper root's owner, mode and xattrs on the merged root
+        for relative in [".", *_sorted_paths(upper)]:
             path = os.path.join(upper, relative)
             st = os.lstat(path)
             xattrs = _xattrs(path)
@@ -238,8 +239,10 @@ class _Target:
     def path(self, name: str) -> tuple[str, str]:
         """The relative normalised name and its absolute path, its parents checked to be directories."""
         parts = [p for p in name.split("/") if p not in ("", ".")]
-        if not parts or ".." in parts:
+        if ".." in parts:
             raise LayerError(name, "a path outside the tree")
+        if not parts:
+            return "", self.root
         relative = "/".join(parts)
         parent = "/".join(parts[:-1])
         if parent not in self.safe_dirs:
@@ -302,6 +305,8 @@ def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) 
     with _decompressed(blob) as raw, tarfile.open(fileobj=raw, mode="r|", encoding="utf-8") as tar:
         for info in tar:
             relative, path = target.path(info.name)
+            if not relative and not info.isdir():
+                raise LayerError(info.name, "the tree's root as something other than a directory")
             head, _, base = relative.rpartition("/")
             if base == OPAQUE_MARKER:
                 directory = os.path.join(target.root, head) if head else target.root

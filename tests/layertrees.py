@@ -16,6 +16,9 @@ def make_upper(root: Path) -> Path:
     """An overlay upper directory by hand: owners, modes (setuid, sticky), ns mtimes, xattrs (binary
     too), hard links, a symlink, devices, a fifo, a whiteout, an opaque directory, odd names."""
     root.mkdir(parents=True)
+    os.chmod(root, 0o700)
+    os.chown(root, 0, 4)
+    os.setxattr(root, "user.root-note", b"on the root itself")
     (root / "etc").mkdir()
     (root / "etc/hostname").write_text("builder\n")
     os.chown(root / "etc/hostname", 1000, 1001)

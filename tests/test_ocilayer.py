@@ -16,6 +16,7 @@ import pytest
 from aosbuild import ocilayer
 
 from .layertrees import make_upper, tree
+from .treedigest import digest
 
 
 def write(upper: Path, blob: Path, compression: ocilayer.Compression = "zstd") -> ocilayer.LayerInfo:
@@ -41,6 +42,7 @@ def test_an_upper_directory_comes_back_exactly(workdir: Path, compression: ocila
     with open(workdir / "layer", "rb") as f:
         ocilayer.unpack_layer(f, back, into="upper")
     assert tree(back) == tree(upper)
+    assert digest(os.fspath(back))["."] == digest(os.fspath(upper))["."]  # the root's owner, mode, xattrs
     assert os.getxattr(back / "var/cache", "trusted.overlay.opaque") == b"y"
     assert os.stat(back / "usr/bin/ping").st_ino == os.stat(back / "usr/bin/ping6").st_ino
     assert os.stat(back / "etc/hostname").st_mtime_ns == 1_700_000_000_123_456_789
