@@ -279,7 +279,8 @@ class RegistryClient:
 
     async def _stream_into(self, url: str, digest: str, what: str, out: Any,
                            progress: Callable[[int], None] | None) -> int:
-        response = await self._send("GET", url, what, stream=True)
+        # identity: the digest and Content-Length are of the blob itself, not of a compressed transfer
+        response = await self._send("GET", url, what, stream=True, headers={"Accept-Encoding": "identity"})
         try:
             if response.status_code == 404:
                 raise RemoteMiss(what, "not in the registry")
