@@ -17,6 +17,7 @@ import pytest
 
 from .jsonseq_check import check
 from .leftovers import NODEV_SOURCE, loops_backed_by, stray_mounts
+from .registry import served  # noqa: F401  # the fixture of a real registry, for every test module
 
 TESTS = Path(__file__).resolve().parent
 TEST_LIBDIR = TESTS / "lib"
