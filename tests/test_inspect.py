@@ -7,6 +7,8 @@ The reference goldens are osbuild 191's own output; `tests/golden` holds more, p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from .conftest import GOLDEN, Aosbuild, OsbuildOracle
 from .test_ids import golden_manifests
 
 GOLDEN_MANIFESTS = golden_manifests("*.json")
+# osbuild's own test manifests (Fedora, CentOS), with osbuild 191's output: they need osbuild's library
+REAL_MANIFESTS = sorted((GOLDEN.parent / "real-manifests").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", GOLDEN_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -26,7 +30,7 @@ def test_inspect_matches_osbuild(aosbuild: Aosbuild, path: Path) -> None:
     assert json.loads(result.stdout) == expected
 
 
-@pytest.mark.parametrize("path", GOLDEN_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize("path", REAL_MANIFESTS + GOLDEN_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_goldens_are_what_osbuild_prints(osbuild_oracle: OsbuildOracle, path: Path) -> None:
     """The copied goldens are still osbuild 191's output, where its library is at hand."""
     result = osbuild_oracle("--inspect", str(path))
@@ -97,3 +101,22 @@ def test_inspect_reports_what_osbuild_crashes_on(aosbuild: Aosbuild, case: str) 
     assert "Traceback" not in result.stderr
     errors = json.loads(result.stdout)["errors"]
     assert any(e["path"] == path and message in e["message"] for e in errors), errors
+
+
+def inspect_with_library(libdir: Path, path: Path) -> subprocess.CompletedProcess[str]:
+    """`aosbuild --libdir LIBDIR --inspect M`, with no test library in front."""
+    return subprocess.run([sys.executable, "-m", "aosbuild", "--libdir", str(libdir), "--inspect", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("path", REAL_MANIFESTS + GOLDEN_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_inspect_with_osbuilds_library_prints_what_osbuild_prints(osbuild_oracle: OsbuildOracle,
+                                                                  path: Path) -> None:
+    """Byte for byte: osbuild's real manifests (Fedora, CentOS: stages aosbuild does not bundle) and the goldens."""
+    result = inspect_with_library(osbuild_oracle.libdir, path)
+    assert result.returncode == (2 if path.stem.startswith("invalid") else 0), result.stderr
+    assert result.stdout == path.with_suffix(".expected").read_text()
+
+
+def test_real_manifests_are_there() -> None:
+    assert len(REAL_MANIFESTS) == 6
