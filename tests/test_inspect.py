@@ -120,3 +120,54 @@ def test_inspect_with_osbuilds_library_prints_what_osbuild_prints(osbuild_oracle
 
 def test_real_manifests_are_there() -> None:
     assert len(REAL_MANIFESTS) == 6
+
+
+SHA = "sha256:" + "1" * 64
+# Invalid manifests made of osbuild library modules; osbuild's errors are the expected ones
+INVALID_WITH_OSBUILDS_LIBRARY: dict[str, dict[str, Any]] = {
+    "schema-only stage options": {"version": "2", "pipelines": [{"name": "os", "stages": [
+        {"type": "org.osbuild.hostname", "options": {"hostname": 5, "domain": "x"}},
+        {"type": "org.osbuild.locale", "options": {}},
+        {"type": "org.osbuild.rpm", "options": {"gpgkeys": "k", "exclude": {"docs": "yes"}}},
+        {"type": "org.osbuild.no-such-stage"}]}]},
+    "devices mounts inputs": {"version": "2", "pipelines": [{"name": "image", "stages": [
+        {"type": "org.osbuild.copy", "options": {"paths": [{"from": "input://tree/", "to": 7}]},
+         "inputs": {"tree": {"type": "org.osbuild.tree", "origin": "org.osbuild.pipeline",
+                             "references": ["name:a", "name:b"]}},
+         "devices": {"disk": {"type": "org.osbuild.loopback", "options": {"filename": 1, "lock": "no"}},
+                     "crypt": {"type": "org.osbuild.luks2", "parent": "disk", "options": {}},
+                     "lv": {"type": "org.osbuild.lvm2.lv", "parent": "crypt"}},
+         "mounts": [{"name": "root", "type": "org.osbuild.btrfs", "source": "lv", "target": "/",
+                     "options": {"subvol": 1}},
+                    {"name": "boot", "type": "org.osbuild.xfs", "target": "/boot", "partition": "2"},
+                    {"name": "weird", "type": "org.osbuild.nothing", "source": "disk", "target": "/w"}]}]}]},
+    "sources": {"version": "2", "sources": {
+        "org.osbuild.curl": {"items": {SHA: {"url": 5}, "not-a-checksum": "http://x"}},
+        "org.osbuild.librepo": {"items": {SHA: {"path": "p"}}, "options": {"mirrors": 1}},
+        "org.osbuild.nope": {"items": {}}}, "pipelines": []},
+    "v1 with source-parsed assemblers": {"pipeline": {
+        "build": {"pipeline": {"stages": [{"name": "org.osbuild.rpm", "options": {"packages": 1}}]},
+                  "runner": "org.osbuild.fedora38"},
+        "stages": [{"name": "org.osbuild.hostname", "options": {}}],
+        "assembler": {"name": "org.osbuild.tar", "options": {"filename": 3, "compression": "zip"}}}},
+}
+
+
+def sorted_report(text: str) -> dict[str, Any]:
+    """osbuild's order among errors at one path is its set's, arbitrary: compare them sorted."""
+    report: dict[str, Any] = json.loads(text)
+    report["errors"] = sorted(report["errors"], key=lambda e: (json.dumps(e["path"]), e["message"]))
+    return report
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_WITH_OSBUILDS_LIBRARY))
+def test_invalid_manifests_with_osbuilds_library_give_osbuilds_errors(osbuild_oracle: OsbuildOracle,
+                                                                      tmp_path: Path, case: str) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(INVALID_WITH_OSBUILDS_LIBRARY[case]))
+    expected = osbuild_oracle("--inspect", str(path))
+    assert expected.returncode == 2, expected.stderr
+    result = inspect_with_library(osbuild_oracle.libdir, path)
+    assert result.returncode == 2, result.stderr
+    assert sorted_report(result.stdout) == sorted_report(expected.stdout)
+    assert len(json.loads(result.stdout)["errors"]) >= 3
