@@ -1,18 +1,24 @@
-"""aosbuild's bundled `org.osbuild.*` file stages leave the tree osbuild 191's own stages leave.
+"""aosbuild's bundled `org.osbuild.*` stages make what osbuild 191's own stages make.
 
-One manifest of 23 file and configuration stages (accounts, systemd units, fstab, kernel command line,
-links, modes...) is built twice: by osbuild 191 itself, run from its library as the oracle (it needs root
-and bubblewrap), and by aosbuild with its bundled stages. The exported trees must be identical: the same
-paths, types, modes, owners, contents and symlink targets.
+One manifest is built twice: by osbuild 191 itself, run from its library as the oracle (it needs root and
+bubblewrap), and by aosbuild with its bundled stages. It has 23 file and configuration stages (accounts,
+systemd units, fstab, kernel command line, links, modes...) making a tree; a disk image (truncate, sfdisk,
+mkfs.ext4 and mkfs.fat on loop devices, the tree copied in through an ext4 mount); a tar archive of the tree,
+compressed with xz, gzip and zstd; and the image converted to qcow2. Trees must be identical (paths, types,
+modes, owners, contents, symlink targets), and so must the partition table, the ext4 file system's files,
+the archive's members and the image formats.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import stat
+import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,7 +77,42 @@ FILE_STAGES = [
 ]
 INLINE = {checksum(text): {"encoding": "base64", "data": base64.b64encode(text.encode()).decode()}
           for text in ACCOUNTS.values()}
-MANIFEST = manifest(pipeline("tree", *FILE_STAGES), sources={"org.osbuild.inline": {"items": INLINE}})
+ROOT, ROOT_SIZE, ESP, ESP_SIZE = 2048, 65536, 67584, 63488  # sectors of a 64 MiB dos disk
+
+
+def loopback(**options: Any) -> dict[str, Any]:
+    return {"type": "org.osbuild.loopback", "options": {"filename": "disk.img", **options}}
+
+
+def file_of(name: str, filename: str) -> dict[str, Any]:
+    return {"type": "org.osbuild.files", "origin": "org.osbuild.pipeline",
+            "references": {f"name:{name}": {"file": filename}}}
+
+
+TREE_INPUT = {"type": "org.osbuild.tree", "origin": "org.osbuild.pipeline", "references": ["name:tree"]}
+IMAGE = pipeline(
+    "image",
+    stage("org.osbuild.truncate", filename="disk.img", size="64M"),
+    {**stage("org.osbuild.sfdisk", label="dos", uuid="0x14fc63d2", partitions=[
+        {"start": ROOT, "size": ROOT_SIZE, "type": "83", "bootable": True},
+        {"start": ESP, "size": ESP_SIZE, "type": "ef"}]),
+     "devices": {"device": loopback()}},
+    {**stage("org.osbuild.mkfs.ext4", uuid=UUID, label="root"),
+     "devices": {"device": loopback(start=ROOT, size=ROOT_SIZE)}},
+    {**stage("org.osbuild.copy", paths=[{"from": "input://tree/", "to": "mount://root/"}]),
+     "inputs": {"tree": TREE_INPUT}, "devices": {"root": loopback(start=ROOT, size=ROOT_SIZE)},
+     "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "root", "target": "/"}]},
+    {**stage("org.osbuild.mkfs.fat", volid="7B7795E7", label="ESP"),
+     "devices": {"device": loopback(start=ESP, size=ESP_SIZE)}})
+ARCHIVE = pipeline("archive", {**stage("org.osbuild.tar", filename="tree.tar"), "inputs": {"tree": TREE_INPUT}})
+COMPRESSED = pipeline("compressed", *({**stage(f"org.osbuild.{tool}", filename=f"tree.tar.{suffix}"),
+                                       "inputs": {"file": file_of("archive", "tree.tar")}}
+                                      for tool, suffix in (("xz", "xz"), ("gzip", "gz"), ("zstd", "zst"))))
+QCOW2 = pipeline("qcow2", {**stage("org.osbuild.qemu", filename="disk.qcow2", format={"type": "qcow2"}),
+                           "inputs": {"image": file_of("image", "disk.img")}})
+MANIFEST = manifest(pipeline("tree", *FILE_STAGES), IMAGE, ARCHIVE, COMPRESSED, QCOW2,
+                    sources={"org.osbuild.inline": {"items": INLINE}})
+EXPORTS = ("tree", "image", "archive", "compressed", "qcow2")
 
 
 @pytest.fixture(scope="session")
@@ -115,16 +156,86 @@ def snapshot(root: Path) -> dict[str, tuple[str, int, int, str]]:
     return found
 
 
-def test_file_stages_leave_osbuilds_tree(osbuild_builder: OsbuildOracle, aosbuild: Aosbuild) -> None:
+def differences(expected: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    return {k: (expected.get(k), got.get(k)) for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)}
+
+
+def partition_table(image: Path) -> dict[str, Any]:
+    out = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True).stdout
+    table: dict[str, Any] = json.loads(out)["partitiontable"]
+    table.pop("device")
+    for part in table["partitions"]:
+        part.pop("node")
+    return table
+
+
+def ext4_files(image: Path, start: int, size: int, workdir: Path) -> dict[str, tuple[str, int, int, str]]:
+    """The files of the ext4 file system at sector `start`, read out with debugfs (no mount)."""
+    fs, out = workdir / "fs.img", workdir / "fs"
+    with image.open("rb") as src, fs.open("wb") as dst:
+        src.seek(start * 512)
+        dst.write(src.read(size * 512))
+    out.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {out}", str(fs)], capture_output=True, check=True)
+    files = snapshot(out)
+    shutil.rmtree(out)
+    fs.unlink()
+    return files
+
+
+def archive_members(archive: Path) -> dict[str, tuple[Any, ...]]:
+    """Each member's type, mode, owner, group, link target and content; not its times (nor its owner's
+    name: aosbuild's build root has the host's /etc/passwd, osbuild's one made by systemd-sysusers)."""
+    with tarfile.open(archive) as tf:
+        found = {}
+        for m in tf.getmembers():
+            data = f.read() if m.isfile() and (f := tf.extractfile(m)) else b""
+            found[m.name] = (m.type, m.mode, m.uid, m.gid, m.linkname, hashlib.sha256(data).hexdigest())
+        return found
+
+
+def test_bundled_stages_make_what_osbuilds_make(osbuild_builder: OsbuildOracle, aosbuild: Aosbuild) -> None:
     path = aosbuild.write_manifest(MANIFEST)
-    theirs = aosbuild.workdir / "osbuild-out"
-    run = osbuild_builder("--store", str(aosbuild.workdir / "osbuild-store"), "--export", "tree",
+    exports = [arg for name in EXPORTS for arg in ("--export", name)]
+    theirs, ours = aosbuild.workdir / "osbuild-out", aosbuild.output
+    run = osbuild_builder("--store", str(aosbuild.workdir / "osbuild-store"), *exports,
                           "--output-directory", str(theirs), str(path), timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = aosbuild(path, "--export", "tree", "--output-directory", str(aosbuild.output))
+    result = aosbuild(path, *exports, "--output-directory", str(ours))
     assert result.returncode == 0, result.stderr
-    expected, got = snapshot(theirs / "tree"), snapshot(aosbuild.output / "tree")
-    assert len(expected) > 40
-    differences = {p: (expected.get(p), got.get(p)) for p in expected.keys() | got.keys()
-                   if expected.get(p) != got.get(p)}
-    assert differences == {}
+
+    tree = snapshot(theirs / "tree")
+    assert len(tree) > 40
+    assert differences(tree, snapshot(ours / "tree")) == {}
+
+    disk = Path("image", "disk.img")
+    assert partition_table(ours / disk) == partition_table(theirs / disk)
+    scratch = aosbuild.workdir / "scratch"
+    scratch.mkdir()
+    root = ext4_files(theirs / disk, ROOT, ROOT_SIZE, scratch)
+    assert "etc/hostname" in root
+    assert differences(root, ext4_files(ours / disk, ROOT, ROOT_SIZE, scratch)) == {}
+    with (theirs / disk).open("rb") as a, (ours / disk).open("rb") as b:  # FAT boot sector: label, serial
+        a.seek(ESP * 512)
+        b.seek(ESP * 512)
+        assert a.read(62)[3:] == b.read(62)[3:]
+
+    members = archive_members(theirs / "archive" / "tree.tar")
+    assert len(members) == len(tree)
+    assert differences(members, archive_members(ours / "archive" / "tree.tar")) == {}
+    for suffix, unpack in (("xz", ["xz", "-dc"]), ("gz", ["gzip", "-dc"]), ("zst", ["zstd", "-dcq"])):
+        for out in (theirs, ours):
+            packed = out / "compressed" / f"tree.tar.{suffix}"
+            plain = subprocess.run([*unpack, str(packed)], capture_output=True, check=True).stdout
+            assert plain == (out / "archive" / "tree.tar").read_bytes(), packed
+    # gzip's header says how hard it compressed (level 1, as osbuild's default)
+    gzip_flags = [(out / "compressed" / "tree.tar.gz").read_bytes()[8] for out in (theirs, ours)]
+    assert gzip_flags[0] == gzip_flags[1]
+
+    def qcow2_info(out: Path) -> Any:
+        info = subprocess.run(["qemu-img", "info", "--output=json", str(out / "qcow2" / "disk.qcow2")],
+                              capture_output=True, text=True, check=True).stdout
+        document = json.loads(info)
+        return document["virtual-size"], document["format-specific"]
+
+    assert qcow2_info(ours) == qcow2_info(theirs)
