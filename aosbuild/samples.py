@@ -155,13 +155,15 @@ def image_stage_list(*, root_uuid: str, disk_bytes: int, partition_sectors: int,
         {"type": "org.osbuild.sfdisk", "devices": {"device": disk},
          "options": {"label": "dos", "uuid": disk_id, "partitions": [
              {"start": PARTITION_START, "size": partition_sectors, "type": "83", "bootable": True}]}},
-        {"type": "org.aosbuild.mkfs.ext4.tree", "inputs": {"tree": tree_input},
-         "options": {"filename": "disk.img", "start": PARTITION_START, "size": partition_sectors,
-                     "uuid": root_uuid, "label": "root"}},
         {"type": "org.osbuild.grub2.inst", "options": {
             "filename": "disk.img", "platform": "i386-pc",  # the core goes to sector 1, the MBR gap
             "core": {"type": "mkimage", "partlabel": "dos", "filesystem": "ext4"},
             "prefix": {"type": "partition", "partlabel": "dos", "number": 0, "path": "/boot/grub"}}},
+        # last, as the only stage that reads the `os` tree: an edit of the system reruns it alone, from
+        # the stored disk with its partition table and GRUB (mkfs at an offset leaves the first MiB alone)
+        {"type": "org.aosbuild.mkfs.ext4.tree", "inputs": {"tree": tree_input},
+         "options": {"filename": "disk.img", "start": PARTITION_START, "size": partition_sectors,
+                     "uuid": root_uuid, "label": "root"}},
     ]
 
 

@@ -106,3 +106,10 @@ def test_a_public_key_file_is_read_as_one_line(tmp_path: Path) -> None:
     key = tmp_path / "id_ed25519.pub"
     key.write_text(f"\n{KEY}\n\n")
     assert samples.read_public_key(key) == KEY
+
+
+def test_mkfs_is_the_image_pipelines_last_stage() -> None:
+    """The only stage that reads the `os` tree: after an edit of the system it reruns alone."""
+    image = next(p for p in sample()["pipelines"] if p["name"] == "image")
+    assert [s["type"] for s in image["stages"]] == ["org.osbuild.truncate", "org.osbuild.sfdisk",
+                                                    "org.osbuild.grub2.inst", "org.aosbuild.mkfs.ext4.tree"]
