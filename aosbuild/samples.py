@@ -34,13 +34,20 @@ BUILD_PACKAGES = ("python3", "mmdebstrap", "apt-utils", "e2fsprogs", "fdisk", "d
                   "grub-pc-bin", "grub-common", "qemu-utils", "zstd", "xz-utils", "mount", "tzdata", "systemd")
 # libnss-myhostname: the hostname resolves without an /etc/hosts entry (sudo asks for it); dbus and
 # libpam-systemd: systemctl, hostnamectl, loginctl work for users, and logins are sessions; networkd
-# (in systemd) with systemd-resolved: DHCP and DNS; iproute2: `ip`
+# (in systemd) with systemd-resolved: DHCP and DNS; iproute2: `ip`; fdisk: sfdisk, for growing the root
 OS_PACKAGES = ("linux-image-amd64", "systemd-sysv", "udev", "initramfs-tools", "zstd", "sudo", "libnss-myhostname",
-               "dbus", "libpam-systemd", "systemd-resolved", "iproute2", "openssh-server")
+               "dbus", "libpam-systemd", "systemd-resolved", "iproute2", "openssh-server", "fdisk")
 # DHCP on every Ethernet interface, whatever the kernel or udev named it
 ETHERNET_NETWORK = "[Match]\nType=ether\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
 NETWORK_FILE = "/etc/systemd/network/20-ethernet.network"
 SSH_KEY_TYPES = ("ssh-", "ecdsa-", "sk-")
+# At boot, the root partition takes the rest of its disk (a dos label: systemd-repart does GPT only) and
+# the file system follows it, online; on a disk that has not grown, both are no-ops. `$$` is systemd's `$`.
+GROW_ROOT = ("root=$$(findmnt -no SOURCE /); part=$${root#/dev/}; "
+             "disk=/dev/$$(basename $$(readlink -f /sys/class/block/$$part/..)); "
+             "n=$$(cat /sys/class/block/$$part/partition); "
+             "echo ', +' | sfdisk --quiet --no-reread --no-tell-kernel -N $$n $$disk && "
+             "partx --update --nr $$n $$disk && resize2fs $$root")
 SECTOR = 512
 PARTITION_START = 2048  # sectors: 1 MiB, room for GRUB's core.img
 
@@ -113,9 +120,14 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
         {"type": "org.osbuild.fstab", "options": {"filesystems": [
             {"uuid": root_uuid, "vfs_type": "ext4", "path": "/", "options": "errors=remount-ro", "passno": 1}]}},
         {"type": "org.aosbuild.debian.sshd-keygen", "options": {}},
+        {"type": "org.osbuild.systemd.unit.create", "options": {"filename": "grow-root.service", "config": {
+            "Unit": {"Description": "Grow the root partition and file system to the end of the disk"},
+            "Service": {"Type": "oneshot", "ExecStart": [f"/bin/sh -c \"{GROW_ROOT}\""]},
+            "Install": {"WantedBy": ["multi-user.target"]}}}},
         copy_file_stage(network_checksum, NETWORK_FILE),
         {"type": "org.osbuild.systemd", "options": {
-            "enabled_services": ["systemd-networkd.service", "systemd-resolved.service", "ssh.service"],
+            "enabled_services": ["systemd-networkd.service", "systemd-resolved.service", "ssh.service",
+                                 "grow-root.service"],
             "default_target": "multi-user.target"}},
         {"type": "org.osbuild.sshd.config", "options": {"config": {"PasswordAuthentication": False}}},
         {"type": "org.osbuild.locale", "options": {"language": "C.UTF-8"}},

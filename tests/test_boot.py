@@ -22,6 +22,7 @@ from .conftest import DebianSample, check_jsonseq
 from .console import SerialConsole
 
 BOOT_BUDGET = 420  # seconds from starting QEMU to powered off, on a loaded 2-core machine
+GROWN = 3 << 30  # the disk the guest boots from: the 2 GiB image behind a larger overlay
 
 
 def free_port() -> int:
@@ -82,8 +83,11 @@ def test_sample_debian_image_boots_and_logs_in_over_ssh(debian_sample: DebianSam
     log = debian_sample.workdir / "console.log"
     started = time.monotonic()
     guest = Guest(debian_sample, port)
+    disk = debian_sample.workdir / "grown.qcow2"  # the root is grown to the end of the disk at boot
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(debian_sample.image),
+                    str(disk), str(GROWN)], check=True)
     try:
-        with SerialConsole(debian_sample.image, log=log,
+        with SerialConsole(disk, log=log,
                            nic=f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22") as console:
             console.expect(rf"{debian_sample.hostname} login: ", BOOT_BUDGET)
             guest.wait_until_up(started + BOOT_BUDGET)
@@ -94,6 +98,7 @@ def test_sample_debian_image_boots_and_logs_in_over_ssh(debian_sample: DebianSam
             hostname = guest.run("hostnamectl")
             clock = guest.run("timedatectl show")
             sessions = guest.run("loginctl list-sessions --no-legend")
+            root_size = guest.run("findmnt --bytes --noheadings --output SIZE /")
             # password login over SSH is off: the server offers public keys only
             password = guest.run("true", "-o", "PubkeyAuthentication=no",
                                  "-o", "PreferredAuthentications=password,keyboard-interactive")
@@ -108,6 +113,7 @@ def test_sample_debian_image_boots_and_logs_in_over_ssh(debian_sample: DebianSam
     assert re.search(rf"Static hostname: {debian_sample.hostname}$", hostname.stdout, re.MULTILINE), hostname.stdout
     assert "Timezone=UTC" in clock.stdout, clock.stdout + clock.stderr
     assert debian_sample.user in sessions.stdout, sessions.stdout + sessions.stderr
+    assert int(root_size.stdout) > GROWN - (200 << 20), root_size.stdout + root_size.stderr  # ext4's own share
     assert password.returncode == 255
     assert "Permission denied (publickey)" in password.stderr, password.stderr
     assert time.monotonic() - started < BOOT_BUDGET

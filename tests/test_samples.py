@@ -22,6 +22,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG3w8Kpz9Jxvx3g8Hq1yq9b4T2nUuWcFvX7mV
 # the stages a user edits; each must come after the initramfs, so that changing it does not build that again
 EDITED = ("org.osbuild.hostname", "org.osbuild.users", "org.osbuild.locale", "org.osbuild.timezone",
           "org.osbuild.systemd", "org.osbuild.sshd.config", "org.osbuild.fstab", "org.osbuild.copy",
+          "org.osbuild.systemd.unit.create",
           "org.aosbuild.debian.sshd-keygen")
 
 
