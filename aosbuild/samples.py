@@ -181,7 +181,7 @@ def image_stage_list(*, root_uuid: str, disk_bytes: int, partition_sectors: int,
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aosbuild sample debian",
-                                description="Write the manifest of a minimal bootable Debian image.")
+                                description="Write the manifest of a minimal Debian VM image (SSH, DHCP, D-Bus).")
     p.add_argument("--output", "-o", type=Path, help="where to write the manifest (default: stdout)")
     p.add_argument("--suite", default="bookworm", help="Debian suite (default: bookworm)")
     p.add_argument("--suite-version", default="12", help="its version number, for the runner (default: 12)")
