@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import NoReturn
 
 
 class Terminated(KeyboardInterrupt):
@@ -68,6 +69,26 @@ def run_guarded(module: str) -> int:
     return code
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` once its output is flushed, skipping the interpreter's teardown.
+
+    Everything the command does is finished by now: its processes are reaped, its files closed, its
+    staging entries removed. What is left, freeing every module and object one by one, took 0.1 s on a
+    quiet machine and up to 0.75 s under load, between a failed stage and aosbuild's exit.
+    """
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = broken_pipe()
+    except (OSError, ValueError):
+        pass  # stdout closed or gone: nothing more can reach it
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
 def main() -> int:
     """`aosbuild`."""
     return run_guarded("aosbuild.cli")
@@ -76,3 +97,8 @@ def main() -> int:
 def osbuild() -> int:
     """The drop-in `osbuild` command (`aosbuild install-osbuild-command`)."""
     return run_guarded("aosbuild.osbuild_compat")
+
+
+def script() -> NoReturn:
+    """The `aosbuild` console script and `python -m aosbuild`: main(), then `exit_now`."""
+    exit_now(main())

@@ -153,7 +153,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             # once the sandbox holds the stage's end, the engine's copy must go, or EOF never comes
             returncode = await process.run_streaming(
                 bwrap_argv(spec, caps), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
-                on_started=stage_sock.close)
+                on_started=stage_sock.close, kill_at_once=True)
             # let the server read what the stage sent just before it exited, then stop it
             with anyio.move_on_after(DRAIN_SECONDS):
                 await server_done.wait()
