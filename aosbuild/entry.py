@@ -14,6 +14,8 @@ import sys
 from types import FrameType
 from typing import NoReturn
 
+from . import OSBUILD_VERSION, __version__
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (or SIGHUP) outside the event loop: treated like Ctrl-C, with the exit code 143 (129)."""
@@ -54,8 +56,15 @@ def forget_interrupts() -> None:
     exec("pass")
 
 
-def run_guarded(module: str) -> int:
-    """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143."""
+def run_guarded(module: str, version: str | None = None) -> int:
+    """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143.
+
+    A lone `--version` prints `version` without importing `module`: its command line pulls in the store
+    and the downloader (ssl among them), half of what `--version` cost, which tools run to probe for us.
+    """
+    if version is not None and sys.argv[1:] == ["--version"]:
+        sys.stdout.write(version + "\n")
+        return 0
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     try:
@@ -91,12 +100,12 @@ def exit_now(code: int) -> NoReturn:
 
 def main() -> int:
     """`aosbuild`."""
-    return run_guarded("aosbuild.cli")
+    return run_guarded("aosbuild.cli", f"aosbuild {__version__} (osbuild {OSBUILD_VERSION})")
 
 
 def osbuild() -> int:
     """The drop-in `osbuild` command (`aosbuild install-osbuild-command`)."""
-    return run_guarded("aosbuild.osbuild_compat")
+    return run_guarded("aosbuild.osbuild_compat", f"osbuild {OSBUILD_VERSION}")
 
 
 def script() -> NoReturn:
