@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import OSBUILD_VERSION, __version__
 from .buildreport import what_was_made
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import broken_pipe, exit_code
@@ -28,8 +28,6 @@ from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, Sour
 from .library import Library
 from .monitor import MONITORS, human_bytes, make_monitor
 from .store import KEEP, Store, parse_size
-
-OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
 
 
 def positive_int(text: str) -> int:

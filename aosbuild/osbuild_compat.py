@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import cli
+from . import OSBUILD_VERSION, cli
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import broken_pipe, exit_code
 from .store import KEEP
@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--in-vm", metavar="ID", action="append", type=str, default=[],
                    help="run the given pipeline inside a VM. Not supported by aosbuild.")
     p.add_argument("-q", "--quiet", action="store_true", help="suppress normal output")
-    p.add_argument("--version", action="version", version=f"{PROG} {cli.OSBUILD_VERSION}")
+    p.add_argument("--version", action="version", version=f"{PROG} {OSBUILD_VERSION}")
     return p
 
 
