@@ -38,7 +38,9 @@ class ModuleInfo:
     kind: str
     name: str
     path: Path | None
+    root: Path | None = None  # the library root it came from
     summary: str = ""
+    capabilities: tuple[str, ...] = ()  # added to the stage's default set (`capabilities` of .meta.json)
     schema_v1: dict[str, Any] = field(default_factory=dict)
     schema_v2: dict[str, Any] = field(default_factory=dict)
 
@@ -89,6 +91,12 @@ def _hoist_definitions(schema: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def is_osbuild_library(root: Path | None) -> bool:
+    """Whether a library root is laid out as osbuild's: it has the `osbuild` package folder (possibly
+    empty: an installed osbuild then provides the package, as osbuild's buildroot does)."""
+    return root is not None and (root / "osbuild").is_dir()
+
+
 class Library:
     """Finds modules across stacked library roots."""
 
@@ -106,8 +114,14 @@ class Library:
                 return dict(json.loads(path.read_text()))
         raise SandboxError(f"no schemas/{name} in the library roots {[str(r) for r in self.roots]}")
 
+    @property
+    def aosbuild_roots(self) -> tuple[Path, ...]:
+        """The roots whose runners run aosbuild's stages: not osbuild libraries, whose runners expect
+        osbuild's contract (their stages get their own library's runner, `osbuild_api.library_runner`)."""
+        return tuple(root for root in self.roots if not is_osbuild_library(root))
+
     def runner(self, name: str) -> Path:
-        for root in self.roots:
+        for root in self.aosbuild_roots:
             path = root / "runners" / name
             if path.exists():
                 return path
@@ -115,7 +129,7 @@ class Library:
 
     def runner_names(self) -> list[str]:
         names: set[str] = set()
-        for root in self.roots:
+        for root in self.aosbuild_roots:
             if (root / "runners").is_dir():
                 names.update(p.name for p in (root / "runners").iterdir() if p.name.startswith("org."))
         return sorted(names)
@@ -176,8 +190,9 @@ def _find(roots: tuple[Path, ...], kind: str, name: str) -> ModuleInfo | None:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             return None  # an unreadable .meta.json is a missing module, as in osbuild
-        return ModuleInfo(kind=kind, name=name, path=module_path if executable else None,
+        return ModuleInfo(kind=kind, name=name, path=module_path if executable else None, root=root,
                           summary=str(meta.get("summary", "")),
+                          capabilities=tuple(str(c) for c in meta.get("capabilities", ())),
                           schema_v1=dict(meta.get("schema", {})),
                           schema_v2=dict(meta.get("schema_2", {})))
     return None
