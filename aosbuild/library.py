@@ -50,7 +50,9 @@ class ModuleInfo:
             key = "type" if version == "2" else "name"
             props: dict[str, Any] = {key: {"enum": [self.name]}}
             if version == "2":
-                props.update(self.schema_v2 or {"options": {"type": "object", "additionalProperties": False}})
+                # a module with only a v1 `schema` takes it as its v2 `options`, as osbuild reads it
+                strict = {"type": "object", "additionalProperties": False}
+                props.update(self.schema_v2 or {"options": self.schema_v1 or strict})
                 props.setdefault("devices", {"type": "object"})
                 props.setdefault("mounts", {"type": "array"})
             else:
