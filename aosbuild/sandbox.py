@@ -8,6 +8,7 @@ nothing started inside outlives the stage.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -220,6 +221,58 @@ def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
 DRAIN_SECONDS = 5.0
 
 
+async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Mapping[str, str],
+                    pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None) -> int:
+    """`process.run_streaming` for bwrap, which returns only once the sandbox's init has exited too.
+
+    bwrap's own process ends first; its child, the sandbox's init (in a session of its own, killed by
+    `--die-with-parent`), may still be exiting then, holding the sandbox's mount namespace and so the
+    mounts made in it (a stage's ext4 on its loop device). Its pid comes from `--info-fd`; a pidfd on it
+    becomes readable only after its namespaces are released.
+    """
+    info_r, info_w = os.pipe()
+    os.set_blocking(info_r, False)
+
+    def started() -> None:
+        nonlocal info_w
+        os.close(info_w)
+        info_w = -1
+        if on_started is not None:
+            on_started()
+
+    try:
+        return await process.run_streaming([argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line,
+                                           env=env, pass_fds=[*(pass_fds or ()), info_w], on_started=started)
+    finally:
+        if info_w >= 0:
+            os.close(info_w)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(process.GRACE_SECONDS):
+            await _wait_for_init(info_r)
+        os.close(info_r)
+
+
+async def _wait_for_init(info_fd: int) -> None:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(info_fd, 4096)
+        except BlockingIOError:
+            await anyio.wait_readable(info_fd)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    try:
+        pid = int(json.loads(data)["child-pid"])
+        pidfd = os.pidfd_open(pid)
+    except (ValueError, KeyError, TypeError, ProcessLookupError):
+        return  # bwrap died before it started the sandbox, or the init is gone already
+    try:
+        await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
               on_line: Callable[[str], None]) -> int:
     """Run the stage under bwrap, serving its RPC channel; returns the exit status.
@@ -228,7 +281,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
     """
     if spec.osbuild is not None:
         caps = stage_capabilities(bounding_set(), spec.capabilities)
-        return await process.run_streaming(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env))
+        return await run_bwrap(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env))
     engine_sock, stage_sock = rpc.open_socketpair()
     with engine_sock, stage_sock:
         caps = stage_capabilities(bounding_set())
@@ -244,7 +297,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
             # once the sandbox holds the stage's end, the engine's copy must go, or EOF never comes
-            returncode = await process.run_streaming(
+            returncode = await run_bwrap(
                 bwrap_argv(spec, caps), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
                 on_started=stage_sock.close)
             # let the server read what the stage sent just before it exited, then stop it
