@@ -22,9 +22,10 @@ from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
 from .inputs import map_input
-from .library import ModuleInfo, choose_runner, is_osbuild_library, read_os_release
+from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
+from .moduleinfo import ModuleInfo
 from .mounts import plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
@@ -152,7 +153,6 @@ class Runners:
 
     def for_module(self, info: ModuleInfo) -> Path:
         if is_osbuild_library(info.root):
-            assert info.root is not None
             return osbuild_api.library_runner(info.root, self.wanted)
         return self.ctx.library.runner(self.aosbuild_name)
 
@@ -169,7 +169,6 @@ def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
 def osbuild_contract(scratch: Path, info: ModuleInfo, arguments: dict[str, Any],
                      mounts: bool) -> sandbox.OsbuildSandbox:
     """The files a module of an osbuild library gets: arguments, meta, /var, /proc/cmdline (osbuild's)."""
-    assert info.root is not None
     api_files = scratch / "api"
     api_files.mkdir()
     meta = scratch / "meta"
@@ -218,7 +217,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
             spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
                                        runner=runner, dev=devdir.path, binds=tuple(binds),
-                                       env=env, osbuild=contract, capabilities=info.capabilities)
+                                       env=env, osbuild=contract, capabilities=tuple(sorted(info.capabilities)))
             ctx.monitor.stage_started(pipeline, stage)
             started = time.monotonic()
             reason = ""

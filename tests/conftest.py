@@ -144,11 +144,14 @@ class OsbuildOracle:
     libdir: Path
 
     def __call__(self, *args: str, timeout: float = 60) -> Run:
+        return self.python("-m", "osbuild", "--libdir", str(self.libdir), *args, timeout=timeout)
+
+    def python(self, *args: str, timeout: float = 60) -> Run:
+        """Python with osbuild's package importable (`-c CODE` asks its library what it makes of a module)."""
         env = dict(os.environ)
         if (self.libdir / "osbuild" / "__init__.py").exists():  # laid out as installed, package and all
             env["PYTHONPATH"] = str(self.libdir)
-        proc = subprocess.run([sys.executable, "-m", "osbuild", "--libdir", str(self.libdir), *args],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
         return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
