@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from . import osbuild_api, sandbox
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
+from .hostservices import needs_host_services, open_host_mounts
 from .inputs import map_input
 from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
 from .moduleinfo import ModuleInfo
-from .mounts import plan_mounts
+from .mounts import FSTYPES, plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
@@ -200,8 +202,19 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             input_binds, inputs[inp.name] = map_input(
                 inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
             binds += input_binds
-        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices:
-            mount_plan, mounts = plan_mounts(stage.mounts, devices)
+        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices, \
+                AsyncExitStack() as host_mounts:
+            if needs_host_services(stage.mounts, lambda name: name in FSTYPES):
+                # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild
+                mount_plan: list[dict[str, Any]] = []
+                root = scratch.path / "mounts"
+                os.mkdir(root)
+                mounts = await host_mounts.enter_async_context(open_host_mounts(
+                    stage.mounts, find=lambda name: ctx.library.find("Mount", name), devices=devices,
+                    root=root, tree=entry.tree, on_line=lambda text: ctx.monitor.stage_output(pipeline, stage, text)))
+                binds.append(sandbox.Bind(root, sandbox.MOUNTS, read_only=False))
+            else:
+                mount_plan, mounts = plan_mounts(stage.mounts, devices)
             meta: dict[str, Any] = {"id": stage.id}
             env = {}
             if mount_plan:
@@ -248,7 +261,8 @@ async def run_osbuild_module(spec: sandbox.SandboxSpec, contract: sandbox.Osbuil
         session.exception = {"type": "exception", "data": data}
 
     async with osbuild_api.open_api(contract.api, on_exception=on_exception, loops=session.loops) as api:
-        returncode = await sandbox.run(spec, handlers={}, on_line=session.output_line)
+        returncode = await sandbox.run(spec, handlers={}, on_line=session.output_line,
+                                       on_dev_bound=session.devdir.leave_host)
         await api.drain()
     session.metadata.update(osbuild_api.read_metadata(contract.meta))
     return returncode

@@ -20,6 +20,7 @@ from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
 from .runnerlib import MNT_DETACH, mount, umount
+from .sandbox import DEV_SOURCE
 
 # name -> (major, minor) of the character devices every sandbox gets
 BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
@@ -68,7 +69,7 @@ async def open_dev_dir(path: Path) -> AsyncIterator[DevDir]:
     stage ended. Lazily: a process of the stage that is still going would otherwise keep it busy."""
     os.mkdir(path)
     try:
-        mount("aosbuild-dev", os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
+        mount(DEV_SOURCE, os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
     except OSError as exc:
         raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror} "
                            "(stages need root)") from exc

@@ -175,15 +175,18 @@ def _libc() -> ctypes.CDLL:
 
 async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapping[str, str] | None = None,
                         pass_fds: Sequence[int] = (), cwd: Path | None = None,
-                        on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS) -> int:
+                        on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS,
+                        dies_with_engine: bool = True) -> int:
     """Run a process with stdin from /dev/null, stdout and stderr merged into `on_line`; its exit status.
 
     `on_started` runs right after the process exists, e.g. to close descriptors it inherited.
+    `dies_with_engine=False` is for osbuild's host services: they clean up (unmount, close devices) when
+    the engine's end of their socket closes, which a kill of the engine does too; SIGKILL would stop that.
     """
     popen = subprocess.Popen(  # noqa: ASYNC220  # fork from this thread on purpose: see Process
         argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
-        start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+        start_new_session=True, preexec_fn=die_with_parent(os.getpid()) if dies_with_engine else None)
     process = Process(popen)
     splitter = LineSplitter(on_line)
     at_end = False

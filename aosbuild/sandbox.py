@@ -150,6 +150,7 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
     return argv
 
 
+DEV_SOURCE = "aosbuild-dev"  # the source name of the engine's /dev tmpfs (`aosbuild.devices`)
 AOSBUILD_LIB = "/run/aosbuild/lib"
 # runs the mount plan of $AOSBUILD_MOUNTS, then the rest of argv (osbuild's runner and the stage)
 MOUNT_WRAPPER = ("python3", "-c", f"import sys; sys.path.insert(0, {AOSBUILD_LIB!r}); "
@@ -221,17 +222,24 @@ def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
 DRAIN_SECONDS = 5.0
 
 
+DEV_POLL_SECONDS = 0.02
+
+
 async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Mapping[str, str],
-                    pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None) -> int:
+                    pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None,
+                    on_dev_bound: Callable[[], None] | None = None) -> int:
     """`process.run_streaming` for bwrap, which returns only once the sandbox's init has exited too.
 
     bwrap's own process ends first; its child, the sandbox's init (in a session of its own, killed by
     `--die-with-parent`), may still be exiting then, holding the sandbox's mount namespace and so the
     mounts made in it (a stage's ext4 on its loop device). Its pid comes from `--info-fd`; a pidfd on it
-    becomes readable only after its namespaces are released.
+    becomes readable only after its namespaces are released. `on_dev_bound` is called once the sandbox's
+    mount namespace has the engine's /dev tmpfs bound (seen in the init's mountinfo), for stages that
+    never talk to the engine (osbuild's): from then on the tmpfs need not stay on the host.
     """
     info_r, info_w = os.pipe()
     os.set_blocking(info_r, False)
+    init = _Init(info_r)
 
     def started() -> None:
         nonlocal info_w
@@ -240,48 +248,98 @@ async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Map
         if on_started is not None:
             on_started()
 
+    async def watch_dev() -> None:
+        await init.read()
+        if init.pid is not None and on_dev_bound is not None and await _until_dev_bound(init.pid):
+            on_dev_bound()
+
     try:
-        return await process.run_streaming([argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line,
-                                           env=env, pass_fds=[*(pass_fds or ()), info_w], on_started=started)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_dev)
+            try:
+                returncode = await process.run_streaming(
+                    [argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
+                    pass_fds=[*(pass_fds or ()), info_w], on_started=started)
+            finally:
+                tg.cancel_scope.cancel()
+        return returncode
     finally:
         if info_w >= 0:
             os.close(info_w)
         with anyio.CancelScope(shield=True), anyio.move_on_after(process.GRACE_SECONDS):
-            await _wait_for_init(info_r)
+            await init.wait_exited()
         os.close(info_r)
 
 
-async def _wait_for_init(info_fd: int) -> None:
-    data = b""
-    while True:
+class _Init:
+    """The sandbox's init, as bwrap's `--info-fd` names it (`{"child-pid": N}`)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pid: int | None = None
+        self.done = False
+        self._data = b""
+
+    async def read(self) -> None:
+        while not self.done:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                await anyio.wait_readable(self.fd)
+                continue
+            self._data += chunk
+            try:
+                self.pid = int(json.loads(self._data)["child-pid"])
+            except (ValueError, KeyError, TypeError):
+                if chunk:
+                    continue  # not all of it yet
+            self.done = True  # the pid, or end of file: bwrap died before it started the sandbox
+
+    async def wait_exited(self) -> None:
+        await self.read()
         try:
-            chunk = os.read(info_fd, 4096)
-        except BlockingIOError:
-            await anyio.wait_readable(info_fd)
-            continue
-        if not chunk:
-            break
-        data += chunk
+            pidfd = os.pidfd_open(self.pid) if self.pid is not None else None
+        except ProcessLookupError:
+            return  # gone already
+        if pidfd is None:
+            return
+        try:
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+
+
+async def _until_dev_bound(pid: int) -> bool:
+    """Wait until the process's mount namespace has the engine's /dev tmpfs at /dev (or bwrap's
+    /newroot/dev, before its pivot); False if the process ends first."""
+    # polled: a mount made in another namespace signals no event that anyio can wait for
+    while (bound := _dev_bound(pid)) is False:  # noqa: ASYNC110
+        await anyio.sleep(DEV_POLL_SECONDS)
+    return bound is True
+
+
+def _dev_bound(pid: int) -> bool | None:
+    """Whether the process's mountinfo has the engine's /dev tmpfs at /dev; None if it is gone (procfs
+    reads do not block)."""
     try:
-        pid = int(json.loads(data)["child-pid"])
-        pidfd = os.pidfd_open(pid)
-    except (ValueError, KeyError, TypeError, ProcessLookupError):
-        return  # bwrap died before it started the sandbox, or the init is gone already
-    try:
-        await anyio.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
+        with open(f"/proc/{pid}/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return any(f" - tmpfs {DEV_SOURCE} " in line and line.split()[4] in ("/dev", "/newroot/dev")
+               for line in lines)
 
 
 async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
-              on_line: Callable[[str], None]) -> int:
+              on_line: Callable[[str], None], on_dev_bound: Callable[[], None] | None = None) -> int:
     """Run the stage under bwrap, serving its RPC channel; returns the exit status.
 
     A module of an osbuild library has no such channel: its endpoints are served by `aosbuild.osbuild_api`.
     """
     if spec.osbuild is not None:
         caps = stage_capabilities(bounding_set(), spec.capabilities)
-        return await run_bwrap(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env))
+        return await run_bwrap(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env),
+                               on_dev_bound=on_dev_bound)
     engine_sock, stage_sock = rpc.open_socketpair()
     with engine_sock, stage_sock:
         caps = stage_capabilities(bounding_set())

@@ -30,7 +30,16 @@ from typing import IO, Any
 import pytest
 
 from . import osbuild_library_manifest as library_manifest
-from .conftest import FAST_TMP, TESTS, Aosbuild, OsbuildOracle, Run, check_jsonseq
+from .conftest import (
+    FAST_TMP,
+    TESTS,
+    Aosbuild,
+    OsbuildOracle,
+    Run,
+    check_jsonseq,
+    loops_attached_under,
+    mounted_anywhere,
+)
 from .test_drills import assert_clean, finish, start, wait_for_message
 
 pytestmark = pytest.mark.slow
@@ -312,5 +321,81 @@ def test_ctrl_c_during_an_osbuild_stage_with_a_mount_leaves_nothing(test_library
     run = finish(proc, timeout=60)
     assert run.returncode == 130, run.stderr
     assert time.monotonic() - started < 30
+    assert "Traceback" not in run.stderr
+    assert_clean(aosbuild)
+
+
+# -- host services: mounts aosbuild has no native version of ----------------------------------------------
+
+def host_mounts_manifest(last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stage with an ext4 mount and a `org.osbuild.noop` one, which aosbuild runs as osbuild's host
+    services (all of the stage's mounts, so they are made in order), mounted on the host as osbuild does."""
+    lib = library_manifest
+    disk = {"disk": lib.loopback("disk.img")}
+    mounts = [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"},
+              {"name": "srv", "type": "org.osbuild.noop", "source": "disk", "target": "/srv"}]
+    copy = lib.stage("org.osbuild.copy", {"paths": [
+        {"from": "input://tree/etc", "to": "mount://root/"},
+        {"from": "input://tree/etc/hostname", "to": "mount://srv/hostname"}]},
+        inputs={"tree": lib.tree_input("os")}, devices=disk, mounts=mounts)
+    small_os = {"name": "os", "stages": [lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}]}),
+                                         lib.stage("org.osbuild.hostname", {"hostname": "oracle-host"})]}
+    m: dict[str, Any] = {"version": "2", "pipelines": [small_os, {"name": "image", "stages": [
+        lib.stage("org.osbuild.truncate", {"filename": "disk.img", "size": "16MiB"}),
+        lib.stage("org.osbuild.mkfs.ext4", {"uuid": lib.ROOT_UUID}, devices={"device": disk["disk"]}),
+        copy, *([{**last, "devices": disk, "mounts": mounts}] if last else [])]}]}
+    return m
+
+
+def ext4_view(image: Path, scratch: Path) -> dict[str, tuple[Any, ...]]:
+    dump = Path(tempfile.mkdtemp(dir=scratch, prefix="rdump-"))
+    subprocess.run(["debugfs", "-R", f"rdump / {dump}", str(image)], capture_output=True, check=True)
+    return tree_view(dump)
+
+
+def test_mounts_through_osbuilds_host_services_match_osbuild(osbuild_oracle: OsbuildOracle,
+                                                             test_library: Path, aosbuild: Aosbuild) -> None:
+    m = host_mounts_manifest()
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "image", "--output-directory", str(aosbuild.workdir / "osbuild"),
+                                                str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-2000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(osbuild_oracle.libdir), "--export", "image", "--output-directory",
+                    str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-2000:] + ours.stderr
+    # the service's own lines, as osbuild logs them
+    assert "mount/root (org.osbuild.ext4): mounting /dev/loop" in ours.stdout
+    view = ext4_view(aosbuild.output / "image/disk.img", aosbuild.workdir)
+    assert view["etc/hostname"][4] == view["srv/hostname"][4] == hashlib.sha256(b"oracle-host\n").hexdigest()
+    assert_same(view, ext4_view(aosbuild.workdir / "osbuild/image/disk.img", aosbuild.workdir))
+
+
+@pytest.mark.usefixtures("nodev_store")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_a_signal_while_host_services_hold_mounts_leaves_nothing(test_library: Path, aosbuild: Aosbuild,
+                                                                 signum: int) -> None:
+    """SIGINT: the engine closes the services' sockets and waits for them to unmount. SIGKILL: the
+    socket closes with the engine, and the services unmount and exit on their own."""
+    sleeper = {"type": RAISE_STAGE, "options": {"sleep": 60, "message": "never"}}
+    proc = start(aosbuild, host_mounts_manifest(sleeper), "--libdir", str(test_library), "--monitor", "jsonseq",
+                 "--export", "image", "--output-directory", str(aosbuild.output))
+    seen = wait_for_message(proc, "sleeping in")
+    assert b"sleeping in root at /run/osbuild/mounts/., mounted: True" in seen
+    proc.send_signal(signum)
+    run = finish(proc, timeout=60)
+    assert run.returncode == (130 if signum == signal.SIGINT else -signal.SIGKILL), run.stderr
+    if signum == signal.SIGKILL:
+        # nothing waits for the services: they unmount and exit by themselves, and the loop device
+        # (autoclear) goes with its last user; the staging entries are for the next build to remove
+        def below_store() -> list[str]:
+            return [m for m in mounted_anywhere(aosbuild.store) if not m.endswith(f": {aosbuild.store}")]
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (below_store() or loops_attached_under(aosbuild.store)):
+            time.sleep(0.2)
+        assert below_store() == []
+        assert loops_attached_under(aosbuild.store) == []
+        return
     assert "Traceback" not in run.stderr
     assert_clean(aosbuild)
