@@ -239,6 +239,41 @@ def test_the_qcow2_is_identical(builds: Builds) -> None:
     assert_same(view(builds.aosbuild), theirs)
 
 
+# -- one build, both kinds of stages ------------------------------------------------------------------------
+
+def test_osbuild_and_aosbuild_stages_in_one_pipeline(test_library: Path, aosbuild: Aosbuild) -> None:
+    """osbuild's mkdir and hostname, a stage using osbuild's API for metadata, aosbuild's own test stage
+    (its JSON-RPC channel, its runner), in one pipeline; osbuild's metadata comes out as osbuild reports it."""
+    api_stage = {"type": RAISE_STAGE, "options": {"metadata": {"answer": 42, "from": "osbuild.api"}}}
+    m: dict[str, Any] = {"version": "2", "pipelines": [{"name": "os", "stages": [
+        {"type": "org.osbuild.mkdir", "options": {"paths": [{"path": "/etc"}]}},
+        {"type": "org.aosbuild.test.files", "options": {"seed": "mixed", "count": 1, "size": 64}},
+        {"type": "org.osbuild.hostname", "options": {"hostname": "mixed"}},
+        api_stage]}]}
+    ours = aosbuild(m, "--libdir", str(test_library), "--json", "--export", "os", "--output-directory",
+                    str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    tree = aosbuild.output / "os"
+    assert (tree / "etc/hostname").read_text() == "mixed\n"
+    assert (tree / "mixed-0").stat().st_size == 64
+    assert json.loads((tree / "osbuild-api-options.json").read_text()) == api_stage["options"]
+    metadata = json.loads(ours.stdout)["metadata"]["os"]
+    assert {"seed": "mixed", "files": 1} in metadata.values()
+
+    # osbuild (which cannot run aosbuild's stage) reports the same metadata for the same stage id
+    del m["pipelines"][0]["stages"][1]
+    path = aosbuild.write_manifest(m, "osbuild.json")
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--json",
+                                                "--export", "os", "--output-directory",
+                                                str(aosbuild.workdir / "osbuild-out"), str(path))
+    assert theirs.returncode == 0, theirs.stdout + theirs.stderr
+    their_metadata = json.loads(theirs.stdout)["metadata"]["os"]
+    assert list(their_metadata.values()) == [api_stage["options"]["metadata"]]
+    again = aosbuild(m, "--libdir", str(test_library), "--json", "--export", "os", "--output-directory",
+                     str(aosbuild.output))
+    assert json.loads(again.stdout)["metadata"]["os"] == their_metadata
+
+
 # -- failures -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
