@@ -97,7 +97,7 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
             {"name": "os", "build": build_ref, "stages": os_stages},
             {"name": "image", "build": build_ref, "stages": image_stages},
             {"name": "qcow2", "build": build_ref, "stages": [{
-                "type": "org.osbuild.qemu",
+                "type": "org.aosbuild.qemu",
                 "inputs": {"image": {"type": "org.osbuild.files", "origin": "org.osbuild.pipeline",
                                      "references": {"name:image": {"file": "disk.img"}}}},
                 # zstd: about as small as osbuild's default zlib, five times faster to write
