@@ -153,10 +153,21 @@ class Runners:
         distro, version = osbuild_api.runner_version(wanted.removeprefix("org.osbuild."))
         self.aosbuild_name = choose_runner(ctx.library.runner_names(), distro, str(version) if version else "")
 
-    def for_module(self, info: ModuleInfo) -> Path:
+    def for_module(self, info: ModuleInfo) -> tuple[str, Path]:
+        """The runner's name and file for a module."""
         if is_osbuild_library(info.root):
             return osbuild_api.library_runner(info.root, self.wanted)
-        return self.ctx.library.runner(self.aosbuild_name)
+        return self.aosbuild_name, self.ctx.library.runner(self.aosbuild_name)
+
+    def shown(self, pipeline: Pipeline) -> str:
+        """The runner the log names for the pipeline: its first stage's."""
+        first = self.ctx.library.find(pipeline.stages[0].kind, pipeline.stages[0].type) if pipeline.stages else None
+        if first is None:
+            return self.aosbuild_name
+        try:
+            return self.for_module(first)[0]
+        except SandboxError:
+            return self.aosbuild_name
 
 
 def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
@@ -192,7 +203,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
     if info is None or info.path is None:
         raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
     from_osbuild = is_osbuild_library(info.root)
-    runner = runners.for_module(info)
+    runner_name, runner = runners.for_module(info)
     # the stage's /dev is unmounted first, then its loop devices are detached, then its scratch removed
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
             open_dev_dir(scratch.path / "dev") as devdir:
@@ -229,7 +240,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
             spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
-                                       runner=runner, dev=devdir.path, binds=tuple(binds),
+                                       runner=runner, runner_name=runner_name, dev=devdir.path, binds=tuple(binds),
                                        env=env, osbuild=contract, capabilities=tuple(sorted(info.capabilities)))
             ctx.monitor.stage_started(pipeline, stage)
             started = time.monotonic()
@@ -348,7 +359,7 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
     assert pipeline.id is not None
     build_root = Path("/") if pipeline.build is None else ctx.pins.tree(pipeline.build)
     runners = Runners(ctx, wanted_runner(ctx, pipeline))
-    ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runners.aosbuild_name)
+    ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runners.shown(pipeline))
     results = ctx.logs.setdefault(pipeline.name, [])
     logger = log.bind(pipeline=pipeline.name, id=pipeline.id)
     async with ctx.store.store(pipeline.id, keep=ctx.pins) as entry:

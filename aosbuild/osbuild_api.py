@@ -71,16 +71,17 @@ def _follow_text_link(path: Path) -> Path:
     return path
 
 
-def library_runner(root: Path, wanted: str) -> Path:
+def library_runner(root: Path, wanted: str) -> tuple[str, Path]:
     """osbuild's choice of runner in its own library: the same distribution, the highest version not above
-    the wanted one (`org.osbuild.debian12` on Debian 12 is `org.osbuild.debian`)."""
+    the wanted one (`org.osbuild.debian12` on Debian 12 is `org.osbuild.debian`); its name (what the
+    sandbox calls it, as osbuild does) and the file that runs."""
     distro, version = runner_version(wanted)
     folder = root / "runners"
     candidates = sorted((runner_version(p.name)[1], p) for p in folder.iterdir()
                         if p.is_file() and runner_version(p.name)[0] == distro) if folder.is_dir() else []
     for candidate_version, path in reversed(candidates):
         if candidate_version <= version:
-            return _follow_text_link(path)
+            return path.name, _follow_text_link(path)
     raise SandboxError(f"No suitable runner for {distro} in the osbuild library {root}"
                        f" (wanted {wanted}): its runners/ has none of that distribution at or below that version")
 

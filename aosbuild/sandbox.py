@@ -83,6 +83,7 @@ class SandboxSpec:
     tree: Path
     executable: Path          # the stage or assembler
     runner: Path
+    runner_name: str = ""     # its name in the sandbox, if not its file's
     dev: Path | None = None   # the engine's /dev directory for this stage; None: bwrap's own
     binds: tuple[Bind, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
@@ -144,7 +145,7 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
     for bind in spec.binds:
         argv += ["--ro-bind" if bind.read_only else "--bind", os.fspath(bind.source), bind.target]
     stage = f"{SANDBOX_ROOT}/bin/{spec.executable.name}"
-    runner = f"{SANDBOX_ROOT}/runner/{spec.runner.name}"
+    runner = f"{SANDBOX_ROOT}/runner/{spec.runner_name or spec.runner.name}"
     argv += ["--ro-bind", os.fspath(spec.executable), stage, "--ro-bind", os.fspath(spec.runner), runner,
              "--", runner, stage]
     return argv
@@ -190,7 +191,7 @@ def osbuild_bwrap_argv(spec: SandboxSpec, contract: OsbuildSandbox, caps: tuple[
     for bind in spec.binds:
         argv += ["--ro-bind" if bind.read_only else "--bind", os.fspath(bind.source), bind.target]
     stage = f"{SANDBOX_ROOT}/bin/{spec.executable.name}"
-    runner = f"{SANDBOX_ROOT}/runner/{spec.runner.name}"
+    runner = f"{SANDBOX_ROOT}/runner/{spec.runner_name or spec.runner.name}"
     argv += ["--ro-bind", os.fspath(spec.executable), stage,
              "--ro-bind", os.fspath(contract.arguments), f"{SANDBOX_ROOT}/api/arguments",
              "--bind", os.fspath(contract.api / "osbuild"), f"{SANDBOX_ROOT}/api/osbuild",
