@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -91,13 +92,16 @@ def builds(osbuild_oracle: OsbuildOracle) -> Iterator[Builds]:
         path = scratch / "manifest.json"
         path.write_text(json.dumps(library_manifest.manifest()))
         exports = [arg for name in library_manifest.EXPORTS for arg in ("--export", name)]
-        osbuild_run = oracle("--store", str(scratch / "osbuild-store"), "--output-directory",
-                             str(scratch / "osbuild"), *exports, str(path), timeout=600)
-        # aosbuild runs the library as it was found, not the copy made runnable for osbuild
-        proc = subprocess.run(aosbuild_command(osbuild_oracle.libdir, scratch / "aosbuild-store",
-                                               "--output-directory", str(scratch / "aosbuild"), *exports,
-                                               str(path)),
-                              capture_output=True, text=True, timeout=600)
+        # both at once: each build is mostly osbuild's runner setting up the sandbox, stage after stage
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            theirs = pool.submit(oracle, "--store", str(scratch / "osbuild-store"), "--output-directory",
+                                 str(scratch / "osbuild"), *exports, str(path), timeout=600)
+            # aosbuild runs the library as it was found, not the copy made runnable for osbuild
+            proc = subprocess.run(aosbuild_command(osbuild_oracle.libdir, scratch / "aosbuild-store",
+                                                   "--output-directory", str(scratch / "aosbuild"), *exports,
+                                                   str(path)),
+                                  capture_output=True, text=True, timeout=600)
+            osbuild_run = theirs.result()
         yield Builds(scratch / "osbuild", scratch / "aosbuild", osbuild_run,
                      Run(proc.returncode, proc.stdout, proc.stderr), scratch)
 
