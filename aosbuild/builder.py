@@ -206,7 +206,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
     runner_name, runner = runners.for_module(info)
     # the stage's /dev is unmounted first, then its loop devices are detached, then its scratch removed
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
-            open_dev_dir(scratch.path / "dev") as devdir:
+            open_dev_dir(scratch.path / "dev", osbuild_layout=from_osbuild) as devdir:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         for inp in stage.inputs.values():

@@ -179,8 +179,10 @@ def osbuild_bwrap_argv(spec: SandboxSpec, contract: OsbuildSandbox, caps: tuple[
         argv += ["--dev", "/dev"]
     argv += ["--dir", "/etc", "--tmpfs", "/run", "--tmpfs", "/tmp", "--bind", os.fspath(contract.var), "/var",
              "--proc", "/proc", "--ro-bind", "/sys", "/sys", "--ro-bind-try", "/sys/fs/selinux", "/sys/fs/selinux"]
-    for source, target in (("etc/mke2fs.conf", "/etc/mke2fs.conf"), ("etc/containers", "/etc/containers"),
-                           ("ostree", "/ostree"), ("etc/selinux/", "/etc/selinux/")):
+    etc = [("etc/containers", "/etc/containers")]
+    if root != Path("/"):  # osbuild's host build root is a tree of the host's /usr and /etc/containers only
+        etc = [("etc/mke2fs.conf", "/etc/mke2fs.conf"), *etc, ("ostree", "/ostree"), ("etc/selinux/", "/etc/selinux/")]
+    for source, target in etc:
         argv += ["--ro-bind-try", os.fspath(root / source), target]
     argv += ["--ro-bind", os.fspath(contract.libdir), LIB]
     if contract.package is not None:

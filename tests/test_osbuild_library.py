@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import pytest
 
+from aosbuild.sandbox import CAP_BITS, bounding_set, capability_mask, stage_capabilities
+
 from . import osbuild_library_manifest as library_manifest
 from .conftest import (
     FAST_TMP,
@@ -276,6 +278,41 @@ def test_osbuild_and_aosbuild_stages_in_one_pipeline(test_library: Path, aosbuil
     again = aosbuild(m, "--libdir", str(test_library), "--json", "--export", "os", "--output-directory",
                      str(aosbuild.output))
     assert json.loads(again.stdout)["metadata"]["os"] == their_metadata
+
+
+def test_a_stage_sees_what_osbuild_gives_it(test_library: Path, aosbuild: Aosbuild) -> None:
+    """Arguments, environment, capabilities (with the metadata's CAP_MAC_ADMIN), /run/osbuild, /etc, /var,
+    /dev, /proc/cmdline and argv of a stage with a tree input, a loop device and an ext4 mount: a test stage
+    of the library writes them down, under osbuild and under aosbuild (loop device numbers aside)."""
+    lib = library_manifest
+    disk = {"disk": lib.loopback("disk.img")}
+    m = {"version": "2", "pipelines": [
+        {"name": "os", "stages": [lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}]})]},
+        {"name": "image", "stages": [
+            lib.stage("org.osbuild.truncate", {"filename": "disk.img", "size": "16MiB"}),
+            lib.stage("org.osbuild.mkfs.ext4", {"uuid": lib.ROOT_UUID}, devices={"device": disk["disk"]}),
+            lib.stage("org.aosbuild.test.osbuild-contract", {}, inputs={"tree": lib.tree_input("os")},
+                      devices=disk,
+                      mounts=[{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}])]}]}
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "image", "--output-directory", str(aosbuild.workdir / "osbuild"),
+                                                str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-2000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(test_library), "--export", "image", "--output-directory",
+                    str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-2000:] + ours.stderr
+    their_contract = json.loads((aosbuild.workdir / "osbuild/image/contract.json").read_text())
+    our_contract = json.loads((aosbuild.output / "image/contract.json").read_text())
+    assert their_contract["mounted"] == {"root": True}
+    # the one difference on purpose: where the host's bounding set lacks a capability osbuild asks for,
+    # bwrap gives osbuild's stages every capability; aosbuild asks for what the host can give, and the
+    # stage gets exactly that (CapEff, CapPrm), the metadata's CAP_MAC_ADMIN included
+    intended = capability_mask(stage_capabilities(bounding_set(), ("CAP_MAC_ADMIN",)))
+    assert [int(mask, 16) for mask in our_contract.pop("caps")][:2] == [intended, intended]
+    assert intended >> CAP_BITS["CAP_MAC_ADMIN"] & 1
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
 
 
 # -- failures -----------------------------------------------------------------------------------------------
