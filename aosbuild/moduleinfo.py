@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from .errors import AosbuildError, Problem
 from .logs import get_logger
 
@@ -120,6 +118,8 @@ def _copy(node: Any) -> Any:
 
 def check_schema(schema: dict[str, Any], base: tuple[str | int, ...]) -> list[Problem]:
     """A module schema that is not itself a valid draft-4 schema is reported as osbuild does: its first error."""
+    import jsonschema  # here, not at the top: only validation needs it, and `--version` starts without it
+
     try:
         jsonschema.Draft4Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -144,6 +144,8 @@ def read_module(kind: str, name: str, root: Path, folder: str) -> ModuleInfo | N
 
 
 def _from_json(kind: str, name: str, root: Path, path: Path | None, meta_path: Path) -> ModuleInfo | None:
+    import jsonschema  # as in check_schema
+
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:

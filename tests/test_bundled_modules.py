@@ -1,4 +1,6 @@
-"""Bundled stages and assemblers named `org.osbuild.*` take exactly osbuild 191's options.
+"""Bundled modules named `org.osbuild.*` take exactly osbuild 191's options.
+
+Stages and assemblers, and the inputs, devices, mounts and sources the engine implements itself.
 
 Each one's validation schema, for both manifest formats, must equal what osbuild's own library gives the
 module of the same name, but for the words (descriptions, titles, examples): the same types, patterns,
@@ -20,11 +22,14 @@ from .conftest import OsbuildOracle
 
 # keywords that document and do not validate (`descriptions` is a misspelling in some of osbuild's schemas)
 WORDS = frozenset({"description", "descriptions", "title", "examples", "$comment"})
-KINDS = {"Stage": "stages", "Assembler": "assemblers"}
+# kind -> (folder in the bundled root, folder in osbuild's library)
+KINDS = {"Stage": ("stages", "stages"), "Assembler": ("assemblers", "assemblers"),
+         "Input": ("schemas/inputs", "inputs"), "Device": ("schemas/devices", "devices"),
+         "Mount": ("schemas/mounts", "mounts"), "Source": ("sources", "sources")}
 
 
 def bundled(kind: str) -> list[str]:
-    folder = BUNDLED_ROOT / KINDS[kind]
+    folder = BUNDLED_ROOT / KINDS[kind][0]
     return sorted(p.name[:-len(".meta.json")] for p in folder.glob("org.osbuild.*.meta.json"))
 
 
@@ -48,15 +53,16 @@ def schema_of(info: ModuleInfo, version: str) -> Any:
         return "no schema"
 
 
-def test_the_bundled_library_has_org_osbuild_stages_and_assemblers() -> None:
+def test_the_bundled_library_has_org_osbuild_modules_of_every_kind() -> None:
     assert len([n for k, n in BUNDLED if k == "Stage"]) >= 25
     assert len([n for k, n in BUNDLED if k == "Assembler"]) >= 3
+    assert {k for k, _ in BUNDLED} == set(KINDS)
 
 
 @pytest.mark.parametrize(("kind", "name"), BUNDLED, ids=[f"{k.lower()}/{n}" for k, n in BUNDLED])
 def test_takes_exactly_osbuilds_options(osbuild_oracle: OsbuildOracle, kind: str, name: str) -> None:
-    ours = read_module(kind, name, BUNDLED_ROOT, KINDS[kind])
-    theirs = read_module(kind, name, osbuild_oracle.libdir, KINDS[kind])
+    ours = read_module(kind, name, BUNDLED_ROOT, KINDS[kind][0])
+    theirs = read_module(kind, name, osbuild_oracle.libdir, KINDS[kind][1])
     assert ours is not None
     assert theirs is not None, f"osbuild has no {kind.lower()} {name}: name it org.aosbuild.*"
     for version in ("1", "2"):
