@@ -40,9 +40,8 @@ from .conftest import (
     OsbuildOracle,
     Run,
     check_jsonseq,
-    loops_attached_under,
-    mounted_anywhere,
 )
+from .leftovers import loops_backed_by, mounts_under
 from .test_drills import assert_clean, finish, start, wait_for_message
 
 pytestmark = pytest.mark.slow
@@ -465,13 +464,13 @@ def test_a_signal_while_host_services_hold_mounts_leaves_nothing(test_library: P
         # nothing waits for the services: they unmount and exit by themselves, and the loop device
         # (autoclear) goes with its last user; the staging entries are for the next build to remove
         def below_store() -> list[str]:
-            return [m for m in mounted_anywhere(aosbuild.store) if not m.endswith(f": {aosbuild.store}")]
+            return [str(m) for m in mounts_under(aosbuild.store) if m.point != str(aosbuild.store)]
 
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (below_store() or loops_attached_under(aosbuild.store)):
+        while time.monotonic() < deadline and (below_store() or loops_backed_by(aosbuild.store)):
             time.sleep(0.2)
         assert below_store() == []
-        assert loops_attached_under(aosbuild.store) == []
+        assert loops_backed_by(aosbuild.store) == []
         return
     assert "Traceback" not in run.stderr
     assert_clean(aosbuild)
