@@ -17,9 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-from . import cli
-from .download import JOBS, PER_HOST, TIMEOUT
-from .entry import broken_pipe, exit_code
+from . import OSBUILD_VERSION
+from .invocation import Invocation
+from .run import run
 from .store import KEEP
 
 PROG = "osbuild"
@@ -70,21 +70,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--in-vm", metavar="ID", action="append", type=str, default=[],
                    help="run the given pipeline inside a VM. Not supported by aosbuild.")
     p.add_argument("-q", "--quiet", action="store_true", help="suppress normal output")
-    p.add_argument("--version", action="version", version=f"{PROG} {cli.OSBUILD_VERSION}")
+    p.add_argument("--version", action="version", version=f"{PROG} {OSBUILD_VERSION}")
     return p
 
 
-def translate(args: argparse.Namespace) -> argparse.Namespace:
-    """The namespace `aosbuild`'s build takes, from osbuild's options."""
-    return argparse.Namespace(
-        manifest=args.manifest_path, store=args.store, libdir=[args.libdir] if args.libdir else [],
-        checkpoint=args.checkpoint or [], export=args.export, output_directory=args.output_directory,
-        inspect=args.inspect, json=args.json, monitor=args.monitor, monitor_fd=args.monitor_fd,
-        stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,
+def invocation(args: argparse.Namespace) -> Invocation:
+    """The build osbuild's options ask for: no end summary (osbuild prints none), the other settings
+    aosbuild's defaults."""
+    return Invocation(
+        manifest=args.manifest_path, store=args.store, libdirs=(args.libdir,) if args.libdir else (),
+        checkpoints=tuple(args.checkpoint or ()), exports=tuple(args.export),
+        output_directory=args.output_directory, inspect=args.inspect, json=args.json, monitor=args.monitor,
+        monitor_fd=args.monitor_fd, stage_timeout=args.stage_timeout,
         cache_max_size=KEEP if args.cache_max_size is None else None if args.cache_max_size == "unlimited"
         else args.cache_max_size,
-        download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False,
-        summary=False)
+        quiet=args.quiet, summary=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap); "
                          "leave it out to build the pipeline on this host\n")
         return 2
-    try:
-        return cli._main(translate(args))
-    except KeyboardInterrupt as interrupt:
-        sys.stderr.write("Aborted\n")
-        return exit_code(interrupt)
-    except BrokenPipeError:
-        return broken_pipe()
+    return run(invocation(args))
 
 
 def install(argv: list[str]) -> int:
