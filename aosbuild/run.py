@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +147,7 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
         if report.error is not None:
             raise report.error
     except BaseException as exc:  # sorted below: ours, interrupts, then real bugs
-        errors = list(flatten(exc))
+        errors = list(engine.flatten(exc))
         interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
         if interrupt is not None:
             sys.stderr.write("Aborted\n")
@@ -261,14 +260,6 @@ def read_manifest(path: str) -> str:
     except UnicodeDecodeError as exc:
         raise ManifestError(path, [Problem(f"not UTF-8: byte {data[exc.start]:#04x} at offset {exc.start}; "
                                            "JSON manifests must be UTF-8")]) from None
-
-
-def flatten(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from flatten(inner)
-    else:
-        yield exc
 
 
 def print_json(document: Any) -> None:

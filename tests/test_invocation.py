@@ -55,7 +55,8 @@ def test_a_bad_invocation_is_refused_before_anything_is_built(workdir: Path,
     out, err = capfd.readouterr()
     assert code == 2
     assert json.loads(out)["success"] is False
-    assert "--jobs" in err and "must be 1 or more, not 0" in err
+    assert "Error: --jobs" in err
+    assert "must be 1 or more, not 0" in err
     assert not store.exists()
 
 
@@ -63,7 +64,8 @@ def test_an_invocation_is_frozen() -> None:
     inv = Invocation(manifest="m.json")
     with pytest.raises(dataclasses.FrozenInstanceError):
         inv.jobs = 3  # type: ignore[misc]
-    assert dataclasses.replace(inv, jobs=3).jobs == 3 and inv.jobs is None
+    assert dataclasses.replace(inv, jobs=3).jobs == 3
+    assert inv.jobs is None
 
 
 def test_aosbuild_flags_parse_into_the_invocation() -> None:
