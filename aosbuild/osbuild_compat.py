@@ -5,6 +5,9 @@ are refused (exit 2); `--cache-max-size` bounds the store, as `aosbuild --cache-
 `--version` prints `osbuild N`, N being the osbuild release whose behaviour aosbuild follows, because tools such
 as osbuild/images (`RunOSBuild`) check it.
 
+Like osbuild, it takes its modules from the installed library, `/usr/lib/osbuild`, when there is one and
+`--libdir` names no other; aosbuild's bundled library is searched after either, for what they lack.
+
 Install it with `aosbuild install-osbuild-command [--prefix DIR]`, which writes an `osbuild` script beside
 `aosbuild` (or into DIR/bin); it is not a console script of the package so that installing aosbuild never
 shadows a real osbuild on PATH.
@@ -26,6 +29,7 @@ PROG = "osbuild"
 SIZE_UNITS = {"": 1, "kB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30,
               "TB": 10**12, "TiB": 2**40}
 MONITOR_CLASSES = ("JSONSeqMonitor", "LogMonitor", "NullMonitor")
+INSTALLED_LIBDIR = Path("/usr/lib/osbuild")  # osbuild's `--libdir` default, where its packages install it
 
 
 def parse_size(text: str) -> int | str:
@@ -45,8 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", "--store", dest="store", metavar="DIRECTORY", type=str, default=".osbuild",
                    help="directory where sources and intermediary os trees are stored")
     p.add_argument("-l", "--libdir", metavar="DIRECTORY", type=str, default=None,
-                   help="directory containing stages, assemblers, and the osbuild library "
-                   "(aosbuild's bundled library is searched after it)")
+                   help=f"directory containing stages, assemblers, and the osbuild library (default: "
+                   f"{INSTALLED_LIBDIR} where it exists; aosbuild's bundled library is searched after it)")
     p.add_argument("--cache-max-size", metavar="SIZE", type=parse_size, default=None,
                    help="maximum size of the cache (bytes) or 'unlimited'")
     p.add_argument("--checkpoint", metavar="ID", action="append", type=str, default=None,
@@ -74,11 +78,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def invocation(args: argparse.Namespace) -> Invocation:
+def libdirs(given: str | None, installed: Path = INSTALLED_LIBDIR) -> tuple[str, ...]:
+    """The library roots searched before the bundled one: `--libdir`, else osbuild's installed library."""
+    if given:
+        return (given,)
+    return (str(installed),) if (installed / "stages").is_dir() else ()
+
+
+def invocation(args: argparse.Namespace, installed: Path = INSTALLED_LIBDIR) -> Invocation:
     """The build osbuild's options ask for: no end summary (osbuild prints none), the other settings
     aosbuild's defaults."""
     return Invocation(
-        manifest=args.manifest_path, store=args.store, libdirs=(args.libdir,) if args.libdir else (),
+        manifest=args.manifest_path, store=args.store, libdirs=libdirs(args.libdir, installed),
         checkpoints=tuple(args.checkpoint or ()), exports=tuple(args.export),
         output_directory=args.output_directory, inspect=args.inspect, json=args.json, monitor=args.monitor,
         monitor_fd=args.monitor_fd, stage_timeout=args.stage_timeout,

@@ -14,6 +14,7 @@ import jsonschema
 
 from .errors import Problem
 from .library import Library
+from .moduleinfo import ModuleMetaError, check_schema
 
 
 def check(schema: dict[str, Any], instance: Any, base: tuple[str | int, ...] = ()) -> Iterator[Problem]:
@@ -30,11 +31,23 @@ def _module(library: Library, kind: str, desc: Any, key: str, version: str,
             path: tuple[str | int, ...]) -> Iterator[Problem]:
     if not isinstance(desc, dict) or not isinstance(desc.get(key), str):
         return  # the manifest schema already said what is wrong with this node
-    info = library.find(kind, desc[key])
-    if info is None:
-        yield _missing(desc[key], path)
+    yield from check_module(library, kind, desc[key], desc, version, path)
+
+
+def check_module(library: Library, kind: str, name: str, desc: Any, version: str,
+                 path: tuple[str | int, ...]) -> Iterator[Problem]:
+    """Validate one use of a module against its schema, as osbuild: a broken schema is itself the error."""
+    try:
+        info = library.find(kind, name)
+        schema = info and info.validation_schema(version)
+    except ModuleMetaError as exc:
+        yield Problem(str(exc), path)
         return
-    yield from check(info.validation_schema(version), desc, path)
+    if info is None or not schema:
+        yield _missing(name, path)
+        return
+    broken = check_schema(schema, path)
+    yield from broken or check(schema, desc, path)
 
 
 def validate_v2(description: dict[str, Any], library: Library) -> list[Problem]:
@@ -42,11 +55,7 @@ def validate_v2(description: dict[str, Any], library: Library) -> list[Problem]:
     sources = description.get("sources")
     if isinstance(sources, dict):
         for name, source in sources.items():
-            info = library.find("Source", name)
-            if info is None:
-                problems.append(_missing(name, ("sources", name)))
-            else:
-                problems += check(info.validation_schema("2"), source, ("sources", name))
+            problems += check_module(library, "Source", name, source, "2", ("sources", name))
     pipelines = description.get("pipelines")
     for i, pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
         stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
@@ -55,7 +64,7 @@ def validate_v2(description: dict[str, Any], library: Library) -> list[Problem]:
             problems += _module(library, "Stage", stage, "type", "2", path)
             if not isinstance(stage, dict):
                 continue
-            for kind, key in (("Input", "inputs"), ("Device", "devices")):
+            for kind, key in (("Device", "devices"), ("Input", "inputs")):
                 group = stage.get(key)
                 if isinstance(group, dict):
                     for name, desc in group.items():

@@ -83,7 +83,7 @@ def test_aosbuild_flags_parse_into_the_invocation() -> None:
     assert cli.invocation(cli.parser().parse_args(["m.json"])) == Invocation(manifest="m.json")
 
 
-def test_osbuild_flags_parse_into_the_invocation() -> None:
+def test_osbuild_flags_parse_into_the_invocation(tmp_path: Path) -> None:
     args = osbuild_compat.parser().parse_args(
         ["--cache", "s", "--libdir", "/usr/lib/osbuild", "--checkpoint", "build", "--export", "os",
          "--output-directory", "out", "--json", "--monitor", "JSONSeqMonitor", "--monitor-fd", "3",
@@ -92,7 +92,8 @@ def test_osbuild_flags_parse_into_the_invocation() -> None:
         manifest="m.json", store="s", libdirs=("/usr/lib/osbuild",), checkpoints=("build",), exports=("os",),
         output_directory=Path("out"), json=True, monitor="JSONSeqMonitor", monitor_fd=3, stage_timeout=60.0,
         cache_max_size=None, quiet=True, summary=False)
-    default = osbuild_compat.invocation(osbuild_compat.parser().parse_args(["m.json"]))
+    not_installed = tmp_path / "usr-lib-osbuild"  # test_osbuild_compat.py: the installed library's default
+    default = osbuild_compat.invocation(osbuild_compat.parser().parse_args(["m.json"]), not_installed)
     assert default == Invocation(manifest="m.json", summary=False)
     assert default.cache_max_size is KEEP
 
