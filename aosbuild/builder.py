@@ -22,8 +22,8 @@ from . import osbuild_api, sandbox
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
-from .hostservices import needs_host_services, open_host_mounts
-from .inputs import map_input
+from .hostservices import StoreApi, open_host_inputs, open_host_mounts, open_store_api, split_mounts
+from .inputs import NATIVE_INPUTS, map_input
 from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
@@ -204,28 +204,51 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
     from_osbuild = is_osbuild_library(info.root)
     runner_name, runner = runners.for_module(info)
-    # the stage's /dev is unmounted first, then its loop devices are detached, then its scratch removed
+
+    def service_line(text: str) -> None:
+        ctx.monitor.stage_output(pipeline, stage, text)
+
+    # the header first: host services log while they set the stage up, and their lines belong to it
+    ctx.monitor.stage_started(pipeline, stage)
+    # the stage's mounts and devices go first, then its input services, its /dev, loop devices, scratch
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
-            open_dev_dir(scratch.path / "dev", osbuild_layout=from_osbuild) as devdir:
+            open_dev_dir(scratch.path / "dev", osbuild_layout=from_osbuild) as devdir, \
+            AsyncExitStack() as services:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
-        for inp in stage.inputs.values():
-            input_binds, inputs[inp.name] = map_input(
-                inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
+        foreign = [inp for inp in stage.inputs.values() if inp.type not in NATIVE_INPUTS]
+        if foreign:
+            # mapped by osbuild's input services, which read pipeline trees through the `store` endpoint
+            store_api = StoreApi(tree_of=ctx.pins.tree, sources=ctx.store.sources, scratch=scratch.path)
+            socket_path = await services.enter_async_context(open_store_api(scratch.path / "store-api", store_api))
+            input_binds, inputs = await services.enter_async_context(open_host_inputs(
+                foreign, find=lambda name: ctx.library.find("Input", name), store_api=socket_path,
+                root=scratch.path / "host-inputs", on_line=service_line))
             binds += input_binds
-        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices, \
+        for inp in stage.inputs.values():
+            if inp.type in NATIVE_INPUTS:
+                input_binds, inputs[inp.name] = map_input(
+                    inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
+                binds += input_binds
+        inputs = {name: inputs[name] for name in stage.inputs}  # the manifest's order
+        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops,
+                                find=lambda name: ctx.library.find("Device", name),
+                                on_line=service_line) as devices, \
                 AsyncExitStack() as host_mounts:
-            if needs_host_services(stage.mounts, lambda name: name in FSTYPES):
-                # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild
-                mount_plan: list[dict[str, Any]] = []
+            by_service, native_mounts = split_mounts(stage.mounts, lambda name: name in FSTYPES)
+            mounts: dict[str, Any] = {}
+            if by_service:
+                # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild;
+                # native ones are made in the sandbox on top of them
                 root = scratch.path / "mounts"
                 os.mkdir(root)
                 mounts = await host_mounts.enter_async_context(open_host_mounts(
-                    stage.mounts, find=lambda name: ctx.library.find("Mount", name), devices=devices,
-                    root=root, tree=entry.tree, on_line=lambda text: ctx.monitor.stage_output(pipeline, stage, text)))
+                    by_service, find=lambda name: ctx.library.find("Mount", name), devices=devices,
+                    root=root, tree=entry.tree, on_line=service_line))
                 binds.append(sandbox.Bind(root, sandbox.MOUNTS, read_only=False))
-            else:
-                mount_plan, mounts = plan_mounts(stage.mounts, devices)
+            mount_plan, native_arguments = plan_mounts(native_mounts, devices)
+            mounts.update(native_arguments)
+            mounts = {m.name: mounts[m.name] for m in stage.mounts}  # the manifest's order
             meta: dict[str, Any] = {"id": stage.id}
             env = {}
             if mount_plan:
@@ -242,7 +265,6 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
                                        runner=runner, runner_name=runner_name, dev=devdir.path, binds=tuple(binds),
                                        env=env, osbuild=contract, capabilities=tuple(sorted(info.capabilities)))
-            ctx.monitor.stage_started(pipeline, stage)
             started = time.monotonic()
             reason = ""
             try:

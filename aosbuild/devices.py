@@ -11,15 +11,16 @@ A stage's devices are opened in the manifest's dependency order, parents first, 
 read from the parent's partition table, as a loop device over the parent's sectors: the kernel need not
 parse partition tables). Both are loop devices, which the stage's loop server detaches in reverse order
 of attaching, children before parents, however the stage ends. LUKS (`org.osbuild.luks2`) and LVM
-(`org.osbuild.lvm2.lv`) need the kernel's device-mapper and are not implemented.
+(`org.osbuild.lvm2.lv`) need the kernel's device-mapper: aosbuild has no native version of them and
+runs an osbuild library's modules for them as osbuild's host services (`aosbuild.hostservices`).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ import anyio
 from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
+from .moduleinfo import ModuleInfo
 from .partitions import SECTOR, find_partition
 from .runnerlib import MNT_DETACH, mount, umount
 from .sandbox import DEV_SOURCE
@@ -176,15 +178,30 @@ DEVICE_TYPES: dict[str, DeviceOpener] = {"org.osbuild.loopback": open_loopback,
 
 
 @asynccontextmanager
-async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir,
-                       loops: LoopServer) -> AsyncIterator[dict[str, Any]]:
+async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir, loops: LoopServer,
+                       find: Callable[[str], ModuleInfo | None] = lambda name: None,
+                       on_line: Callable[[str], None] = lambda text: None,
+                       native: Mapping[str, DeviceOpener] = DEVICE_TYPES) -> AsyncIterator[dict[str, Any]]:
     """Open a stage's devices, parents first (`devices` is in dependency order); `loops` detaches them,
-    children first, when the stage is done. Yields the stage's `devices` argument."""
+    children first, when the stage is done. A type aosbuild lacks is opened by its module's host service
+    (`find`), as osbuild does, and closed when the service stops, before the loop devices go. Yields the
+    stage's `devices` argument."""
     opened: dict[str, OpenDevice] = {}
-    for name, device in devices.items():
-        opener = DEVICE_TYPES.get(device.type)
-        if opener is None:
-            raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}")
-        parent = opened[device.parent.name] if device.parent is not None else None
-        opened[name] = await opener(device, parent, tree=tree, devdir=devdir, loops=loops)
-    yield {name: device.argument for name, device in opened.items()}
+    async with AsyncExitStack() as services:
+        for name, device in devices.items():
+            parent = opened[device.parent.name] if device.parent is not None else None
+            opener = native.get(device.type)
+            if opener is not None:
+                opened[name] = await opener(device, parent, tree=tree, devdir=devdir, loops=loops)
+                continue
+            module = find(device.type)
+            if module is None or module.path is None:
+                raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}")
+            from .hostservices import open_host_device
+
+            reply = await open_host_device(services, device, module, dev=devdir.path, tree=tree, on_line=on_line,
+                                           parent=parent.argument["path"].removeprefix("/dev/") if parent else None)
+            relative = reply["path"].lstrip("/")
+            opened[name] = OpenDevice(argument={**reply, "path": f"/dev/{relative}"},
+                                      host_path=f"{devdir.path}/{relative}")
+        yield {name: device.argument for name, device in opened.items()}

@@ -174,7 +174,8 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     tee = Tee(*monitors)
     sources = Sources(store, manifest.sources, tee, download=request.download,
                       only=needed_items(manifest, exports) if request.sources_only else None,
-                      keep_going=request.sources_only, verify=request.sources_only)
+                      keep_going=request.sources_only, verify=request.sources_only,
+                      library=lambda name: library.find("Source", name))
     ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=tee,
                        sources=sources, options=options)
     try:

@@ -1,4 +1,4 @@
-"""osbuild's host services: the library's mount modules aosbuild has no native version of, run as osbuild runs them.
+"""osbuild's host services: the library's host modules aosbuild has no native version of, run as osbuild runs them.
 
 A host service is the module's executable, started as `<module> --service-id <id> --service-fd <fd>` with
 one end of a `SOCK_SEQPACKET` socketpair (jsoncomm framing, as `aosbuild.osbuild_api`), `PYTHONPATH` at
@@ -10,13 +10,20 @@ SIGINT and SIGTERM and tears down what it made (unmount, close) when its socket 
 So that happens whatever ends the build: the engine closes the socket first and waits for the service,
 shielded from cancellation; a killed engine's socket closes too (services are not killed with the
 engine, unlike stages, for that reason); only a service that does not exit in time is killed.
+
+Kinds run this way, each where aosbuild has no native implementation of the type: inputs (`map`, with
+osbuild's `store` endpoint for reading pipeline trees and the sources directory), devices (`open`, then
+`close` when the service stops), mounts (`mount`, `umount` on stop) and sources (`download`, run before
+the stages that use their items, into the store's `sources/<content type>/`).
 """
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path, PurePosixPath
@@ -25,14 +32,17 @@ from typing import Any
 import anyio
 
 from . import process
-from .errors import SandboxError
-from .manifest import Mount
+from .errors import AosbuildError, SandboxError
+from .manifest import Device, Input, Mount
 from .moduleinfo import ModuleInfo
-from .sandbox import MOUNTS
+from .osbuild_api import Endpoint
+from .runnerlib import MNT_DETACH, umount
+from .sandbox import INPUTS, MOUNTS, Bind
 from .stageapi import receive_packet
 
 STOP_SECONDS = 30.0  # a service unmounting a large filesystem syncs it first
 VIA_FD = b"<args-via-fd>"
+MAX_INLINE = 64000  # osbuild's fallback for wmem_max: larger messages go in a memfd
 
 
 class ServiceError(SandboxError):
@@ -63,14 +73,23 @@ class ServiceClient:
 
     async def call(self, method: str, args: Any) -> Any:
         data = json.dumps({"type": "method", "data": {"name": method, "args": args}}).encode()
-        if len(data) > 64000:
-            raise SandboxError(f"host service {self.uid}: the arguments of {method} are too large")
-        while True:
-            try:
-                self.sock.sendmsg([data])
-                break
-            except BlockingIOError:
-                await anyio.wait_writable(self.sock)
+        fds: list[int] = []
+        if len(data) > MAX_INLINE:  # a source's many items: in a memfd, as osbuild's jsoncomm sends them
+            memfd = os.memfd_create("aosbuild-host-call", os.MFD_CLOEXEC)
+            os.write(memfd, data)
+            os.lseek(memfd, 0, os.SEEK_SET)
+            data, fds = VIA_FD, [memfd]
+        try:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            while True:
+                try:
+                    self.sock.sendmsg([data], ancillary)
+                    break
+                except BlockingIOError:
+                    await anyio.wait_writable(self.sock)
+        finally:
+            for fd in fds:
+                os.close(fd)
         while True:
             await anyio.wait_readable(self.sock)
             try:
@@ -130,10 +149,23 @@ async def open_service(module: ModuleInfo, uid: str, on_line: Callable[[str], No
             theirs.close()
 
 
-def needs_host_services(mounts: Sequence[Mount], native: Callable[[str], bool]) -> bool:
-    """Whether a stage's mounts go through osbuild's host services: when any of them has no native
-    implementation, all of them do, so they are made in the manifest's order (one below another)."""
-    return any(not native(mount.type) for mount in mounts)
+def _below(path: str | None, top: str | None) -> bool:
+    path, top = PurePosixPath("/", path or "/"), PurePosixPath("/", top or "/")
+    return path == top or top in path.parents
+
+
+def split_mounts(mounts: Sequence[Mount], native: Callable[[str], bool]) -> tuple[list[Mount], list[Mount]]:
+    """The stage's mounts made by host services (before the sandbox starts) and those made natively
+    (inside it, after): a mount type aosbuild lacks goes to its service, the others stay native, unless a
+    native mount would then cover a service's mount that the manifest makes after it (at or below its
+    target): then every mount goes through services, so they are made in the manifest's order."""
+    host = [m for m in mounts if not native(m.type)]
+    ours = [m for m in mounts if native(m.type)]
+    order = {m.name: index for index, m in enumerate(mounts)}
+    for n in ours:
+        if any(order[h.name] > order[n.name] and _below(h.target, n.target) for h in host):
+            return list(mounts), []
+    return host, ours
 
 
 @asynccontextmanager
@@ -164,3 +196,132 @@ async def open_host_mounts(mounts: Sequence[Mount], *, find: Callable[[str], Mod
                 raise SandboxError(f"mount '{mount.name}': {mount.type} mounted at {path}, outside {root}") from None
             arguments[mount.name] = {"path": f"{MOUNTS}/{relative}"}
         yield arguments
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+
+class StoreApi:
+    """osbuild's `store` endpoint, which input services call: `read-tree` (a pipeline's tree), `read-tree-at`
+    (that tree bind-mounted, read-only, at a target below the stage's scratch space), `mkdtemp` (a directory
+    there) and `source` (the store's directory for one content type). Its binds go when the stage is done."""
+
+    def __init__(self, *, tree_of: Callable[[str], Path], sources: Path, scratch: Path) -> None:
+        self.tree_of = tree_of
+        self.sources = sources
+        self.scratch = scratch
+        self.binds: list[str] = []
+
+    def _tree(self, object_id: str) -> Path | None:
+        try:
+            return self.tree_of(object_id)
+        except (KeyError, AosbuildError):
+            return None
+
+    async def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        method = msg.get("method")
+        if method == "read-tree":
+            tree = self._tree(str(msg["object-id"]))
+            return {"path": os.fspath(tree) if tree else None}
+        if method == "read-tree-at":
+            tree = self._tree(str(msg["object-id"]))
+            if tree is None:
+                return {"path": None}
+            target = Path(os.path.realpath(msg["target"]))
+            if not target.is_relative_to(self.scratch.resolve()):
+                return {"error": f"{target} is not in the stage's scratch space"}
+            source = tree / str(msg.get("subtree") or "/").lstrip("/")
+            # as osbuild's: recursive, private, read-only
+            done = await anyio.run_process(["mount", "--rbind", "--make-rprivate", "-o", "ro", os.fspath(source),
+                                            os.fspath(target)], check=False, stdin=None)
+            if done.returncode != 0:
+                return {"error": (done.stderr or done.stdout).decode(errors="replace").strip()}
+            self.binds.append(os.fspath(target))
+            return {"path": os.fspath(target)}
+        if method == "mkdtemp":
+            return {"path": tempfile.mkdtemp(suffix=msg.get("suffix"), prefix=msg.get("prefix"), dir=self.scratch)}
+        if method == "source":
+            return {"path": os.fspath(self.sources / str(msg["name"]))}
+        raise ValueError(f"the store endpoint has no method {method!r}")
+
+    def release(self) -> None:
+        for target in reversed(self.binds):
+            try:
+                umount(target, MNT_DETACH)
+            except OSError:
+                pass  # gone with a parent mount already
+        self.binds.clear()
+
+
+@asynccontextmanager
+async def open_store_api(directory: Path, store: StoreApi) -> AsyncIterator[Path]:
+    """Serve `store` from a socket in `directory` while the stage's inputs are mapped and used; its path."""
+    os.makedirs(directory, exist_ok=True)
+    endpoint = Endpoint(directory / "store", store.handle)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(endpoint.serve)
+            try:
+                yield directory / "store"
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        endpoint.close()
+        store.release()
+
+
+@asynccontextmanager
+async def open_host_inputs(inputs: Sequence[Input], *, find: Callable[[str], ModuleInfo | None], store_api: Path,
+                           root: Path, on_line: Callable[[str], None]) -> AsyncIterator[tuple[list[Bind], dict[str, Any]]]:
+    """Map each input with its module's host service into `root/<name>`, as osbuild does: the binds that
+    show them at /run/osbuild/inputs/<name> and the stage's `inputs` arguments (the service's reply, its
+    path re-rooted). Services stop (unmap) in reverse order on exit."""
+    binds: list[Bind] = []
+    arguments: dict[str, Any] = {}
+    async with AsyncExitStack() as stack:
+        for inp in inputs:
+            module = find(inp.type)
+            if module is None or module.path is None:
+                raise SandboxError(f"input '{inp.name}': no library has a host service for {inp.type}")
+            target = root / inp.name
+            target.mkdir(parents=True)
+            client = await stack.enter_async_context(open_service(module, f"input/{inp.name}", on_line))
+            reply = await client.call("map", {"origin": inp.origin, "refs": inp.refs, "target": os.fspath(target),
+                                              "options": inp.options, "api": {"store": os.fspath(store_api)}})
+            if not isinstance(reply, dict) or not isinstance(reply.get("path"), str):
+                raise SandboxError(f"input '{inp.name}': {inp.type} answered map without a path")
+            try:
+                relative = PurePosixPath(os.path.normpath(reply["path"])).relative_to(target)
+            except ValueError:
+                raise SandboxError(f"input '{inp.name}': {inp.type} mapped it at {reply['path']}, "
+                                   f"outside {target}") from None
+            binds.append(Bind(target, f"{INPUTS}/{inp.name}"))
+            arguments[inp.name] = {**reply, "path": os.path.normpath(f"{INPUTS}/{inp.name}/{relative}")}
+        yield binds, arguments
+
+
+# -- devices --------------------------------------------------------------------------------------------------
+
+async def open_host_device(stack: AsyncExitStack, device: Device, module: ModuleInfo, *, dev: Path, tree: Path,
+                           parent: str | None, on_line: Callable[[str], None]) -> dict[str, Any]:
+    """Open a device with its module's host service (its node made in `dev`, the stage's /dev); the
+    service closes it when it stops, which `stack` does. The reply: `path` relative to /dev, `node`."""
+    client = await stack.enter_async_context(open_service(module, f"device/{device.name}", on_line))
+    reply = await client.call("open", {"dev": os.fspath(dev), "tree": os.fspath(tree), "parent": parent,
+                                       "options": device.options})
+    if not isinstance(reply, dict) or not isinstance(reply.get("path"), str):
+        raise SandboxError(f"device '{device.name}': {device.type} answered open without a path")
+    return reply
+
+
+# -- sources --------------------------------------------------------------------------------------------------
+
+async def download_with_service(module: ModuleInfo, source_type: str, items: dict[str, Any],
+                                options: dict[str, Any], cache: Path, on_line: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Fetch a source's items with its module's host service (its `fetch_all`), into `cache/<content type>/`
+    as osbuild does; the item results (`success`, `metadata` with `checksum` and `cached`, `error`)."""
+    async with open_service(module, f"source/{source_type}", on_line) as client:
+        reply = await client.call("download", {"items": items, "options": options, "cache": os.fspath(cache),
+                                               "output": None, "checksums": []})
+    if not isinstance(reply, dict) or not isinstance(reply.get("results"), list):
+        raise SandboxError(f"source {source_type}: its host service answered download without results")
+    return list(reply["results"])

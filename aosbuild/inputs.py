@@ -4,6 +4,9 @@
 - `org.osbuild.files`: source items, hard-linked into a directory named by their checksums; or, with
   pipeline origin, single files out of pipeline trees (`{"<id>": {"file": "/disk.img"}}`).
 - `org.osbuild.noop`: an empty directory.
+
+Other types (osbuild's `containers`, `ostree`, ...) are mapped by an osbuild library's input modules, run
+as osbuild's host services (`aosbuild.hostservices`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from .confine import relative_path, resolve_inside
 from .errors import SandboxError
 from .manifest import PIPELINE_ORIGIN, Input
 from .sandbox import INPUTS, Bind
+
+NATIVE_INPUTS = frozenset({"org.osbuild.tree", "org.osbuild.files", "org.osbuild.noop"})  # others: host services
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -145,7 +145,7 @@ class RemoteLoop:
         return {"devname": device.name}
 
 
-class _Endpoint:
+class Endpoint:
     """One listening socket and the connections it accepted; each packet is one message to `handle`."""
 
     def __init__(self, path: Path, handle: Callable[[dict[str, Any], list[int]], Awaitable[Any]]) -> None:
@@ -234,7 +234,7 @@ class _Endpoint:
 class OsbuildApi:
     """The running endpoints of one stage; `drain()` once the stage has exited, before they close."""
 
-    def __init__(self, sockets: ApiSockets, endpoints: list[_Endpoint]) -> None:
+    def __init__(self, sockets: ApiSockets, endpoints: list[Endpoint]) -> None:
         self.sockets = sockets
         self._endpoints = endpoints
 
@@ -264,10 +264,10 @@ async def open_api(directory: Path, *, on_exception: Callable[[dict[str, Any]], 
     async def remoteloop(msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         return await remote.attach(msg, fds)
 
-    endpoints: list[_Endpoint] = []
+    endpoints: list[Endpoint] = []
     try:
-        endpoints.append(_Endpoint(sockets.osbuild, osbuild))
-        endpoints.append(_Endpoint(sockets.remoteloop, remoteloop))
+        endpoints.append(Endpoint(sockets.osbuild, osbuild))
+        endpoints.append(Endpoint(sockets.remoteloop, remoteloop))
         async with anyio.create_task_group() as tg:
             for endpoint in endpoints:
                 tg.start_soon(endpoint.serve)

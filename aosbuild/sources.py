@@ -6,6 +6,9 @@ fetcher (`aosbuild.fetchers`); this module orchestrates: an item already in the 
 again, an item is fetched under a per-item lock so that several aosbuild processes sharing a store fetch
 it once, and every item's outcome and every byte are reported to the monitor.
 
+A source type aosbuild has no fetcher for is fetched by an osbuild library's module for it, run as
+osbuild runs sources (a host service's `download`, i.e. its `fetch_all`), into the same directory.
+
 A failed item fails its source at once in a build (the build cannot succeed); with `keep_going`, as
 `--sources-only` runs, every other item is still fetched and all failures are reported at the end.
 """
@@ -25,10 +28,12 @@ from typing import Any
 import anyio
 
 from .checksum import VerifiedFile
-from .download import DownloadOptions, open_downloader
-from .errors import ChecksumMismatch, DownloadError, SourceError
+from .download import Downloader, DownloadOptions, open_downloader
+from .errors import ChecksumMismatch, DownloadError, SandboxError, SourceError
 from .fetchers import FETCHERS, Fetcher
+from .hostservices import download_with_service
 from .manifest import Source
+from .moduleinfo import ModuleInfo
 from .monitor import Monitor
 from .store import Store, sourcecache
 
@@ -166,8 +171,12 @@ class Sources:
 
     def __init__(self, store: Store, sources: Iterable[Source], monitor: Monitor, *,
                  download: DownloadOptions | None = None, only: Collection[str] | None = None,
-                 keep_going: bool = False, verify: bool = False) -> None:
+                 keep_going: bool = False, verify: bool = False,
+                 library: Callable[[str], ModuleInfo | None] = lambda name: None,
+                 fetchers: Mapping[str, Callable[[Downloader], Fetcher]] = FETCHERS) -> None:
         self.store = store
+        self.library = library  # a source's module in an osbuild library, for types aosbuild cannot fetch
+        self.fetchers = fetchers
         self.verify = verify  # hash every item in the store before trusting it, not only changed ones
         self.monitor = monitor
         self.download = download or DownloadOptions()
@@ -199,9 +208,48 @@ class Sources:
         """Fetch every item; raises the first item's SourceError once its source has stopped."""
         async with open_downloader(self.download) as downloader, anyio.create_task_group() as tg:
             for source, items in self.selected:
-                factory = FETCHERS.get(source.type)
+                factory = self.fetchers.get(source.type)
+                module = self.library(source.type) if factory is None else None
+                if module is not None and module.path is not None:
+                    tg.start_soon(self._fetch_with_service, source, items, module)
+                    continue
                 fetcher = factory(downloader) if factory else None
                 tg.start_soon(self._fetch_source, source, items, fetcher)
+
+    async def _fetch_with_service(self, source: Source, items: dict[str, Any], module: ModuleInfo) -> None:
+        """A source type aosbuild has no fetcher for, fetched by its osbuild module's `fetch_all`, run as
+        osbuild runs it: one host service for all the items, into `sources/<content type>/` of the store."""
+        run = self._runs[source.type] = _Run(source, items, self.monitor)
+        self.monitor.source_started(source)
+        if items:
+            try:
+                replies = await download_with_service(module, source.type, items, source.options,
+                                                       self.store.sources, on_line=run.log)
+            except SandboxError as exc:
+                replies = [{"success": False, "error": str(exc), "metadata": {"checksum": c}} for c in items]
+            for reply in replies:
+                metadata = reply.get("metadata") or {}
+                checksum = str(metadata.get("checksum", ""))
+                if checksum not in items:
+                    continue
+                if reply.get("success", False):
+                    run.results[checksum] = ItemResult(checksum=checksum, cached=bool(metadata.get("cached")))
+                    self._ready[checksum].set()
+                else:
+                    error = SourceError(source.type, checksum, str(reply.get("error") or "failed"))
+                    run.failures.append(error)
+                    run.results[checksum] = ItemResult(checksum=checksum, cached=False, error=str(error))
+                    run.log(f"Error: {error}\n")
+            for checksum in items:
+                if checksum not in run.results:
+                    error = SourceError(source.type, checksum, "its host service gave no result for it")
+                    run.failures.append(error)
+                    run.results[checksum] = ItemResult(checksum=checksum, cached=False, error=str(error))
+        run.report(force=True)
+        results = [run.results[c] for c in items if c in run.results]
+        self.monitor.source_finished(source, results, success=not run.failures)
+        if run.failures:
+            raise run.failures[0]
 
     async def _fetch_source(self, source: Source, items: dict[str, Any], fetcher: Fetcher | None) -> None:
         run = self._runs[source.type] = _Run(source, items, self.monitor)
