@@ -149,23 +149,16 @@ async def open_service(module: ModuleInfo, uid: str, on_line: Callable[[str], No
             theirs.close()
 
 
-def _below(path: str | None, top: str | None) -> bool:
-    path, top = PurePosixPath("/", path or "/"), PurePosixPath("/", top or "/")
-    return path == top or top in path.parents
-
-
 def split_mounts(mounts: Sequence[Mount], native: Callable[[str], bool]) -> tuple[list[Mount], list[Mount]]:
-    """The stage's mounts made by host services (before the sandbox starts) and those made natively
-    (inside it, after): a mount type aosbuild lacks goes to its service, the others stay native, unless a
-    native mount would then cover a service's mount that the manifest makes after it (at or below its
-    target): then every mount goes through services, so they are made in the manifest's order."""
-    host = [m for m in mounts if not native(m.type)]
-    ours = [m for m in mounts if native(m.type)]
-    order = {m.name: index for index, m in enumerate(mounts)}
-    for n in ours:
-        if any(order[h.name] > order[n.name] and _below(h.target, n.target) for h in host):
-            return list(mounts), []
-    return host, ours
+    """The stage's mounts made by host services (on the host, before the sandbox starts) and those made
+    natively (in the sandbox, after): a type aosbuild lacks goes to its service, the others stay native,
+    as long as that keeps the manifest's order, i.e. every service mount comes before every native one.
+    Otherwise (a bind of `mount://` after an ext4, a service mount below a native one) all of them go
+    through services, so each is made on top of the ones before it, as in osbuild."""
+    kinds = [native(m.type) for m in mounts]
+    if any(kinds[i] and not kinds[j] for i in range(len(kinds)) for j in range(i + 1, len(kinds))):
+        return list(mounts), []
+    return [m for m, ours in zip(mounts, kinds) if not ours], [m for m, ours in zip(mounts, kinds) if ours]
 
 
 @asynccontextmanager

@@ -1,0 +1,215 @@
+"""osbuild's host services for the host modules aosbuild has no native version of, against osbuild 191.
+
+One small manifest uses what aosbuild lacks, next to what it has: a `org.osbuild.ostree` source (fetched by
+the library's source module, its `fetch_all`), `org.osbuild.containers` and `org.osbuild.ostree` inputs
+(mapped by the library's input modules, through osbuild's `store` endpoint) beside a native tree input,
+and a `org.osbuild.noop` mount (a service) before a native ext4 mount of the same stage. A test stage of
+the library writes down what it sees; osbuild 191 and aosbuild must give it the same. Devices: the only
+library devices aosbuild lacks (luks2, lvm2) need device-mapper, which this kernel lacks, so the device
+protocol is run with the library's loopback module instead of aosbuild's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from aosbuild.errors import SourceError
+from aosbuild.devices import open_dev_dir, open_devices
+from aosbuild.library import Library
+from aosbuild.loop import open_loop_server
+from aosbuild.manifest import Device, Source
+from aosbuild.monitor import NullMonitor
+from aosbuild.sandbox import CAP_BITS, bounding_set, capability_mask, stage_capabilities
+from aosbuild.sources import Sources
+from aosbuild.store import Store
+
+from . import osbuild_library_manifest as lib
+from .conftest import FAST_TMP, Aosbuild, OsbuildOracle
+from .leftovers import loops_backed_by, mounts_under
+from .test_drills import assert_clean, finish, start, wait_for_message
+from .test_osbuild_library import RAISE_STAGE, assert_same, runnable_library
+
+pytestmark = pytest.mark.slow
+
+CONTRACT = "org.aosbuild.test.osbuild-contract"
+OSTREE = shutil.which("ostree")
+needs_ostree = pytest.mark.skipif(OSTREE is None, reason="ostree is missing: apt-get install -y ostree")
+
+
+@pytest.fixture(scope="module")
+def test_library(osbuild_oracle: OsbuildOracle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return runnable_library(osbuild_oracle.libdir, tmp_path_factory.mktemp("lib", numbered=True) / "lib")
+
+
+def ostree_repo(directory: Path) -> tuple[Path, str]:
+    """A local ostree repository with one commit (two files); its path and the commit id."""
+    repo, content = directory / "repo", directory / "content"
+    (content / "etc").mkdir(parents=True)
+    (content / "etc/probe").write_text("committed\n")
+    (content / "usr").mkdir()
+    subprocess.run(["ostree", "init", "--mode=archive", f"--repo={repo}"], check=True)
+    commit = subprocess.run(["ostree", "commit", f"--repo={repo}", "--branch=probe", f"--tree=dir={content}"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    return repo, commit
+
+
+def foreign_manifest(repo: Path, commit: str, last: dict[str, Any]) -> dict[str, Any]:
+    disk = {"disk": lib.loopback("disk.img")}
+    inputs = {
+        "tree": lib.tree_input("os"),
+        "images": {"type": "org.osbuild.containers", "origin": "org.osbuild.pipeline",
+                   "references": {"name:archive": {"name": "localhost/probe:latest"}}},
+        "commits": {"type": "org.osbuild.ostree", "origin": "org.osbuild.source",
+                    "references": {commit: {"ref": "probe/ref"}}}}
+    # a service mount first, then a native one beside it: both kinds in one stage
+    mounts = [{"name": "srv", "type": "org.osbuild.noop", "source": "disk", "target": "/srv"},
+              {"name": "data", "type": "org.osbuild.ext4", "source": "disk", "target": "/data"}]
+    return {"version": "2",
+            "sources": {"org.osbuild.ostree": {"items": {commit: {"remote": {"url": f"file://{repo}"}}}}},
+            "pipelines": [
+                {"name": "archive", "stages": [lib.stage("org.osbuild.truncate",
+                                                         {"filename": "probe.tar", "size": "4KiB"})]},
+                {"name": "os", "stages": [lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}]})]},
+                {"name": "image", "stages": [
+                    lib.stage("org.osbuild.truncate", {"filename": "disk.img", "size": "16MiB"}),
+                    lib.stage("org.osbuild.mkfs.ext4", {"uuid": lib.ROOT_UUID}, devices={"device": disk["disk"]}),
+                    {**last, "inputs": inputs, "devices": disk, "mounts": mounts}]}]}
+
+
+@needs_ostree
+def test_inputs_sources_and_mounts_aosbuild_lacks_match_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    repo, commit = ostree_repo(aosbuild.workdir)
+    m = foreign_manifest(repo, commit, lib.stage(CONTRACT, {}))
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "image", "--output-directory", str(aosbuild.workdir / "osbuild"),
+                                                str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(test_library), "--export", "image", "--output-directory",
+                    str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+
+    # the source went through the library's module, into the store's directory for its content type
+    assert f"source/org.osbuild.ostree (org.osbuild.ostree): pulling {commit}" in ours.stdout
+    shown = subprocess.run(["ostree", "show", f"--repo={aosbuild.store / 'sources/org.osbuild.ostree/repo'}",
+                            commit], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    # the input services' lines come under the header of the stage they serve
+    header = ours.stdout.index(f"{CONTRACT}: ")
+    assert header < ours.stdout.index("input/images (org.osbuild.containers): target ")
+    assert header < ours.stdout.index(f"input/commits (org.osbuild.ostree): exporting {commit}")
+    # noop went through its service; ext4 stayed native (no service line for it)
+    assert "mount/data (" not in ours.stdout
+
+    our_contract = json.loads((aosbuild.output / "image/contract.json").read_text())
+    their_contract = json.loads((aosbuild.workdir / "osbuild/image/contract.json").read_text())
+    assert our_contract["arguments"]["inputs"]["images"]["data"] == {
+        "archives": {"probe.tar": {"format": "oci-archive", "name": "localhost/probe:latest"}}}
+    assert our_contract["arguments"]["inputs"]["commits"] == {
+        "path": "/run/osbuild/inputs/commits/repo", "data": {"refs": {commit: {"ref": "probe/ref"}}}}
+    assert our_contract["inputs"]["images"] == ["probe.tar"]
+    assert "objects" in our_contract["inputs"]["commits"]
+    assert our_contract["mounted"] == {"srv": False, "data": True}  # noop makes a directory, no mount
+    intended = capability_mask(stage_capabilities(bounding_set(), ("CAP_MAC_ADMIN",)))
+    assert [int(mask, 16) for mask in our_contract.pop("caps")][:2] == [intended, intended]
+    assert intended >> CAP_BITS["CAP_MAC_ADMIN"] & 1
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
+    # the store endpoint's binds and the services' mounts are gone with the stage
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
+    assert loops_backed_by(aosbuild.store) == []
+
+
+@needs_ostree
+@pytest.mark.usefixtures("nodev_store")
+def test_ctrl_c_while_input_services_hold_binds_leaves_nothing(test_library: Path, aosbuild: Aosbuild) -> None:
+    repo, commit = ostree_repo(aosbuild.workdir)
+    sleeper = {"type": RAISE_STAGE, "options": {"sleep": 60, "message": "never"}}
+    proc = start(aosbuild, foreign_manifest(repo, commit, sleeper), "--libdir", str(test_library),
+                 "--monitor", "jsonseq", "--export", "image", "--output-directory", str(aosbuild.output))
+    seen = wait_for_message(proc, "sleeping in")
+    assert b"sleeping in data at /run/osbuild/mounts/data, mounted: True" in seen
+    # while the stage sleeps, the containers input's tree is bound on the host by the store endpoint
+    assert any("host-inputs/images" in mp.point for mp in mounts_under(aosbuild.store))
+    proc.send_signal(signal.SIGINT)
+    run = finish(proc, timeout=60)
+    assert run.returncode == 130, run.stderr
+    assert "Traceback" not in run.stderr
+    assert_clean(aosbuild)
+
+
+def test_the_library_inline_source_fetches_over_the_host_service_protocol(
+        osbuild_oracle: OsbuildOracle, tmp_path: Path) -> None:
+    """The library's org.osbuild.inline, run as a host service (aosbuild's own fetcher set aside): the
+    item lands where aosbuild's fetcher puts it, and the second run finds it cached."""
+    data = os.urandom(100_000)  # a large item: the call's arguments go through a memfd
+    checksum = "sha256:" + hashlib.sha256(data).hexdigest()
+    items = {checksum: {"encoding": "base64", "data": base64.b64encode(data).decode()}}
+    library = Library([osbuild_oracle.libdir])
+    store = Store(tmp_path / "store")
+
+    async def fetch() -> Sources:
+        sources = Sources(store, [Source(type="org.osbuild.inline", items=items)], NullMonitor(),
+                          library=lambda name: library.find("Source", name), fetchers={})
+        await sources.fetch_all()
+        return sources
+
+    first = anyio.run(fetch)
+    assert (store.sources / "org.osbuild.files" / checksum).read_bytes() == data
+    assert [r.cached for r in first.results["org.osbuild.inline"]] == [False]
+    second = anyio.run(fetch)
+    assert [r.cached for r in second.results["org.osbuild.inline"]] == [True]
+
+    wrong = {"sha256:" + "0" * 64: items[checksum]}
+
+    async def fetch_wrong() -> None:
+        await Sources(store, [Source(type="org.osbuild.inline", items=wrong)], NullMonitor(),
+                      library=lambda name: library.find("Source", name), fetchers={}).fetch_all()
+
+    with pytest.raises(ExceptionGroup) as raised:
+        anyio.run(fetch_wrong)
+    errors = raised.value.exceptions
+    assert [type(e) for e in errors] == [SourceError], errors
+    assert errors[0].checksum == next(iter(wrong)) and "checksum mismatch" in str(errors[0]).lower(), errors
+    assert not (store.sources / "org.osbuild.files" / next(iter(wrong))).exists()
+
+
+def test_a_device_opened_by_its_host_service(osbuild_oracle: OsbuildOracle) -> None:
+    """The device protocol (`open` with dev, tree, parent, options; `close` when the service stops) with
+    the library's loopback module in place of aosbuild's: the node is made in the stage's /dev, the stage
+    is told `/dev/loopN` and its node, and the loop device is gone when the devices are closed."""
+    library = Library([osbuild_oracle.libdir])
+    lines: list[str] = []
+    with __import__("tempfile").TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-hostdev-") as d:
+        scratch = Path(d)
+        tree = scratch / "tree"
+        tree.mkdir()
+        with open(tree / "disk.img", "wb") as f:
+            f.truncate(4 << 20)
+        device = Device(name="disk", type="org.osbuild.loopback", options={"filename": "disk.img"}, parent=None)
+
+        async def run() -> dict[str, Any]:
+            async with open_loop_server() as loops, open_dev_dir(scratch / "dev", osbuild_layout=True) as devdir:
+                async with open_devices({"disk": device}, tree=tree, devdir=devdir, loops=loops, native={},
+                                        find=lambda name: library.find("Device", name),
+                                        on_line=lines.append) as devices:
+                    node = os.stat(scratch / "dev" / devices["disk"]["path"].removeprefix("/dev/"))
+                    assert os.major(node.st_rdev) == devices["disk"]["node"]["major"] == 7
+                    assert os.minor(node.st_rdev) == devices["disk"]["node"]["minor"]
+                    assert loops_backed_by(scratch) != []
+                    return dict(devices)
+
+        devices = anyio.run(run)
+        assert devices["disk"]["path"].startswith("/dev/loop")
+        assert loops_backed_by(scratch) == []
