@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ class StageSession:
     """What the engine knows while one stage runs: its output, metadata, progress and exception."""
 
     def __init__(self, ctx: BuildContext, pipeline: Pipeline, stage: Stage, arguments: dict[str, Any], *,
-                 loops: LoopServer, devdir: DevDir) -> None:
+                 loops: LoopServer, devdir: DevDir, on_set_up: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
+        self.on_set_up = on_set_up  # once the sandbox has made its binds: what then leaves the host
         self.loops = loops
         self.devdir = devdir
         self.pipeline = pipeline
@@ -217,9 +219,9 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         foreign = [inp for inp in stage.inputs.values() if inp.type not in NATIVE_INPUTS]
+        store_api = StoreApi(tree_of=ctx.pins.tree, sources=ctx.store.sources, scratch=scratch.path)
         if foreign:
             # mapped by osbuild's input services, which read pipeline trees through the `store` endpoint
-            store_api = StoreApi(tree_of=ctx.pins.tree, sources=ctx.store.sources, scratch=scratch.path)
             socket_path = await services.enter_async_context(open_store_api(scratch.path / "store-api", store_api))
             input_binds, inputs = await services.enter_async_context(open_host_inputs(
                 foreign, find=lambda name: ctx.library.find("Input", name), store_api=socket_path,
@@ -260,7 +262,10 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                          "paths": {"devices": "/dev", "inputs": sandbox.INPUTS, "mounts": sandbox.MOUNTS},
                          "devices": devices, "inputs": inputs, "mounts": mounts, "options": stage.options,
                          "meta": meta}
-            session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
+            # the store endpoint's binds of pipeline trees stay in the sandbox, and leave the host once it has
+            # them, so that a killed engine leaves them nowhere
+            session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir,
+                                   on_set_up=store_api.release if store_api.binds else None)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
             spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
                                        runner=runner, runner_name=runner_name, dev=devdir.path, binds=tuple(binds),
@@ -271,7 +276,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 with anyio.fail_after(ctx.options.stage_timeout):
                     if contract is None:
                         returncode = await sandbox.run(spec, handlers=session.handlers(),
-                                                       on_line=session.output_line)
+                                                       on_line=session.output_line, on_set_up=session.on_set_up)
                     else:
                         returncode = await run_osbuild_module(spec, contract, session)
             except TimeoutError:
@@ -295,7 +300,7 @@ async def run_osbuild_module(spec: sandbox.SandboxSpec, contract: sandbox.Osbuil
 
     async with osbuild_api.open_api(contract.api, on_exception=on_exception, loops=session.loops) as api:
         returncode = await sandbox.run(spec, handlers={}, on_line=session.output_line,
-                                       on_dev_bound=session.devdir.leave_host)
+                                       on_dev_bound=session.devdir.leave_host, on_set_up=session.on_set_up)
         await api.drain()
     session.metadata.update(osbuild_api.read_metadata(contract.meta))
     return returncode

@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import posixpath
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -158,7 +159,8 @@ def split_mounts(mounts: Sequence[Mount], native: Callable[[str], bool]) -> tupl
     kinds = [native(m.type) for m in mounts]
     if any(kinds[i] and not kinds[j] for i in range(len(kinds)) for j in range(i + 1, len(kinds))):
         return list(mounts), []
-    return [m for m, ours in zip(mounts, kinds) if not ours], [m for m, ours in zip(mounts, kinds) if ours]
+    return ([m for m, ours in zip(mounts, kinds, strict=True) if not ours],
+            [m for m, ours in zip(mounts, kinds, strict=True) if ours])
 
 
 @asynccontextmanager
@@ -219,7 +221,7 @@ class StoreApi:
             tree = self._tree(str(msg["object-id"]))
             if tree is None:
                 return {"path": None}
-            target = Path(os.path.realpath(msg["target"]))
+            target = Path(msg["target"]).resolve()  # noqa: ASYNC240 (procfs-fast, a path the service made)
             if not target.is_relative_to(self.scratch.resolve()):
                 return {"error": f"{target} is not in the stage's scratch space"}
             source = tree / str(msg.get("subtree") or "/").lstrip("/")
@@ -264,7 +266,8 @@ async def open_store_api(directory: Path, store: StoreApi) -> AsyncIterator[Path
 
 @asynccontextmanager
 async def open_host_inputs(inputs: Sequence[Input], *, find: Callable[[str], ModuleInfo | None], store_api: Path,
-                           root: Path, on_line: Callable[[str], None]) -> AsyncIterator[tuple[list[Bind], dict[str, Any]]]:
+                           root: Path, on_line: Callable[[str], None]
+                           ) -> AsyncIterator[tuple[list[Bind], dict[str, Any]]]:
     """Map each input with its module's host service into `root/<name>`, as osbuild does: the binds that
     show them at /run/osbuild/inputs/<name> and the stage's `inputs` arguments (the service's reply, its
     path re-rooted). Services stop (unmap) in reverse order on exit."""
@@ -283,12 +286,12 @@ async def open_host_inputs(inputs: Sequence[Input], *, find: Callable[[str], Mod
             if not isinstance(reply, dict) or not isinstance(reply.get("path"), str):
                 raise SandboxError(f"input '{inp.name}': {inp.type} answered map without a path")
             try:
-                relative = PurePosixPath(os.path.normpath(reply["path"])).relative_to(target)
+                relative = PurePosixPath(posixpath.normpath(reply["path"])).relative_to(target)
             except ValueError:
                 raise SandboxError(f"input '{inp.name}': {inp.type} mapped it at {reply['path']}, "
                                    f"outside {target}") from None
             binds.append(Bind(target, f"{INPUTS}/{inp.name}"))
-            arguments[inp.name] = {**reply, "path": os.path.normpath(f"{INPUTS}/{inp.name}/{relative}")}
+            arguments[inp.name] = {**reply, "path": posixpath.normpath(f"{INPUTS}/{inp.name}/{relative}")}
         yield binds, arguments
 
 
@@ -308,8 +311,8 @@ async def open_host_device(stack: AsyncExitStack, device: Device, module: Module
 
 # -- sources --------------------------------------------------------------------------------------------------
 
-async def download_with_service(module: ModuleInfo, source_type: str, items: dict[str, Any],
-                                options: dict[str, Any], cache: Path, on_line: Callable[[str], None]) -> list[dict[str, Any]]:
+async def download_with_service(module: ModuleInfo, source_type: str, items: dict[str, Any], options: dict[str, Any],
+                                cache: Path, on_line: Callable[[str], None]) -> list[dict[str, Any]]:
     """Fetch a source's items with its module's host service (its `fetch_all`), into `cache/<content type>/`
     as osbuild does; the item results (`success`, `metadata` with `checksum` and `cached`, `error`)."""
     async with open_service(module, f"source/{source_type}", on_line) as client:

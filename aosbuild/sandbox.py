@@ -258,7 +258,8 @@ DEV_POLL_SECONDS = 0.02
 
 async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Mapping[str, str],
                     pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None,
-                    on_dev_bound: Callable[[], None] | None = None) -> int:
+                    on_dev_bound: Callable[[], None] | None = None,
+                    on_set_up: Callable[[], None] | None = None) -> int:
     """`process.run_streaming` for bwrap, which returns only once the sandbox's init has exited too.
 
     bwrap's own process ends first; its child, the sandbox's init (in a session of its own, killed by
@@ -266,7 +267,8 @@ async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Map
     mounts made in it (a stage's ext4 on its loop device). Its pid comes from `--info-fd`; a pidfd on it
     becomes readable only after its namespaces are released. `on_dev_bound` is called once the sandbox's
     mount namespace has the engine's /dev tmpfs bound (seen in the init's mountinfo), for stages that
-    never talk to the engine (osbuild's): from then on the tmpfs need not stay on the host.
+    never talk to the engine (osbuild's): from then on the tmpfs need not stay on the host. `on_set_up`
+    is called once bwrap has made all of the sandbox's binds (it has pivoted into the new root).
     """
     info_r, info_w = os.pipe()
     os.set_blocking(info_r, False)
@@ -283,6 +285,8 @@ async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Map
         await init.read()
         if init.pid is not None and on_dev_bound is not None and await _until_dev_bound(init.pid):
             on_dev_bound()
+        if init.pid is not None and on_set_up is not None and await _until_dev_bound(init.pid, ("/dev",)):
+            on_set_up()
 
     try:
         async with anyio.create_task_group() as tg:
@@ -341,29 +345,30 @@ class _Init:
             os.close(pidfd)
 
 
-async def _until_dev_bound(pid: int) -> bool:
+async def _until_dev_bound(pid: int, at: tuple[str, ...] = ("/dev", "/newroot/dev")) -> bool:
     """Wait until the process's mount namespace has the engine's /dev tmpfs at /dev (or bwrap's
-    /newroot/dev, before its pivot); False if the process ends first."""
+    /newroot/dev, before its pivot); False if the process ends first. `at=("/dev",)`: after the pivot,
+    i.e. once bwrap has made every bind of the sandbox."""
     # polled: a mount made in another namespace signals no event that anyio can wait for
-    while (bound := _dev_bound(pid)) is False:  # noqa: ASYNC110
+    while (bound := _dev_bound(pid, at)) is False:  # noqa: ASYNC110
         await anyio.sleep(DEV_POLL_SECONDS)
     return bound is True
 
 
-def _dev_bound(pid: int) -> bool | None:
-    """Whether the process's mountinfo has the engine's /dev tmpfs at /dev; None if it is gone (procfs
-    reads do not block)."""
+def _dev_bound(pid: int, at: tuple[str, ...]) -> bool | None:
+    """Whether the process's mountinfo has the engine's /dev tmpfs at one of `at`; None if it is gone
+    (procfs reads do not block)."""
     try:
         with open(f"/proc/{pid}/mountinfo") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    return any(f" - tmpfs {DEV_SOURCE} " in line and line.split()[4] in ("/dev", "/newroot/dev")
-               for line in lines)
+    return any(f" - tmpfs {DEV_SOURCE} " in line and line.split()[4] in at for line in lines)
 
 
 async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
-              on_line: Callable[[str], None], on_dev_bound: Callable[[], None] | None = None) -> int:
+              on_line: Callable[[str], None], on_dev_bound: Callable[[], None] | None = None,
+              on_set_up: Callable[[], None] | None = None) -> int:
     """Run the stage under bwrap, serving its RPC channel; returns the exit status.
 
     A module of an osbuild library has no such channel: its endpoints are served by `aosbuild.osbuild_api`.
@@ -371,7 +376,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
     if spec.osbuild is not None:
         caps = stage_capabilities(bounding_set(), spec.capabilities)
         return await run_bwrap(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env),
-                               on_dev_bound=on_dev_bound)
+                               on_dev_bound=on_dev_bound, on_set_up=on_set_up)
     compile_stage_side()
     engine_sock, stage_sock = rpc.open_socketpair()
     with engine_sock, stage_sock:
@@ -392,7 +397,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             # has set it, the stage would find the channel closed and end at its first request
             returncode = await run_bwrap(
                 bwrap_argv(spec, caps), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
-                on_started=stage_sock.close)
+                on_started=stage_sock.close, on_set_up=on_set_up)
             # let the server read what the stage sent just before it exited, then stop it
             with anyio.move_on_after(DRAIN_SECONDS):
                 await server_done.wait()

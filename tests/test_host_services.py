@@ -18,14 +18,16 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from aosbuild.errors import SourceError
 from aosbuild.devices import open_dev_dir, open_devices
+from aosbuild.errors import SourceError
 from aosbuild.library import Library
 from aosbuild.loop import open_loop_server
 from aosbuild.manifest import Device, Source
@@ -131,20 +133,46 @@ def test_inputs_sources_and_mounts_aosbuild_lacks_match_osbuild(test_library: Pa
     assert loops_backed_by(aosbuild.store) == []
 
 
+def host_mount_points() -> list[str]:
+    """Mount points in this process's (the host's) mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
+
+
 @needs_ostree
 @pytest.mark.usefixtures("nodev_store")
-def test_ctrl_c_while_input_services_hold_binds_leaves_nothing(test_library: Path, aosbuild: Aosbuild) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_a_signal_while_input_services_serve_a_stage_leaves_nothing(test_library: Path, aosbuild: Aosbuild,
+                                                                    signum: int) -> None:
+    """The store endpoint's bind of the `archive` tree (for the containers input) leaves the host once the
+    sandbox has it; SIGINT: services stop, the sandbox goes, nothing is left; SIGKILL: the services see
+    their sockets close and exit, the loop device goes with its last user, nothing stays mounted."""
     repo, commit = ostree_repo(aosbuild.workdir)
     sleeper = {"type": RAISE_STAGE, "options": {"sleep": 60, "message": "never"}}
     proc = start(aosbuild, foreign_manifest(repo, commit, sleeper), "--libdir", str(test_library),
                  "--monitor", "jsonseq", "--export", "image", "--output-directory", str(aosbuild.output))
-    seen = wait_for_message(proc, "sleeping in")
+    seen = wait_for_message(proc, "sleeping in data")
+    assert b"sleeping in srv at /run/osbuild/mounts/srv, mounted: False" in seen
     assert b"sleeping in data at /run/osbuild/mounts/data, mounted: True" in seen
-    # while the stage sleeps, the containers input's tree is bound on the host by the store endpoint
-    assert any("host-inputs/images" in mp.point for mp in mounts_under(aosbuild.store))
-    proc.send_signal(signal.SIGINT)
+    # the sandbox has the input's tree bound in its namespace (the first test shows the stage sees it);
+    # the host no longer, once the sandbox is set up
+    deadline = time.monotonic() + 10
+    while any("/host-inputs/" in point for point in host_mount_points()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [point for point in host_mount_points() if "/host-inputs/" in point] == []
+    proc.send_signal(signum)
     run = finish(proc, timeout=60)
-    assert run.returncode == 130, run.stderr
+    assert run.returncode == (130 if signum == signal.SIGINT else -signal.SIGKILL), run.stderr
+    if signum == signal.SIGKILL:
+        def below_store() -> list[str]:
+            return [str(m) for m in mounts_under(aosbuild.store) if m.point != str(aosbuild.store)]
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (below_store() or loops_backed_by(aosbuild.store)):
+            time.sleep(0.2)
+        assert below_store() == []
+        assert loops_backed_by(aosbuild.store) == []
+        return
     assert "Traceback" not in run.stderr
     assert_clean(aosbuild)
 
@@ -181,7 +209,8 @@ def test_the_library_inline_source_fetches_over_the_host_service_protocol(
         anyio.run(fetch_wrong)
     errors = raised.value.exceptions
     assert [type(e) for e in errors] == [SourceError], errors
-    assert errors[0].checksum == next(iter(wrong)) and "checksum mismatch" in str(errors[0]).lower(), errors
+    assert errors[0].checksum == next(iter(wrong))
+    assert "checksum mismatch" in str(errors[0]).lower(), errors
     assert not (store.sources / "org.osbuild.files" / next(iter(wrong))).exists()
 
 
@@ -191,7 +220,7 @@ def test_a_device_opened_by_its_host_service(osbuild_oracle: OsbuildOracle) -> N
     is told `/dev/loopN` and its node, and the loop device is gone when the devices are closed."""
     library = Library([osbuild_oracle.libdir])
     lines: list[str] = []
-    with __import__("tempfile").TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-hostdev-") as d:
+    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-hostdev-") as d:
         scratch = Path(d)
         tree = scratch / "tree"
         tree.mkdir()
