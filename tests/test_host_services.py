@@ -30,7 +30,8 @@ from aosbuild.devices import open_dev_dir, open_devices
 from aosbuild.errors import SourceError
 from aosbuild.library import Library
 from aosbuild.loop import open_loop_server
-from aosbuild.manifest import Device, Source
+from aosbuild.hostservices import split_mounts
+from aosbuild.manifest import Device, Mount, Source
 from aosbuild.monitor import NullMonitor
 from aosbuild.sandbox import CAP_BITS, bounding_set, capability_mask, stage_capabilities
 from aosbuild.sources import Sources
@@ -242,3 +243,17 @@ def test_a_device_opened_by_its_host_service(osbuild_oracle: OsbuildOracle) -> N
         devices = anyio.run(run)
         assert devices["disk"]["path"].startswith("/dev/loop")
         assert loops_backed_by(scratch) == []
+
+
+def test_which_mounts_go_through_services() -> None:
+    """Service mounts are made on the host before the sandbox starts, native ones inside it after: mixed
+    only when that keeps the manifest's order, else all through services."""
+    def mounts(*types: str) -> list[Mount]:
+        return [Mount(name=f"m{i}", type=t, target=f"/t{i}") for i, t in enumerate(types)]
+
+    native = {"org.osbuild.ext4", "org.osbuild.fat"}.__contains__
+    mixed = mounts("org.osbuild.noop", "org.osbuild.bind", "org.osbuild.ext4", "org.osbuild.fat")
+    assert [[m.name for m in part] for part in split_mounts(mixed, native)] == [["m0", "m1"], ["m2", "m3"]]
+    after = mounts("org.osbuild.ext4", "org.osbuild.bind")
+    assert [[m.name for m in part] for part in split_mounts(after, native)] == [["m0", "m1"], []]
+    assert split_mounts(mounts("org.osbuild.ext4"), native) == ([], mounts("org.osbuild.ext4"))
