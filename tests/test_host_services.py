@@ -28,9 +28,9 @@ import pytest
 
 from aosbuild.devices import open_dev_dir, open_devices
 from aosbuild.errors import SourceError
+from aosbuild.hostservices import split_mounts
 from aosbuild.library import Library
 from aosbuild.loop import open_loop_server
-from aosbuild.hostservices import split_mounts
 from aosbuild.manifest import Device, Mount, Source
 from aosbuild.monitor import NullMonitor
 from aosbuild.sandbox import CAP_BITS, bounding_set, capability_mask, stage_capabilities
