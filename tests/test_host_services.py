@@ -210,8 +210,10 @@ def test_the_library_inline_source_fetches_over_the_host_service_protocol(
         anyio.run(fetch_wrong)
     errors = raised.value.exceptions
     assert [type(e) for e in errors] == [SourceError], errors
-    assert errors[0].checksum == next(iter(wrong))
-    assert "checksum mismatch" in str(errors[0]).lower(), errors
+    error = errors[0]
+    assert isinstance(error, SourceError)
+    assert error.checksum == next(iter(wrong))
+    assert "checksum mismatch" in str(error).lower(), errors
     assert not (store.sources / "org.osbuild.files" / next(iter(wrong))).exists()
 
 
