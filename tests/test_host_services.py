@@ -259,3 +259,21 @@ def test_which_mounts_go_through_services() -> None:
     after = mounts("org.osbuild.ext4", "org.osbuild.bind")
     assert [[m.name for m in part] for part in split_mounts(after, native)] == [["m0", "m1"], []]
     assert split_mounts(mounts("org.osbuild.ext4"), native) == ([], mounts("org.osbuild.ext4"))
+
+
+def test_a_device_service_that_fails_fails_its_stage_and_leaves_nothing(osbuild_oracle: OsbuildOracle,
+                                                                          aosbuild: Aosbuild) -> None:
+    """The library's `org.osbuild.luks2` (which aosbuild lacks) on a loop device that holds no LUKS header:
+    its service answers `open` with an exception, which is the stage's error; its loop parent is detached."""
+    m = {"version": "2", "pipelines": [{"name": "image", "stages": [
+        lib.stage("org.osbuild.truncate", {"filename": "disk.img", "size": "16MiB"}),
+        lib.stage("org.osbuild.mkfs.ext4", {"uuid": lib.ROOT_UUID}, devices={
+            "disk": lib.loopback("disk.img"),
+            "device": {"type": "org.osbuild.luks2", "parent": "disk", "options": {"passphrase": "x"}}})]}]}
+    run = aosbuild(m, "--libdir", str(osbuild_oracle.libdir), "--export", "image", "--output-directory",
+                   str(aosbuild.output))
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr
+    assert "Error: host service device/device failed: RuntimeError: " in run.stdout + run.stderr
+    assert "is not a valid LUKS device" in run.stdout + run.stderr
+    assert run.stdout.index("org.osbuild.mkfs.ext4: ") < run.stdout.index("device/device (org.osbuild.luks2): ")
+    assert_clean(aosbuild)
