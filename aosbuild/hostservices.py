@@ -115,8 +115,11 @@ class ServiceClient:
 
 
 @asynccontextmanager
-async def open_service(module: ModuleInfo, uid: str, on_line: Callable[[str], None]) -> AsyncIterator[ServiceClient]:
-    """Start the module as a host service; on exit close its socket and wait for it to tear down and exit."""
+async def open_service(module: ModuleInfo, uid: str, on_line: Callable[[str], None], *,
+                       labelled: bool = True) -> AsyncIterator[ServiceClient]:
+    """Start the module as a host service; on exit close its socket and wait for it to tear down and exit.
+    Its lines go to `on_line` as `<uid> (<module>): <line>`, or bare if not `labelled` (a source's, which
+    the monitor labels so itself)."""
     if module.path is None:
         raise SandboxError(f"{module.kind.lower()} {module.name} has no host service in {module.root}")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -127,7 +130,7 @@ async def open_service(module: ModuleInfo, uid: str, on_line: Callable[[str], No
     exited = anyio.Event()
 
     def line(text: str) -> None:
-        on_line(f"{uid} ({name}): {text}")
+        on_line(f"{uid} ({name}): {text}" if labelled else text)
 
     async with anyio.create_task_group() as tg:
         scope = anyio.CancelScope(shield=True)  # only the engine ends it, once its socket is closed
@@ -315,7 +318,7 @@ async def download_with_service(module: ModuleInfo, source_type: str, items: dic
                                 cache: Path, on_line: Callable[[str], None]) -> list[dict[str, Any]]:
     """Fetch a source's items with its module's host service (its `fetch_all`), into `cache/<content type>/`
     as osbuild does; the item results (`success`, `metadata` with `checksum` and `cached`, `error`)."""
-    async with open_service(module, f"source/{source_type}", on_line) as client:
+    async with open_service(module, f"source/{source_type}", on_line, labelled=False) as client:
         reply = await client.call("download", {"items": items, "options": options, "cache": os.fspath(cache),
                                                "output": None, "checksums": []})
     if not isinstance(reply, dict) or not isinstance(reply.get("results"), list):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +42,9 @@ from aosbuild.store import Store
 from . import osbuild_library_manifest as lib
 from .conftest import FAST_TMP, Aosbuild, OsbuildOracle
 from .leftovers import loops_backed_by, mounts_under
+from .registry import PASSWORD as REGISTRY_PASSWORD
+from .registry import USER as REGISTRY_USER
+from .registry import run_registry
 from .test_drills import assert_clean, finish, start, wait_for_message
 from .test_osbuild_library import RAISE_STAGE, assert_same, runnable_library
 
@@ -104,7 +109,7 @@ def test_inputs_sources_and_mounts_aosbuild_lacks_match_osbuild(test_library: Pa
     assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
 
     # the source went through the library's module, into the store's directory for its content type
-    assert f"source/org.osbuild.ostree (org.osbuild.ostree): pulling {commit}" in ours.stdout
+    assert f"\nsource/org.osbuild.ostree (org.osbuild.ostree): pulling {commit}\n" in ours.stdout
     shown = subprocess.run(["ostree", "show", f"--repo={aosbuild.store / 'sources/org.osbuild.ostree/repo'}",
                             commit], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
@@ -132,6 +137,82 @@ def test_inputs_sources_and_mounts_aosbuild_lacks_match_osbuild(test_library: Pa
     # the store endpoint's binds and the services' mounts are gone with the stage
     assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
     assert loops_backed_by(aosbuild.store) == []
+
+
+def oci_layout(layout: Path) -> str:
+    """A one-layer OCI image (uncompressed layer, one file) in an OCI layout; its image id (the config's
+    digest, which osbuild's skopeo source checks)."""
+    (layout / "blobs/sha256").mkdir(parents=True)
+
+    def blob(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (layout / "blobs/sha256" / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        data = b"from a registry\n"
+        info = tarfile.TarInfo("etc/probe")
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+    layer = buf.getvalue()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [blob(layer)]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob(layer),
+                    "size": len(layer)}]}).encode()
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": blob(manifest),
+         "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return "sha256:" + hashlib.sha256(config).hexdigest()
+
+
+def test_a_skopeo_source_and_a_containers_input_from_it_match_osbuild(
+        test_library: Path, aosbuild: Aosbuild, monkeypatch: pytest.MonkeyPatch) -> None:
+    """osbuild's `org.osbuild.skopeo` source (aosbuild has no fetcher for it) pulls an image from a local
+    registry (credentials from `REGISTRY_AUTH_FILE`, as skopeo reads them) into `sources/org.osbuild.containers`,
+    and the library's containers input binds it for the stage, under osbuild and under aosbuild."""
+    image_id = oci_layout(aosbuild.workdir / "layout")
+    with run_registry(aosbuild.workdir / "registry") as served:
+        creds = f"{REGISTRY_USER}:{REGISTRY_PASSWORD}"
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", creds,
+                        f"oci:{aosbuild.workdir / 'layout'}:latest", f"docker://{served.host}/probe:latest"],
+                       check=True, capture_output=True)
+        digest = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", creds, "--format",
+                                 "{{.Digest}}", f"docker://{served.host}/probe:latest"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        auth = aosbuild.workdir / "auth.json"
+        auth.write_text(json.dumps({"auths": {served.host: {"auth": base64.b64encode(creds.encode()).decode()}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        m = {"version": "2",
+             "sources": {"org.osbuild.skopeo": {"items": {image_id: {"image": {
+                 "name": f"{served.host}/probe", "digest": digest, "tls-verify": False}}}}},
+             "pipelines": [{"name": "os", "stages": [lib.stage(CONTRACT, {}, inputs={"images": {
+                 "type": "org.osbuild.containers", "origin": "org.osbuild.source",
+                 "references": {image_id: {"name": "localhost/probe:latest"}}}})]}]}
+        path = aosbuild.write_manifest(m)
+        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
+                                                    "--export", "os", "--output-directory",
+                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                        str(aosbuild.output))
+        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    stored = aosbuild.store / "sources/org.osbuild.containers" / image_id / "image"
+    assert (stored / "manifest.json").is_file()
+    our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
+    their_contract = json.loads((aosbuild.workdir / "osbuild/os/contract.json").read_text())
+    assert our_contract["arguments"]["inputs"]["images"] == {"path": "/run/osbuild/inputs/images", "data": {
+        "archives": {image_id: {"format": "dir", "name": "localhost/probe:latest"}}}}
+    assert our_contract["inputs"]["images"] == [image_id]
+    our_contract.pop("caps")
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
 
 
 def host_mount_points() -> list[str]:
