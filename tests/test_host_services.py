@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -213,6 +214,20 @@ def test_a_skopeo_source_and_a_containers_input_from_it_match_osbuild(
     their_contract.pop("caps")
     assert_same(our_contract, their_contract)
     assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
+
+    # the image is an item of the store (a directory): counted, left alone by verify, pruned whole
+    def store_command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "aosbuild", "store", *args, "--store", str(aosbuild.store)],
+                              capture_output=True, text=True, timeout=60)
+
+    info = json.loads(store_command("info", "--json").stdout)
+    assert info["sources"]["items"] == 1
+    assert info["sources"]["size"] >= sum(f.stat().st_size for f in stored.iterdir())
+    verified = store_command("verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    pruned = store_command("prune", "--to", "0", "--sources-to", "0")
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert not stored.exists()
 
 
 def host_mount_points() -> list[str]:

@@ -224,6 +224,8 @@ def verify_sources(store: Store) -> tuple[int, list[dict[str, Any]]]:
     checked, damaged = 0, []
     for found in sourcecache.items(store.sources):
         item = found.path
+        if found.is_dir:
+            continue  # an osbuild source's image or repository: that source checks it when it is used
         with sourcecache.try_lock(item) as held:
             if not held:
                 continue

@@ -7,7 +7,9 @@ between a build finding it and linking it. So items are pruned only while no bui
 holds a read lock on `cache.lock` from start to end, and pruning takes the write lock without waiting,
 or does not happen (the build that finishes last prunes).
 Files whose names start with a dot (partial downloads, per-item locks) belong to whoever fetches items
-and are neither counted nor pruned here.
+and are neither counted nor pruned here. Items fetched by an osbuild library's sources may be directories
+(a container image in `org.osbuild.containers/<id>/`, the ostree repository `org.osbuild.ostree/repo`):
+counted with all they hold, pruned whole, and checked by the source that fetched them, not here.
 
 An item is verified when it enters the store, and its size, modification time and inode are recorded
 then in `sources/.verified/<content type>/<checksum>`; before an item is used, `check` compares them
@@ -22,6 +24,8 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,6 +41,17 @@ class Item:
     path: Path
     size: int
     last_used: float
+    is_dir: bool = False  # an osbuild source's item (an image, a repository), not one file
+
+
+def _blocks(top: Path) -> int:
+    """Bytes taken by a directory item and all it holds."""
+    total = os.lstat(top).st_blocks * 512
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
 
 
 def items(sources: Path) -> list[Item]:
@@ -52,9 +67,11 @@ def items(sources: Path) -> list[Item]:
             path = directory / name
             try:
                 st = os.lstat(path)
+                is_dir = stat.S_ISDIR(st.st_mode)
+                size = _blocks(path) if is_dir else st.st_blocks * 512
             except FileNotFoundError:
                 continue
-            found.append(Item(path=path, size=st.st_blocks * 512, last_used=st.st_atime))
+            found.append(Item(path=path, size=size, last_used=st.st_atime, is_dir=is_dir))
     found.sort(key=lambda i: i.last_used)
     return found
 
@@ -80,7 +97,10 @@ def prune(sources: Path, to: int) -> tuple[int, int]:
         if used - freed <= to:
             break
         try:
-            os.unlink(item.path)
+            if item.is_dir:
+                shutil.rmtree(item.path)
+            else:
+                os.unlink(item.path)
         except FileNotFoundError:
             continue
         forget(item.path)
