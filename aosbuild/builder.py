@@ -30,7 +30,8 @@ from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
 from .runnerlib import MOUNTS_ENV
-from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
+from .sizes import format_size
+from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry
 
 OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already
 ERROR_TAIL_LINES = 20

@@ -25,8 +25,9 @@ from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import broken_pipe, exit_code
 from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
 from .library import Library
-from .monitor import MONITORS, human_bytes, make_monitor
-from .store import KEEP, Store, parse_size
+from .monitor import MONITORS, make_monitor
+from .sizes import format_size, size_argument
+from .store import KEEP, Store
 
 OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
 
@@ -81,13 +82,6 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show engine events and tracebacks")
     p.add_argument("--version", action="version", version=f"aosbuild {__version__} (osbuild {OSBUILD_VERSION})")
     return p
-
-
-def size_argument(text: str) -> int | None:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def configure_logging(debug: bool) -> None:
@@ -331,8 +325,8 @@ def sources_summary(ctx: Any) -> None:
     present = sum(i.size for i in items if i.error is None)
     lines = ["", f"{bold}Sources{reset}",
              f"  items:          {len(items)}",
-             f"  bytes:          {present} ({human_bytes(present)})",
-             f"  downloaded:     {len(fetched)} ({human_bytes(sum(i.size for i in fetched))})",
+             f"  bytes:          {present} ({format_size(present)})",
+             f"  downloaded:     {len(fetched)} ({format_size(sum(i.size for i in fetched))})",
              f"  already cached: {sum(1 for i in items if i.cached)}",
              f"  failed:         {sum(1 for i in items if i.error is not None)}"]
     sys.stdout.write("\n".join(lines) + "\n")

@@ -13,29 +13,17 @@ shadows a real osbuild on PATH.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from . import cli
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import broken_pipe, exit_code
+from .sizes import size_argument
 from .store import KEEP
 
 PROG = "osbuild"
-SIZE_UNITS = {"": 1, "kB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30,
-              "TB": 10**12, "TiB": 2**40}
 MONITOR_CLASSES = ("JSONSeqMonitor", "LogMonitor", "NullMonitor")
-
-
-def parse_size(text: str) -> int | str:
-    """osbuild's `util/parsing.py: parse_size`: bytes, a number with a unit, or `unlimited`."""
-    if text == "unlimited":
-        return text
-    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    if match is None or match.group(2) not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
-    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--libdir", metavar="DIRECTORY", type=str, default=None,
                    help="directory containing stages, assemblers, and the osbuild library "
                    "(aosbuild's bundled library is searched after it)")
-    p.add_argument("--cache-max-size", metavar="SIZE", type=parse_size, default=None,
+    p.add_argument("--cache-max-size", metavar="SIZE", type=size_argument, default=KEEP,
                    help="maximum size of the cache (bytes) or 'unlimited'")
     p.add_argument("--checkpoint", metavar="ID", action="append", type=str, default=None,
                    help="stage to commit to the object store during build (can be passed multiple times), "
@@ -81,8 +69,7 @@ def translate(args: argparse.Namespace) -> argparse.Namespace:
         checkpoint=args.checkpoint or [], export=args.export, output_directory=args.output_directory,
         inspect=args.inspect, json=args.json, monitor=args.monitor, monitor_fd=args.monitor_fd,
         stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,
-        cache_max_size=KEEP if args.cache_max_size is None else None if args.cache_max_size == "unlimited"
-        else args.cache_max_size,
+        cache_max_size=args.cache_max_size,
         download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False)
 
 
