@@ -25,6 +25,7 @@ from pathlib import Path
 
 import anyio
 
+from .confine import component
 from .errors import UsageError
 from .store import copy_tree
 
@@ -96,14 +97,15 @@ def move_aside(fresh: Path, target: Path) -> None:
 
 
 def export_target(output_directory: Path, name: str) -> Path:
-    """OUTDIR/NAME, which must lie inside OUTDIR: what is there is replaced as a whole, so a name that
-    is empty, `.`, absolute or climbs out would replace the output directory or a host directory."""
-    relative = os.path.normpath(name)
-    if not name or os.path.isabs(relative) or relative == "." or relative.split(os.sep)[0] == "..":
-        raise UsageError(f"cannot export {name!r}: an export is a directory inside --output-directory "
-                         f"({output_directory}), so its name must not be empty, '.', absolute or lead out "
-                         "of it with '..'")
-    return output_directory / relative
+    """OUTDIR/NAME, NAME being one path component (`confine.component`, as the loader checks pipeline
+    names): what is there is replaced as a whole, so a name that is empty, `.`, absolute, climbs out or
+    reaches into a subdirectory would replace the output directory, a host directory or a directory
+    through a symlink."""
+    why = component(name)
+    if why:
+        raise UsageError(f"cannot export {name!r}: its name {why}; an export is a directory directly inside "
+                         f"--output-directory ({output_directory}), named by one path component")
+    return output_directory / name
 
 
 async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree) -> None:

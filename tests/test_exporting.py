@@ -169,12 +169,14 @@ async def test_an_empty_pipeline_exports_an_empty_directory(workdir: Path) -> No
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
 
 
-@pytest.mark.parametrize("name", ["", ".", "a/..", "..", "../x", "a/../../x", "/etc", "//etc"])
-def test_an_export_never_replaces_the_output_directory_or_what_is_outside_it(workdir: Path, name: str) -> None:
-    with pytest.raises(UsageError, match="inside --output-directory"):
+@pytest.mark.parametrize("name", ["", ".", "a/..", "..", "../x", "a/../../x", "/etc", "//etc", "a/b", "x/",
+                                  "a\0b", "x" * 256])
+def test_an_export_is_one_directory_directly_inside_the_output_directory(workdir: Path, name: str) -> None:
+    """Also `a/b`: OUTDIR/a may be a symlink out of OUTDIR, and the loader refuses such pipeline names."""
+    with pytest.raises(UsageError, match="directly inside --output-directory"):
         export_target(workdir, name)
 
 
-@pytest.mark.parametrize(("name", "relative"), [("tree", "tree"), ("a/b", "a/b"), ("a/../b", "b"), ("x/", "x")])
-def test_export_target_inside_the_output_directory(workdir: Path, name: str, relative: str) -> None:
-    assert export_target(workdir, name) == workdir / relative
+@pytest.mark.parametrize("name", ["tree", "build-build", ".hidden", "x" * 255])
+def test_export_target_inside_the_output_directory(workdir: Path, name: str) -> None:
+    assert export_target(workdir, name) == workdir / name
