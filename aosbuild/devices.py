@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from .confine import relative_path, resolve_inside
 from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
@@ -87,8 +88,10 @@ async def open_dev_dir(path: Path) -> AsyncIterator[DevDir]:
 
 
 def _backing_file(tree: Path, filename: str) -> Path:
-    path = (tree / filename.lstrip("/")).resolve()
-    if not path.is_relative_to(tree.resolve()):
+    """The loader checked `filename` lexically; the tree may hold symlinks, so check it again resolved."""
+    relative, _ = relative_path(filename)
+    path = resolve_inside(tree, relative) if relative else None
+    if path is None:
         raise SandboxError(f"loopback device file '{filename}' is outside the tree")
     if not path.is_file():
         raise SandboxError(f"loopback device file '{filename}' does not exist in the tree")

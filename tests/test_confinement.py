@@ -123,6 +123,23 @@ def test_loopback_file_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
     assert "contains '..'" in result.stdout
 
 
+def test_loopback_file_symlinked_out_of_the_tree_is_refused(aosbuild: Aosbuild) -> None:
+    """An earlier stage plants `disk.img -> a host file`: the engine must not attach the host file."""
+    canary = aosbuild.workdir / "canary.img"
+    canary.write_bytes(b"\0" * 4096)
+    document = manifest(pipeline(
+        "image",
+        stage("org.osbuild.ln", paths=[{"target": str(canary), "link_name": "tree:///disk.img",
+                                        "symbolic": True}]),
+        {"type": "org.osbuild.noop",
+         "devices": {"disk": {"type": "org.osbuild.loopback", "options": {"filename": "disk.img"}}}}))
+    result = aosbuild(document)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "loopback device file 'disk.img' is outside the tree" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert canary.read_bytes() == b"\0" * 4096
+
+
 def test_mount_target_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
     document = manifest(pipeline("image", {
         "type": "org.osbuild.noop",
