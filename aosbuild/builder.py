@@ -29,7 +29,7 @@ from .mounts import plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
-from .runnerlib import MOUNTS_ENV
+from .runnerlib import MOUNTS_ENV, RUNNER_ERROR
 from .sizes import format_size
 from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry
 
@@ -194,7 +194,10 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         reason = explain_status(returncode)
         if session.exception:
             data = session.exception["data"]
-            reason += f": {data.get('type')}: {data.get('value')}"
+            if data.get("type") == RUNNER_ERROR:
+                reason = f"could not be run: {data.get('value')}"
+            else:
+                reason += f": {data.get('type')}: {data.get('value')}"
     return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
                        duration=time.monotonic() - started, metadata=session.metadata,
                        error=session.exception, reason=reason), session.output_tail()

@@ -26,6 +26,7 @@ from aosbuild.runnerlib import make_mount_point
 from aosbuild.sandbox import INPUTS
 
 from .conftest import FAST_TMP, TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
+from .test_devices import SIZE, START, disk_manifest, loopback
 
 PYTHON3 = Path("/usr/bin/python3")
 # `link` points five directories deep, so `link/../../../../..` is the tree's root once resolved, but
@@ -111,6 +112,32 @@ def test_mount_point_through_a_symlink_out_of_the_mounts_is_refused(tmp_path: Pa
     assert list(elsewhere.iterdir()) == []
     make_mount_point(str(mounts / "inside/efi"), str(mounts))
     assert (mounts / "real/efi").is_dir()
+
+
+@pytest.mark.usefixtures("nodev_store")
+def test_a_refused_mount_point_is_one_error_line(aosbuild: Aosbuild) -> None:
+    """The first stage plants `boot -> /tmp` in the filesystem; the next mounts it at `/` and again at
+    `/boot/efi`. The runner refuses that mount point: a stage error of one line, no traceback anywhere."""
+    ln = {"type": "org.osbuild.ln", "devices": {"disk": loopback(start=START, size=SIZE)},
+          "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}],
+          "options": {"paths": [{"target": "/tmp", "link_name": "mount://root/boot", "symbolic": True}]}}
+    attack = {"type": "org.osbuild.noop", "devices": {"disk": loopback(start=START, size=SIZE)},
+              "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"},
+                         {"name": "efi", "type": "org.osbuild.ext4", "source": "disk", "target": "/boot/efi"}]}
+    document = disk_manifest(ln, attack)
+    result = aosbuild(document)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert "org.osbuild.noop" in errors[0]
+    assert "could not be run: mount point /boot/efi resolves outside the stage's mounts" in errors[0]
+    assert "Last output" not in result.stderr
+    as_json = aosbuild(document, "--json")
+    assert as_json.returncode == 1
+    stage_error = json.loads(as_json.stdout)["error"]["details"]["stage"]["error"]["data"]
+    assert stage_error["value"].startswith("mount point /boot/efi resolves outside")
+    for text in (result.stdout, result.stderr, as_json.stdout, as_json.stderr):
+        assert "Traceback" not in text
 
 
 def test_loopback_file_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
