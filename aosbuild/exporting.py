@@ -8,17 +8,25 @@ copy is complete, one rename swaps it in (`renameat2` with `RENAME_EXCHANGE`; wh
 that, the old target is first renamed aside). If `OUTDIR/NAME` is a symlink, the link is replaced, not
 followed. What was there before ends at the temporary name and is removed without following symlinks.
 A failed or cancelled export removes its temporary directory and leaves `OUTDIR/NAME` as it was.
+
+An export killed outright (-9, a crash) cannot: it leaves `OUTDIR/.NAME.tmp-*` (or `.NAME.old-*`). The
+next export of NAME to that directory removes them, whatever store it uses. An export holds an flock on
+its temporary directory while it copies, so only directories that no live export holds are removed; only
+real directories whose whole name is of that form are, a symlink is never followed and nothing else in
+OUTDIR is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import functools
 import os
+import re
 import shutil
 import stat
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,15 +58,61 @@ def renameat2(src: Path, dst: Path, flags: int) -> None:
 
 
 def remove(path: Path) -> None:
-    """Remove a file, a symlink (not what it points at) or a whole directory tree, if it is there."""
+    """Remove a file, a symlink (not what it points at) or a whole directory tree, if it is there; what
+    another process removes meanwhile (the next export clearing leftovers) is gone already, not an error."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)  # fd-based on Linux: never follows a symlink out of the tree
+        while True:
+            try:
+                shutil.rmtree(path)  # fd-based on Linux: never follows a symlink out of the tree
+                return
+            except FileNotFoundError:  # another remover took part of it: go on with what is left
+                if not os.path.lexists(path):
+                    return
     else:
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def leftover_pattern(name: str) -> re.Pattern[str]:
+    """The names an export of `name` gives its temporary directories (`make_fresh`, `move_aside`)."""
+    return re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-[0-9a-f]{{32}}")
+
+
+def make_fresh(parent: Path, name: str) -> tuple[Path, int]:
+    """A new empty `parent/.NAME.tmp-<random>` and an open descriptor holding an flock on it: the mark
+    that a live export owns it (`remove_leftovers` leaves it alone). mkdir never reuses what exists."""
+    fresh = parent / f".{name}.tmp-{uuid.uuid4().hex}"
+    os.mkdir(fresh, 0o700)
+    fd = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fresh, fd
+
+
+def remove_leftovers(parent: Path, name: str) -> list[str]:
+    """Remove what killed exports of `name` left in `parent`; the names removed. A directory another
+    export is filling (its flock is held) stays, as does anything that is not a directory of ours."""
+    pattern = leftover_pattern(name)
+    removed = []
+    for entry in os.scandir(parent):
+        if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            continue  # gone meanwhile, or replaced by something we do not open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live export's
+        finally:
+            os.close(fd)
+        remove(Path(entry.path))
+        removed.append(entry.name)
+    return removed
 
 
 def swap_in(fresh: Path, target: Path) -> None:
@@ -113,8 +167,8 @@ async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree
     parent = target.parent
     try:
         await anyio.to_thread.run_sync(functools.partial(parent.mkdir, parents=True, exist_ok=True))
-        fresh = Path(await anyio.to_thread.run_sync(
-            functools.partial(tempfile.mkdtemp, prefix=f".{target.name}.tmp-", dir=parent)))
+        await anyio.to_thread.run_sync(remove_leftovers, parent, target.name)
+        fresh, lock = await anyio.to_thread.run_sync(make_fresh, parent, target.name)
     except OSError as exc:
         raise export_error(target, exc) from exc
     try:
@@ -129,6 +183,8 @@ async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree
         if isinstance(exc, OSError):
             raise export_error(target, exc) from exc
         raise
+    finally:
+        os.close(lock)
 
 
 def export_error(target: Path, exc: OSError) -> UsageError:
