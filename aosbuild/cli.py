@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .download import JOBS, PER_HOST, TIMEOUT
-from .entry import broken_pipe, exit_code
+from .entry import exit_code, guarded
 from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
 from .library import Library
 from .monitor import MONITORS, make_monitor
@@ -157,19 +157,9 @@ def run_command(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
-        try:
-            return run_command(argv[0], argv[1:])
-        except KeyboardInterrupt as interrupt:
-            sys.stderr.write("Aborted\n")
-            return exit_code(interrupt)
+        return guarded(lambda: run_command(argv[0], argv[1:]))
     args = parser(prog).parse_args(argv)
-    try:
-        return _main(args)
-    except KeyboardInterrupt as interrupt:
-        sys.stderr.write("Aborted\n")
-        return exit_code(interrupt)
-    except BrokenPipeError:
-        return broken_pipe()
+    return guarded(lambda: _main(args))
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import cli
 from .download import JOBS, PER_HOST, TIMEOUT
-from .entry import broken_pipe, exit_code
+from .entry import guarded
 from .sizes import size_argument
 from .store import KEEP
 
@@ -82,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_vm:
         sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap)\n")
         return 2
-    try:
-        return cli._main(translate(args))
-    except KeyboardInterrupt as interrupt:
-        sys.stderr.write("Aborted\n")
-        return exit_code(interrupt)
-    except BrokenPipeError:
-        return broken_pipe()
+    return guarded(lambda: cli._main(translate(args)))
 
 
 def install(argv: list[str]) -> int:
