@@ -304,6 +304,20 @@ def test_ln_into_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
     assert stageapi.resolve_confined("/etc/x", args, follow_last=True) == str(tree / "etc/x")
 
 
+def test_replace_file_replaces_a_symlink_without_following_it(tmp_path: Path) -> None:
+    from aosbuild import stageapi
+
+    outside, link = tmp_path / "outside", tmp_path / "hostname"
+    outside.write_text("host\n")
+    link.symlink_to(outside)
+    with stageapi.replace_file(str(link), 0o600) as f:
+        f.write("tree\n")
+    assert not link.is_symlink()
+    assert link.read_text() == "tree\n"
+    assert link.stat().st_mode & 0o777 == 0o600 & ~os.umask(os.umask(0))
+    assert outside.read_text() == "host\n"
+
+
 @pytest.mark.parametrize("attack", [
     stage("org.osbuild.truncate", filename="/out/planted", size="0"),
     stage("org.osbuild.mkdir", paths=[{"path": "/out/planted"}]),
