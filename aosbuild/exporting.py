@@ -36,6 +36,7 @@ import anyio
 from .confine import component
 from .errors import UsageError
 from .store import copy_tree
+from .store.locks import same_file
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -84,12 +85,34 @@ def leftover_pattern(name: str) -> re.Pattern[str]:
 
 def make_fresh(parent: Path, name: str) -> tuple[Path, int]:
     """A new empty `parent/.NAME.tmp-<random>` and an open descriptor holding an flock on it: the mark
-    that a live export owns it (`remove_leftovers` leaves it alone). mkdir never reuses what exists."""
-    fresh = parent / f".{name}.tmp-{uuid.uuid4().hex}"
-    os.mkdir(fresh, 0o700)
-    fd = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fresh, fd
+    that a live export owns it (`remove_leftovers` leaves it alone). mkdir never reuses what exists.
+
+    Between the mkdir and the flock, another export's `remove_leftovers` may take it for a dead one: it
+    removes it holding the flock, so the flock here waits, finds the directory gone and starts over.
+    """
+    while True:
+        fresh = parent / f".{name}.tmp-{uuid.uuid4().hex}"
+        os.mkdir(fresh, 0o700)
+        fd = lock_if_still_there(fresh)
+        if fd is not None:
+            return fresh, fd
+
+
+def lock_if_still_there(path: Path) -> int | None:
+    """An flock on the directory `path`, waiting for it; None if meanwhile it was removed (or replaced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if same_file(fd, path):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 def remove_leftovers(parent: Path, name: str) -> list[str]:
@@ -106,12 +129,12 @@ def remove_leftovers(parent: Path, name: str) -> list[str]:
             continue  # gone meanwhile, or replaced by something we do not open
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove(Path(entry.path))  # holding the flock: see make_fresh
+            removed.append(entry.name)
         except BlockingIOError:
             continue  # a live export's
         finally:
             os.close(fd)
-        remove(Path(entry.path))
-        removed.append(entry.name)
     return removed
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import functools
 import json
 import os
@@ -9,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +19,15 @@ import anyio
 import pytest
 
 from aosbuild.errors import AosbuildError, UsageError
-from aosbuild.exporting import export_target, export_tree, make_fresh, move_aside, remove_leftovers, swap_in
+from aosbuild.exporting import (
+    export_target,
+    export_tree,
+    lock_if_still_there,
+    make_fresh,
+    move_aside,
+    remove_leftovers,
+    swap_in,
+)
 from aosbuild.store import copy_tree
 
 from .conftest import Aosbuild, manifest, pipeline, stage
@@ -249,3 +260,49 @@ def test_removing_leftovers_touches_only_dead_exports_of_that_name(workdir: Path
         os.close(fd)
     assert remove_leftovers(out, "tree") == [live.name]  # once its export is gone
     assert os.listdir(canary) == ["keep"]
+
+
+def open_elsewhere(path: Path, *, besides: int) -> bool:
+    """Whether a descriptor of this process other than `besides` is open on `path`."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) != besides and os.readlink(f"/proc/self/fd/{name}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_fresh_directory_removed_before_it_is_locked_is_not_used(workdir: Path) -> None:
+    """Another export's `remove_leftovers` took the new directory for a dead one and removes it, holding
+    its flock: the flock of the export that made it waits, then sees it gone (make_fresh starts over)."""
+    fresh = workdir / f".tree.tmp-{'0' * 32}"
+    fresh.mkdir()
+    remover = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(remover, fcntl.LOCK_EX)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        locking = pool.submit(lock_if_still_there, fresh)
+        deadline = time.monotonic() + 10
+        while not open_elsewhere(fresh, besides=remover):  # the thread has it open: next, it flocks
+            assert time.monotonic() < deadline
+        fresh.rmdir()
+        os.close(remover)
+        assert locking.result(timeout=10) is None
+    fresh.mkdir()
+    fd = lock_if_still_there(fresh)
+    assert fd is not None
+    os.close(fd)
+
+
+async def test_concurrent_exports_of_one_name_never_remove_each_others_copy(workdir: Path) -> None:
+    """Each export clears leftovers of its name first: it must not take another's live copy for one."""
+    tree = workdir / "tree"
+    tree.mkdir()
+    for i in range(50):
+        (tree / f"f{i}").write_text(f"{i}\n")
+    target = workdir / "out" / "tree"
+    async with anyio.create_task_group() as tg:
+        for _ in range(16):
+            tg.start_soon(export_tree, tree, target)
+    assert sorted(os.listdir(target)) == sorted(f"f{i}" for i in range(50))
+    assert leftovers(target.parent) == []
