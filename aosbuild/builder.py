@@ -225,7 +225,6 @@ async def restore(ctx: BuildContext, pipeline: Pipeline, resume: int, entry: New
     for record in ctx.pins.results(cached_id):
         result = StageResult.from_record(record)
         entry.results.append(record)
-        ctx.logs[pipeline.name].append(result)
         if result.id in stages:
             ctx.monitor.stage_finished(pipeline, stages[result.id], result)
 
@@ -292,7 +291,6 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
     runner_name = runner_for(ctx, pipeline)
     runner = ctx.library.runner(runner_name)
     ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runner_name)
-    results = ctx.logs.setdefault(pipeline.name, [])
     logger = log.bind(pipeline=pipeline.name, id=pipeline.id)
     async with ctx.store.store(pipeline.id, keep=ctx.pins) as entry:
         if resume:
@@ -300,12 +298,10 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
         for stage in pipeline.stages[resume:]:
             await ctx.sources.wait_for(stage.source_refs())
             result, tail = await run_stage(ctx, pipeline, stage, entry, build_root, runner)
-            results.append(result)
             ctx.monitor.stage_finished(pipeline, stage, result)
             logger.debug("stage.finished", stage=stage.type, stage_id=stage.id, duration=result.duration,
                          success=result.success)
             if not result.success:
-                ctx.failed = result
                 ctx.monitor.pipeline_finished(pipeline, success=False)
                 raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
                                  reason=result.reason, output_tail=tail)

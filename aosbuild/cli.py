@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .buildreport import what_was_made
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import exit_code, guarded
 from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
@@ -84,6 +85,18 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     return p
 
 
+def live_terminal(fd: int) -> bool:
+    """The live view is the default on a terminal that can move its cursor (and without --debug, whose
+    engine events on stderr would tear the redrawn region apart)."""
+    return os.isatty(fd) and os.environ.get("TERM", "dumb") != "dumb"
+
+
+def store_hint(store: str) -> str:
+    import shlex
+
+    return "aosbuild report --last" + ("" if store == ".osbuild" else f" --store {shlex.quote(store)}")
+
+
 def configure_logging(debug: bool) -> None:
     import logging
 
@@ -100,7 +113,7 @@ def read_manifest(path: str) -> str:
     try:
         data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
-        raise ManifestError(path, []) from exc
+        raise ManifestError(path, []) from exc  # the CLI says why, from __cause__
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -121,14 +134,20 @@ def print_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def explain(exc: AosbuildError) -> str:
+def explain(exc: AosbuildError, *, tail: bool = True) -> str:
+    """The error for stderr, ending with what to do next; a failed stage's last output lines unless the
+    live view showed them already."""
+    text = f"Error: {exc}\n"
     if isinstance(exc, StageError):
-        text = f"Error: {exc}\n"
-        if exc.output_tail:
+        if exc.output_tail and tail:
             text += "Last output of the stage:\n" + "".join(f"  {line}" for line in
                                                           exc.output_tail.splitlines(keepends=True))
-        return text
-    return f"Error: {exc}\n"
+        text += ("What to do: its output says why it failed; fix the stage's options in the manifest (or "
+                 "the stage) and build again. `aosbuild report --last` shows the build up to the failure.\n")
+    elif isinstance(exc, SourceError):
+        text += ("What to do: check the item's URL and checksum in the manifest's `sources`; "
+                 "`--sources-only` fetches and verifies the sources without building.\n")
+    return text
 
 
 # `aosbuild <command> ...` runs a tool other than a build; anything else is a manifest to build.
@@ -167,7 +186,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.jobs is not None and args.jobs < 1:
         raise InvalidArgument("--jobs", f"must be 1 or more, not {args.jobs}; leave it out for the default")
     if args.stage_timeout is not None and not (args.stage_timeout > 0 and math.isfinite(args.stage_timeout)):
-        raise InvalidArgument("--stage-timeout", f"must be a number of seconds above 0, not {args.stage_timeout}")
+        raise InvalidArgument("--stage-timeout", f"must be a number of seconds above 0, not {args.stage_timeout}; "
+                              "leave it out for no limit")
     if args.monitor_fd is not None:
         try:
             writable = (fcntl.fcntl(args.monitor_fd, fcntl.F_GETFL) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
@@ -178,7 +198,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                                   "open it in the calling shell (e.g. 3>file) or leave the flag out")
     for libdir in args.libdir:
         if not Path(libdir).is_dir():
-            raise InvalidArgument("--libdir", f"{libdir} is not a directory")
+            raise InvalidArgument("--libdir", f"{libdir} is not a directory; give a directory that holds "
+                                  "stages/ (and runners/, schemas/, ...), as osbuild's library does")
     out = args.output_directory
     if out is not None and out.is_symlink() and not out.exists():
         raise InvalidArgument("--output-directory", f"{out} is a symbolic link to nothing; remove it or "
@@ -203,11 +224,17 @@ def _main(args: argparse.Namespace) -> int:
         manifest = load_file(label, read_manifest(label), library, build=not args.inspect)
     except ManifestError as exc:
         if exc.__cause__ is not None:
-            sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}\n")
-        elif args.json or args.inspect:
+            sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}; check the path (`-` reads the "
+                             "manifest from standard input)\n")
+            return 2
+        if args.json or args.inspect:
             print_json(exc.as_json())
         else:
             sys.stdout.write(exc.render())
+        count = len(exc.problems)
+        sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix the "
+                         f"{'problem' if count == 1 else f'{count} problems'} listed at their JSON paths, then "
+                         f"check it again with `aosbuild --inspect {label}` (it builds nothing)\n")
         return 2
 
     if args.inspect:
@@ -220,7 +247,8 @@ def _main(args: argparse.Namespace) -> int:
         print_json(describe(manifest, host_runner))
         return 0
     if args.export and not args.output_directory and not args.sources_only:
-        sys.stderr.write("Need --output-directory for --export\n")
+        sys.stderr.write("Need --output-directory for --export: add --output-directory DIR, the directory "
+                         "the exported trees go to\n")
         return 1
 
     import anyio
@@ -231,22 +259,31 @@ def _main(args: argparse.Namespace) -> int:
     from .signals import Interrupted, run_until_signalled
 
     configure_logging(args.debug)  # only a build logs: --inspect need not import structlog
-    monitor_name = args.monitor or ("null" if args.json or args.quiet else "log")
     monitor_fd = args.monitor_fd if args.monitor_fd is not None else sys.stdout.fileno()
+    monitor_name = args.monitor or ("null" if args.json or args.quiet else
+                                    "live" if live_terminal(monitor_fd) and not args.debug else "log")
     # the summary and "Failed" go to stdout only where they cannot corrupt a machine-read stream
     human_stdout = not (args.json or args.quiet) and (
         monitor_name in ("log", "LogMonitor") or monitor_fd != sys.stdout.fileno())
+    # what was made: after the live view on its terminal; for osbuild's layouts on stderr, where no
+    # client of osbuild parses anything (the drop-in `osbuild` prints none, as osbuild); --sources-only
+    # has a summary of its own
+    end_summary = None
+    if getattr(args, "summary", True) and not (args.json or args.quiet or args.sources_only):
+        end_summary = sys.stdout if monitor_name == "live" and monitor_fd == sys.stdout.fileno() else sys.stderr
     request = engine.Request(label=label, exports=tuple(args.export), output_directory=args.output_directory,
                              checkpoints=tuple(args.checkpoint), jobs=args.jobs,
                              stage_timeout=args.stage_timeout, sources_only=args.sources_only,
                              download=DownloadOptions(jobs=args.download_jobs, per_host=args.download_jobs_per_host,
                                                       timeout=args.download_timeout))
-    ctx = None
+    report = None
     try:
         store = Store.open(Path(args.store), max_size=args.cache_max_size)
-        ctx, planned = engine.prepare(manifest, request, store=store, library=library,
-                                      monitor=make_monitor(monitor_name, monitor_fd))
-        anyio.run(run_until_signalled, lambda: engine.build(ctx, planned, request), backend=args.backend)
+        monitor = make_monitor(monitor_name, monitor_fd)
+        prepared = engine.prepare(manifest, request, store=store, library=library, monitor=monitor)
+        report = anyio.run(run_until_signalled, lambda: engine.build(prepared, request), backend=args.backend)
+        if report.error is not None:
+            raise report.error
     except BaseException as exc:  # sorted below: ours, interrupts, then real bugs
         errors = list(flatten(exc))
         interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
@@ -259,42 +296,47 @@ def _main(args: argparse.Namespace) -> int:
         ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
         if ours is None or args.debug:
             raise
-        if args.json and ctx is not None:
+        if args.json and report is not None:
             if manifest.version == "1" and not args.sources_only:
-                if ctx.failed is not None or isinstance(ours, SourceError):
-                    print_json(v1_document(manifest, ctx.logs))
-            elif ctx.failed is not None:
-                print_json(stage_error_document(failed=ctx.failed, sources=ctx.sources.results, logs=ctx.logs))
+                if report.failed is not None or isinstance(ours, SourceError):
+                    print_json(v1_document(manifest, report.logs))
+            elif report.failed is not None:
+                print_json(stage_error_document(failed=report.failed, sources=report.sources, logs=report.logs))
             elif isinstance(ours, SourceError):
                 print_json(source_error_document(source_type=ours.source_type, output=str(ours),
-                                                 sources=ctx.sources.results))
-        if args.json and (ctx is None or (ctx.failed is None and not isinstance(ours, SourceError))):
+                                                 sources=report.sources))
+        if args.json and (report is None or (report.failed is None and not isinstance(ours, SourceError))):
             # failed before or outside any stage or source (a read-only store, ...): still a document
             print_json({"type": "error", "success": False, "title": type(ours).__name__, "message": str(ours)})
-        elif human_stdout and args.sources_only and ctx is not None:
-            sources_summary(ctx)
+        elif human_stdout and args.sources_only and report is not None:
+            sources_summary(report)
         elif human_stdout:
             sys.stdout.write("Failed\n")
-        if args.sources_only and ctx is not None and isinstance(ours, SourceError):
-            for items in ctx.sources.results.values():  # every failed item, not only the first
+        if args.sources_only and report is not None and isinstance(ours, SourceError):
+            for items in report.sources.values():  # every failed item, not only the first
                 sys.stderr.writelines(f"Error: {item.error}\n" for item in items if item.error)
         else:
-            sys.stderr.write(explain(ours))
+            sys.stderr.write(explain(ours, tail=monitor_name != "live"))
+        if report is not None and end_summary is not None:
+            end_summary.write(what_was_made(report, store_hint(args.store)))
         return ours.exit_code
 
     if args.json and manifest.version == "1" and not args.sources_only:
-        print_json(v1_document(manifest, ctx.logs))
+        print_json(v1_document(manifest, report.logs))
     elif args.json:
-        metadata = {} if args.sources_only else engine.collect_metadata(ctx)
-        print_json(success_document(metadata=metadata, sources=ctx.sources.results, logs=ctx.logs))
+        metadata = {} if args.sources_only else report.metadata()
+        print_json(success_document(metadata=metadata, sources=report.sources, logs=report.logs))
     elif human_stdout and args.sources_only:
-        sources_summary(ctx)
+        sources_summary(report)
     elif human_stdout:
-        summary(manifest, ctx)
+        pipelines_summary(manifest, prepared.ctx)
+    if end_summary is not None:
+        end_summary.write(what_was_made(report, store_hint(args.store)))
     return 0
 
 
-def summary(manifest: Any, ctx: Any) -> None:
+def pipelines_summary(manifest: Any, ctx: Any) -> None:
+    """osbuild's end of a build: every pipeline's id, and whether the checkpoints asked for are stored."""
     bold, reset = ("\x1b[1m", "\x1b[0m") if os.isatty(sys.stdout.fileno()) else ("", "")
     lines = ["", f"{bold}Pipelines{reset}"]
     for pipeline in manifest.pipelines:
@@ -307,10 +349,10 @@ def summary(manifest: Any, ctx: Any) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-def sources_summary(ctx: Any) -> None:
+def sources_summary(report: Any) -> None:
     """What `--sources-only` did: items and bytes needed, how many were there already, how many failed."""
     bold, reset = ("\x1b[1m", "\x1b[0m") if os.isatty(sys.stdout.fileno()) else ("", "")
-    items = [item for results in ctx.sources.results.values() for item in results]
+    items = [item for results in report.sources.values() for item in results]
     fetched = [i for i in items if not i.cached and i.error is None]
     present = sum(i.size for i in items if i.error is None)
     lines = ["", f"{bold}Sources{reset}",

@@ -1,13 +1,15 @@
-"""The build context: the one object that carries a build's settings and shared services downward."""
+"""The build context: the one object that carries a build's settings and shared services downward.
+
+What the build did travels back up as events to the monitor (`buildreport.Recorder`), not through here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .library import Library
-from .manifest import Manifest, Pipeline
+from .manifest import Manifest
 from .monitor import Monitor
-from .results import StageResult
 from .sources import Sources
 from .store import Pins, Store
 
@@ -34,10 +36,6 @@ class BuildContext:
     monitor: Monitor
     sources: Sources
     options: BuildOptions
-    # what this run did, for --json and the summary
-    logs: dict[str, list[StageResult]] = field(default_factory=dict)
-    failed: StageResult | None = None
-    cached: list[Pipeline] = field(default_factory=list)  # found whole in the store, reported from it
     pins: Pins = field(init=False)  # the store entries this build relies on, held until it ends
 
     def __post_init__(self) -> None:

@@ -1,10 +1,17 @@
-"""Devices of a stage: the sandbox's own /dev, and the loop devices the manifest asks for.
+"""Devices of a stage: the sandbox's own /dev, and the devices the manifest asks for.
 
 The sandbox's /dev is a small tmpfs the engine mounts for the stage (in the stage's scratch space) and
 bind-mounts into the sandbox, so device nodes can be added while the stage runs (a stage's `loop.attach`
 request). Being a mount of its own, without `nodev`, its nodes work whatever the store's filesystem is
 mounted with (a stock Debian mounts /dev/shm and /tmp `nodev`). It holds the usual character devices
 and a node for each loop device attached for the stage, and is unmounted when the stage ends.
+
+A stage's devices are opened in the manifest's dependency order, parents first, as osbuild opens them:
+`org.osbuild.loopback` (a file of the tree) and `org.aosbuild.partition` (one partition of its parent,
+read from the parent's partition table, as a loop device over the parent's sectors: the kernel need not
+parse partition tables). Both are loop devices, which the stage's loop server detaches in reverse order
+of attaching, children before parents, however the stage ends. LUKS (`org.osbuild.luks2`) and LVM
+(`org.osbuild.lvm2.lv`) need the kernel's device-mapper and are not implemented.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import anyio
 
 from .confine import relative_path, resolve_inside
 from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
+from .partitions import SECTOR, find_partition
 from .runnerlib import MNT_DETACH, mount, umount
 
 # name -> (major, minor) of the character devices every sandbox gets
@@ -87,6 +98,17 @@ async def open_dev_dir(path: Path) -> AsyncIterator[DevDir]:
             os.close(devdir.fd)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenDevice:
+    argument: dict[str, Any]  # what the stage is told: its path in the sandbox and its node
+    host_path: str  # its node on the host, where a child device opens it
+
+
+class DeviceOpener(Protocol):
+    async def __call__(self, device: Device, parent: OpenDevice | None, *, tree: Path, devdir: DevDir,
+                       loops: LoopServer) -> OpenDevice: ...
+
+
 def _backing_file(tree: Path, filename: str) -> Path:
     """The loader checked `filename` lexically; the tree may hold symlinks, so check it again resolved."""
     relative, _ = relative_path(filename)
@@ -98,12 +120,17 @@ def _backing_file(tree: Path, filename: str) -> Path:
     return path
 
 
-async def attach_loopback(device: Device, *, tree: Path, devdir: DevDir, loops: LoopServer) -> dict[str, Any]:
-    """Attach an `org.osbuild.loopback` device; returns the stage's argument for it."""
-    if device.type != "org.osbuild.loopback":
-        raise SandboxError(f"device '{device.name}': aosbuild has no device type {device.type}")
+def _opened(loop: LoopDevice, devdir: DevDir) -> OpenDevice:
+    return OpenDevice(argument={"path": devdir.add_loop(loop), "node": {"major": loop.major, "minor": loop.minor}},
+                      host_path=f"/dev/{loop.name}")  # loop.attach made sure the host has the node
+
+
+async def open_loopback(device: Device, parent: OpenDevice | None, *, tree: Path, devdir: DevDir,
+                        loops: LoopServer) -> OpenDevice:
+    """`org.osbuild.loopback`: a file of the tree, or `size` sectors of it from `start`. Like osbuild's,
+    it ignores a parent."""
     options = device.options
-    sector = int(options.get("sector-size", 512))
+    sector = int(options.get("sector-size", SECTOR))
     path = _backing_file(tree, str(options["filename"]))
     read_only = bool(options.get("read-only", False))
     fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
@@ -114,16 +141,45 @@ async def attach_loopback(device: Device, *, tree: Path, devdir: DevDir, loops: 
                                   lock=bool(options.get("lock", False)))
     finally:
         os.close(fd)  # the loop device holds its own reference to the file
-    return {"path": devdir.add_loop(loop), "node": {"major": loop.major, "minor": loop.minor}}
+    return _opened(loop, devdir)
+
+
+async def open_partition(device: Device, parent: OpenDevice | None, *, tree: Path, devdir: DevDir,
+                         loops: LoopServer) -> OpenDevice:
+    """`org.aosbuild.partition`: partition `number` of the parent device's MBR or GPT table."""
+    number = device.options.get("number")
+    if parent is None:
+        raise SandboxError(f"device '{device.name}': an org.aosbuild.partition device needs a parent (the disk)")
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise SandboxError(f"device '{device.name}': option 'number' must be a partition number from 1")
+    read_only = bool(device.options.get("read-only", False))
+    fd = os.open(parent.host_path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        try:
+            partition = await anyio.to_thread.run_sync(find_partition, fd, number)
+        except SandboxError as exc:
+            raise SandboxError(f"device '{device.name}' (partition {number} of its parent): {exc}") from None
+        loop = await loops.attach(fd, offset=partition.start * SECTOR, size=partition.size * SECTOR,
+                                  sector_size=SECTOR, read_only=read_only)
+    finally:
+        os.close(fd)
+    return _opened(loop, devdir)
+
+
+DEVICE_TYPES: dict[str, DeviceOpener] = {"org.osbuild.loopback": open_loopback,
+                                         "org.aosbuild.partition": open_partition}
 
 
 @asynccontextmanager
 async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir,
                        loops: LoopServer) -> AsyncIterator[dict[str, Any]]:
-    """Attach a stage's devices (parents first); `loops` detaches them when the stage is done."""
-    arguments: dict[str, Any] = {}
+    """Open a stage's devices, parents first (`devices` is in dependency order); `loops` detaches them,
+    children first, when the stage is done. Yields the stage's `devices` argument."""
+    opened: dict[str, OpenDevice] = {}
     for name, device in devices.items():
-        if device.parent is not None:
-            raise SandboxError(f"device '{name}': devices with a parent are not supported yet")
-        arguments[name] = await attach_loopback(device, tree=tree, devdir=devdir, loops=loops)
-    yield arguments
+        opener = DEVICE_TYPES.get(device.type)
+        if opener is None:
+            raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}")
+        parent = opened[device.parent.name] if device.parent is not None else None
+        opened[name] = await opener(device, parent, tree=tree, devdir=devdir, loops=loops)
+    yield {name: device.argument for name, device in opened.items()}

@@ -6,22 +6,26 @@ sure the monitor hears the beginning and the end of the build, however it ends.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Sequence
+import os
+import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from . import scheduler
+from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
-from .errors import UsageError
+from .errors import AosbuildError, UsageError
 from .exporting import export_target, export_tree
+from .history import Durations, History, SavedStream
 from .library import Library
 from .manifest import Manifest, Pipeline
-from .monitor import Monitor
+from .monitor import Monitor, PlannedStage, Tee
 from .results import StageResult
 from .sources import Sources
 from .store import Store
@@ -47,7 +51,8 @@ def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline
         pipeline = manifest.lookup(name)
         if pipeline is None:
             names = [p.name for p in manifest.pipelines]
-            raise UsageError(f"Export {name} not found in {names}")
+            raise UsageError(f"Export {name} not found in {names}: export one of these names or a "
+                             "pipeline's id (`aosbuild --inspect MANIFEST` shows the ids)")
         pipelines.append(pipeline)
     return pipelines
 
@@ -84,36 +89,46 @@ def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[
                 if fnmatch.fnmatch(stage.id, pattern) or fnmatch.fnmatch(stage.type, pattern):
                     matched.add(stage.id)
     if patterns and not matched:
-        raise UsageError("No checkpoints matched provided patterns!")
+        raise UsageError("No checkpoints matched provided patterns! A pattern is a glob over pipeline names, "
+                         "stage ids and stage types: `aosbuild --inspect MANIFEST` shows them")
     return frozenset(matched)
-
-
-def collect_metadata(ctx: BuildContext) -> dict[str, dict[str, Any]]:
-    """Stage metadata of the pipelines this build ran or found in the store, `{pipeline: {type: metadata}}`."""
-    result: dict[str, dict[str, Any]] = {}
-    for pipeline in ctx.manifest.pipelines:
-        entries = {r.type: r.metadata for r in ctx.logs.get(pipeline.name, ()) if r.success and r.metadata}
-        if entries:
-            result[pipeline.name] = entries
-    return result
 
 
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
     """Copy the pipeline's tree to OUTDIR/NAME, replacing what was there only when the copy is complete."""
     tree = None if pipeline.id is None else ctx.pins.tree(pipeline.id)
-    await export_tree(tree, export_target(output_directory, name))
+    target = export_target(output_directory, name)
+    await export_tree(tree, target)
+    ctx.monitor.exported(name, target, await anyio.to_thread.run_sync(tree_size, target))
 
 
-def report_cached(ctx: BuildContext) -> None:
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under `path` (what a user sees with `du --apparent-size`)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
+
+
+def report_cached(ctx: BuildContext, cached: Sequence[Pipeline]) -> None:
     """Report the pipelines found in the store, stage by stage, as the build that stored them did."""
-    for pipeline in ctx.cached:
+    for pipeline in cached:
         assert pipeline.id is not None
         ctx.monitor.pipeline_cached(pipeline)
         stages = {stage.id: stage for stage in pipeline.stages}
-        results = ctx.logs[pipeline.name] = [StageResult.from_record(r) for r in ctx.pins.results(pipeline.id)]
-        for result in results:
+        for result in (StageResult.from_record(r) for r in ctx.pins.results(pipeline.id)):
             if result.id in stages:
                 ctx.monitor.stage_finished(pipeline, stages[result.id], result)
+
+
+def planned_stages(plan: scheduler.Plan, durations: Durations) -> list[PlannedStage]:
+    """The stages the build will run, each with how long it took before (for the live view's estimate)."""
+    return [PlannedStage(pipeline=item.pipeline, stage=stage, expected=durations.expect(stage.id, stage.type))
+            for item in plan.build for stage in item.pipeline.stages[item.resume:]]
 
 
 async def release(ctx: BuildContext) -> None:
@@ -125,50 +140,120 @@ async def release(ctx: BuildContext) -> None:
         await anyio.to_thread.run_sync(ctx.store.finish, used)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """A checked and planned build: nothing has run yet."""
+
+    ctx: BuildContext
+    plan: scheduler.Plan
+    recorder: Recorder
+    history: History
+    stream_fd: int | None   # where the store's copy of the build's jsonseq stream goes
+
+
 def prepare(manifest: Manifest, request: Request, *, store: Store, library: Library,
-            monitor: Monitor) -> tuple[BuildContext, list[scheduler.Planned]]:
-    """Check the request against the manifest and plan the build; nothing runs yet."""
+            monitor: Monitor) -> Prepared:
+    """Check the request against the manifest and plan the build; nothing runs yet.
+
+    Besides the user's monitor, every event goes to the build's report and to the store's saved
+    stream of this build (`history.py`), so `aosbuild report --last` needs nothing saved beforehand.
+    """
     exports = resolve_exports(manifest, request.exports)
     options = BuildOptions(checkpoints=match_checkpoints(manifest, request.checkpoints),
                            stage_timeout=request.stage_timeout,
                            **({"jobs": request.jobs} if request.jobs else {}))
-    sources = Sources(store, manifest.sources, monitor, download=request.download,
+    recorder = Recorder()
+    history = History(store.root)
+    try:
+        stream_fd: int | None = history.new_stream()
+    except OSError:  # a store we can read but not write fails later with a better message
+        stream_fd = None
+    monitors: list[Monitor] = [recorder, monitor]
+    if stream_fd is not None:
+        monitors.insert(1, SavedStream(stream_fd))
+    tee = Tee(*monitors)
+    sources = Sources(store, manifest.sources, tee, download=request.download,
                       only=needed_items(manifest, exports) if request.sources_only else None,
                       keep_going=request.sources_only, verify=request.sources_only)
-    ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=monitor,
+    ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=tee,
                        sources=sources, options=options)
-    if request.sources_only:
-        return ctx, []
-    return ctx, scheduler.plan(ctx, exports or manifest.pipelines)
-
-
-async def fetch_sources(ctx: BuildContext, request: Request) -> None:
-    """`--sources-only`: fetch and verify every item, run no stage; raises the first failed item's error."""
-    ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
-    success = False
     try:
+        plan = (scheduler.Plan(build=(), cached=()) if request.sources_only
+                else scheduler.plan(ctx, exports or manifest.pipelines))
+    except BaseException:
+        if stream_fd is not None:
+            os.close(stream_fd)
+        raise
+    return Prepared(ctx=ctx, plan=plan, recorder=recorder, history=history, stream_fd=stream_fd)
+
+
+TICK = 0.2  # seconds between ticks: how stale a live view's elapsed times and coalesced lines can get
+
+
+async def tick(monitor: Monitor) -> None:
+    while True:
+        monitor.tick()
+        await anyio.sleep(TICK)
+
+
+async def build(prepared: Prepared, request: Request) -> BuildReport:
+    """Build the plan and export; the report says what happened, and why the build failed if it did.
+
+    A failure of aosbuild's own kind (a stage, a source, the store) does not raise: it is the report's
+    `error`, once everything is cleaned up, so that the caller has the report of a failed build too.
+    Cancellation, interrupts and bugs propagate. The store's record of stage durations and its saved
+    streams are brought up to date at the end, whatever the outcome.
+    """
+    ctx, plan = prepared.ctx, prepared.plan
+    success = False
+    error: AosbuildError | None = None
+    try:
+        if request.sources_only:
+            ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
+        else:
+            ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
+            ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources),
+                                      pipelines=len(plan.build))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick, ctx.monitor)
+                try:
+                    await run(ctx, plan, request)
+                finally:
+                    tg.cancel_scope.cancel()
+            success = True
+        except Exception as exc:
+            errors = list(flatten(exc))
+            error = next((e for e in errors if isinstance(e, AosbuildError)), None)
+            if error is None or not all(isinstance(e, AosbuildError) for e in errors):
+                raise
+        finally:
+            await release(ctx)
+            ctx.monitor.build_finished(request.label, success=success)
+    finally:
+        if prepared.stream_fd is not None:
+            os.close(prepared.stream_fd)
+    report = prepared.recorder.report(request.label, success=success, sources=ctx.sources.results, error=error)
+    with contextlib.suppress(OSError):  # the record only ever improves estimates
+        prepared.history.record(report.timed())
+        prepared.history.prune()
+    return report
+
+
+async def run(ctx: BuildContext, plan: scheduler.Plan, request: Request) -> None:
+    if request.sources_only:
         await ctx.sources.fetch_all()
-        success = True
-    finally:
-        await release(ctx)
-        ctx.monitor.build_finished(request.label, success=success)
-
-
-async def build(ctx: BuildContext, planned: list[scheduler.Planned], request: Request) -> None:
-    """Build the plan and export; raises the first failure after everything is cleaned up."""
-    if request.sources_only:
-        await fetch_sources(ctx, request)
         return
-    ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources), pipelines=len(planned))
-    success = False
-    try:
-        report_cached(ctx)
-        await scheduler.run(ctx, planned)
-        for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports),
-                                  strict=True):
-            assert request.output_directory is not None
-            await export(ctx, pipeline, name, request.output_directory)
-        success = True
-    finally:
-        await release(ctx)
-        ctx.monitor.build_finished(request.label, success=success)
+    report_cached(ctx, plan.cached)
+    await scheduler.run(ctx, plan.build)
+    for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports), strict=True):
+        assert request.output_directory is not None
+        await export(ctx, pipeline, name, request.output_directory)
+
+
+def flatten(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from flatten(inner)
+    else:
+        yield exc

@@ -11,8 +11,13 @@
     ├── ChecksumMismatch          bytes did not match the checksum that names them
     ├── StageError                a stage failed: its name, id, exit status and last output lines
     ├── SandboxError              the sandbox could not be set up (bwrap missing, bad build root, ...)
-    └── StoreError                the store cannot be used (permissions, disk full, another format, ...)
-        └── CacheMiss             an entry is not in the store, or is locked by another build (internal)
+    ├── StoreError                the store cannot be used (permissions, disk full, another format, ...)
+    │   └── CacheMiss             an entry is not in the store, or is locked by another build (internal)
+    ├── RegistryError             (registry.py) a bad registry reference or tag
+    │   ├── RemoteMiss            not in the registry, corrupt, cut short, unreachable or stalled: build here
+    │   └── RegistryAuthError     the registry refused our credentials, or wants some we do not have
+    ├── AuthFileError             (registryauth.py) an auth file's entry for a registry cannot be read
+    └── LayerError                (ocilayer.py) a tree that has no OCI layer form, or a layer that escapes
 
 Each error carries the fields a person needs and a message that says what happened and what to do.
 """

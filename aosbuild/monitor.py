@@ -11,12 +11,15 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .ids import context_id
 from .sizes import format_size
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .manifest import Pipeline, Source, Stage
     from .results import StageResult
     from .sources import ItemResult, SourceProgress
@@ -48,9 +51,52 @@ class Monitor:
     def pipeline_cached(self, pipeline: Pipeline) -> None: ...
     def log(self, message: str, pipeline: Pipeline | None = None) -> None: ...
     def build_finished(self, label: str, *, success: bool) -> None: ...
+    # aosbuild's own events, which osbuild's layouts have no place for (the log and jsonseq monitors ignore them)
+    def build_planned(self, stages: Sequence[PlannedStage]) -> None: ...
+    def exported(self, name: str, path: Path, size: int) -> None: ...
+    def tick(self) -> None:
+        """Called five times a second while the build runs, for monitors that show elapsed times."""
 
 
 NullMonitor = Monitor
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannedStage:
+    """A stage the build will run, and how long it took before (None: never timed, nor its type)."""
+
+    pipeline: Pipeline
+    stage: Stage
+    expected: float | None
+
+
+EVENTS = tuple(name for name, value in vars(Monitor).items() if callable(value) and not name.startswith("_"))
+
+
+class Tee(Monitor):
+    """Hands every event to several monitors, in order (the build's report, its saved stream, the user's).
+
+    Each event goes only to the monitors that handle it: a stage's every output line costs one call
+    per monitor that shows it, not one per monitor.
+    """
+
+    def __init__(self, *monitors: Monitor) -> None:
+        self.monitors = monitors
+        for name in EVENTS:
+            handlers = [getattr(m, name) for m in monitors if getattr(type(m), name) is not getattr(Monitor, name)]
+            setattr(self, name, _fan_out(handlers))
+
+
+def _fan_out(handlers: list[Any]) -> Any:
+    if not handlers:
+        return lambda *args, **kwargs: None
+    if len(handlers) == 1:
+        return handlers[0]
+
+    def fan_out(*args: Any, **kwargs: Any) -> None:
+        for handler in handlers:
+            handler(*args, **kwargs)
+    return fan_out
 
 
 def omitempty(value: Any) -> Any:
@@ -69,6 +115,18 @@ def tail(output: str, limit: int = OUTPUT_LIMIT) -> str:
 def source_line(source: Source, message: str) -> str:
     """A line of a source's output as osbuild prints its host services' output."""
     return f"source/{source.type} ({source.type}): {message}" + ("" if message.endswith("\n") else "\n")
+
+
+def human_seconds(value: float) -> str:
+    """`0.42s`, `12.3s`, `2m05s`, `1h02m`: short, and precise where it matters."""
+    if value < 10:
+        return f"{value:.2f}s"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, secs = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def describe_progress(progress: SourceProgress) -> str:
@@ -101,16 +159,21 @@ class JsonSeqMonitor(Monitor):
         self.total = 0
         self.done = 0
         self._sent_contexts: set[str] = set()
+        self._context_ids: dict[tuple[str, str | None, str | None, str | None, str | None], str] = {}
         self._pipeline_progress: dict[str, list[int]] = {}
         self._stage_progress: dict[str, dict[str, Any]] = {}
         self._stage_started: dict[str, float] = {}
 
     def _context(self, origin: str, pipeline: tuple[str | None, str | None] = (None, None),
                  stage: tuple[str | None, str | None] = (None, None)) -> dict[str, Any]:
+        key = (origin, *pipeline, *stage)
+        cid = self._context_ids.get(key)
+        if cid is not None and cid in self._sent_contexts:  # every line of a stage: hash it once
+            return {"id": cid}
         context = {"origin": origin,
                    "pipeline": {"name": pipeline[0], "id": pipeline[1],
                                 "stage": {"name": stage[0], "id": stage[1]}}}
-        cid = context_id(context)
+        cid = self._context_ids[key] = context_id(context)
         if cid in self._sent_contexts:
             return {"id": cid}
         self._sent_contexts.add(cid)
@@ -339,18 +402,23 @@ class LogMonitor(Monitor):
             self._status_shown = False
 
 
-MONITORS: dict[str, type[Monitor]] = {
+MONITORS: dict[str, type[Monitor] | None] = {
     "null": Monitor, "NullMonitor": Monitor,
     "log": LogMonitor, "LogMonitor": LogMonitor,
     "jsonseq": JsonSeqMonitor, "JSONSeqMonitor": JsonSeqMonitor,
+    "live": None,  # liveview.LiveMonitor, imported when chosen (it builds on this module)
 }
 
 
 def make_monitor(name: str, fd: int) -> Monitor:
     cls = MONITORS[name]
+    if cls is None:
+        from .liveview import LiveMonitor
+
+        return LiveMonitor(fd)
     if cls is Monitor:
         return Monitor()
     return cls(fd)  # type: ignore[call-arg]  # the other monitors take the output descriptor
 
 
-__all__ = ["MONITORS", "JsonSeqMonitor", "LogMonitor", "Monitor", "NullMonitor", "make_monitor"]
+__all__ = ["MONITORS", "JsonSeqMonitor", "LogMonitor", "Monitor", "NullMonitor", "PlannedStage", "Tee", "make_monitor"]

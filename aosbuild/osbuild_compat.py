@@ -70,17 +70,20 @@ def translate(args: argparse.Namespace) -> argparse.Namespace:
         inspect=args.inspect, json=args.json, monitor=args.monitor, monitor_fd=args.monitor_fd,
         stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,
         cache_max_size=args.cache_max_size,
-        download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False)
+        download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False,
+        summary=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.debug_break is not None:
-        sys.stderr.write(f"{PROG}: error: --break is not supported by aosbuild (no interactive debug shell)\n")
+        sys.stderr.write(f"{PROG}: error: --break is not supported by aosbuild (no interactive debug shell); "
+                         "leave it out, and read the failed stage's output (or use `aosbuild --debug`)\n")
         return 2
     if args.in_vm:
-        sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap)\n")
+        sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap); "
+                         "leave it out to build the pipeline on this host\n")
         return 2
     return guarded(lambda: cli._main(translate(args)))
 

@@ -10,7 +10,7 @@ failure cancels everything else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -22,20 +22,27 @@ from .manifest import Pipeline
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    build: tuple[Planned, ...]   # to build, dependencies first
+    cached: tuple[Pipeline, ...]  # found whole in the store (pinned), reported from it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Planned:
     pipeline: Pipeline
     resume: int                  # stages already in the store
     needs: frozenset[str]        # ids of pipelines that must be built first
 
 
-def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> list[Planned]:
+def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> Plan:
     """The pipelines to build, dependencies first (a pipeline in the store is not rebuilt).
 
-    Pipelines found in the store go to `ctx.cached`, with those they were built from that are in the
+    Pipelines found in the store are the plan's `cached`, with those they were built from that are in the
     store too, so that the build can report their stages as the build that stored them did.
     """
     planned: dict[str, Planned] = {}
     cached: set[str] = set()
+    found_pipelines: list[Pipeline] = []
 
     def found(pipeline_id: str) -> None:
         pipeline = ctx.manifest.by_id(pipeline_id)
@@ -45,7 +52,7 @@ def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> list[Planned]:
         for dep in sorted(pipeline.dependencies()):
             if dep not in planned and ctx.store.contains(dep) and ctx.pins.try_pin(dep):
                 found(dep)
-        ctx.cached.append(pipeline)
+        found_pipelines.append(pipeline)
 
     def visit(pipeline_id: str, wanted_by: str) -> None:
         if pipeline_id in planned or pipeline_id in cached:
@@ -56,7 +63,8 @@ def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> list[Planned]:
         pipeline = ctx.manifest.by_id(pipeline_id)
         if pipeline is None:
             raise UsageError(f"{wanted_by} needs pipeline {pipeline_id}, which is neither in the manifest "
-                             "nor in the store")
+                             "nor in the store: add that pipeline to the manifest, or build the manifest that "
+                             "has it into this --store first")
         resume = resume_point(ctx, pipeline)
         needs = pipeline.dependencies(after=resume)
         for dep in sorted(needs):
@@ -66,10 +74,10 @@ def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> list[Planned]:
     for target in targets:
         if target.id is not None:
             visit(target.id, "the command line")
-    return list(planned.values())
+    return Plan(build=tuple(planned.values()), cached=tuple(found_pipelines))
 
 
-async def run(ctx: BuildContext, planned: list[Planned]) -> None:
+async def run(ctx: BuildContext, planned: Sequence[Planned]) -> None:
     """Fetch sources and build the planned pipelines, each as soon as what it needs is ready."""
     built = {p.pipeline.id: anyio.Event() for p in planned}
     slots = anyio.CapacityLimiter(ctx.options.jobs)

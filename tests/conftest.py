@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from .jsonseq_check import check
+from .leftovers import NODEV_SOURCE, loops_backed_by, stray_mounts
+from .registry import served  # noqa: F401  # the fixture of a real registry, for every test module
 
 TESTS = Path(__file__).resolve().parent
 TEST_LIBDIR = TESTS / "lib"
@@ -78,30 +80,6 @@ def aosbuild(workdir: Path) -> Aosbuild:
     return Aosbuild(workdir)
 
 
-NODEV_SOURCE = "aosbuild-nodev"
-
-
-def mounted_anywhere(path: Path) -> list[str]:
-    """Mount points at or below `path` in the mount namespace of any process (mountinfo's fifth field),
-    as `PID COMMAND: POINT`."""
-    found = []
-    for info in Path("/proc").glob("[0-9]*/mountinfo"):
-        try:
-            lines = info.read_text().splitlines()
-            command = (info.parent / "cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
-        except OSError:
-            continue  # the process is gone
-        found += [f"{info.parent.name} {command}: {point}" for line in lines
-                  if (point := line.split()[4]).startswith(str(path))]
-    return found
-
-
-def loops_attached_under(path: Path) -> list[str]:
-    listing = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-                             capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if str(path) in line]
-
-
 @pytest.fixture
 def nodev_store(aosbuild: Aosbuild) -> Iterator[Aosbuild]:
     """The store is a tmpfs of its own mounted `nodev`, as /dev/shm and /tmp are on a stock Debian 12
@@ -113,15 +91,17 @@ def nodev_store(aosbuild: Aosbuild) -> Iterator[Aosbuild]:
                    check=True)
     try:
         yield aosbuild
+        # a loop device keeps its file, and with it the store's tmpfs, busy: look before unmounting
+        loops = loops_backed_by(aosbuild.workdir)
     finally:
         # a plain umount fails while anything is still mounted below the store; then take it all away
         # (lazily, so the workdir can be removed) and fail the test
         left = subprocess.run(["umount", str(aosbuild.store)], capture_output=True, text=True)
         if left.returncode != 0:
             subprocess.run(["umount", "--recursive", "--lazy", str(aosbuild.store)], check=True)
+    assert loops == []
     assert left.returncode == 0, f"the store could not be unmounted: {left.stderr}"
-    assert mounted_anywhere(aosbuild.workdir) == []
-    assert loops_attached_under(aosbuild.workdir) == []
+    assert [str(m) for m in stray_mounts(aosbuild.workdir)] == []
 
 
 def check_jsonseq(stream: str | bytes) -> str:

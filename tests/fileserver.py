@@ -28,6 +28,32 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 HOLD_LIMIT = 30.0  # no response is held longer than this, so a broken test fails instead of hanging
 
 
+class Hold(threading.Event):
+    """A gate for every route that counts the requests held at it, so the test can wait for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
+        self.changed = threading.Condition()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self.changed:
+            self.held += 1
+            self.changed.notify_all()
+        try:
+            return super().wait(timeout)
+        finally:
+            with self.changed:
+                self.held -= 1
+
+    def peak(self, floor: int, window: float) -> int:
+        """Wait until `floor` requests are held, then up to `window` seconds for more; how many are held."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.held >= floor, timeout=HOLD_LIMIT - 10), self.held
+            self.changed.wait_for(lambda: self.held > floor, timeout=window)
+            return self.held
+
+
 @dataclass
 class Route:
     body: bytes

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tarfile
 import time
 from pathlib import Path
+
+import pytest
 
 from .conftest import GOLDEN, Aosbuild, check_jsonseq, manifest, pipeline, stage
 
@@ -156,11 +159,19 @@ def test_channel_metadata_progress_and_log(aosbuild: Aosbuild) -> None:
 
 
 def test_sandbox_has_no_network_and_readonly_usr(aosbuild: Aosbuild) -> None:
-    result = aosbuild(manifest(pipeline("tree", stage("org.aosbuild.test.report"))),
-                      "--export", "tree", "--output-directory", str(aosbuild.output))
+    # a server on the host's loopback: a sandbox sharing the host's network would reach it
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        result = aosbuild(manifest(pipeline("tree", stage("org.aosbuild.test.report", probe_port=port))),
+                          "--export", "tree", "--output-directory", str(aosbuild.output))
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nobody connected
+            server.accept()[0].close()
     assert result.returncode == 0, result.stderr
     facts = json.loads((aosbuild.output / "tree" / "facts.json").read_text())
-    assert facts["network"] != "reachable"
+    # its own network namespace: only a loopback, where nothing listens on the port
+    assert facts["network"] == "ConnectionRefusedError"
+    assert facts["interfaces"] in (["lo"], [])
     assert facts["usr_writable"] is False
     assert facts["pid"] < 10  # a fresh pid namespace
     assert facts["arguments"]["tree"] == "/run/osbuild/tree"

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from .conftest import REPO, Aosbuild, check_jsonseq, manifest, pipeline, stage
-from .fileserver import FileServer, sha256
+from .fileserver import FileServer, Hold, sha256
 from .test_sources import blob, copy_items, curl_manifest, items_in
 
 
@@ -66,25 +65,6 @@ def test_monitor_fd_carries_the_stream_and_stdout_none(aosbuild: Aosbuild) -> No
 # -- downloads: the bounds seen at a real server with more routes than the bound ----------------------------
 
 
-class Hold(threading.Event):
-    """A gate for every route that counts the requests held at it, so the test can wait for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held = 0
-        self.changed = threading.Condition()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with self.changed:
-            self.held += 1
-            self.changed.notify_all()
-        try:
-            return super().wait(timeout)
-        finally:
-            with self.changed:
-                self.held -= 1
-
-
 @pytest.mark.parametrize("bound", ["--download-jobs", "--download-jobs-per-host"])
 def test_download_bounds(aosbuild: Aosbuild, server: FileServer, bound: str) -> None:
     hold = Hold()
@@ -93,11 +73,8 @@ def test_download_bounds(aosbuild: Aosbuild, server: FileServer, bound: str) -> 
     with subprocess.Popen(aosbuild.command(curl_manifest(items), "--sources-only", "-q", bound, "2"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=aosbuild.workdir) as proc:
         try:
-            with hold.changed:
-                assert hold.changed.wait_for(lambda: hold.held >= 2, timeout=20)  # a tighter bound: never
-                # while both are held, a looser bound sends its third request: give it a wide window
-                hold.changed.wait_for(lambda: hold.held > 2, timeout=3)
-                held = hold.held
+            # a tighter bound never holds 2; while both are held, a looser one sends its third: a wide window
+            held = hold.peak(2, window=3)
             hold.set()
             assert proc.wait(60) == 0
         finally:

@@ -17,7 +17,7 @@ from aosbuild.checksum import ITEM_MODE, PARTIAL_PREFIX, VerifiedFile
 from aosbuild.download import DownloadOptions, open_downloader, parse_content_range
 from aosbuild.errors import ChecksumMismatch, DownloadError
 
-from .fileserver import FileServer, sha256
+from .fileserver import FileServer, Hold, sha256
 
 DATA = bytes(range(256)) * 4096  # 1 MiB, more than one read
 FAST = DownloadOptions(backoff=0, timeout=0.5)
@@ -208,14 +208,19 @@ async def test_per_host_bound(server: FileServer, tmp_path: Path) -> None:
 
 
 async def test_overall_bound_across_hosts(tmp_path: Path) -> None:
+    # 4 routes on each of two hosts and a per-host bound of 4: only the overall bound of 3 keeps a fourth
+    # request (and, loosened, up to 8) from being held at the shared gate at once
+    hold = Hold()
     with FileServer().running() as one, FileServer().running() as two:
-        barrier = threading.Barrier(3)
-        one.barrier = two.barrier = barrier
-        urls = {s.add(f"/f{i}", DATA[:1000] + bytes([i])): DATA[:1000] + bytes([i])
-                for i in range(3) for s in (one, two)}
-        await fetch_many(urls, tmp_path, DownloadOptions(jobs=3, per_host=4, backoff=0))
-        assert one.most_active + two.most_active >= 3
-        assert max(one.most_active, two.most_active) <= 3
+        urls = {s.add(f"/f{i}", DATA[:1000] + bytes([i]), gate=hold): DATA[:1000] + bytes([i])
+                for i in range(4) for s in (one, two)}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fetch_many, urls, tmp_path, DownloadOptions(jobs=3, per_host=4, backoff=0))
+            try:
+                held = await anyio.to_thread.run_sync(lambda: hold.peak(3, window=3))
+            finally:
+                hold.set()
+        assert held == 3
 
 
 async def fetch_many(urls: dict[str, bytes], directory: Path, options: DownloadOptions) -> None:

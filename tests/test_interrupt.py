@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains `text` (the test's private directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def mounts_under(path: Path) -> list[str]:
-    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line]
+from .leftovers import processes_mentioning, stray_mounts
 
 
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
@@ -60,6 +42,6 @@ def test_signal_mid_stage_cleans_up(aosbuild: Aosbuild, signum: int, exit_code: 
     assert b"Traceback" not in stderr
     check_jsonseq(seen + rest)
     assert processes_mentioning(str(aosbuild.workdir)) == []
-    assert mounts_under(aosbuild.workdir) == []
+    assert [str(m) for m in stray_mounts(aosbuild.workdir)] == []
     assert list((aosbuild.store / "stage").iterdir()) == []
     assert list((aosbuild.store / "tmp").iterdir()) == []

@@ -248,7 +248,9 @@ def test_wrong_checksum_fails_clearly_and_stores_nothing(aosbuild: Aosbuild, ser
     result = aosbuild(m, "--json")
     assert result.returncode == 1
     error = f"{url}: checksum mismatch: expected {sha256(wanted)}, got {sha256(b'something else')}"
-    assert result.stderr == f"Error: {CURL}: {sha256(wanted)}: {error}\n"
+    assert result.stderr == (f"Error: {CURL}: {sha256(wanted)}: {error}\nWhat to do: check the item's URL and "
+                             "checksum in the manifest's `sources`; `--sources-only` fetches and verifies the "
+                             "sources without building.\n")
     document = json.loads(result.stdout)
     assert document["error"] == {"type": "org.osbuild.error.source",
                                  "details": {"source": {"type": CURL, "output": f"{CURL}: {sha256(wanted)}: {error}"}}}

@@ -21,9 +21,9 @@ from aosbuild.store import Store
 from aosbuild.store.entries import list_committed
 
 from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .leftovers import loops_backed_by, processes_mentioning, stray_mounts
 from .test_build import leftovers
-from .test_devices import disk_manifest, loops_backed_by
-from .test_interrupt import mounts_under, processes_mentioning
+from .test_devices import disk_manifest
 
 WORKERS = 8
 TREES = 10
@@ -227,7 +227,7 @@ def test_kill_9_at_random_moments(aosbuild: Aosbuild) -> None:
         assert after.returncode == 0, f"attempt {attempt}, killed after record {kill_after}: {after.stderr}"
         check_jsonseq(after.stdout)
         assert leftovers(aosbuild.store) == [], f"attempt {attempt}"
-        assert mounts_under(aosbuild.workdir) == []
+        assert [str(m) for m in stray_mounts(aosbuild.workdir)] == []
         assert loops_backed_by(aosbuild.workdir) == []
         checked.check(aosbuild.store, known_only=True)
     assert processes_mentioning(str(aosbuild.workdir)) == []

@@ -1,4 +1,6 @@
-"""`aosbuild report STREAM`: where a build's time went, from its `--monitor jsonseq` stream.
+"""`aosbuild report STREAM|--last`: where a build's time went, from its `--monitor jsonseq` stream.
+
+`--last` reads the stream the store keeps of its last build, so nothing needs saving beforehand.
 
 Per pipeline and stage: start, end, duration, cached or not; the achieved parallelism; and the critical
 path through the pipelines' DAG with what a perfect scheduler could have saved. Reads osbuild's streams
@@ -29,7 +31,12 @@ def parser() -> argparse.ArgumentParser:
         prog="aosbuild report",
         description="Where a build's time went: per pipeline and stage timings, parallelism and the critical "
                     "path, from a --monitor jsonseq stream of aosbuild or osbuild.")
-    p.add_argument("stream", metavar="STREAM", help="the JSON-seq stream, or - for standard input")
+    p.add_argument("stream", metavar="STREAM", nargs="?",
+                   help="the JSON-seq stream, or - for standard input (or --last)")
+    p.add_argument("--last", action="store_true",
+                   help="the last build on the store, from the stream the store keeps of its recent builds")
+    p.add_argument("--store", metavar="DIR",
+                   help="the store whose last build --last reports (default: .osbuild); implies --last")
     p.add_argument("--manifest", metavar="MANIFEST",
                    help="the manifest that was built: its dependencies make the critical path exact "
                         "(without it they are inferred from the timing)")
@@ -50,12 +57,35 @@ def read_text(path: str) -> str:
     return Path(path).read_text(errors="replace")
 
 
+def last_stream(store: str) -> str:
+    """The stream of the newest build the store kept (`history.py`)."""
+    from ..history import History
+
+    path = History(Path(store)).last_stream()
+    if path is None:
+        raise FileNotFoundError(f"the store {store} keeps no build yet: build a manifest with "
+                                f"`aosbuild --store {store} MANIFEST` first, or give a saved stream")
+    return str(path)
+
+
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.stream is not None and (args.last or args.store):
+        p.error("give a STREAM or --last/--store, not both")
+    if args.stream is None and not (args.last or args.store):
+        p.error("give a STREAM file (from --monitor jsonseq), or --last for the last build on the store")
+    if args.stream is None:
+        try:
+            args.stream = last_stream(args.store or ".osbuild")
+        except FileNotFoundError as exc:
+            sys.stderr.write(f"Error: {exc}\n")
+            return 1
     try:
         text = read_text(args.stream)
     except OSError as exc:
-        sys.stderr.write(f"Error: cannot read {args.stream}: {exc.strerror or exc}\n")
+        sys.stderr.write(f"Error: cannot read {args.stream}: {exc.strerror or exc}; give a stream saved "
+                         "with `aosbuild --monitor jsonseq ... > FILE`, or --last for the store's last build\n")
         return 2
     manifest = None
     if args.manifest:
@@ -64,7 +94,8 @@ def main(argv: list[str]) -> int:
             manifest = load(parse(read_text(args.manifest), args.manifest), Library(), args.manifest,
                             validate=False)
         except OSError as exc:
-            sys.stderr.write(f"Error: cannot read {args.manifest}: {exc.strerror or exc}\n")
+            sys.stderr.write(f"Error: cannot read {args.manifest}: {exc.strerror or exc}; check the path, or "
+                             "leave --manifest out (the dependencies are then inferred from the timing)\n")
             return 2
         except ManifestError as exc:
             sys.stderr.write(exc.render())

@@ -15,6 +15,7 @@ attributed through their context, since pipelines that run at the same time inte
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -117,7 +118,10 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    # NaN and infinity are no measure (and would make `--format json` print what is not JSON)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..entry import broken_pipe
 from ..errors import StoreError
+from ..history import History
 from ..sizes import Bound, format_size, size_argument
 from . import entries, sourcecache
 from .fscache import KEEP, VERSION, Store
@@ -177,6 +178,9 @@ def prune(store: Store, to: Bound, sources_to: Bound) -> int:
         sys.stdout.write(f"sources: removed {pruned[0]} items, {format_size(pruned[1])}\n")
     if dead:
         sys.stdout.write(f"staging: removed {dead} entries left by dead builds\n")
+    streams = History(store.root).prune()
+    if streams:
+        sys.stdout.write(f"history: removed {streams} saved build streams beyond the bound\n")
     return 0
 
 
