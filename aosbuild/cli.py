@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from . import __version__
 from .buildreport import what_was_made
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import exit_code, guarded
-from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
+from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError, flatten
 from .library import Library
 from .monitor import MONITORS, make_monitor
 from .sizes import format_size, size_argument
@@ -119,14 +118,6 @@ def read_manifest(path: str) -> str:
     except UnicodeDecodeError as exc:
         raise ManifestError(path, [Problem(f"not UTF-8: byte {data[exc.start]:#04x} at offset {exc.start}; "
                                            "JSON manifests must be UTF-8")]) from None
-
-
-def flatten(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from flatten(inner)
-    else:
-        yield exc
 
 
 def print_json(document: Any) -> None:
