@@ -1,7 +1,5 @@
 """`python -m aosbuild`."""
 
-import sys
+from .entry import script
 
-from .entry import main
-
-sys.exit(main())
+script()

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import OSBUILD_VERSION, __version__
 from .buildreport import what_was_made
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import exit_code, guarded
@@ -28,8 +28,6 @@ from .library import Library
 from .monitor import MONITORS, make_monitor
 from .sizes import format_size, size_argument
 from .store import KEEP, Store
-
-OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
 
 
 def positive_int(text: str) -> int:

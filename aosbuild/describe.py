@@ -94,6 +94,9 @@ def describe(manifest: Manifest, host_runner: str | None = None) -> dict[str, An
     build_ids = {p.build for p in manifest.pipelines if p.build}
     desc: dict[str, Any] = {"version": "2",
                             "pipelines": [_pipeline(p, build_ids, host_runner) for p in manifest.pipelines]}
+    metadata = manifest.description.get("metadata")
+    if metadata:  # osbuild keeps the manifest's `metadata` (generators, exports) as given
+        desc["metadata"] = metadata
     if manifest.sources:
         # osbuild describes a source by its items only
         desc["sources"] = {source.type: {"items": source.items} for source in manifest.sources}

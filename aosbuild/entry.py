@@ -13,6 +13,9 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
+from typing import NoReturn
+
+from . import OSBUILD_VERSION, __version__
 
 
 class Terminated(KeyboardInterrupt):
@@ -65,8 +68,15 @@ def guarded(run: Callable[[], int]) -> int:
         return broken_pipe()
 
 
-def run_guarded(module: str) -> int:
-    """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143."""
+def run_guarded(module: str, version: str | None = None) -> int:
+    """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143.
+
+    A lone `--version` prints `version` without importing `module`: its command line pulls in the store
+    and the downloader (ssl among them), half of what `--version` cost, which tools run to probe for us.
+    """
+    if version is not None and sys.argv[1:] == ["--version"]:
+        sys.stdout.write(version + "\n")
+        return 0
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     code = guarded(lambda: int(importlib.import_module(module).main()))
@@ -74,11 +84,36 @@ def run_guarded(module: str) -> int:
     return code
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with `code` once its output is flushed, skipping the interpreter's teardown.
+
+    Everything the command does is finished by now: its processes are reaped, its files closed, its
+    staging entries removed. What is left, freeing every module and object one by one, took 0.1 s on a
+    quiet machine and up to 0.75 s under load, between a failed stage and aosbuild's exit.
+    """
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = broken_pipe()
+    except (OSError, ValueError):
+        pass  # stdout closed or gone: nothing more can reach it
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
 def main() -> int:
     """`aosbuild`."""
-    return run_guarded("aosbuild.cli")
+    return run_guarded("aosbuild.cli", f"aosbuild {__version__} (osbuild {OSBUILD_VERSION})")
 
 
 def osbuild() -> int:
     """The drop-in `osbuild` command (`aosbuild install-osbuild-command`)."""
-    return run_guarded("aosbuild.osbuild_compat")
+    return run_guarded("aosbuild.osbuild_compat", f"osbuild {OSBUILD_VERSION}")
+
+
+def script() -> NoReturn:
+    """The `aosbuild` console script and `python -m aosbuild`: main(), then `exit_now`."""
+    exit_now(main())

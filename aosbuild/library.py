@@ -1,92 +1,38 @@
 """The module library: stages, assemblers, runners, sources, inputs, devices and mounts on disk.
 
-A library root is laid out like osbuild's libdir: `stages/<name>` executables beside `<name>.meta.json`,
-`assemblers/`, `runners/`, `sources/<name>.meta.json`, and the manifest and host-module schemas under
-`schemas/`. Several roots may be stacked (tests add their own stages); the first root that has a module
-wins, and the bundled root is always searched last.
+A library root is laid out like osbuild's libdir (`/usr/lib/osbuild`): `stages/`, `assemblers/`, `inputs/`,
+`devices/`, `mounts/`, `sources/`, each module beside its `<name>.meta.json`, `runners/`, and the manifest
+schemas under `schemas/`. aosbuild's bundled root keeps the metadata of the host modules the engine
+implements itself under `schemas/inputs`, `schemas/devices` and `schemas/mounts`. Several roots may be
+stacked (`--libdir`, tests' own stages): a module comes from the first root that has it, its metadata or its
+source (read by `moduleinfo`), and the bundled root is always searched last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from .errors import SandboxError
+from .moduleinfo import ModuleInfo, read_module
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent
 
-# kind -> (folder under a root, whether the module is an executable)
-KINDS: dict[str, tuple[str, bool]] = {
-    "Stage": ("stages", True),
-    "Assembler": ("assemblers", True),
-    "Source": ("sources", False),
-    "Input": ("schemas/inputs", False),
-    "Device": ("schemas/devices", False),
-    "Mount": ("schemas/mounts", False),
+# kind -> folders searched in each root: osbuild's layout first, then where aosbuild's bundled root keeps the
+# schemas of the host modules the engine implements itself
+KINDS: dict[str, tuple[str, ...]] = {
+    "Stage": ("stages",),
+    "Assembler": ("assemblers",),
+    "Source": ("sources",),
+    "Input": ("inputs", "schemas/inputs"),
+    "Device": ("devices", "schemas/devices"),
+    "Mount": ("mounts", "schemas/mounts"),
 }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ModuleInfo:
-    """What the library knows of one module: where it is and what its options look like."""
-
-    kind: str
-    name: str
-    path: Path | None
-    summary: str = ""
-    schema_v1: dict[str, Any] = field(default_factory=dict)
-    schema_v2: dict[str, Any] = field(default_factory=dict)
-
-    def validation_schema(self, version: str) -> dict[str, Any]:
-        """The JSON schema a manifest's use of this module is validated against (osbuild's rules)."""
-        if self.kind in ("Stage", "Assembler"):
-            key = "type" if version == "2" else "name"
-            props: dict[str, Any] = {key: {"enum": [self.name]}}
-            if version == "2":
-                props.update(self.schema_v2 or {"options": {"type": "object", "additionalProperties": False}})
-                props.setdefault("devices", {"type": "object"})
-                props.setdefault("mounts", {"type": "array"})
-            else:
-                props["options"] = self.schema_v1 or self.schema_v2.get("options", {})
-            schema: dict[str, Any] = {"title": "Pipeline Stage", "type": "object",
-                                      "additionalProperties": False, "properties": props,
-                                      "required": [key]}
-        elif self.kind == "Source" and version == "1":
-            # v1 sources have their own shape (`urls` for org.osbuild.files); osbuild wraps the schema
-            # in a strict object, as here
-            schema = {"title": "Pipeline Source", "type": "object", "additionalProperties": False,
-                      **(self.schema_v1 or self.schema_v2)}
-        elif self.kind == "Device":
-            schema = {"additionalProperties": True,
-                      "properties": {"type": {"enum": [self.name]}, **self.schema_v2}}
-        else:
-            schema = dict(self.schema_v2)
-        return _hoist_definitions(schema)
-
-
-def _hoist_definitions(schema: dict[str, Any]) -> dict[str, Any]:
-    """Move every nested `definitions` block to the root, where `$ref: #/definitions/...` expects it."""
-    definitions: dict[str, Any] = {}
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            node = dict(node)
-            if isinstance(node.get("definitions"), dict):
-                definitions.update(node.pop("definitions"))
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    result: dict[str, Any] = walk(schema)
-    if definitions:
-        result["definitions"] = definitions
-    return result
 
 
 class Library:
@@ -114,18 +60,20 @@ class Library:
         raise SandboxError(f"runner '{name}' not found in the library roots",)
 
     def runner_names(self) -> list[str]:
-        names: set[str] = set()
-        for root in self.roots:
-            if (root / "runners").is_dir():
-                names.update(p.name for p in (root / "runners").iterdir() if p.name.startswith("org."))
-        return sorted(names)
+        return sorted({name for root in self.roots for name in _runner_names(root)})
 
     def host_runner(self, os_release: Path = Path("/etc/os-release")) -> str:
         """The runner for the host, chosen as osbuild does: same distribution, closest version not above."""
         info = read_os_release(os_release)
         distro = info.get("ID", "linux")
         version = info.get("VERSION_ID", "").replace(".", "")
-        return choose_runner(self.runner_names(), distro, version)
+        # from the first root that has a runner for the host, as a module comes from the first root that
+        # has it: with `--libdir /usr/lib/osbuild`, osbuild's own choice
+        for root in self.roots:
+            names = _runner_names(root)
+            with contextlib.suppress(SandboxError):
+                return choose_runner(names, distro, version)
+        return choose_runner(self.runner_names(), distro, version)  # raises: no root has one
 
 
 def choose_runner(available: Sequence[str], distro: str, version: str) -> str:
@@ -149,6 +97,11 @@ def choose_runner(available: Sequence[str], distro: str, version: str) -> str:
     raise SandboxError(f"No suitable runner for {distro}{version}: the library has {list(available)}")
 
 
+def _runner_names(root: Path) -> list[str]:
+    folder = root / "runners"
+    return [p.name for p in folder.iterdir() if p.name.startswith("org.")] if folder.is_dir() else []
+
+
 def read_os_release(path: Path) -> dict[str, str]:
     info: dict[str, str] = {}
     try:
@@ -164,20 +117,9 @@ def read_os_release(path: Path) -> dict[str, str]:
 
 @cache
 def _find(roots: tuple[Path, ...], kind: str, name: str) -> ModuleInfo | None:
-    folder, executable = KINDS[kind]
+    """The module from the first root that has it (its metadata or its source), as osbuild reads one root."""
     for root in roots:
-        meta_path = root / folder / f"{name}.meta.json"
-        module_path = root / folder / name
-        if executable and not module_path.exists():
-            continue
-        if not meta_path.exists():
-            continue
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            return None  # an unreadable .meta.json is a missing module, as in osbuild
-        return ModuleInfo(kind=kind, name=name, path=module_path if executable else None,
-                          summary=str(meta.get("summary", "")),
-                          schema_v1=dict(meta.get("schema", {})),
-                          schema_v2=dict(meta.get("schema_2", {})))
+        for folder in KINDS[kind]:
+            if (root / folder / name).is_file() or (root / folder / f"{name}.meta.json").is_file():
+                return read_module(kind, name, root, folder)
     return None

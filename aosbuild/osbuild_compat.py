@@ -5,6 +5,9 @@ are refused (exit 2); `--cache-max-size` bounds the store, as `aosbuild --cache-
 `--version` prints `osbuild N`, N being the osbuild release whose behaviour aosbuild follows, because tools such
 as osbuild/images (`RunOSBuild`) check it.
 
+Like osbuild, it takes its modules from the installed library, `/usr/lib/osbuild`, when there is one and
+`--libdir` names no other; aosbuild's bundled library is searched after either, for what they lack.
+
 Install it with `aosbuild install-osbuild-command [--prefix DIR]`, which writes an `osbuild` script beside
 `aosbuild` (or into DIR/bin); it is not a console script of the package so that installing aosbuild never
 shadows a real osbuild on PATH.
@@ -16,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli
+from . import OSBUILD_VERSION, cli
 from .download import JOBS, PER_HOST, TIMEOUT
 from .entry import guarded
 from .sizes import size_argument
@@ -24,6 +27,7 @@ from .store import KEEP
 
 PROG = "osbuild"
 MONITOR_CLASSES = ("JSONSeqMonitor", "LogMonitor", "NullMonitor")
+INSTALLED_LIBDIR = Path("/usr/lib/osbuild")  # osbuild's `--libdir` default, where its packages install it
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,8 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", "--store", dest="store", metavar="DIRECTORY", type=str, default=".osbuild",
                    help="directory where sources and intermediary os trees are stored")
     p.add_argument("-l", "--libdir", metavar="DIRECTORY", type=str, default=None,
-                   help="directory containing stages, assemblers, and the osbuild library "
-                   "(aosbuild's bundled library is searched after it)")
+                   help=f"directory containing stages, assemblers, and the osbuild library (default: "
+                   f"{INSTALLED_LIBDIR} where it exists; aosbuild's bundled library is searched after it)")
     p.add_argument("--cache-max-size", metavar="SIZE", type=size_argument, default=KEEP,
                    help="maximum size of the cache (bytes) or 'unlimited'")
     p.add_argument("--checkpoint", metavar="ID", action="append", type=str, default=None,
@@ -58,14 +62,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--in-vm", metavar="ID", action="append", type=str, default=[],
                    help="run the given pipeline inside a VM. Not supported by aosbuild.")
     p.add_argument("-q", "--quiet", action="store_true", help="suppress normal output")
-    p.add_argument("--version", action="version", version=f"{PROG} {cli.OSBUILD_VERSION}")
+    p.add_argument("--version", action="version", version=f"{PROG} {OSBUILD_VERSION}")
     return p
 
 
-def translate(args: argparse.Namespace) -> argparse.Namespace:
+def libdirs(given: str | None, installed: Path = INSTALLED_LIBDIR) -> list[str]:
+    """The library roots searched before the bundled one: `--libdir`, else osbuild's installed library."""
+    if given:
+        return [given]
+    return [str(installed)] if (installed / "stages").is_dir() else []
+
+
+def translate(args: argparse.Namespace, installed: Path = INSTALLED_LIBDIR) -> argparse.Namespace:
     """The namespace `aosbuild`'s build takes, from osbuild's options."""
     return argparse.Namespace(
-        manifest=args.manifest_path, store=args.store, libdir=[args.libdir] if args.libdir else [],
+        manifest=args.manifest_path, store=args.store, libdir=libdirs(args.libdir, installed),
         checkpoint=args.checkpoint or [], export=args.export, output_directory=args.output_directory,
         inspect=args.inspect, json=args.json, monitor=args.monitor, monitor_fd=args.monitor_fd,
         stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,

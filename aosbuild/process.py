@@ -98,6 +98,34 @@ class Process:
             except ProcessLookupError:
                 pass
 
+    def kill_children(self) -> None:
+        """SIGKILL the process's own children now, while it still lives to be their parent.
+
+        For bwrap that child is the sandbox's init: killing it takes the whole pid namespace down at once.
+        It is not left to `--die-with-parent`, which a child misses when bwrap dies before the child has
+        asked for it (seen under load: the stage then ran on, holding the output pipe). Each child is
+        signalled through a pidfd opened and then checked to be this process's child, so a recycled pid
+        is never hit.
+        """
+        if self.popen.returncode is not None:
+            return
+        try:
+            listed = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text().split()
+        except OSError:
+            return  # exited already: whatever it left is in its process group, which wait() kills
+        for pid in map(int, listed):
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone already
+            try:
+                if parent_of(pid) == self.popen.pid:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+
     def close(self) -> None:
         if self.popen.stdout is not None:
             self.popen.stdout.close()
@@ -114,6 +142,29 @@ async def stop(process: Process, grace: float = GRACE_SECONDS) -> None:
             if process.returncode is None:
                 process.signal(signal.SIGKILL)
                 await process.wait()
+
+
+def parent_of(pid: int) -> int:
+    """The parent pid of a process, from /proc/PID/stat (its fourth field, after the command in brackets)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+async def kill(process: Process) -> None:
+    """SIGKILL its children, then its process group, at once; always waits, shielded from cancellation.
+
+    For a sandbox, whose stage has no use for a grace period: the sandbox ends with its init either way.
+    The children go first, so that none is left without a parent to take it down with it; the group
+    signal then takes the process and any child still in its group, atomically with respect to forks.
+    """
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.kill_children()
+            try:
+                os.killpg(process.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await process.wait()
 
 
 # Characters per line event: a record stays under 64 KiB even when JSON escapes every character (6x).
@@ -175,15 +226,20 @@ def _libc() -> ctypes.CDLL:
 
 async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapping[str, str] | None = None,
                         pass_fds: Sequence[int] = (), cwd: Path | None = None,
-                        on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS) -> int:
+                        on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS,
+                        kill_at_once: bool = False, dies_with_parent: bool = False) -> int:
     """Run a process with stdin from /dev/null, stdout and stderr merged into `on_line`; its exit status.
 
-    `on_started` runs right after the process exists, e.g. to close descriptors it inherited.
+    `on_started` runs right after the process exists, e.g. to close descriptors it inherited. When the
+    caller stops waiting (a cancel), the process is stopped with `stop`, or with `kill` if `kill_at_once`.
+    `dies_with_parent` says the command sees to that itself (bwrap's `--die-with-parent` does): then
+    no `preexec_fn` is needed, and without one the child is started with vfork, in 0.2 ms instead of
+    about 10 ms for a fork of the engine and Python code run in the child.
     """
     popen = subprocess.Popen(  # noqa: ASYNC220  # fork from this thread on purpose: see Process
         argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
-        start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+        start_new_session=True, preexec_fn=None if dies_with_parent else die_with_parent(os.getpid()))
     process = Process(popen)
     splitter = LineSplitter(on_line)
     at_end = False
@@ -195,7 +251,10 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
         splitter.close()
         return await process.wait()
     finally:
-        await stop(process, grace)
+        if kill_at_once:
+            await kill(process)
+        else:
+            await stop(process, grace)
         if not at_end:
             await drain(process, grace)
         process.close()

@@ -40,13 +40,20 @@ class HandlerError(Exception):
     """Raised by a handler to answer with a JSON-RPC error the stage will see as its message."""
 
 
-async def _send(sock: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+async def _send(sock: socket.socket, message: dict[str, Any], fds: list[int]) -> bool:
+    """Send a reply; False if the stage has gone (killed, say, while its request was being answered).
+
+    A closed peer is the end of the conversation, not an error: as a BrokenPipeError it would reach the
+    CLI, which takes that for its own closed standard output.
+    """
     while True:
         try:
             send_message(sock, message, fds)
-            return
+            return True
         except BlockingIOError:
             await anyio.wait_writable(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
 
 
 async def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
@@ -97,8 +104,8 @@ async def serve(sock: socket.socket, handlers: Mapping[str, Handler]) -> None:
                     reply = {"jsonrpc": "2.0", "id": request_id,
                              "error": {"code": INVALID_PARAMS, "message": f"invalid params for {method}: {exc!r}"}}
                     reply_fds = []
-            if request_id is not None:
-                await _send(sock, reply, reply_fds)
+            if request_id is not None and not await _send(sock, reply, reply_fds):
+                return
         finally:
             for fd in fds:
                 os.close(fd)

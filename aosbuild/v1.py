@@ -12,7 +12,7 @@ from typing import Any
 from .errors import ManifestError, Problem
 from .library import Library
 from .manifest import PIPELINE_ORIGIN, Input, Manifest, Pipeline, Source, make_stage
-from .validation import check
+from .validation import check, check_module
 
 
 def validate_v1(description: dict[str, Any], library: Library) -> list[Problem]:
@@ -36,11 +36,7 @@ def validate_v1(description: dict[str, Any], library: Library) -> list[Problem]:
         for name, source in sources.items():
             # osbuild checks `org.osbuild.files` as `org.osbuild.curl` and reports it under that name
             module = "org.osbuild.curl" if name == "org.osbuild.files" else name
-            info = library.find("Source", module)
-            if info is None:
-                problems.append(Problem(f"could not find schema information for '{module}'", ("sources", module)))
-                continue
-            found = list(check(info.validation_schema("1"), source, ("sources", module)))
+            found = list(check_module(library, "Source", module, source, "1", ("sources", module)))
             if not found and name == "org.osbuild.files" and "urls" not in source:
                 # the schema allows `items` too, but osbuild's v1 loader then fails with a KeyError
                 found.append(Problem("a v1 'org.osbuild.files' source lists its files under 'urls'",
@@ -52,10 +48,7 @@ def validate_v1(description: dict[str, Any], library: Library) -> list[Problem]:
 def _check_module(library: Library, kind: str, desc: Any, path: tuple[str | int, ...]) -> list[Problem]:
     if not isinstance(desc, dict) or not isinstance(desc.get("name"), str):
         return []
-    info = library.find(kind, desc["name"])
-    if info is None:
-        return [Problem(f"could not find schema information for '{desc['name']}'", path)]
-    return list(check(info.validation_schema("1"), desc, path))
+    return list(check_module(library, kind, desc["name"], desc, "1", path))
 
 
 def _load_pipeline(desc: dict[str, Any], pipelines: list[Pipeline], depth: int, build_runner: str | None) -> Pipeline:

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import baseline
 import debian
 import downloads
 import engine
@@ -37,6 +38,7 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "commit": (store.commit_export, 5),
     "downloads": (downloads.run, 5),
     "debian": (debian.run, 3),  # a cold build takes minutes
+    "osbuild": (baseline.run, 3),  # osbuild 191 takes about 12 s for the generic manifest
 }
 README = BENCH / "README.md"
 LATEST = ("<!-- latest run: written by bench/suite.py --update-readme -->", "<!-- end of latest run -->")
@@ -45,6 +47,7 @@ HISTORY = ("<!-- history: written by bench/suite.py --update-readme -->", "<!-- 
 COLUMNS = [
     ("overhead", "startup_ms", "startup ms", "{:.0f}"),
     ("overhead", "overhead_per_stage_ms", "per stage ms", "{:.0f}"),
+    ("overhead", "per_stage_ratio", "per stage / bare bwrap", "{:.2f}x"),
     ("concurrency", "speedup_n4", "4 pipelines speed-up", "{:.2f}x"),
     ("rebuild", "cached_over_startup_ms", "cached rebuild - startup ms", "{:.0f}"),
     ("commit", "commit_ms", "commit 1 GiB ms", "{:.0f}"),
@@ -53,6 +56,10 @@ COLUMNS = [
     ("debian", "cold_s", "Debian cold s", "{:.1f}"),
     ("debian", "mmdebstrap_s", "mmdebstrap s", "{:.1f}"),
     ("debian", "warm_s", "Debian warm s", "{:.2f}"),
+    ("osbuild", "version_ratio", "`--version` / osbuild", "{:.2f}x"),
+    ("osbuild", "inspect_ratio", "`--inspect` / osbuild", "{:.2f}x"),
+    ("osbuild", "noops_ratio", "20 noops / osbuild", "{:.2f}x"),
+    ("osbuild", "generic_cold_ratio", "generic cold / osbuild", "{:.2f}x"),
 ]
 
 

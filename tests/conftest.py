@@ -124,11 +124,14 @@ class OsbuildOracle:
     libdir: Path
 
     def __call__(self, *args: str, timeout: float = 60) -> Run:
+        return self.python("-m", "osbuild", "--libdir", str(self.libdir), *args, timeout=timeout)
+
+    def python(self, *args: str, timeout: float = 60) -> Run:
+        """Python with osbuild's package importable (`-c CODE` asks its library what it makes of a module)."""
         env = dict(os.environ)
         if (self.libdir / "osbuild" / "__init__.py").exists():  # laid out as installed, package and all
             env["PYTHONPATH"] = str(self.libdir)
-        proc = subprocess.run([sys.executable, "-m", "osbuild", "--libdir", str(self.libdir), *args],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
         return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -168,3 +171,44 @@ def manifest(*pipelines: dict[str, Any], sources: dict[str, Any] | None = None) 
     if sources:
         result["sources"] = sources
     return result
+
+
+@dataclass(frozen=True)
+class DebianSample:
+    """`aosbuild sample debian` built once per session, exported: `output/os/` (the tree) and
+    `output/qcow2/disk.qcow2`; the user logs in over SSH with `key` (the private half)."""
+
+    workdir: Path
+    manifest: Path
+    key: Path
+    build: Run
+    hostname: str = "aosbuild-vm"
+    user: str = "admin"
+    password: str = "aosbuild-test"
+
+    @property
+    def output(self) -> Path:
+        return self.workdir / "output"
+
+    @property
+    def image(self) -> Path:
+        return self.output / "qcow2" / "disk.qcow2"
+
+
+@pytest.fixture(scope="session")
+def debian_sample() -> Iterator[DebianSample]:
+    """Depsolves against the host's apt mirror, downloads ~190 MB and builds the sample (slow tests only)."""
+    with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-sample-") as d:
+        workdir = Path(d)
+        key = workdir / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "aosbuild-test", "-f", str(key)],
+                       check=True)
+        manifest = workdir / "debian.json"
+        generate = subprocess.run([sys.executable, "-m", "aosbuild", "sample", "debian",
+                                   "--hostname", DebianSample.hostname, "--user", DebianSample.user,
+                                   "--password", DebianSample.password, "--ssh-key", f"{key}.pub",
+                                   "--output", str(manifest)], capture_output=True, text=True, timeout=300)
+        assert generate.returncode == 0, generate.stderr
+        build = Aosbuild(workdir)(manifest, "--export", "os", "--export", "qcow2", "--output-directory",
+                                  str(workdir / "output"), "--monitor", "jsonseq", timeout=1800)
+        yield DebianSample(workdir=workdir, manifest=manifest, key=key, build=build)

@@ -18,9 +18,10 @@ class ConsoleTimeout(AssertionError):
 class SerialConsole:
     """A QEMU process (TCG, no display) whose serial console is its stdin and stdout."""
 
-    def __init__(self, image: Path, *, memory: str = "1024", log: Path | None = None) -> None:
+    def __init__(self, image: Path, *, memory: str = "1024", log: Path | None = None, nic: str = "none") -> None:
+        """`nic` is QEMU's `-nic` (e.g. `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22`)."""
         self.argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", memory, "-nographic", "-no-reboot",
-                     "-drive", f"file={image},if=virtio,format=qcow2,snapshot=on", "-nic", "none"]
+                     "-drive", f"file={image},if=virtio,format=qcow2,snapshot=on", "-nic", nic]
         self.log = log
         self.transcript = b""
         self._consumed = 0  # where the next expect() starts looking

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import GOLDEN, TEST_LIBDIR, Aosbuild, check_jsonseq, manifest, pipeline, stage
+from aosbuild.osbuild_compat import INSTALLED_LIBDIR, parser, translate
+
+from .conftest import GOLDEN, TEST_LIBDIR, Aosbuild, OsbuildOracle, check_jsonseq, manifest, pipeline, stage
 from .test_build import check_export_errors, started_stages
 
 
@@ -177,3 +179,23 @@ def test_install_command(workdir: Path) -> None:
                             str(workdir)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1
     assert "--force" in again.stderr
+
+
+def test_installed_osbuild_library_is_the_default(tmp_path: Path) -> None:
+    """As osbuild: `/usr/lib/osbuild` where it is installed (here a stand-in path), unless --libdir says otherwise."""
+    installed = tmp_path / "usr-lib-osbuild"
+    args = parser().parse_args(["m.json"])
+    assert translate(args, installed).libdir == []  # not installed: aosbuild's bundled library alone
+    (installed / "stages").mkdir(parents=True)
+    assert translate(args, installed).libdir == [str(installed)]
+    given = parser().parse_args(["--libdir", "/elsewhere", "m.json"])
+    assert translate(given, installed).libdir == ["/elsewhere"]
+    assert INSTALLED_LIBDIR == Path("/usr/lib/osbuild")
+
+
+def test_inspect_real_manifest_with_osbuilds_library(osbuild_oracle: OsbuildOracle) -> None:
+    """The drop-in command prints what osbuild prints for one of osbuild's own manifests, byte for byte."""
+    path = GOLDEN.parent / "real-manifests" / "fedora-boot.json"
+    result = run("--libdir", str(osbuild_oracle.libdir), "--inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == path.with_suffix(".expected").read_text()

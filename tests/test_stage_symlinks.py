@@ -47,10 +47,10 @@ REPLACING: list[tuple[dict[str, Any], list[str]]] = [
     (stage("org.osbuild.machine-id", **{"first-boot": "yes"}), ["/etc/machine-id"]),
     (stage("org.osbuild.fstab", filesystems=[{"uuid": UUID, "path": "/", "vfs_type": "ext4"}]), ["/etc/fstab"]),
     (stage("org.osbuild.locale", language="C.UTF-8"), ["/etc/locale.conf", "/etc/default/locale"]),
-    (stage("org.osbuild.timezone", zone="UTC"), ["/etc/localtime", "/etc/timezone"]),
+    (stage("org.osbuild.timezone", zone="UTC"), ["/etc/localtime"]),
     (stage("org.osbuild.resolv-conf", nameserver=["192.0.2.1"]), ["/etc/resolv.conf"]),
     (stage("org.osbuild.kernel-cmdline", kernel_opts="quiet"), ["/etc/kernel/cmdline"]),
-    (stage("org.osbuild.keymap", keymap="us"), ["/etc/vconsole.conf", "/etc/default/keyboard"]),
+    (stage("org.osbuild.keymap", keymap="us"), ["/etc/vconsole.conf"]),
     (stage("org.osbuild.sysctld", filename="a.conf", config=[{"key": "k", "value": "v"}]),
      ["/usr/lib/sysctl.d/a.conf"]),
     (stage("org.osbuild.modprobe", filename="a.conf", commands=[{"command": "blacklist", "modulename": "m"}]),
@@ -66,9 +66,16 @@ REPLACING: list[tuple[dict[str, Any], list[str]]] = [
     (with_inputs(stage("org.osbuild.zstd", filename="/z.zst"), ZEROS), ["/z.zst"]),
     (with_inputs(stage("org.osbuild.qemu", filename="/z.qcow2", format={"type": "qcow2"}),
                  {"image": {**ZEROS["file"]}}), ["/z.qcow2"]),
+    (with_inputs(stage("org.aosbuild.qemu", filename="/y.qcow2", format={"type": "qcow2"}),
+                 {"image": {**ZEROS["file"]}}), ["/y.qcow2"]),
     (with_inputs(stage("org.aosbuild.mkfs.ext4.tree", filename="/fs.img", uuid=UUID, size=4096), SRC_TREE),
      ["/fs.img"]),
+    (stage("org.aosbuild.debian.sshd-keygen"), ["/usr/lib/systemd/system/sshd-keygen.service",
+                                                "/etc/systemd/system/ssh.service.wants/sshd-keygen.service"]),
 ]
+# what the attacked stages need in the tree before them (sshd-keygen: an installed sshd)
+PREPARED = [stage("org.osbuild.mkdir", paths=[{"path": "/usr/sbin", "parents": True}]),
+            stage("org.osbuild.truncate", filename="/usr/sbin/sshd", size="0")]
 # Stages that follow a symlink at what they write (as their tools do) only inside the tree, and refuse
 # one that leads out: (stage, the path planted, what the refusal says).
 REFUSING: list[tuple[dict[str, Any], str, str]] = [
@@ -145,7 +152,7 @@ def test_every_bundled_stage_is_attacked_or_explained() -> None:
 
 def test_stages_replace_a_planted_symlink_instead_of_writing_through_it(aosbuild: Aosbuild) -> None:
     paths = [p for _, written in REPLACING for p in written]
-    victim = pipeline("victim", *planting(paths), *(attacked(s) for s, _ in REPLACING))
+    victim = pipeline("victim", *PREPARED, *planting(paths), *(attacked(s) for s, _ in REPLACING))
     result = aosbuild(manifest(SRC, victim), "--export", "victim", "--output-directory", str(aosbuild.output),
                       timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -41,5 +41,12 @@ def test_tree_larger_than_size_fails(aosbuild: Aosbuild) -> None:
 def test_bad_options(aosbuild: Aosbuild) -> None:
     result = run(aosbuild, [], "org.osbuild.rawfs", filename="r", root_fs_uuid="x", size=1 << 20)
     assert_invalid_v1(result, ".root_fs_uuid", "'x' does not match")
+    result = run(aosbuild, [], "org.osbuild.rawfs", filename="r", root_fs_uuid=UUID, size=1 << 20, fs_type="ntfs")
+    assert_invalid_v1(result, ".fs_type", "'ntfs' is not one of ['ext4', 'xfs', 'btrfs']")
+
+
+def test_file_systems_osbuild_makes_but_this_assembler_does_not_are_refused(aosbuild: Aosbuild) -> None:
+    """osbuild's schema takes xfs and btrfs; this assembler makes ext4 only, and says so when it runs."""
     result = run(aosbuild, [], "org.osbuild.rawfs", filename="r", root_fs_uuid=UUID, size=1 << 20, fs_type="xfs")
-    assert_invalid_v1(result, ".fs_type", "'xfs' is not one of ['ext4']")
+    assert result.returncode == 1
+    assert "fs_type 'xfs': aosbuild's bundled org.osbuild.rawfs makes ext4 only" in result.stderr

@@ -69,7 +69,7 @@ def image(loop_free: bool) -> dict[str, Any]:
               prefix={"type": "partition", "partlabel": "dos", "number": 0, "path": "/boot/grub"}))
 
 
-QCOW2 = pipeline("qcow2", {**stage("org.osbuild.qemu", filename="disk.qcow2",
+QCOW2 = pipeline("qcow2", {**stage("org.aosbuild.qemu", filename="disk.qcow2",
                                    format={"type": "qcow2", "compression_type": "zstd"}),
                            "inputs": {"image": {"type": "org.osbuild.files", "origin": "org.osbuild.pipeline",
                                                 "references": {"name:image": {"file": "disk.img"}}}}})

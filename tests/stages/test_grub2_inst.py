@@ -97,6 +97,9 @@ def test_path_prefix(aosbuild: Aosbuild) -> None:
     ("gpt", [{"start": 2048, "type": LINUX}], {"location": 1}, "would overwrite the GPT header"),
     ("dos", [{"start": 34, "type": "83"}], {}, "would overwrite partition"),
     ("gpt", GPT, {"location": 4200}, "would overwrite partition"),
+    # osbuild's schema takes these; the stage refuses them when it runs
+    ("dos", DOS, {"location": 0}, "the core image cannot go to sector 0"),
+    ("dos", DOS, {"platform": "powerpc-ieee1275"}, "platform 'powerpc-ieee1275': aosbuild's bundled"),
 ])
 def test_refuses_to_overwrite(aosbuild: Aosbuild, label: str, partitions: list[dict[str, Any]],
                               options: dict[str, Any], message: str) -> None:
@@ -107,11 +110,8 @@ def test_refuses_to_overwrite(aosbuild: Aosbuild, label: str, partitions: list[d
 
 @pytest.mark.parametrize(("options", "location", "message"), [
     ({"core": CORE}, "", "'prefix' is a required property"),
-    ({"core": CORE, "prefix": PREFIX, "location": 0}, ".location", "0 is less than the minimum of 1"),
     ({"core": {**CORE, "filesystem": "vfat"}, "prefix": PREFIX}, ".core", "{'type': 'mkimage'"),
     ({"core": CORE, "prefix": {**PREFIX, "number": "1"}}, ".prefix", "{'type': 'partition'"),
-    ({"core": CORE, "prefix": PREFIX, "platform": "powerpc-ieee1275"}, ".platform",
-     "'powerpc-ieee1275' is not one of ['i386-pc']"),
 ])
 def test_bad_options(aosbuild: Aosbuild, options: dict[str, Any], location: str, message: str) -> None:
     result = aosbuild(manifest(pipeline("p", install(**options))))

@@ -43,3 +43,13 @@ def test_bad_options(aosbuild: Aosbuild) -> None:
     assert_invalid(result, ".pipelines[0].stages[0].options.root_fs_uuid", "'not-a-uuid' is not valid")
     extra = aosbuild(manifest(pipeline("p", stage("org.osbuild.kernel-cmdline", kernel="x"))))
     assert_invalid(extra, ".pipelines[0].stages[0].options", "Additional properties are not allowed")
+
+
+def test_longer_than_the_kernel_takes_fails(aosbuild: Aosbuild) -> None:
+    """osbuild's `kernel_cmdline_size`: the limit, by default the kernel's for the architecture (2048 on x86_64)."""
+    ok = aosbuild(manifest(pipeline("p", stage("org.osbuild.kernel-cmdline", kernel_opts="x" * 2048))))
+    assert ok.returncode == 0, ok.stderr
+    too_long = aosbuild(manifest(pipeline("p", stage("org.osbuild.kernel-cmdline", kernel_opts="x" * 300,
+                                                     kernel_cmdline_size=256))))
+    assert too_long.returncode == 1
+    assert "the kernel command line is 300 characters, more than the kernel takes (256)" in too_long.stderr

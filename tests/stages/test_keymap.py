@@ -1,7 +1,8 @@
-"""org.osbuild.keymap: /etc/vconsole.conf as systemd-firstboot writes it, /etc/default/keyboard for Debian."""
+"""org.osbuild.keymap: /etc/vconsole.conf as systemd-firstboot writes it, X's 00-keyboard.conf, as osbuild."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -10,41 +11,39 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 
 from .treediff import Node, assert_invalid, build_ab, umask
 
-
-def keyboard(layout: str, model: str = "pc105", variant: str = "",
-             options: str = "terminate:ctrl_alt_bksp") -> str:
-    return ("# KEYBOARD CONFIGURATION FILE\n\n# Consult the keyboard(5) manual page.\n\n"
-            f'XKBMODEL="{model}"\nXKBLAYOUT="{layout}"\nXKBVARIANT="{variant}"\nXKBOPTIONS="{options}"\n\n'
-            'BACKSPACE="guess"\n')
+XORG = ('# Created by osbuild. Do not edit manually, use localectl(1).\nSection "InputClass"\n'
+        '        Identifier "system-keyboard"\n        MatchIsKeyboard "on"\n        Option "XkbLayout" "{}"\n'
+        'EndSection\n')
 
 
-@pytest.mark.parametrize(("options", "vconsole", "default_keyboard"), [
-    ({"keymap": "de-latin1"}, "KEYMAP=de-latin1\n", keyboard("de")),
-    ({"keymap": "de-latin1-nodeadkeys", "font": "eurlatgr"}, "KEYMAP=de-latin1-nodeadkeys\nFONT=eurlatgr\n",
-     keyboard("de", variant="nodeadkeys")),
-    ({"keymap": "us", "x11-keymap": {"layouts": ["us", "cz"]}}, "KEYMAP=us\n",
-     keyboard("us,cz", model="pc105+inet")),
-    ({"keymap": "not-in-the-map"}, "KEYMAP=not-in-the-map\n", keyboard("not-in-the-map", options="")),
+@pytest.mark.parametrize(("options", "vconsole"), [
+    ({"keymap": "de-latin1"}, "KEYMAP=de-latin1\n"),
+    ({"keymap": "de-latin1-nodeadkeys", "font": "eurlatgr"}, "KEYMAP=de-latin1-nodeadkeys\nFONT=eurlatgr\n"),
+    ({"keymap": "not-in-any-map"}, "KEYMAP=not-in-any-map\n"),
 ])
-def test_writes_vconsole_and_default_keyboard(aosbuild: Aosbuild, options: dict[str, Any], vconsole: str,
-                                              default_keyboard: str) -> None:
+def test_writes_vconsole(aosbuild: Aosbuild, options: dict[str, Any], vconsole: str) -> None:
     changes = build_ab(aosbuild, [], stage("org.osbuild.keymap", **options))
-    directory = Node("dir", 0o755 & ~umask())
-    assert {path: node.kind for path, node in changes.added.items()} == {
-        "etc": "dir", "etc/default": "dir", "etc/vconsole.conf": "file", "etc/default/keyboard": "file"}
-    assert changes.added["etc"] == changes.added["etc/default"] == directory
-    assert changes.added["etc/vconsole.conf"].mode == 0o644 & ~umask()
+    assert changes.added == {"etc": Node("dir", 0o755 & ~umask()),
+                             "etc/vconsole.conf": Node("file", 0o644 & ~umask(), size=len(vconsole),
+                                                       sha256=hashlib.sha256(vconsole.encode()).hexdigest())}
     assert (changes.removed, changes.changed) == ({}, {})
-    etc = aosbuild.output / "b" / "etc"
-    assert (etc / "vconsole.conf").read_text() == vconsole
-    assert (etc / "default" / "keyboard").read_text() == default_keyboard
+    assert (aosbuild.output / "b" / "etc" / "vconsole.conf").read_text() == vconsole
 
 
-def test_replaces_both_files(aosbuild: Aosbuild) -> None:
+def test_x11_keymap_writes_xorg_keyboard_conf(aosbuild: Aosbuild) -> None:
+    keymap = stage("org.osbuild.keymap", keymap="us", **{"x11-keymap": {"layouts": ["us", "cz"]}})
+    changes = build_ab(aosbuild, [], keymap)
+    assert set(changes.added) == {"etc", "etc/vconsole.conf", "etc/X11", "etc/X11/xorg.conf.d",
+                                  "etc/X11/xorg.conf.d/00-keyboard.conf"}
+    conf = aosbuild.output / "b" / "etc" / "X11" / "xorg.conf.d" / "00-keyboard.conf"
+    assert conf.read_text() == XORG.format("us,cz")
+
+
+def test_replaces_vconsole(aosbuild: Aosbuild) -> None:
     base = [stage("org.osbuild.keymap", keymap="fr", font="lat0-16")]
     changes = build_ab(aosbuild, base, stage("org.osbuild.keymap", keymap="us"))
     assert (changes.added, changes.removed) == ({}, {})
-    assert set(changes.changed) == {"etc/vconsole.conf", "etc/default/keyboard"}
+    assert set(changes.changed) == {"etc/vconsole.conf"}
     assert (aosbuild.output / "b" / "etc" / "vconsole.conf").read_text() == "KEYMAP=us\n"
 
 

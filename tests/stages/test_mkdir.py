@@ -68,7 +68,7 @@ def test_exist_ok_does_not_accept_a_file(aosbuild: Aosbuild, parents: bool) -> N
 
 def test_bad_options(aosbuild: Aosbuild) -> None:
     result = aosbuild(manifest(pipeline("p", stage("org.osbuild.mkdir", paths=[{"path": "/d", "mode": "0755"}]))))
-    assert_invalid(result, ".pipelines[0].stages[0].options.paths[0].mode", "'0755' is not of type 'integer'")
+    assert_invalid(result, ".pipelines[0].stages[0].options.paths[0].mode", "'0755' is not of type 'number'")
 
 
 def test_climbing_plain_path_is_invalid(aosbuild: Aosbuild) -> None:

@@ -77,7 +77,6 @@ def test_files_go_in_with_mtools(aosbuild: Aosbuild) -> None:
 
 @pytest.mark.parametrize(("options", "location", "message"), [
     ({"label": "ESP"}, "", "'volid' is a required property"),
-    ({"volid": "not hex"}, ".volid", "'not hex' does not match"),
     ({"volid": "1", "label": "TWELVE CHARS"}, ".label", "'TWELVE CHARS' is too long"),
     ({"volid": "1", "fat-size": 64}, ".fat-size", "64 is not one of [12, 16, 32]"),
     ({"volid": "1", "geometry": {"heads": 16}}, ".geometry", "'sectors-per-track' is a required property"),

@@ -25,7 +25,9 @@ IMAGE = pipeline("image", stage("org.osbuild.truncate", filename="disk.img", siz
 
 
 def convert(filename: str, **fmt: Any) -> dict[str, Any]:
-    return {**stage("org.osbuild.qemu", filename=filename, format=fmt), "inputs": {"image": IMAGE_INPUT}}
+    # qcow2 `compression_type` is aosbuild's: org.aosbuild.qemu takes it, org.osbuild.qemu takes osbuild's options
+    name = "org.aosbuild.qemu" if "compression_type" in fmt else "org.osbuild.qemu"
+    return {**stage(name, filename=filename, format=fmt), "inputs": {"image": IMAGE_INPUT}}
 
 
 # format options -> what `qemu-img info` says about the result
@@ -96,3 +98,10 @@ def test_without_an_image_input_says_what_to_add(aosbuild: Aosbuild) -> None:
     result = aosbuild(manifest(pipeline("out", stage("org.osbuild.qemu", filename="x", format={"type": "vdi"}))))
     assert result.returncode == 1
     assert "add an org.osbuild.files input 'image'" in result.stderr
+
+
+def test_org_osbuild_qemu_takes_no_compression_type(aosbuild: Aosbuild) -> None:
+    fmt = {"type": "qcow2", "compression_type": "zstd"}
+    bad = {**stage("org.osbuild.qemu", filename="disk.qcow2", format=fmt), "inputs": {"image": IMAGE_INPUT}}
+    assert_invalid(aosbuild(manifest(IMAGE, pipeline("out", bad))), ".pipelines[1].stages[0].options.format",
+                   "{'type': 'qcow2', 'compression_type': 'zstd'} is not valid under any of the given schemas")

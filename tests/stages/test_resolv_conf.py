@@ -10,7 +10,7 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 
 from .treediff import assert_invalid, build_ab, umask
 
-HEADER = "# This file was created by aosbuild\n"
+HEADER = "# This file was created by osbuild\n"
 
 
 @pytest.mark.parametrize(("options", "text"), [

@@ -150,3 +150,16 @@ def test_without_a_tree_input_says_what_to_add(aosbuild: Aosbuild) -> None:
 def test_escape_is_refused(aosbuild: Aosbuild, options: dict[str, Any]) -> None:
     result = export(aosbuild, manifest(SRC, pipeline("p", tar(**options))), "p")
     assert_refused(aosbuild, result, "escaped.tar")
+
+
+@pytest.mark.parametrize(("compression", "magic"), [("xz", b"\xfd7zXZ"), ("gzip", b"\x1f\x8b"),
+                                                    ("zstd", b"\x28\xb5\x2f\xfd")])
+def test_compression_whatever_the_name(aosbuild: Aosbuild, compression: str, magic: bytes) -> None:
+    """osbuild's `compression` names the compressor; `auto` (the default) goes by the file name."""
+    archive = build(aosbuild, "/image.tar", compression=compression)
+    assert archive.read_bytes()[:len(magic)] == magic
+
+
+def test_numeric_owner(aosbuild: Aosbuild) -> None:
+    found = members(build(aosbuild, "/image.tar", **{"numeric-owner": True}))
+    assert {(m.uname, m.gname) for m in found.values()} == {("", "")}

@@ -1,8 +1,6 @@
-"""org.osbuild.timezone: /etc/localtime links into zoneinfo, /etc/timezone names the zone (Debian)."""
+"""org.osbuild.timezone: /etc/localtime links into zoneinfo; no /etc/timezone, as osbuild."""
 
 from __future__ import annotations
-
-import hashlib
 
 import pytest
 
@@ -11,22 +9,15 @@ from tests.conftest import Aosbuild, manifest, pipeline, stage
 from .treediff import Node, assert_invalid, build_ab, umask
 
 
-def timezone_file(zone: str) -> Node:
-    content = f"{zone}\n".encode()
-    return Node("file", 0o644 & ~umask(), size=len(content), sha256=hashlib.sha256(content).hexdigest())
-
-
 def localtime(zone: str) -> Node:
     return Node("symlink", 0o777, target=f"../usr/share/zoneinfo/{zone}")
 
 
 @pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/Argentina/Buenos_Aires", "Etc/GMT+5"])
-def test_links_localtime_and_writes_etc_timezone(aosbuild: Aosbuild, zone: str) -> None:
+def test_links_localtime(aosbuild: Aosbuild, zone: str) -> None:
     changes = build_ab(aosbuild, [], stage("org.osbuild.timezone", zone=zone))
-    assert changes.added == {"etc": Node("dir", 0o755 & ~umask()), "etc/localtime": localtime(zone),
-                             "etc/timezone": timezone_file(zone)}
+    assert changes.added == {"etc": Node("dir", 0o755 & ~umask()), "etc/localtime": localtime(zone)}
     assert (changes.removed, changes.changed) == ({}, {})
-    assert (aosbuild.output / "b" / "etc" / "timezone").read_text() == f"{zone}\n"
 
 
 def test_replaces_an_earlier_zone(aosbuild: Aosbuild) -> None:
@@ -35,7 +26,6 @@ def test_replaces_an_earlier_zone(aosbuild: Aosbuild) -> None:
     assert (changes.added, changes.removed) == ({}, {})
     assert changes.changed["etc/localtime"] == {"target": ("../usr/share/zoneinfo/UTC",
                                                            "../usr/share/zoneinfo/Asia/Tokyo")}
-    assert changes.changed["etc/timezone"]["sha256"][1] == timezone_file("Asia/Tokyo").sha256
 
 
 @pytest.mark.parametrize("zone", ["Nowhere/City", "", "../../etc/passwd", "Europe", "Europe/Berlin/"])
