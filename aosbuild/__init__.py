@@ -5,4 +5,4 @@ where `aosbuild.stageapi` runs on the build root's own python3 with only the sta
 """
 
 __version__ = "0.1.0"
-OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows
+OSBUILD_VERSION = "191"  # the osbuild release whose behaviour aosbuild follows (both commands' --version)

@@ -11,21 +11,24 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
-from . import sandbox
+from . import osbuild_api, sandbox
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
+from .hostservices import needs_host_services, open_host_mounts
 from .inputs import map_input
-from .library import choose_runner, read_os_release
+from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
-from .mounts import plan_mounts
+from .moduleinfo import ModuleInfo
+from .mounts import FSTYPES, plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
@@ -128,16 +131,44 @@ class StageSession:
         return call
 
 
-def runner_for(ctx: BuildContext, pipeline: Pipeline) -> str:
-    """The host's runner without a build pipeline; else the build pipeline's `runner`, else its distro's."""
+def wanted_runner(ctx: BuildContext, pipeline: Pipeline) -> str:
+    """The runner the pipeline's build root asks for, as osbuild names it: the host's distribution without a
+    build pipeline, else the build pipeline's `runner`, else its tree's distribution."""
     if pipeline.build is None:
-        return ctx.library.host_runner()
-    build = ctx.manifest.by_id(pipeline.build)
-    if build is not None and build.runner:
-        return build.runner
-    info = read_os_release(ctx.pins.tree(pipeline.build) / "usr/lib/os-release")
-    return choose_runner(ctx.library.runner_names(), info.get("ID", "linux"),
-                         info.get("VERSION_ID", "").replace(".", ""))
+        info = read_os_release(Path("/etc/os-release"))
+    else:
+        build = ctx.manifest.by_id(pipeline.build)
+        if build is not None and build.runner:
+            return build.runner
+        info = read_os_release(ctx.pins.tree(pipeline.build) / "usr/lib/os-release")
+    return f"org.osbuild.{info.get('ID', 'linux')}{info.get('VERSION_ID', '').replace('.', '')}"
+
+
+class Runners:
+    """The runner of each stage of a pipeline: osbuild's library's own for its modules (chosen by osbuild's
+    rule), aosbuild's for the others (the same distribution, closest version, else `org.osbuild.linux`)."""
+
+    def __init__(self, ctx: BuildContext, wanted: str) -> None:
+        self.ctx = ctx
+        self.wanted = wanted
+        distro, version = osbuild_api.runner_version(wanted.removeprefix("org.osbuild."))
+        self.aosbuild_name = choose_runner(ctx.library.runner_names(), distro, str(version) if version else "")
+
+    def for_module(self, info: ModuleInfo) -> tuple[str, Path]:
+        """The runner's name and file for a module."""
+        if is_osbuild_library(info.root):
+            return osbuild_api.library_runner(info.root, self.wanted)
+        return self.aosbuild_name, self.ctx.library.runner(self.aosbuild_name)
+
+    def shown(self, pipeline: Pipeline) -> str:
+        """The runner the log names for the pipeline: its first stage's."""
+        first = self.ctx.library.find(pipeline.stages[0].kind, pipeline.stages[0].type) if pipeline.stages else None
+        if first is None:
+            return self.aosbuild_name
+        try:
+            return self.for_module(first)[0]
+        except SandboxError:
+            return self.aosbuild_name
 
 
 def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
@@ -149,23 +180,53 @@ def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
     return 0
 
 
+def osbuild_contract(scratch: Path, info: ModuleInfo, arguments: dict[str, Any],
+                     mounts: bool) -> sandbox.OsbuildSandbox:
+    """The files a module of an osbuild library gets: arguments, meta, /var, /proc/cmdline (osbuild's)."""
+    api_files = scratch / "api"
+    api_files.mkdir()
+    meta = scratch / "meta"
+    meta.touch()
+    var = scratch / "var"
+    (var / "tmp").mkdir(parents=True)
+    os.chmod(var / "tmp", 0o1777)
+    cmdline = scratch / "cmdline"
+    cmdline.write_text("root=/dev/osbuild\n")
+    return sandbox.OsbuildSandbox(libdir=info.root, package=osbuild_api.osbuild_package(info.root),
+                                  arguments=osbuild_api.write_arguments(api_files, arguments), meta=meta,
+                                  api=scratch / "sockets", var=var, cmdline=cmdline, mount_wrapper=mounts)
+
+
 async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry, build_root: Path,
-                    runner: Path) -> tuple[StageResult, str]:
+                    runners: Runners) -> tuple[StageResult, str]:
     """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines."""
     info = ctx.library.find(stage.kind, stage.type)
     if info is None or info.path is None:
         raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
+    from_osbuild = is_osbuild_library(info.root)
+    runner_name, runner = runners.for_module(info)
     # the stage's /dev is unmounted first, then its loop devices are detached, then its scratch removed
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
-            open_dev_dir(scratch.path / "dev") as devdir:
+            open_dev_dir(scratch.path / "dev", osbuild_layout=from_osbuild) as devdir:
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         for inp in stage.inputs.values():
             input_binds, inputs[inp.name] = map_input(
                 inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
             binds += input_binds
-        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices:
-            mount_plan, mounts = plan_mounts(stage.mounts, devices)
+        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices, \
+                AsyncExitStack() as host_mounts:
+            if needs_host_services(stage.mounts, lambda name: name in FSTYPES):
+                # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild
+                mount_plan: list[dict[str, Any]] = []
+                root = scratch.path / "mounts"
+                os.mkdir(root)
+                mounts = await host_mounts.enter_async_context(open_host_mounts(
+                    stage.mounts, find=lambda name: ctx.library.find("Mount", name), devices=devices,
+                    root=root, tree=entry.tree, on_line=lambda text: ctx.monitor.stage_output(pipeline, stage, text)))
+                binds.append(sandbox.Bind(root, sandbox.MOUNTS, read_only=False))
+            else:
+                mount_plan, mounts = plan_mounts(stage.mounts, devices)
             meta: dict[str, Any] = {"id": stage.id}
             env = {}
             if mount_plan:
@@ -178,16 +239,20 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                          "devices": devices, "inputs": inputs, "mounts": mounts, "options": stage.options,
                          "meta": meta}
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
+            contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
             spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
-                                       runner=runner, dev=devdir.path, binds=tuple(binds),
-                                       env=env)
+                                       runner=runner, runner_name=runner_name, dev=devdir.path, binds=tuple(binds),
+                                       env=env, osbuild=contract, capabilities=tuple(sorted(info.capabilities)))
             ctx.monitor.stage_started(pipeline, stage)
             started = time.monotonic()
             reason = ""
             try:
                 with anyio.fail_after(ctx.options.stage_timeout):
-                    returncode = await sandbox.run(spec, handlers=session.handlers(),
-                                                   on_line=session.output_line)
+                    if contract is None:
+                        returncode = await sandbox.run(spec, handlers=session.handlers(),
+                                                       on_line=session.output_line)
+                    else:
+                        returncode = await run_osbuild_module(spec, contract, session)
             except TimeoutError:
                 returncode, reason = -1, f"timed out after {ctx.options.stage_timeout:g}s (--stage-timeout)"
     if returncode != 0 and not reason:
@@ -201,6 +266,21 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
     return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
                        duration=time.monotonic() - started, metadata=session.metadata,
                        error=session.exception, reason=reason), session.output_tail()
+
+
+async def run_osbuild_module(spec: sandbox.SandboxSpec, contract: sandbox.OsbuildSandbox,
+                             session: StageSession) -> int:
+    """Run a module of an osbuild library with osbuild's endpoints served; its metadata from its meta file."""
+
+    def on_exception(data: dict[str, Any]) -> None:
+        session.exception = {"type": "exception", "data": data}
+
+    async with osbuild_api.open_api(contract.api, on_exception=on_exception, loops=session.loops) as api:
+        returncode = await sandbox.run(spec, handlers={}, on_line=session.output_line,
+                                       on_dev_bound=session.devdir.leave_host)
+        await api.drain()
+    session.metadata.update(osbuild_api.read_metadata(contract.meta))
+    return returncode
 
 
 def clamp_mtimes(tree: Path, epoch: int) -> None:
@@ -288,16 +368,15 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
     """Run the stages of `pipeline` after index `resume` and commit its tree under its id."""
     assert pipeline.id is not None
     build_root = Path("/") if pipeline.build is None else ctx.pins.tree(pipeline.build)
-    runner_name = runner_for(ctx, pipeline)
-    runner = ctx.library.runner(runner_name)
-    ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runner_name)
+    runners = Runners(ctx, wanted_runner(ctx, pipeline))
+    ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runners.shown(pipeline))
     logger = log.bind(pipeline=pipeline.name, id=pipeline.id)
     async with ctx.store.store(pipeline.id, keep=ctx.pins) as entry:
         if resume:
             await restore(ctx, pipeline, resume, entry)
         for stage in pipeline.stages[resume:]:
             await ctx.sources.wait_for(stage.source_refs())
-            result, tail = await run_stage(ctx, pipeline, stage, entry, build_root, runner)
+            result, tail = await run_stage(ctx, pipeline, stage, entry, build_root, runners)
             ctx.monitor.stage_finished(pipeline, stage, result)
             logger.debug("stage.finished", stage=stage.type, stage_id=stage.id, duration=result.duration,
                          success=result.success)

@@ -32,9 +32,11 @@ from .loop import LoopDevice, LoopServer
 from .manifest import Device
 from .partitions import SECTOR, find_partition
 from .runnerlib import MNT_DETACH, mount, umount
+from .sandbox import DEV_SOURCE
 
 # name -> (major, minor) of the character devices every sandbox gets
 BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+FUSE_NODE = (10, 229)
 LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
          "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
@@ -48,15 +50,20 @@ class DevDir:
     """The directory that becomes /dev in the sandbox (an empty mount of `open_dev_dir`'s), reached
     through a descriptor so that it can leave the host's mount tree while the stage runs."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, osbuild_layout: bool = False) -> None:
         self.path = path
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.on_host = True
         for name, (major, minor) in BASIC_NODES.items():
             os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=self.fd)
-        for name, target in LINKS.items():
-            os.symlink(target, name, dir_fd=self.fd)
-        os.mkdir("pts", dir_fd=self.fd)
+        if osbuild_layout:
+            # what osbuild's buildroot gives its modules: those nodes, /dev/fuse where the host has it
+            if os.path.exists("/dev/fuse"):
+                os.mknod("fuse", 0o666 | stat.S_IFCHR, os.makedev(*FUSE_NODE), dir_fd=self.fd)
+        else:
+            for name, target in LINKS.items():
+                os.symlink(target, name, dir_fd=self.fd)
+            os.mkdir("pts", dir_fd=self.fd)
         os.mkdir("shm", dir_fd=self.fd)
 
     def add_loop(self, device: LoopDevice) -> str:
@@ -75,17 +82,18 @@ class DevDir:
 
 
 @asynccontextmanager
-async def open_dev_dir(path: Path) -> AsyncIterator[DevDir]:
+async def open_dev_dir(path: Path, *, osbuild_layout: bool = False) -> AsyncIterator[DevDir]:
     """A fresh tmpfs at `path` (created here) for the sandbox's /dev; unmounted on exit, however the
-    stage ended. Lazily: a process of the stage that is still going would otherwise keep it busy."""
+    stage ended. Lazily: a process of the stage that is still going would otherwise keep it busy.
+    `osbuild_layout`: only the nodes osbuild gives a module of its library, no links or `pts`."""
     os.mkdir(path)
     try:
-        mount("aosbuild-dev", os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
+        mount(DEV_SOURCE, os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
     except OSError as exc:
         raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror} "
                            "(stages need root)") from exc
     try:
-        devdir = DevDir(path)
+        devdir = DevDir(path, osbuild_layout=osbuild_layout)
     except BaseException:
         umount(os.fspath(path), MNT_DETACH)
         raise

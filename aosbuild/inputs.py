@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def map_input(inp: Input, *, scratch: Path, tree_of: Callable[[str], Path],
         if len(inp.refs) > 1:
             raise SandboxError(f"input '{inp.name}': org.osbuild.tree takes one pipeline, got {len(inp.refs)}")
         if inp.refs:
-            return [Bind(tree_of(next(iter(inp.refs))), target)], {"path": target, "data": {}}
+            return [Bind(tree_of(next(iter(inp.refs))), target)], {"path": target}  # no `data`, as osbuild
     elif inp.type == "org.osbuild.files" and inp.origin == PIPELINE_ORIGIN:
         binds = []
         files: dict[str, Any] = {}
@@ -48,16 +49,22 @@ def map_input(inp: Input, *, scratch: Path, tree_of: Callable[[str], Path],
                 raise SandboxError(f"input '{inp.name}': no file '{ref.get('file')}' in pipeline {pipeline_id}"
                                    + (f" (the name {why})" if why else " inside its tree"))
             binds.append(Bind(path, f"{target}/{name}"))
-            files[name] = {}
+            files[name] = ref.get("metadata", {})
         return binds, {"path": target, "data": {"files": files}}
     elif inp.type == "org.osbuild.files":
         directory = scratch / "inputs" / inp.name
         directory.mkdir(parents=True)
         for checksum in inp.refs:
             _link_or_copy(source_item(checksum), directory / checksum)
-        return [Bind(directory, target)], {"path": target, "data": {"files": inp.refs}}
+        # each item's `metadata` from the manifest, as osbuild's files input gives it
+        files = {checksum: (ref or {}).get("metadata", {}) for checksum, ref in inp.refs.items()}
+        return [Bind(directory, target)], {"path": target, "data": {"files": files}}
     elif inp.type != "org.osbuild.noop":
         raise SandboxError(f"input '{inp.name}': aosbuild has no input type {inp.type}")
     empty = scratch / "inputs" / inp.name
     empty.mkdir(parents=True)
-    return [Bind(empty, target)], {"path": target, "data": {}}
+    if inp.type == "org.osbuild.noop":
+        # osbuild's noop input: a directory of its own inside, and the references handed back
+        (empty / str(uuid.uuid4())).mkdir()
+        return [Bind(empty, target)], {"path": target, "data": {"refs": dict(inp.refs)}}
+    return [Bind(empty, target)], {"path": target}

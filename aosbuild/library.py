@@ -35,6 +35,12 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def is_osbuild_library(root: Path | None) -> bool:
+    """Whether a library root is laid out as osbuild's: it has the `osbuild` package folder (possibly
+    empty: an installed osbuild then provides the package, as osbuild's buildroot does)."""
+    return root is not None and (root / "osbuild").is_dir()
+
+
 class Library:
     """Finds modules across stacked library roots."""
 
@@ -52,15 +58,23 @@ class Library:
                 return dict(json.loads(path.read_text()))
         raise SandboxError(f"no schemas/{name} in the library roots {[str(r) for r in self.roots]}")
 
+    @property
+    def aosbuild_roots(self) -> tuple[Path, ...]:
+        """The roots whose runners run aosbuild's stages: not osbuild libraries, whose runners expect
+        osbuild's contract (their stages get their own library's runner, `osbuild_api.library_runner`)."""
+        return tuple(root for root in self.roots if not is_osbuild_library(root))
+
     def runner(self, name: str) -> Path:
-        for root in self.roots:
+        """An aosbuild runner by name, for aosbuild's own stages."""
+        for root in self.aosbuild_roots:
             path = root / "runners" / name
             if path.exists():
                 return path
         raise SandboxError(f"runner '{name}' not found in the library roots",)
 
     def runner_names(self) -> list[str]:
-        return sorted({name for root in self.roots for name in _runner_names(root)})
+        """The runners for aosbuild's own stages."""
+        return sorted({name for root in self.aosbuild_roots for name in _runner_names(root)})
 
     def host_runner(self, os_release: Path = Path("/etc/os-release")) -> str:
         """The runner for the host, chosen as osbuild does: same distribution, closest version not above."""

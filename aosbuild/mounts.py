@@ -24,8 +24,9 @@ DATA_VALUES = ("uid", "gid", "umask", "shortname", "subvol", "compress")
 
 
 def mount_point(target: str | None) -> str:
+    """Where the mount is in the sandbox, spelt as osbuild tells its stages (`/run/osbuild/mounts/.` for /)."""
     relative = posixpath.normpath("/" + (target or "/")).lstrip("/")
-    return posixpath.join(MOUNTS, relative) if relative else MOUNTS + "/"
+    return posixpath.join(MOUNTS, relative or ".")
 
 
 def plan_mounts(mounts: Sequence[Mount], devices: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:

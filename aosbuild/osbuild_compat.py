@@ -19,9 +19,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import OSBUILD_VERSION, cli
-from .download import JOBS, PER_HOST, TIMEOUT
-from .entry import guarded
+from . import OSBUILD_VERSION
+from .invocation import Invocation
+from .run import run
 from .sizes import size_argument
 from .store import KEEP
 
@@ -66,23 +66,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def libdirs(given: str | None, installed: Path = INSTALLED_LIBDIR) -> list[str]:
+def libdirs(given: str | None, installed: Path = INSTALLED_LIBDIR) -> tuple[str, ...]:
     """The library roots searched before the bundled one: `--libdir`, else osbuild's installed library."""
     if given:
-        return [given]
-    return [str(installed)] if (installed / "stages").is_dir() else []
+        return (given,)
+    return (str(installed),) if (installed / "stages").is_dir() else ()
 
 
-def translate(args: argparse.Namespace, installed: Path = INSTALLED_LIBDIR) -> argparse.Namespace:
-    """The namespace `aosbuild`'s build takes, from osbuild's options."""
-    return argparse.Namespace(
-        manifest=args.manifest_path, store=args.store, libdir=libdirs(args.libdir, installed),
-        checkpoint=args.checkpoint or [], export=args.export, output_directory=args.output_directory,
-        inspect=args.inspect, json=args.json, monitor=args.monitor, monitor_fd=args.monitor_fd,
-        stage_timeout=args.stage_timeout, jobs=None, sources_only=False, download_jobs=JOBS,
+def invocation(args: argparse.Namespace, installed: Path = INSTALLED_LIBDIR) -> Invocation:
+    """The build osbuild's options ask for: no end summary (osbuild prints none), the other settings
+    aosbuild's defaults."""
+    return Invocation(
+        manifest=args.manifest_path, store=args.store, libdirs=libdirs(args.libdir, installed),
+        checkpoints=tuple(args.checkpoint or ()), exports=tuple(args.export),
+        output_directory=args.output_directory, inspect=args.inspect, json=args.json, monitor=args.monitor,
+        monitor_fd=args.monitor_fd, stage_timeout=args.stage_timeout,
         cache_max_size=args.cache_max_size,
-        download_jobs_per_host=PER_HOST, download_timeout=TIMEOUT, quiet=args.quiet, backend="trio", debug=False,
-        summary=False)
+        quiet=args.quiet, summary=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: --in-vm is not supported by aosbuild (pipelines run in bubblewrap); "
                          "leave it out to build the pipeline on this host\n")
         return 2
-    return guarded(lambda: cli._main(translate(args)))
+    return run(invocation(args))
 
 
 def install(argv: list[str]) -> int:

@@ -227,19 +227,21 @@ def _libc() -> ctypes.CDLL:
 async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapping[str, str] | None = None,
                         pass_fds: Sequence[int] = (), cwd: Path | None = None,
                         on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS,
-                        kill_at_once: bool = False, dies_with_parent: bool = False) -> int:
+                        kill_at_once: bool = False, death_signal: bool = True) -> int:
     """Run a process with stdin from /dev/null, stdout and stderr merged into `on_line`; its exit status.
 
     `on_started` runs right after the process exists, e.g. to close descriptors it inherited. When the
     caller stops waiting (a cancel), the process is stopped with `stop`, or with `kill` if `kill_at_once`.
-    `dies_with_parent` says the command sees to that itself (bwrap's `--die-with-parent` does): then
-    no `preexec_fn` is needed, and without one the child is started with vfork, in 0.2 ms instead of
-    about 10 ms for a fork of the engine and Python code run in the child.
+    `death_signal` gives the child SIGKILL when the engine dies (PR_SET_PDEATHSIG, in a `preexec_fn`).
+    Without it the child starts with vfork, in 0.2 ms instead of about 10 ms for a fork of the engine and
+    Python code run in the child: for commands that see to it themselves (bwrap's `--die-with-parent`),
+    and for osbuild's host services, which clean up (unmount, close devices) when the engine's end of
+    their socket closes, as a kill of the engine does too; a SIGKILL would stop that.
     """
     popen = subprocess.Popen(  # noqa: ASYNC220  # fork from this thread on purpose: see Process
         argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
-        start_new_session=True, preexec_fn=None if dies_with_parent else die_with_parent(os.getpid()))
+        start_new_session=True, preexec_fn=die_with_parent(os.getpid()) if death_signal else None)
     process = Process(popen)
     splitter = LineSplitter(on_line)
     at_end = False

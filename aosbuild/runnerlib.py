@@ -208,3 +208,14 @@ def main(prepare: object = None) -> int:
         report_runner_error(stage, exc)
         return 2
     become(stage, argv)  # outside the handler above: the stage's own errors are its own
+
+
+def mounts_main() -> int:
+    """Make the mounts of `$AOSBUILD_MOUNTS`, run the rest of argv, unmount: how a module of an osbuild
+    library gets its mounts, made in the sandbox as for aosbuild's stages, before osbuild's own runner."""
+    command = sys.argv[1:]
+    try:
+        return run_with_mounts(command[0], command[1:], os.environ.pop(MOUNTS_ENV, "[]"))
+    except OSError as exc:
+        print(f"aosbuild: cannot mount for {command[-1]}: {exc}", file=sys.stderr)
+        return 2

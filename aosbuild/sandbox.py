@@ -9,6 +9,7 @@ nothing started inside outlives the stage.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,12 @@ CAP_BITS = {
     "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_BIND_SERVICE": 10,
     "CAP_IPC_LOCK": 14, "CAP_SYS_CHROOT": 18, "CAP_SYS_ADMIN": 21, "CAP_SYS_NICE": 23, "CAP_SYS_RESOURCE": 24,
     "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29, "CAP_SETFCAP": 31, "CAP_MAC_OVERRIDE": 32,
+    # the others, which a module's metadata may ask for (osbuild's stages ask for MAC_ADMIN, NET_ADMIN, SYS_PTRACE)
+    "CAP_KILL": 5, "CAP_NET_BROADCAST": 11, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13, "CAP_IPC_OWNER": 15,
+    "CAP_SYS_MODULE": 16, "CAP_SYS_RAWIO": 17, "CAP_SYS_PTRACE": 19, "CAP_SYS_PACCT": 20, "CAP_SYS_BOOT": 22,
+    "CAP_SYS_TIME": 25, "CAP_SYS_TTY_CONFIG": 26, "CAP_LEASE": 28, "CAP_AUDIT_CONTROL": 30, "CAP_MAC_ADMIN": 33,
+    "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36, "CAP_AUDIT_READ": 37, "CAP_PERFMON": 38,
+    "CAP_BPF": 39, "CAP_CHECKPOINT_RESTORE": 40,
 }
 # top-level directories that may be symlinks into /usr (merged /usr) or real directories
 ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -56,14 +63,33 @@ class Bind:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OsbuildSandbox:
+    """What a module from an osbuild library gets instead of aosbuild's channel (`aosbuild.osbuild_api`):
+    its library at /run/osbuild/lib, the arguments file, the meta file, the API sockets, osbuild's /etc
+    and /var, and `/proc/cmdline` as osbuild gives it."""
+
+    libdir: Path
+    package: Path | None       # bound at /run/osbuild/lib/osbuild when the libdir's own folder is empty
+    arguments: Path
+    meta: Path
+    api: Path                  # the directory holding the `osbuild` and `remoteloop` sockets
+    var: Path
+    cmdline: Path
+    mount_wrapper: bool = False  # mounts to make first: aosbuild's runnerlib runs before osbuild's runner
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxSpec:
     build_root: Path          # "/" for the host
     tree: Path
     executable: Path          # the stage or assembler
     runner: Path
+    runner_name: str = ""     # its name in the sandbox, if not its file's
     dev: Path | None = None   # the engine's /dev directory for this stage; None: bwrap's own
     binds: tuple[Bind, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    osbuild: OsbuildSandbox | None = None
+    capabilities: tuple[str, ...] = ()  # asked for by the module's metadata, besides the default set
 
 
 def bounding_set(status: str | None = None) -> int:
@@ -75,13 +101,14 @@ def bounding_set(status: str | None = None) -> int:
     return 0
 
 
-def stage_capabilities(bounding: int) -> tuple[str, ...]:
-    """The stage's capabilities: osbuild's set, less what the bounding set lacks.
+def stage_capabilities(bounding: int, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The stage's capabilities: osbuild's set and what its metadata asks for, less what the bounding set lacks.
 
     bwrap (0.8) cannot add a capability outside the bounding set, and then keeps *all* of them instead of
     failing, so asking only for what the host can give is what keeps the stage's set the intended one.
     """
-    return tuple(cap for cap in CAPABILITIES if bounding >> CAP_BITS[cap] & 1)
+    wanted = (*CAPABILITIES, *(cap for cap in extra if cap not in CAPABILITIES))
+    return tuple(cap for cap in wanted if cap in CAP_BITS and bounding >> CAP_BITS[cap] & 1)
 
 
 def capability_mask(caps: tuple[str, ...]) -> int:
@@ -89,6 +116,8 @@ def capability_mask(caps: tuple[str, ...]) -> int:
 
 
 def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[str]:
+    if spec.osbuild is not None:
+        return osbuild_bwrap_argv(spec, spec.osbuild, caps)
     root = spec.build_root
     argv = ["bwrap", "--chdir", "/", "--die-with-parent", "--new-session",
             "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
@@ -117,7 +146,7 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
     for bind in spec.binds:
         argv += ["--ro-bind" if bind.read_only else "--bind", os.fspath(bind.source), bind.target]
     stage = f"{SANDBOX_ROOT}/bin/{spec.executable.name}"
-    runner = f"{SANDBOX_ROOT}/runner/{spec.runner.name}"
+    runner = f"{SANDBOX_ROOT}/runner/{spec.runner_name or spec.runner.name}"
     argv += ["--ro-bind", os.fspath(spec.executable), stage, "--ro-bind", os.fspath(spec.runner), runner,
              "--", runner, stage]
     return argv
@@ -150,6 +179,69 @@ def compile_stage_side() -> None:
             return  # a read-only install: the stages compile them, as before
 
 
+DEV_SOURCE = "aosbuild-dev"  # the source name of the engine's /dev tmpfs (`aosbuild.devices`)
+AOSBUILD_LIB = "/run/aosbuild/lib"
+# runs the mount plan of $AOSBUILD_MOUNTS, then the rest of argv (osbuild's runner and the stage)
+MOUNT_WRAPPER = ("python3", "-c", f"import sys; sys.path.insert(0, {AOSBUILD_LIB!r}); "
+                 "from aosbuild.runnerlib import mounts_main; sys.exit(mounts_main())")
+
+
+def osbuild_bwrap_argv(spec: SandboxSpec, contract: OsbuildSandbox, caps: tuple[str, ...]) -> list[str]:
+    """osbuild's sandbox for a module of its library, mount for mount as `osbuild/buildroot.py` makes it
+    (only `--unshare-uts` is added: a stage must not rename the host)."""
+    root = spec.build_root
+    argv = ["bwrap", "--chdir", "/", "--die-with-parent", "--new-session",
+            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--cap-drop", "ALL"]
+    for cap in sorted(caps):
+        argv += ["--cap-add", cap]
+    imports = ["usr"] if root == Path("/") else ["boot", "usr"]  # a build pipeline's /boot, for EFI binaries
+    for name in imports:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            argv += ["--ro-bind", os.fspath(path), f"/{name}"]
+    for name in ("lib", "lib64", "bin", "sbin"):
+        argv += ["--symlink", f"usr/{name}", f"/{name}"]
+    if spec.dev is not None:
+        argv += ["--dev-bind", os.fspath(spec.dev), "/dev", "--tmpfs", "/dev/shm"]
+    else:
+        argv += ["--dev", "/dev"]
+    argv += ["--dir", "/etc", "--tmpfs", "/run", "--tmpfs", "/tmp", "--bind", os.fspath(contract.var), "/var",
+             "--proc", "/proc", "--ro-bind", "/sys", "/sys", "--ro-bind-try", "/sys/fs/selinux", "/sys/fs/selinux"]
+    etc = [("etc/containers", "/etc/containers")]
+    if root != Path("/"):  # osbuild's host build root is a tree of the host's /usr and /etc/containers only
+        etc = [("etc/mke2fs.conf", "/etc/mke2fs.conf"), *etc, ("ostree", "/ostree"), ("etc/selinux/", "/etc/selinux/")]
+    for source, target in etc:
+        argv += ["--ro-bind-try", os.fspath(root / source), target]
+    argv += ["--ro-bind", os.fspath(contract.libdir), LIB]
+    if contract.package is not None:
+        argv += ["--ro-bind", os.fspath(contract.package), f"{LIB}/osbuild"]
+    argv += ["--ro-bind", os.fspath(contract.cmdline), "/proc/cmdline",
+             "--bind", os.fspath(spec.tree), TREE, "--bind", os.fspath(contract.meta), f"{SANDBOX_ROOT}/meta",
+             "--dir", MOUNTS, "--dir", INPUTS]
+    for bind in spec.binds:
+        argv += ["--ro-bind" if bind.read_only else "--bind", os.fspath(bind.source), bind.target]
+    stage = f"{SANDBOX_ROOT}/bin/{spec.executable.name}"
+    runner = f"{SANDBOX_ROOT}/runner/{spec.runner_name or spec.runner.name}"
+    argv += ["--ro-bind", os.fspath(spec.executable), stage,
+             "--ro-bind", os.fspath(contract.arguments), f"{SANDBOX_ROOT}/api/arguments",
+             "--bind", os.fspath(contract.api / "osbuild"), f"{SANDBOX_ROOT}/api/osbuild",
+             "--bind", os.fspath(contract.api / "remoteloop"), f"{SANDBOX_ROOT}/api/remoteloop",
+             "--ro-bind", os.fspath(spec.runner), runner]
+    prefix: tuple[str, ...] = ()
+    if contract.mount_wrapper:
+        argv += ["--ro-bind", os.fspath(PACKAGE_DIR), f"{AOSBUILD_LIB}/aosbuild"]
+        prefix = MOUNT_WRAPPER
+    return [*argv, "--", *prefix, runner, stage]
+
+
+def osbuild_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """osbuild's environment for its modules, exactly."""
+    env = {"container": "bwrap-osbuild", "LC_CTYPE": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin",
+           "PYTHONPATH": LIB, "PYTHONUNBUFFERED": "1", "TERM": os.environ.get("TERM", "dumb")}
+    env.update(extra)
+    return env
+
+
 def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {"container": "bwrap-osbuild", "LC_CTYPE": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin",
            "PYTHONPATH": LIB, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
@@ -161,9 +253,125 @@ def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
 DRAIN_SECONDS = 5.0
 
 
+DEV_POLL_SECONDS = 0.02
+
+
+async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Mapping[str, str],
+                    pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None,
+                    on_dev_bound: Callable[[], None] | None = None) -> int:
+    """`process.run_streaming` for bwrap, which returns only once the sandbox's init has exited too.
+
+    bwrap's own process ends first; its child, the sandbox's init (in a session of its own, killed by
+    `--die-with-parent`), may still be exiting then, holding the sandbox's mount namespace and so the
+    mounts made in it (a stage's ext4 on its loop device). Its pid comes from `--info-fd`; a pidfd on it
+    becomes readable only after its namespaces are released. `on_dev_bound` is called once the sandbox's
+    mount namespace has the engine's /dev tmpfs bound (seen in the init's mountinfo), for stages that
+    never talk to the engine (osbuild's): from then on the tmpfs need not stay on the host.
+    """
+    info_r, info_w = os.pipe()
+    os.set_blocking(info_r, False)
+    init = _Init(info_r)
+
+    def started() -> None:
+        nonlocal info_w
+        os.close(info_w)
+        info_w = -1
+        if on_started is not None:
+            on_started()
+
+    async def watch_dev() -> None:
+        await init.read()
+        if init.pid is not None and on_dev_bound is not None and await _until_dev_bound(init.pid):
+            on_dev_bound()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_dev)
+            try:
+                returncode = await process.run_streaming(
+                    [argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
+                    pass_fds=[*(pass_fds or ()), info_w], on_started=started,
+                    kill_at_once=True, death_signal=False)
+            finally:
+                tg.cancel_scope.cancel()
+        return returncode
+    finally:
+        if info_w >= 0:
+            os.close(info_w)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(process.GRACE_SECONDS):
+            await init.wait_exited()
+        os.close(info_r)
+
+
+class _Init:
+    """The sandbox's init, as bwrap's `--info-fd` names it (`{"child-pid": N}`)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pid: int | None = None
+        self.done = False
+        self._data = b""
+
+    async def read(self) -> None:
+        while not self.done:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                await anyio.wait_readable(self.fd)
+                continue
+            self._data += chunk
+            try:
+                self.pid = int(json.loads(self._data)["child-pid"])
+            except (ValueError, KeyError, TypeError):
+                if chunk:
+                    continue  # not all of it yet
+            self.done = True  # the pid, or end of file: bwrap died before it started the sandbox
+
+    async def wait_exited(self) -> None:
+        await self.read()
+        try:
+            pidfd = os.pidfd_open(self.pid) if self.pid is not None else None
+        except ProcessLookupError:
+            return  # gone already
+        if pidfd is None:
+            return
+        try:
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+
+
+async def _until_dev_bound(pid: int) -> bool:
+    """Wait until the process's mount namespace has the engine's /dev tmpfs at /dev (or bwrap's
+    /newroot/dev, before its pivot); False if the process ends first."""
+    # polled: a mount made in another namespace signals no event that anyio can wait for
+    while (bound := _dev_bound(pid)) is False:  # noqa: ASYNC110
+        await anyio.sleep(DEV_POLL_SECONDS)
+    return bound is True
+
+
+def _dev_bound(pid: int) -> bool | None:
+    """Whether the process's mountinfo has the engine's /dev tmpfs at /dev; None if it is gone (procfs
+    reads do not block)."""
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return any(f" - tmpfs {DEV_SOURCE} " in line and line.split()[4] in ("/dev", "/newroot/dev")
+               for line in lines)
+
+
 async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
-              on_line: Callable[[str], None]) -> int:
-    """Run the stage under bwrap, serving its RPC channel; returns the exit status."""
+              on_line: Callable[[str], None], on_dev_bound: Callable[[], None] | None = None) -> int:
+    """Run the stage under bwrap, serving its RPC channel; returns the exit status.
+
+    A module of an osbuild library has no such channel: its endpoints are served by `aosbuild.osbuild_api`.
+    """
+    if spec.osbuild is not None:
+        caps = stage_capabilities(bounding_set(), spec.capabilities)
+        return await run_bwrap(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env),
+                               on_dev_bound=on_dev_bound)
     compile_stage_side()
     engine_sock, stage_sock = rpc.open_socketpair()
     with engine_sock, stage_sock:
@@ -182,9 +390,9 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             # once the sandbox holds the stage's end, the engine's copy must go, or EOF never comes.
             # bwrap's --die-with-parent applies to bwrap itself too; were the engine to die before bwrap
             # has set it, the stage would find the channel closed and end at its first request
-            returncode = await process.run_streaming(
+            returncode = await run_bwrap(
                 bwrap_argv(spec, caps), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
-                on_started=stage_sock.close, kill_at_once=True, dies_with_parent=True)
+                on_started=stage_sock.close)
             # let the server read what the stage sent just before it exited, then stop it
             with anyio.move_on_after(DRAIN_SECONDS):
                 await server_done.wait()

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import Aosbuild, loops_attached_under, manifest, mounted_anywhere, pipeline, stage
+from .conftest import Aosbuild, manifest, pipeline, stage
+from .leftovers import loops_backed_by, mounts_under
 from .test_cancel_drills import kill_all, processes_of
 
 RUNS = 20
@@ -67,8 +68,8 @@ def test_failure_to_exit_is_fast_every_time(aosbuild: Aosbuild, cpu_burner: None
         left = processes_of(aosbuild.workdir, marker)
         kill_all(left)  # only so that one failure does not spoil the next runs; the test fails anyway
         assert left == [], f"run {run}: processes left behind: {left}\n{proc.stderr}"
-        assert mounted_anywhere(aosbuild.workdir) == [], f"run {run}"
-        assert loops_attached_under(aosbuild.workdir) == [], f"run {run}"
+        assert mounts_under(aosbuild.workdir) == [], f"run {run}"
+        assert loops_backed_by(aosbuild.workdir) == [], f"run {run}"
         assert proc.returncode == 1, proc.stderr
         found = re.search(r"failing at (\d+\.\d+)", proc.stdout + proc.stderr)
         assert found, proc.stdout + proc.stderr

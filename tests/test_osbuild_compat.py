@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from aosbuild.osbuild_compat import INSTALLED_LIBDIR, parser, translate
+from aosbuild.osbuild_compat import INSTALLED_LIBDIR, invocation, parser
 
 from .conftest import GOLDEN, TEST_LIBDIR, Aosbuild, OsbuildOracle, check_jsonseq, manifest, pipeline, stage
 from .test_build import check_export_errors, started_stages
@@ -185,11 +185,11 @@ def test_installed_osbuild_library_is_the_default(tmp_path: Path) -> None:
     """As osbuild: `/usr/lib/osbuild` where it is installed (here a stand-in path), unless --libdir says otherwise."""
     installed = tmp_path / "usr-lib-osbuild"
     args = parser().parse_args(["m.json"])
-    assert translate(args, installed).libdir == []  # not installed: aosbuild's bundled library alone
+    assert invocation(args, installed).libdirs == ()  # not installed: aosbuild's bundled library alone
     (installed / "stages").mkdir(parents=True)
-    assert translate(args, installed).libdir == [str(installed)]
+    assert invocation(args, installed).libdirs == (str(installed),)
     given = parser().parse_args(["--libdir", "/elsewhere", "m.json"])
-    assert translate(given, installed).libdir == ["/elsewhere"]
+    assert invocation(given, installed).libdirs == ("/elsewhere",)
     assert INSTALLED_LIBDIR == Path("/usr/lib/osbuild")
 
 
