@@ -100,8 +100,15 @@ def collect_metadata(ctx: BuildContext) -> dict[str, dict[str, Any]]:
 
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
     """Copy the pipeline's tree to OUTDIR/NAME, replacing what was there only when the copy is complete."""
-    tree = None if pipeline.id is None else ctx.pins.tree(pipeline.id)
-    await export_tree(tree, export_target(output_directory, name))
+    if pipeline.id is None:
+        await export_tree(None, export_target(output_directory, name))
+        return
+    view, what = ctx.pins.view(pipeline.id), f"cannot export {name}"
+
+    async def copy(src: Path, dst: Path) -> None:
+        await ctx.store.copy_view(view, dst, what)
+
+    await export_tree(view.layers[0], export_target(output_directory, name), copy=copy)
 
 
 def report_cached(ctx: BuildContext) -> None:

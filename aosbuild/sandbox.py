@@ -63,6 +63,10 @@ class SandboxSpec:
     dev: Path | None = None   # the engine's /dev directory for this stage; None: bwrap's own
     binds: tuple[Bind, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    prefix: tuple[str, ...] = ()  # argv before bwrap's: what mounts the build root and tree it binds
+    # the build root's ROOT_DIRS ("" a directory, else a symlink's target) when the host cannot see them
+    # (a mount `prefix` makes); None: look at the build root
+    root_entries: Mapping[str, str] | None = None
 
 
 def bounding_set(status: str | None = None) -> int:
@@ -97,7 +101,13 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
     argv += ["--ro-bind", os.fspath(root / "usr"), "/usr"]
     for name in ROOT_DIRS:
         path = root / name
-        if path.is_symlink():
+        if spec.root_entries is not None:
+            target = spec.root_entries.get(name)
+            if target:
+                argv += ["--symlink", target, f"/{name}"]
+            elif target == "":
+                argv += ["--ro-bind", os.fspath(path), f"/{name}"]
+        elif path.is_symlink():
             argv += ["--symlink", os.readlink(path), f"/{name}"]
         elif path.is_dir():
             argv += ["--ro-bind", os.fspath(path), f"/{name}"]
@@ -152,7 +162,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             tg.start_soon(serve)
             # once the sandbox holds the stage's end, the engine's copy must go, or EOF never comes
             returncode = await process.run_streaming(
-                bwrap_argv(spec, caps), on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
+                [*spec.prefix, *bwrap_argv(spec, caps)], on_line=on_line, env=env, pass_fds=[stage_sock.fileno()],
                 on_started=stage_sock.close)
             # let the server read what the stage sent just before it exited, then stop it
             with anyio.move_on_after(DRAIN_SECONDS):
