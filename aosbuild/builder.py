@@ -426,7 +426,7 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
         stored_below = all(not ctx.pins.floating(i) for i in stack)
         last = stage is pipeline.stages[-1]
         async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
-            entry.results = list(records)
+            entry.results, entry.pipeline = list(records), pipeline.name
             below = ctx.pins.view(below_id) if below_id else None
             await run_and_check(ctx, pipeline, stage, entry, below, build, runner, layered=True)
             if pipeline.source_epoch is not None:
@@ -448,7 +448,7 @@ async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:
         return squashed_id
     async with ctx.store.store(squashed_id, keep=ctx.pins, flat=True) as entry:
         await ctx.store.copy_view(ctx.pins.view(below_id), entry.tree, f"cannot squash {below_id}")
-        entry.results = list(ctx.pins.results(below_id))
+        entry.results, entry.pipeline = list(ctx.pins.results(below_id)), pipeline.name
     report_outcome(ctx, pipeline, entry, f"the squashed tree of {below_id}")
     return squashed_id
 
@@ -458,6 +458,7 @@ async def build_flat(ctx: BuildContext, pipeline: Pipeline, resume: int, build: 
     """The whole pipeline in one directory, committed under the pipeline's id (AOSBUILD_FLAT)."""
     assert pipeline.id is not None
     async with ctx.store.store(pipeline.id, keep=ctx.pins, flat=True) as entry:
+        entry.pipeline = pipeline.name
         if resume:
             await restore_flat(ctx, pipeline, resume, entry)
         for stage in pipeline.stages[resume:]:

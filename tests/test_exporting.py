@@ -58,7 +58,7 @@ def test_reexport_writes_through_nothing_the_last_export_left(aosbuild: Aosbuild
     run = aosbuild(m, *args)
     assert run.returncode == 0, run.stderr
     exported = aosbuild.output / "tree"
-    stored = snapshot(aosbuild.store / "objects" / tree_id / "data" / "tree")
+    stored = snapshot(aosbuild.stored_tree(tree_id))
     assert snapshot(exported) == stored
     assert os.readlink(exported / "etc" / "editor") == str(canary)
 

@@ -4,7 +4,7 @@ An entry is a directory::
 
     object.lock          the entry's lock file; its atime is the entry's last use (for LRU eviction)
     object.info          {"size": <bytes on disk>, "created": <unix time>, "layers": [<id>, ...],
-                         "flat": <bool>}, written just before commit
+                         "flat": <bool>, "pipeline": <name>}, written just before commit
     data/tree/           a layer (`layers`): what one stage changed, over the entries `layers` names
                          (bottom first); or, `flat`, a whole tree as one plain directory
     data/meta/           <stage-id>.json: metadata a stage reported (osbuild's layout), and
@@ -79,6 +79,7 @@ class NewEntry(Entry):
         self.size = 0                    # bytes on disk, known once it is committed
         self.layers: list[str] = []      # the ids of the layers below this one, bottom first
         self.flat = False                # a whole tree in one directory, not a layer
+        self.pipeline = ""               # the name of the pipeline that built it, for `store info`
 
     def add_result(self, result: dict[str, Any]) -> None:
         """Record a finished stage: its result, and its metadata in osbuild's place if there is any."""
@@ -91,7 +92,8 @@ class NewEntry(Entry):
         (self.meta / RESULTS).write_text(json.dumps(self.results))
         self.size = disk_usage(self.path)
         with open(self.path / INFO, "x") as f:
-            json.dump({"size": self.size, "created": time.time(), "layers": self.layers, "flat": self.flat}, f)
+            json.dump({"size": self.size, "created": time.time(), "layers": self.layers, "flat": self.flat,
+                       "pipeline": self.pipeline}, f)
         return self.size
 
 

@@ -100,11 +100,9 @@ class Pins:
         return TreeView(layers=tuple(self.get(i).tree for i in reversed(ids)), flat=flat and len(ids) == 1)
 
     def tree(self, object_id: str) -> Path:
-        """The directory of a flat tree (a plain directory: `AOSBUILD_FLAT` builds, squashed trees)."""
-        view = self.view(object_id)
-        if not view.flat:
-            raise StoreError(f"{object_id} is a stack of layers: read it through a mount of its view")
-        return view.layers[0]
+        """The entry's own directory: the whole tree if it is flat, else only its own layer (read a
+        tree through a mount of its `view`)."""
+        return self.get(object_id).tree
 
     def results(self, object_id: str) -> list[dict[str, Any]]:
         entry = self._entries[object_id]
