@@ -87,6 +87,7 @@ def merged_copy(store: Path, object_id: str, into: Path) -> Path:
     objects = store / "objects"
     info = json.loads((objects / object_id / "object.info").read_text())
     ids = [*info["layers"], object_id]
+    into.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=into.parent) as scratch:
         empty, point = Path(scratch, "empty"), Path(scratch, "point")
         empty.mkdir()
