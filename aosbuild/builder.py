@@ -429,6 +429,8 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
             entry.results, entry.pipeline = list(records), pipeline.name
             below = ctx.pins.view(below_id) if below_id else None
             await run_and_check(ctx, pipeline, stage, entry, below, build, runner, layered=True)
+            if below is not None:
+                await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
             if pipeline.source_epoch is not None:
                 await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
             records = list(entry.results)

@@ -32,9 +32,14 @@ OVERLAY_XATTRS = "trusted.overlay."
 OPAQUE = "trusted.overlay.opaque"
 REDIRECT = "trusted.overlay.redirect"
 XWHITEOUT = "trusted.overlay.whiteout"
+ORIGIN = "trusted.overlay.origin"  # on what a stage copied up (changed), not on what it made anew
 # redirect_dir=on: a directory renamed by a stage is a redirect, as on a plain directory (no EXDEV);
-# index and metacopy off: a layer must stay usable under any later stack of layers, and hold whole files
-MOUNT_OPTIONS = "redirect_dir=on,index=off,metacopy=off"
+# metacopy off: a layer holds whole files, whatever stack it is used in later. A stage's own mount has
+# index=on: while it runs, all names of a hard-linked lower file show its copy-up, and copied-up files
+# carry their origin, which `relink_copied_up` goes by; the index itself stays in the stage's workdir
+MOUNT_OPTIONS = "redirect_dir=on,metacopy=off"
+STAGE_OPTIONS = "index=on"
+READ_OPTIONS = "index=off"
 # mount(2) takes its options as one page; paths are given relative to the store to fit more layers
 OPTIONS_MAX = 4000
 # the most layers one mount stacks (plus an empty bottom directory): past it, the tree is squashed into
@@ -165,6 +170,11 @@ def _make_parents(layers: Sequence[Path], upper: Path, relative: str) -> tuple[P
     source = find(layers, relative)
     if source is None:
         return None
+    return source, _make_dirs(layers, upper, relative)
+
+
+def _make_dirs(layers: Sequence[Path], upper: Path, relative: str) -> list[tuple[Path, Path]]:
+    """The directories above `relative` that `upper` lacks, made (their attributes are set later)."""
     parts = relative.split("/")
     made: list[tuple[Path, Path]] = []
     for depth in range(1, len(parts)):
@@ -174,7 +184,7 @@ def _make_parents(layers: Sequence[Path], upper: Path, relative: str) -> tuple[P
             (upper / sub).mkdir()
             if lower is not None:
                 made.append((lower, upper / sub))
-    return source, made
+    return made
 
 
 def _finish_copy(copied: Path, made: list[tuple[Path, Path]]) -> None:
@@ -196,6 +206,56 @@ async def copy_up(layers: Sequence[Path], upper: Path, relative: str) -> None:
     await anyio.to_thread.run_sync(_finish_copy, upper / relative, made)
 
 
+def _layer_of(layers: Sequence[Path], path: Path) -> Path:
+    return next(root for root in layers if path.is_relative_to(root))
+
+
+def _same_inode(layer: Path, ino: int) -> list[str]:
+    found = []
+    for dirpath, _, filenames in os.walk(layer):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_ino == ino:
+                found.append(os.path.relpath(path, layer))
+    return found
+
+
+def relink_copied_up(lowers: Sequence[Path], upper: Path) -> int:
+    """Keep hard links whole across layers; returns how many links were made.
+
+    overlayfs (without `index`, which would tie a layer to one stack) copies up one name of a hard-linked
+    file, and the other names keep the old inode in their lower layer: on a plain directory they would all
+    show the change. So each file the stage copied up (it has an origin) whose lower file had more links
+    gets those other names, where the stage left them alone, linked to the new copy in its layer.
+    """
+    if not lowers:
+        return 0
+    made = 0
+    for dirpath, _, filenames in os.walk(upper):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or _xattr(path, ORIGIN) is None:
+                continue
+            relative = os.path.relpath(path, upper)
+            lower = find(lowers, relative)
+            if lower is None or os.lstat(lower).st_nlink < 2:
+                continue
+            layer = _layer_of(lowers, lower)
+            for member in _same_inode(layer, os.lstat(lower).st_ino):
+                if member == relative or os.path.lexists(upper / member) or find(lowers, member) != layer / member:
+                    continue  # replaced or removed by the stage, linked already, or hidden by a layer above
+                made_dirs = _make_dirs(lowers, upper, member)
+                parent = (upper / member).parent
+                times = os.lstat(parent)
+                os.link(path, upper / member)
+                os.utime(parent, ns=(times.st_atime_ns, times.st_mtime_ns))
+                for lower_dir, made_dir in reversed(made_dirs):
+                    copy_attributes(lower_dir, made_dir)
+                made += 1
+    return made
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Overlay:
     """One overlay mount: `lowers` top first; with `upper` (and `work`, on its filesystem) writable."""
@@ -215,10 +275,11 @@ class Overlay:
 
         lowers = ":".join(rel(p) for p in (*self.lowers, self.empty))
         if self.upper is None:
-            text = f"ro,lowerdir={lowers},{MOUNT_OPTIONS}"
+            text = f"ro,lowerdir={lowers},{MOUNT_OPTIONS},{READ_OPTIONS}"
         else:
             assert self.work is not None
-            text = f"lowerdir={lowers},upperdir={rel(self.upper)},workdir={rel(self.work)},{MOUNT_OPTIONS}"
+            text = (f"lowerdir={lowers},upperdir={rel(self.upper)},workdir={rel(self.work)},{MOUNT_OPTIONS},"
+                    f"{STAGE_OPTIONS}")
         if len(text) > OPTIONS_MAX:
             raise OSError(errno.E2BIG, f"{len(self.lowers)} layers do not fit one mount's options")
         return text
