@@ -25,6 +25,7 @@ from typing import Any
 
 import debian
 import downloads
+import edit
 import engine
 import store
 from common import BENCH, FAST_TMP, REPO, RESULTS, Section, machine
@@ -37,6 +38,8 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "commit": (store.commit_export, 5),
     "downloads": (downloads.run, 5),
     "debian": (debian.run, 3),  # a cold build takes minutes
+    "edit": (edit.run, 3),      # a cold build (layered and flat) and three rebuilds per repetition
+    "edit-disk": (edit.run_disk, 3),
 }
 README = BENCH / "README.md"
 LATEST = ("<!-- latest run: written by bench/suite.py --update-readme -->", "<!-- end of latest run -->")
@@ -53,6 +56,9 @@ COLUMNS = [
     ("debian", "cold_s", "Debian cold s", "{:.1f}"),
     ("debian", "mmdebstrap_s", "mmdebstrap s", "{:.1f}"),
     ("debian", "warm_s", "Debian warm s", "{:.2f}"),
+    ("edit", "hostname_s", "edit hostname s", "{:.1f}"),
+    ("edit", "password_s", "edit password s", "{:.1f}"),
+    ("edit", "packages_s", "edit packages s", "{:.1f}"),
 ]
 
 

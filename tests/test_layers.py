@@ -180,3 +180,25 @@ def test_a_layer_holds_only_its_changes(built: dict[str, Any]) -> None:
     assert "etc" not in names
     assert {"x2", "sub-moved", "doomeddir"} <= set(names)
     assert layers.find([top], "doomeddir") is None  # a whiteout: deleted in this layer
+
+
+def test_past_the_bound_the_tree_is_squashed_into_one_flat_entry(aosbuild: Aosbuild) -> None:
+    """A stage never sees more than MAX_LAYERS layers: past them the tree is copied once into one flat
+    entry, and the stages above stack on it. The tree is the same, and a rebuild is fully cached."""
+    count = layers.MAX_LAYERS + 3
+    m = manifest(pipeline("deep", *(stage("org.aosbuild.test.files", seed=f"s{i}", count=1, size=64)
+                                     for i in range(count))))
+    described = json.loads(aosbuild(m, "--inspect").stdout)["pipelines"][0]["stages"]
+    run = aosbuild(m, "--export", "deep", "--output-directory", str(aosbuild.output), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(aosbuild.output / "deep")) == sorted(f"s{i}-0" for i in range(count))
+    squashed = f"{described[layers.MAX_LAYERS - 1]['id']}.squashed"
+    info = json.loads((aosbuild.store / "objects" / squashed / "object.info").read_text())
+    assert info["flat"]
+    assert info["layers"] == []
+    top = json.loads((aosbuild.store / "objects" / described[-1]["id"] / "object.info").read_text())
+    assert top["layers"] == [squashed, described[-3]["id"], described[-2]["id"]]
+    assert sorted(os.listdir(aosbuild.stored_tree(described[-1]["id"]))) == sorted(f"s{i}-0" for i in range(count))
+    again = aosbuild(m, "--monitor", "jsonseq")
+    assert again.returncode == 0, again.stderr
+    assert '"Starting module' not in again.stdout
