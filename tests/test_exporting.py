@@ -178,3 +178,13 @@ def test_an_export_never_replaces_the_output_directory_or_what_is_outside_it(wor
 @pytest.mark.parametrize(("name", "relative"), [("tree", "tree"), ("a/b", "a/b"), ("a/../b", "b"), ("x/", "x")])
 def test_export_target_inside_the_output_directory(workdir: Path, name: str, relative: str) -> None:
     assert export_target(workdir, name) == workdir / relative
+
+
+def test_export_to_a_relative_output_directory(aosbuild: Aosbuild) -> None:
+    """The layers are merged by a command that runs in the store's directory: a relative output
+    directory still means one relative to where aosbuild was started."""
+    m = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/a"}]),
+                          stage("org.osbuild.mkdir", paths=[{"path": "/b"}])))
+    run = aosbuild(m, "--export", "tree", "--output-directory", "relative-out")
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(aosbuild.workdir / "relative-out" / "tree")) == ["a", "b"]
