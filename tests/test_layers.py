@@ -202,3 +202,34 @@ def test_past_the_bound_the_tree_is_squashed_into_one_flat_entry(aosbuild: Aosbu
     again = aosbuild(m, "--monitor", "jsonseq")
     assert again.returncode == 0, again.stderr
     assert '"Starting module' not in again.stdout
+
+
+
+@pytest.mark.slow
+def test_the_sample_os_tree_is_the_same_layered_and_flat(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`aosbuild sample debian`'s build root and os tree (with a source epoch: then the tree is
+    reproducible, initramfs and all), built layered and flat: the same tree, file for file."""
+    work = Path(tempfile.mkdtemp(prefix="layers-sample-", dir="/dev/shm"))
+    path = work / "debian.json"
+    generated = subprocess.run([sys.executable, "-m", "aosbuild", "sample", "debian", "--password", "x",
+                                "--output", str(path)], capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr
+    m = json.loads(path.read_text())
+    m["pipelines"] = [p for p in m["pipelines"] if p["name"] in ("build", "os")]
+    for p in m["pipelines"]:
+        p["source-epoch"] = EPOCH
+    trees = {}
+    for mode in ("layered", "flat"):
+        cli = Aosbuild(work / mode)
+        cli.workdir.mkdir()
+        env = {**os.environ, "AOSBUILD_FLAT": "1" if mode == "flat" else "0"}
+        run = subprocess.run(cli.command(m, "--export", "os", "--output-directory", str(cli.output)),
+                             capture_output=True, text=True, env=env, timeout=1800)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        trees[mode] = digest(str(cli.output / "os"))
+        assert_no_overlay_traces(trees[mode])
+    layered, flat = trees["layered"], trees["flat"]
+    assert len(layered) > 10000  # a whole Debian system
+    assert sorted(layered) == sorted(flat)
+    assert sorted(name for name in layered if layered[name] != flat[name]) == []
+    subprocess.run(["rm", "-rf", str(work)], check=False)
