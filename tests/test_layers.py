@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from aosbuild.store import layers
+from aosbuild.store import Store, entries, layers
 
 from .conftest import Aosbuild, manifest, pipeline, stage
 from .treedigest import digest
@@ -233,3 +233,41 @@ def test_the_sample_os_tree_is_the_same_layered_and_flat(tmp_path_factory: pytes
     assert sorted(layered) == sorted(flat)
     assert sorted(name for name in layered if layered[name] != flat[name]) == []
     subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_a_layer_evicted_under_others_makes_them_a_miss_not_a_hole(aosbuild: Aosbuild) -> None:
+    """The middle layer of a tree is evicted: the layer above it is a miss (and goes first when room is
+    needed), the rebuild resumes below the hole, and the tree comes out whole."""
+    m = manifest(pipeline("tree", *(stage("org.aosbuild.test.files", seed=f"s{i}", count=1, size=64)
+                                    for i in range(3))))
+    first, middle, top = (s["id"] for s in json.loads(aosbuild(m, "--inspect").stdout)["pipelines"][0]["stages"])
+    assert aosbuild(m, "-q").returncode == 0
+    store = Store.open(aosbuild.store, use=False)
+    lock = entries.take_for_eviction(store.objects, middle)
+    assert lock is not None
+    entries.remove(entries.move_out(store.objects, middle, store.staging, lock))
+
+    listed = entries.list_committed(store.objects)
+    assert listed[0].id == top  # its layers are not all there: worth nothing, evicted first
+    rebuilt = aosbuild(m, "--monitor", "jsonseq", "--export", "tree", "--output-directory", str(aosbuild.output))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.count('"Starting module') == 2
+    assert sorted(os.listdir(aosbuild.output / "tree")) == ["s0-0", "s1-0", "s2-0"]
+    assert sorted(os.listdir(aosbuild.store / "objects")) == sorted([first, middle, top])
+
+
+def test_a_lower_layer_counts_as_used_when_a_layer_above_it_is(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store", use=False)
+    made = []
+    for name, below in (("bottom", []), ("top", ["bottom"]), ("other", [])):
+        entry = entries.create(store.staging)
+        entry.layers = below
+        entry.write_info()
+        assert entries.commit(entry, store.objects, name)
+        entry.lock.close()
+        made.append(entry)
+    os.utime(store.objects / "bottom" / entries.LOCK, (1000, 1000))
+    os.utime(store.objects / "other" / entries.LOCK, (2000, 2000))
+    os.utime(store.objects / "top" / entries.LOCK, (3000, 3000))
+    assert [(c.id, c.last_used) for c in entries.list_committed(store.objects)] == [
+        ("other", 2000), ("top", 3000), ("bottom", 3000)]  # as recent as the top, which goes first

@@ -271,7 +271,7 @@ def list_committed(objects: Path) -> list[Committed]:
                     used_at[below] = max(used_at[below], used_at[c.id])
     found = [Committed(id=c.id, size=c.size, last_used=used_at[c.id], created=c.created, layers=c.layers)
              for c in found]
-    found.sort(key=lambda c: c.last_used)
+    found.sort(key=lambda c: (c.last_used, -len(c.layers)))  # as recent: the layer above goes first
     return found
 
 
