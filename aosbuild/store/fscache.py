@@ -407,7 +407,7 @@ class Store:
         if view.flat:
             await self.copy(view.layers[0], dst, what)
             return
-        dst = Path(os.path.abspath(dst))  # the mounting command runs in the store's directory
+        dst = Path(await anyio.Path(dst).absolute())  # the mounting command runs in the store's directory
         async with self.stage() as scratch:
             target, empty = scratch.path / "view", scratch.path / "empty"
             target.mkdir()
