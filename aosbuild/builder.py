@@ -16,6 +16,7 @@ before the last stage and at each `--checkpoint`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -204,8 +205,11 @@ class Views:
         resolved = overlay.file_in(view.layers, name)
         return None if resolved is None else self.show(view) / resolved
 
-    def prefix(self) -> tuple[str, ...]:
-        return tuple(overlay.namespace_argv(self.ctx.store.root, self.overlays, []))
+    def prefix(self, argv: list[str], needed: list[str]) -> tuple[str, ...]:
+        """What runs `argv` (the stage's bwrap, which binds the host's `needed` paths) with these mounts,
+        in a namespace of its own."""
+        full = overlay.namespace_argv(self.ctx.store.root, self.overlays, argv, needed)
+        return tuple(full[:len(full) - len(argv)])
 
 
 def root_entries(view: TreeView) -> dict[str, str]:
@@ -235,6 +239,18 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
             open_dev_dir(scratch.path / "dev") as devdir:
         views = Views(ctx, scratch.path)
+        build_root = Path("/") if build is None else views.show(build)
+        binds: list[sandbox.Bind] = []
+        inputs: dict[str, Any] = {}
+        for inp in stage.inputs.values():
+            input_binds, inputs[inp.name] = map_input(
+                inp, scratch=scratch.path, tree_of=views.tree_of, file_of=views.file_of,
+                source_item=ctx.sources.path)
+            binds += input_binds
+        # copying a loop device's file up into the new layer is part of the stage, as overlayfs's own
+        # copy-up on a first write would be: no gap between stages
+        ctx.monitor.stage_started(pipeline, stage)
+        started = time.monotonic()
         if layered:
             if below is not None:
                 await anyio.to_thread.run_sync(overlay.copy_attributes, below.layers[0], entry.tree)
@@ -245,14 +261,6 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             tree = views.tree(below, entry.tree)
         else:
             tree = entry.tree
-        build_root = Path("/") if build is None else views.show(build)
-        binds: list[sandbox.Bind] = []
-        inputs: dict[str, Any] = {}
-        for inp in stage.inputs.values():
-            input_binds, inputs[inp.name] = map_input(
-                inp, scratch=scratch.path, tree_of=views.tree_of, file_of=views.file_of,
-                source_item=ctx.sources.path)
-            binds += input_binds
         async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices:
             mount_plan, mounts = plan_mounts(stage.mounts, devices)
             meta: dict[str, Any] = {"id": stage.id}
@@ -269,10 +277,9 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
             spec = sandbox.SandboxSpec(
                 build_root=build_root, tree=tree, executable=info.path, runner=runner, dev=devdir.path,
-                binds=tuple(binds), env=env, prefix=views.prefix(),
+                binds=tuple(binds), env=env,
                 root_entries=None if build is None or build.flat else root_entries(build))
-            ctx.monitor.stage_started(pipeline, stage)
-            started = time.monotonic()
+            spec = dataclasses.replace(spec, prefix=views.prefix(sandbox.bwrap_argv(spec), sandbox.sources(spec)))
             reason = ""
             try:
                 with anyio.fail_after(ctx.options.stage_timeout):

@@ -132,6 +132,16 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
     return argv
 
 
+def sources(spec: SandboxSpec) -> list[str]:
+    """The host paths the sandbox binds (not where they appear inside it)."""
+    root = spec.build_root
+    paths = [root / "usr", root / "etc", *(root / name for name in ROOT_DIRS), PACKAGE_DIR, spec.tree,
+             spec.executable, spec.runner, *(b.source for b in spec.binds)]
+    if spec.dev is not None:
+        paths.append(spec.dev)
+    return [os.fspath(p) for p in paths]
+
+
 def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {"container": "bwrap-osbuild", "LC_CTYPE": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin",
            "PYTHONPATH": LIB, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",

@@ -49,8 +49,10 @@ SYMLINK_HOPS = 40
 
 MOUNT_SCRIPT = (
     'cd "$1" || exit 125; shift; '
+    'while [ "$1" != "--" ]; do umount --lazy "$1" 2>/dev/null; shift; done; shift; '
     'while [ "$1" != "--" ]; do mount -t overlay aosbuild -o "$2" "$1" || exit 125; shift 2; done; '
     'shift; exec "$@"')
+ALWAYS_NEEDED = ("/proc", "/sys")  # bwrap reads /proc/self; binds /sys
 
 
 def _xattr(path: Path | str, name: str) -> bytes | None:
@@ -285,15 +287,44 @@ class Overlay:
         return text
 
 
-def namespace_argv(base: Path, overlays: Sequence[Overlay], argv: Sequence[str]) -> list[str]:
-    """`argv`, run in a new mount namespace with `overlays` mounted (paths relative to `base`)."""
+def mount_points(mountinfo: str | None = None) -> list[str]:
+    """The mount points of this mount namespace (mountinfo's fifth field, octal escapes decoded)."""
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+    return [line.split()[4].encode().decode("unicode_escape") for line in mountinfo.splitlines() if line]
+
+
+def foreign(points: Sequence[str], needed: Sequence[str]) -> list[str]:
+    """The mount points a namespace for `needed` paths can do without, deepest first: neither above a
+    needed path nor inside one (binds are recursive). Detached there, a long stage does not keep alive
+    the copies of other people's mounts its namespace began with (a test's tmpfs, a USB stick)."""
+    wanted = [p.rstrip("/") or "/" for p in (*needed, *ALWAYS_NEEDED)]
+
+    def related(point: str) -> bool:
+        if point == "/":
+            return True
+        return any(n == point or n.startswith(point + "/") or point.startswith(n + "/") for n in wanted)
+
+    return sorted({p for p in points if not related(p)}, key=len, reverse=True)
+
+
+def namespace_argv(base: Path, overlays: Sequence[Overlay], argv: Sequence[str],
+                   needed: Sequence[str] = ()) -> list[str]:
+    """`argv`, run in a new mount namespace with `overlays` mounted (paths relative to `base`), where
+    the host's mounts that neither `needed` (the host paths `argv` uses) nor the overlays use are
+    detached first."""
     if not overlays:
         return list(argv)
     mounts: list[str] = []
+    paths = [os.fspath(base), *needed]
     for overlay in overlays:
         mounts += [os.fspath(overlay.target), overlay.options(base)]
+        paths += [os.fspath(p) for p in (overlay.target, *overlay.lowers, overlay.empty, overlay.upper,
+                                         overlay.work) if p is not None]
+    detach = foreign(mount_points(), paths)
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", MOUNT_SCRIPT,
-            "aosbuild-mount", os.fspath(base), *mounts, "--", *argv]
+            "aosbuild-mount", os.fspath(base), *detach, "--", *mounts, "--", *argv]
 
 
 def squashable(layers: Sequence[Path]) -> bool:
