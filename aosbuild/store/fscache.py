@@ -294,6 +294,10 @@ class Store:
 
     async def _settle(self, entry: NewEntry, object_id: str, keep: Pins | None) -> None:
         """After a commit: hand the tree to `keep` or let it go."""
+        if keep is not None and object_id in keep and entry.outcome != STORED:
+            # two pipelines of one build made the same stage at once: the build keeps the first
+            await anyio.to_thread.run_sync(entries.remove, entry)
+            return
         if entry.outcome == STORED:
             entry.lock.change(READ)  # from writer to reader atomically: nobody can evict it in between
             if keep is not None:

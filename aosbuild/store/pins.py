@@ -72,11 +72,14 @@ class Pins:
         return True
 
     def adopt(self, entry: LoadedEntry) -> None:
-        if entry.id not in self._entries:
-            self._entries[entry.id] = entry
-            self._stacks[entry.id] = (*entry.layers, entry.id)
+        if entry.id in self._entries:  # made twice in one build (the same stage in two pipelines)
+            entry.close()
+            return
+        self._entries[entry.id] = entry
+        self._stacks[entry.id] = (*entry.layers, entry.id)
 
     def float(self, object_id: str, entry: NewEntry) -> None:
+        assert object_id not in self._entries, object_id  # Store._settle discards a second one
         self._entries[object_id] = entry
         self._floating.add(object_id)
         self._stacks[object_id] = (*entry.layers, object_id)
