@@ -3,7 +3,8 @@
 A stage sees the build root's `/usr` read-only (the host's when the pipeline has no build pipeline),
 its tree read-write at `/run/osbuild/tree`, its inputs read-only under `/run/osbuild/inputs`, a private
 `/dev`, its own pid namespace and no network. bwrap's `--die-with-parent` and the pid namespace make sure
-nothing started inside outlives the stage.
+nothing started inside outlives the stage. A spec's `prefix` runs before bwrap, in the same process: the
+layered store's `unshare --mount` and overlay mounts (`store.layers`) of the tree and build root it binds.
 """
 
 from __future__ import annotations
