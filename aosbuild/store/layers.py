@@ -47,10 +47,16 @@ OPTIONS_MAX = 4000
 MAX_LAYERS = 20
 SYMLINK_HOPS = 40
 
+# The previous stage's sandbox may still be going away (its init dies of --die-with-parent a moment after
+# bwrap), holding the overlay whose upper dir is now a lower layer here: with index=on the kernel refuses
+# that one (EBUSY, "lowerdir is in-use as upperdir"), so a mount is tried again for up to 5 s.
 MOUNT_SCRIPT = (
     'cd "$1" || exit 125; shift; '
     'while [ "$1" != "--" ]; do umount --lazy "$1" 2>/dev/null; shift; done; shift; '
-    'while [ "$1" != "--" ]; do mount -t overlay aosbuild -o "$2" "$1" || exit 125; shift 2; done; '
+    'while [ "$1" != "--" ]; do n=0; '
+    'until mount -t overlay aosbuild -o "$2" "$1" 2>/dev/null; do n=$((n+1)); '
+    'if [ $n -ge 100 ]; then mount -t overlay aosbuild -o "$2" "$1"; exit 125; fi; sleep 0.05; done; '
+    'shift 2; done; '
     'shift; exec "$@"')
 ALWAYS_NEEDED = ("/proc", "/sys")  # bwrap reads /proc/self; binds /sys
 
