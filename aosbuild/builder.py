@@ -307,6 +307,11 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 await anyio.to_thread.run_sync(overlay.copy_attributes, below.layers[0], entry.tree)
                 for name in loopback_files(stage):
                     resolved = overlay.resolve(below.layers, name)
+                    if resolved is None:
+                        # it leads out of the tree: the link itself comes up, for the device's own check
+                        # to refuse it by name ("outside the tree"), as on one plain directory
+                        parts = [p for p in name.split("/") if p not in ("", ".")]
+                        resolved = "/".join(parts) if ".." not in parts else None
                     if resolved:
                         await overlay.copy_up(below.layers, entry.tree, resolved)
             tree = views.tree(below, entry.tree)
