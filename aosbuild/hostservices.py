@@ -40,6 +40,8 @@ from .osbuild_api import Endpoint
 from .runnerlib import MNT_DETACH, umount
 from .sandbox import INPUTS, MOUNTS, Bind
 from .stageapi import receive_packet
+from .store import layers as overlay
+from .store.pins import TreeView
 
 STOP_SECONDS = 30.0  # a service unmounting a large filesystem syncs it first
 VIA_FD = b"<args-via-fd>"
@@ -201,38 +203,63 @@ async def open_host_mounts(mounts: Sequence[Mount], *, find: Callable[[str], Mod
 class StoreApi:
     """osbuild's `store` endpoint, which input services call: `read-tree` (a pipeline's tree), `read-tree-at`
     (that tree bind-mounted, read-only, at a target below the stage's scratch space), `mkdtemp` (a directory
-    there) and `source` (the store's directory for one content type). Its binds go when the stage is done."""
+    there) and `source` (the store's directory for one content type). A tree of layers is shown through a
+    read-only overlay of them, mounted on the host for the services. Its mounts go when `release`d: once the
+    sandbox has them (it keeps its own copies) and when the stage is done."""
 
-    def __init__(self, *, tree_of: Callable[[str], Path], sources: Path, scratch: Path) -> None:
-        self.tree_of = tree_of
+    def __init__(self, *, view_of: Callable[[str], TreeView], store_root: Path, empty: Path, sources: Path,
+                 scratch: Path) -> None:
+        self.view_of = view_of
+        self.store_root = store_root
+        self.empty = empty  # the bottom of every overlay stack
         self.sources = sources
         self.scratch = scratch
-        self.binds: list[str] = []
+        self.binds: list[str] = []  # every mount made, in order
+        self._shown: dict[tuple[Path, ...], Path] = {}
 
-    def _tree(self, object_id: str) -> Path | None:
+    async def _run(self, argv: list[str]) -> str | None:
+        """Run a mount command; its error, or None."""
+        done = await anyio.run_process(argv, check=False, cwd=self.store_root)
+        if done.returncode != 0:
+            return (done.stderr or done.stdout).decode(errors="replace").strip() or f"{argv[0]} failed"
+        return None
+
+    async def _tree(self, object_id: str) -> Path | None:
         try:
-            return self.tree_of(object_id)
+            view = self.view_of(object_id)
         except (KeyError, AosbuildError):
             return None
+        if view.flat:
+            return view.layers[0]
+        if view.layers not in self._shown:
+            target = self.scratch / "store-views" / str(len(self._shown))
+            target.mkdir(parents=True)
+            options = overlay.Overlay(target=target, lowers=view.layers, empty=self.empty).options(self.store_root)
+            error = await self._run(["mount", "-t", "overlay", "aosbuild", "-o", options, os.fspath(target)])
+            if error is not None:
+                raise SandboxError(f"cannot show tree {object_id} to an input service: {error}")
+            self.binds.append(os.fspath(target))
+            self._shown[view.layers] = target
+        return self._shown[view.layers]
 
     async def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         method = msg.get("method")
         if method == "read-tree":
-            tree = self._tree(str(msg["object-id"]))
+            tree = await self._tree(str(msg["object-id"]))
             return {"path": os.fspath(tree) if tree else None}
         if method == "read-tree-at":
-            tree = self._tree(str(msg["object-id"]))
+            tree = await self._tree(str(msg["object-id"]))
             if tree is None:
                 return {"path": None}
-            target = Path(msg["target"]).resolve()  # noqa: ASYNC240 (procfs-fast, a path the service made)
+            target = Path(msg["target"]).resolve()  # noqa: ASYNC240 (a path the service made, in scratch)
             if not target.is_relative_to(self.scratch.resolve()):
                 return {"error": f"{target} is not in the stage's scratch space"}
             source = tree / str(msg.get("subtree") or "/").lstrip("/")
             # as osbuild's: recursive, private, read-only
-            done = await anyio.run_process(["mount", "--rbind", "--make-rprivate", "-o", "ro", os.fspath(source),
-                                            os.fspath(target)], check=False, stdin=None)
-            if done.returncode != 0:
-                return {"error": (done.stderr or done.stdout).decode(errors="replace").strip()}
+            error = await self._run(["mount", "--rbind", "--make-rprivate", "-o", "ro", os.fspath(source),
+                                     os.fspath(target)])
+            if error is not None:
+                return {"error": error}
             self.binds.append(os.fspath(target))
             return {"path": os.fspath(target)}
         if method == "mkdtemp":
@@ -248,6 +275,7 @@ class StoreApi:
             except OSError:
                 pass  # gone with a parent mount already
         self.binds.clear()
+        self._shown.clear()
 
 
 @asynccontextmanager
