@@ -51,7 +51,7 @@ SYMLINK_HOPS = 40
 # bwrap), holding the overlay whose upper dir is now a lower layer here: with index=on the kernel refuses
 # that one (EBUSY, "lowerdir is in-use as upperdir"), so a mount is tried again for up to 5 s.
 MOUNT_SCRIPT = (
-    'cd "$1" || exit 125; shift; '
+    'cd "$1" || exit 125; unset OLDPWD; shift; '  # cd sets OLDPWD, which the stage must not inherit
     'while [ "$1" != "--" ]; do umount --lazy "$1" 2>/dev/null; shift; done; shift; '
     'while [ "$1" != "--" ]; do n=0; '
     'until mount -t overlay aosbuild -o "$2" "$1" 2>/dev/null; do n=$((n+1)); '
