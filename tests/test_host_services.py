@@ -4,9 +4,11 @@ One small manifest uses what aosbuild lacks, next to what it has: a `org.osbuild
 the library's source module, its `fetch_all`), `org.osbuild.containers` and `org.osbuild.ostree` inputs
 (mapped by the library's input modules, through osbuild's `store` endpoint) beside a native tree input,
 and a `org.osbuild.noop` mount (a service) before a native ext4 mount of the same stage. A test stage of
-the library writes down what it sees; osbuild 191 and aosbuild must give it the same. Devices: the only
-library devices aosbuild lacks (luks2, lvm2) need device-mapper, which this kernel lacks, so the device
-protocol is run with the library's loopback module instead of aosbuild's own.
+the library writes down what it sees; osbuild 191 and aosbuild must give it the same. So with osbuild's
+`org.osbuild.skopeo` source pulling from a local registry and a containers input of that image. Devices:
+the only library devices aosbuild lacks (luks2, lvm2) need device-mapper, which this kernel lacks, so the
+device protocol is run with the library's loopback module instead of aosbuild's own, and luks2's failure
+is checked to be the stage's error. Sources: the library's inline, over the protocol, beside aosbuild's.
 """
 
 from __future__ import annotations
