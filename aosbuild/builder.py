@@ -32,7 +32,7 @@ from .mounts import FSTYPES, plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
-from .runnerlib import MOUNTS_ENV
+from .sandboxside.runnerlib import MOUNTS_ENV
 from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
 
 OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already

@@ -29,7 +29,7 @@ from .errors import SandboxError
 from .manifest import Mount
 from .moduleinfo import ModuleInfo
 from .sandbox import MOUNTS
-from .stageapi import receive_packet
+from .sandboxside.stageapi import receive_packet
 
 STOP_SECONDS = 30.0  # a service unmounting a large filesystem syncs it first
 VIA_FD = b"<args-via-fd>"

@@ -190,7 +190,7 @@ def main(prepare: object = None) -> int:
         if not for_this_interpreter(stage):
             os.execv(stage, [stage, *argv])
     except OSError as exc:
-        from aosbuild import stageapi  # only on failure: every stage would pay for this import
+        from . import stageapi  # only on failure: every stage would pay for this import
 
         stageapi.report_exception(exc)
         print(f"runner: cannot run {stage}: {exc}", file=sys.stderr)
