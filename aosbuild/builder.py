@@ -32,8 +32,9 @@ from .mounts import FSTYPES, plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
-from .sandboxside.runnerlib import MOUNTS_ENV
-from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
+from .sandboxside.runnerlib import MOUNTS_ENV, RUNNER_ERROR
+from .sizes import format_size
+from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry
 
 OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already
 ERROR_TAIL_LINES = 20
@@ -258,7 +259,10 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         reason = explain_status(returncode)
         if session.exception:
             data = session.exception["data"]
-            reason += f": {data.get('type')}: {data.get('value')}"
+            if data.get("type") == RUNNER_ERROR:
+                reason = f"could not be run: {data.get('value')}"
+            else:
+                reason += f": {data.get('type')}: {data.get('value')}"
     return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
                        duration=time.monotonic() - started, metadata=session.metadata,
                        error=session.exception, reason=reason), session.output_tail()
@@ -317,8 +321,11 @@ def keep_after(ctx: BuildContext, pipeline: Pipeline, stage: Stage) -> bool:
 async def checkpoint(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry) -> None:
     """Commit a copy of the entry as it is after `stage`, which the pipeline goes on building on.
 
-    Only a `--checkpoint` the user asked for is required. The automatic copy before the last stage is
-    optional, and an optional keep never fails a build: a full store or any store error is a warning.
+    A checkpoint is a keep for later builds, never needed by this one, so failing to store it (a full
+    store, any store error) never fails the build: the build goes on without it and says so, as it does
+    when a tree is larger than the bound. That holds for the automatic copy before the last stage and
+    for a `--checkpoint` the user asked for alike; the latter is also warned about on stderr, so that it
+    is seen with `--json` or `--quiet` too.
     """
     if ctx.store.contains(stage.id):
         return
@@ -328,11 +335,15 @@ async def checkpoint(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry:
             await ctx.store.copy(entry.meta, copy.meta, f"cannot store checkpoint {stage.id}")
             copy.results = list(entry.results)
     except (StoreError, CommandError) as exc:
-        if stage.id in ctx.options.checkpoints:
-            raise
-        log.debug("store.optional_keep_failed", stage_id=stage.id, error=str(exc))
-        ctx.monitor.log(f"warning: the tree after {stage.type} {stage.id} (before the last stage) is not kept, "
-                        f"the build goes on without it: {exc}", pipeline)
+        asked = stage.id in ctx.options.checkpoints
+        which = "asked for with --checkpoint" if asked else "before the last stage"
+        message = (f"warning: the tree after {stage.type} {stage.id} ({which}) is not kept, "
+                   f"the build goes on without it: {exc}")
+        if asked:
+            log.warning("checkpoint.not_kept", stage=stage.type, stage_id=stage.id, error=str(exc))
+        else:
+            log.debug("store.optional_keep_failed", stage_id=stage.id, error=str(exc))
+        ctx.monitor.log(message, pipeline)
         return
     report_outcome(ctx, pipeline, copy, f"checkpoint {stage.type} {stage.id}")
 

@@ -10,7 +10,7 @@ import contextlib
 import fnmatch
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from . import scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
-from .errors import AosbuildError, UsageError
+from .errors import AosbuildError, UsageError, flatten
 from .exporting import export_target, export_tree
 from .history import Durations, History, SavedStream
 from .library import Library
@@ -249,11 +249,3 @@ async def run(ctx: BuildContext, plan: scheduler.Plan, request: Request) -> None
     for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports), strict=True):
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)
-
-
-def flatten(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from flatten(inner)
-    else:
-        yield exc

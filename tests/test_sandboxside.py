@@ -16,11 +16,10 @@ import pytest
 
 from aosbuild import sandbox
 
-from .conftest import Aosbuild, manifest, pipeline, stage
+from .conftest import REPO, Aosbuild, manifest, pipeline, stage
 
-PACKAGE = Path(sandbox.__file__).resolve().parent
+PACKAGE = REPO / "aosbuild"
 SIDE = sandbox.SANDBOX_SIDE_DIR
-REPO = PACKAGE.parent
 SIDE_MODULES = {path.stem for path in SIDE.glob("*.py")} - {"__init__"}
 
 

@@ -4,7 +4,7 @@
 - `pins`: the entries one build holds until it ends
 - `entries`: one entry on disk and the lock protocol that makes sharing it safe
 - `locks`: Linux open-file-description locks
-- `sizes`: size arguments, disk usage, the default bounds
+- `sizes`: disk usage, the default bounds (size arguments: `aosbuild.sizes`)
 - `sourcecache`: the source items' own accounting and pruning
 - `commands`: `aosbuild store info|prune|clear|limit|verify`
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 from .entries import Entry, LoadedEntry, NewEntry
 from .fscache import EXISTS, KEEP, NO_ROOM, STORED, TOO_LARGE, VERSION, Limits, Store, copy_tree
 from .pins import Pins
-from .sizes import Bound, format_size, parse_size
 
-__all__ = ["EXISTS", "KEEP", "NO_ROOM", "STORED", "TOO_LARGE", "VERSION", "Bound", "Entry", "Limits",
-           "LoadedEntry", "NewEntry", "Pins", "Store", "copy_tree", "format_size", "parse_size"]
+__all__ = ["EXISTS", "KEEP", "NO_ROOM", "STORED", "TOO_LARGE", "VERSION", "Entry", "Limits",
+           "LoadedEntry", "NewEntry", "Pins", "Store", "copy_tree"]

@@ -21,17 +21,11 @@ from typing import Any
 from ..entry import broken_pipe
 from ..errors import StoreError
 from ..history import History
+from ..sizes import Bound, format_size, size_argument
 from . import entries, sourcecache
 from .fscache import KEEP, VERSION, Store
 from .locks import UNLOCK, WRITE, LockFile, holder
-from .sizes import Bound, bound_from_json, bound_to_json, disk_usage, format_size, parse_size
-
-
-def size_argument(text: str) -> Bound:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from .sizes import bound_from_json, bound_to_json, disk_usage
 
 
 def parser() -> argparse.ArgumentParser:

@@ -35,10 +35,11 @@ import anyio
 from .. import process
 from ..errors import CacheMiss, StoreError
 from ..logs import get_logger
+from ..sizes import Bound, format_size
 from . import entries, sourcecache
 from .entries import Entry, LoadedEntry, NewEntry
 from .locks import READ, WRITE, LockFile
-from .sizes import Bound, bound_from_json, bound_to_json, default_max, default_sources_max, format_size
+from .sizes import bound_from_json, bound_to_json, default_max, default_sources_max
 
 VERSION = 2
 CACHEDIR_TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# This is a cache directory tag created by aosbuild.\n"
