@@ -131,3 +131,21 @@ def test_a_stage_cannot_import_the_engine(aosbuild: Aosbuild, module: str) -> No
     run = aosbuild(m, "--export", "tree", "--output-directory", str(aosbuild.output))
     assert run.returncode == 1, run.stdout + run.stderr
     assert f"ModuleNotFoundError: No module named '{module}'" in run.stdout + run.stderr
+
+
+def test_the_sandbox_side_gets_bytecode_in_its_own_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile_stage_side` writes, for each module of a sandbox side without bytecode, a `.pyc` that is valid
+    for its source (the mtime and size in its header), where the stage's python3 looks for it."""
+    import importlib.util
+    import shutil
+
+    side = tmp_path / "aosbuild"
+    shutil.copytree(SIDE, side, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(sandbox, "SANDBOX_SIDE_DIR", side)
+    sandbox.compile_stage_side.__wrapped__()
+    for name in sandbox.STAGE_SIDE_MODULES:
+        source = side / name
+        header = Path(importlib.util.cache_from_source(str(source))).read_bytes()[:16]
+        assert header[:4] == importlib.util.MAGIC_NUMBER
+        assert int.from_bytes(header[8:12], "little") == int(source.stat().st_mtime)
+        assert int.from_bytes(header[12:16], "little") == source.stat().st_size
