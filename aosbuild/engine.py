@@ -96,9 +96,16 @@ def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[
 
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
     """Copy the pipeline's tree to OUTDIR/NAME, replacing what was there only when the copy is complete."""
-    tree = None if pipeline.id is None else ctx.pins.tree(pipeline.id)
     target = export_target(output_directory, name)
-    await export_tree(tree, target)
+    if pipeline.id is None:
+        await export_tree(None, target)
+    else:
+        view, what = ctx.pins.view(pipeline.id), f"cannot export {name}"
+
+        async def copy(src: Path, dst: Path) -> None:
+            await ctx.store.copy_view(view, dst, what)
+
+        await export_tree(view.layers[0], target, copy=copy)
     ctx.monitor.exported(name, target, await anyio.to_thread.run_sync(tree_size, target))
 
 

@@ -24,6 +24,7 @@ from aosbuild.inputs import map_input
 from aosbuild.manifest import PIPELINE_ORIGIN, Input
 from aosbuild.sandbox import INPUTS
 from aosbuild.sandboxside.runnerlib import make_mount_point
+from aosbuild.store import layers
 
 from .conftest import FAST_TMP, TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
 from .test_devices import SIZE, START, disk_manifest, loopback
@@ -86,8 +87,12 @@ def test_file_input_bind_target_comes_from_the_confined_name(tmp_path: Path) -> 
                      refs={"0" * 64: {"file": file}}, options={})
 
     def mapped(file: str) -> list[str]:
+        def file_of(_: str, name: str) -> Path | None:
+            resolved = layers.file_in([tree], name)
+            return None if resolved is None else tree / resolved
+
         binds, _ = map_input(files_input(file), scratch=tmp_path / "scratch", tree_of=lambda _: tree,
-                             source_item=lambda _: tree)
+                             file_of=file_of, source_item=lambda _: tree)
         return [b.target for b in binds]
 
     assert mapped("/link/f") == [f"{INPUTS}/image/link/f"]

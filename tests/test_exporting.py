@@ -72,7 +72,7 @@ def test_reexport_writes_through_nothing_the_last_export_left(aosbuild: Aosbuild
     run = aosbuild(m, *args)
     assert run.returncode == 0, run.stderr
     exported = aosbuild.output / "tree"
-    stored = snapshot(aosbuild.store / "objects" / tree_id / "data" / "tree")
+    stored = snapshot(aosbuild.stored_tree(tree_id))
     assert snapshot(exported) == stored
     assert os.readlink(exported / "etc" / "editor") == str(canary)
 
@@ -306,3 +306,13 @@ async def test_concurrent_exports_of_one_name_never_remove_each_others_copy(work
             tg.start_soon(export_tree, tree, target)
     assert sorted(os.listdir(target)) == sorted(f"f{i}" for i in range(50))
     assert leftovers(target.parent) == []
+
+
+def test_export_to_a_relative_output_directory(aosbuild: Aosbuild) -> None:
+    """The layers are merged by a command that runs in the store's directory: a relative output
+    directory still means one relative to where aosbuild was started."""
+    m = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/a"}]),
+                          stage("org.osbuild.mkdir", paths=[{"path": "/b"}])))
+    run = aosbuild(m, "--export", "tree", "--output-directory", "relative-out")
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(aosbuild.workdir / "relative-out" / "tree")) == ["a", "b"]
