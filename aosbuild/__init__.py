@@ -1,7 +1,7 @@
 """aosbuild: build operating-system images from osbuild manifests with one async engine.
 
-This file stays free of third-party imports: the package is bind-mounted into every stage sandbox,
-where `aosbuild.stageapi` runs on the build root's own python3 with only the standard library.
+The engine is this package; what stages and runners import inside the sandbox is its subpackage
+`aosbuild.sandboxside`, the only part of it a sandbox sees (there, as the package `aosbuild`).
 """
 
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ from .mounts import FSTYPES, plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
-from .runnerlib import MOUNTS_ENV, RUNNER_ERROR
+from .sandboxside.runnerlib import MOUNTS_ENV, RUNNER_ERROR
 from .sizes import format_size
 from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, UNSTORED_BELOW, NewEntry
 from .store import layers as overlay

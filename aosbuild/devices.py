@@ -33,8 +33,8 @@ from .loop import LoopDevice, LoopServer
 from .manifest import Device
 from .moduleinfo import ModuleInfo
 from .partitions import SECTOR, find_partition
-from .runnerlib import MNT_DETACH, mount, umount
 from .sandbox import DEV_SOURCE
+from .sandboxside.runnerlib import MNT_DETACH, mount, umount
 
 # name -> (major, minor) of the character devices every sandbox gets
 BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}

@@ -37,9 +37,9 @@ from .errors import AosbuildError, SandboxError
 from .manifest import Device, Input, Mount
 from .moduleinfo import ModuleInfo
 from .osbuild_api import Endpoint
-from .runnerlib import MNT_DETACH, umount
 from .sandbox import INPUTS, MOUNTS, Bind
-from .stageapi import receive_packet
+from .sandboxside.runnerlib import MNT_DETACH, umount
+from .sandboxside.stageapi import receive_packet
 from .store import layers as overlay
 from .store.pins import TreeView
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from .errors import SandboxError
 from .manifest import Mount
-from .runnerlib import MS_RDONLY
 from .sandbox import MOUNTS
+from .sandboxside.runnerlib import MS_RDONLY
 
 FSTYPES = {"org.osbuild.ext4": "ext4", "org.osbuild.xfs": "xfs", "org.osbuild.btrfs": "btrfs",
            "org.osbuild.fat": "vfat"}

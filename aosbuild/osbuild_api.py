@@ -29,7 +29,7 @@ import structlog
 
 from .errors import AosbuildError, SandboxError
 from .loop import LoopServer
-from .stageapi import receive_packet, send_message
+from .sandboxside.stageapi import receive_packet, send_message
 
 API_DIR = "/run/osbuild/api"
 META = "/run/osbuild/meta"

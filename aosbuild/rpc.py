@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import structlog
 
-from .stageapi import decode_packet, receive_packet, send_message
+from .sandboxside.stageapi import decode_packet, receive_packet, send_message
 
 # A handler takes the params and the received descriptors; it returns a result and descriptors to send.
 Handler = Callable[[dict[str, Any], list[int]], Awaitable[tuple[Any, list[int]]]]

@@ -2,9 +2,11 @@
 
 A stage sees the build root's `/usr` read-only (the host's when the pipeline has no build pipeline),
 its tree read-write at `/run/osbuild/tree`, its inputs read-only under `/run/osbuild/inputs`, a private
-`/dev`, its own pid namespace and no network. bwrap's `--die-with-parent` and the pid namespace make sure
-nothing started inside outlives the stage. A spec's `prefix` runs before bwrap, in the same process: the
-layered store's `unshare --mount` and overlay mounts (`store.layers`) of the tree and build root it binds.
+`/dev`, its own pid namespace and no network. Of aosbuild it sees only the sandbox side
+(`aosbuild.sandboxside`, at `/run/osbuild/lib/aosbuild`). bwrap's `--die-with-parent` and the pid
+namespace make sure nothing started inside outlives the stage. A spec's `prefix` runs before bwrap, in
+the same process: the layered store's `unshare --mount` and overlay mounts (`store.layers`) of the tree
+and build root it binds.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from pathlib import Path
 import anyio
 
 from . import process, rpc
-from .runnerlib import CAPS_ENV
-from .stageapi import FD_ENV
+from .sandboxside.runnerlib import CAPS_ENV
+from .sandboxside.stageapi import FD_ENV
 
 SANDBOX_ROOT = "/run/osbuild"
 TREE = f"{SANDBOX_ROOT}/tree"
 INPUTS = f"{SANDBOX_ROOT}/inputs"
 MOUNTS = f"{SANDBOX_ROOT}/mounts"
 LIB = f"{SANDBOX_ROOT}/lib"
-PACKAGE_DIR = Path(__file__).resolve().parent
+# the sandbox side (`aosbuild.sandboxside`), the only part of aosbuild a sandbox sees: bound where the
+# stage's python3 finds it as the package `aosbuild`
+SANDBOX_SIDE_DIR = Path(__file__).resolve().parent / "sandboxside"
 
 # osbuild's default capability set for stages
 CAPABILITIES = (
@@ -151,7 +155,7 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
         argv += ["--dev", "/dev"]
     argv += ["--proc", "/proc", "--ro-bind", "/sys", "/sys",
              "--tmpfs", "/tmp", "--tmpfs", "/var", "--tmpfs", "/run",
-             "--ro-bind", os.fspath(PACKAGE_DIR), f"{LIB}/aosbuild",
+             "--ro-bind", os.fspath(SANDBOX_SIDE_DIR), f"{LIB}/aosbuild",
              "--bind", os.fspath(spec.tree), TREE,
              "--dir", INPUTS, "--dir", MOUNTS]
     for bind in spec.binds:
@@ -163,13 +167,13 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
     return argv
 
 
-# the modules every stage's interpreter imports from the bound package (runners and stageapi)
+# the modules every stage's interpreter imports from the sandbox side (runners and stageapi)
 STAGE_SIDE_MODULES = ("__init__.py", "runnerlib.py", "stageapi.py")
 
 
 @functools.cache
 def compile_stage_side() -> None:
-    """Give the stage-side modules bytecode, once per engine, where the package directory is writable.
+    """Give the stage-side modules bytecode, once per engine, where the sandbox side's directory is writable.
 
     Stages run with PYTHONDONTWRITEBYTECODE (their `/usr` is read-only anyway), so without it every stage
     compiled these modules again: about 5 ms of each stage. An installed package has its bytecode from
@@ -180,7 +184,7 @@ def compile_stage_side() -> None:
     import py_compile
 
     for name in STAGE_SIDE_MODULES:
-        source = PACKAGE_DIR / name
+        source = SANDBOX_SIDE_DIR / name
         try:
             cached = Path(importlib.util.cache_from_source(os.fspath(source)))
             if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
@@ -242,7 +246,7 @@ def osbuild_bwrap_argv(spec: SandboxSpec, contract: OsbuildSandbox, caps: tuple[
              "--ro-bind", os.fspath(spec.runner), runner]
     prefix: tuple[str, ...] = ()
     if contract.mount_wrapper:
-        argv += ["--ro-bind", os.fspath(PACKAGE_DIR), f"{AOSBUILD_LIB}/aosbuild"]
+        argv += ["--ro-bind", os.fspath(SANDBOX_SIDE_DIR), f"{AOSBUILD_LIB}/aosbuild"]
         prefix = MOUNT_WRAPPER
     return [*argv, "--", *prefix, runner, stage]
 
@@ -258,7 +262,7 @@ def osbuild_env(extra: Mapping[str, str]) -> dict[str, str]:
 def sources(spec: SandboxSpec) -> list[str]:
     """The host paths the sandbox binds (not where they appear inside it)."""
     root = spec.build_root
-    paths = [root / "usr", root / "etc", *(root / name for name in ROOT_DIRS), PACKAGE_DIR, spec.tree,
+    paths = [root / "usr", root / "etc", *(root / name for name in ROOT_DIRS), SANDBOX_SIDE_DIR, spec.tree,
              spec.executable, spec.runner, *(b.source for b in spec.binds)]
     if spec.dev is not None:
         paths.append(spec.dev)

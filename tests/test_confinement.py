@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from aosbuild.errors import SandboxError
 from aosbuild.inputs import map_input
 from aosbuild.manifest import PIPELINE_ORIGIN, Input
-from aosbuild.runnerlib import make_mount_point
 from aosbuild.sandbox import INPUTS
+from aosbuild.sandboxside.runnerlib import make_mount_point
 from aosbuild.store import layers
 
 from .conftest import FAST_TMP, TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
@@ -291,7 +291,7 @@ def test_copy_through_a_planted_symlink_to_proc_sys_is_refused(aosbuild: Aosbuil
 
 
 def test_ln_into_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
-    from aosbuild import stageapi
+    from aosbuild.sandboxside import stageapi
 
     tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
     tree.mkdir()
@@ -310,7 +310,7 @@ def test_ln_into_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
 
 
 def test_replace_file_replaces_a_symlink_without_following_it(tmp_path: Path) -> None:
-    from aosbuild import stageapi
+    from aosbuild.sandboxside import stageapi
 
     outside, link = tmp_path / "outside", tmp_path / "hostname"
     outside.write_text("host\n")

@@ -9,7 +9,8 @@ from typing import Any
 import anyio
 import pytest
 
-from aosbuild import rpc, stageapi
+from aosbuild import rpc
+from aosbuild.sandboxside import stageapi
 
 
 def stage_side(sock: socket.socket, calls: list[tuple[str, dict[str, Any] | None]]) -> list[Any]:

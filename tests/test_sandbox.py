@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from aosbuild import runnerlib, sandbox
+from aosbuild import sandbox
+from aosbuild.sandboxside import runnerlib
 
 from .conftest import Aosbuild, manifest, pipeline, stage
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..logs import get_logger
-from ..runnerlib import MNT_DETACH, umount
+from ..sandboxside.runnerlib import MNT_DETACH, umount
 from .locks import READ, WRITE, LockFile
 from .sizes import disk_usage
 

@@ -182,7 +182,7 @@ def check_capabilities(intended_text: str) -> None:
 
 def report_runner_error(stage: str, exc: OSError) -> None:
     """Tell the engine, in one line, why the stage could not be run; on stderr where there is no channel."""
-    from aosbuild import stageapi  # only on failure: every stage would pay for this import
+    from . import stageapi  # only on failure: every stage would pay for this import
 
     try:
         stageapi.channel().notify("exception", {"type": RUNNER_ERROR, "value": str(exc)})
