@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from ..errors import AosbuildError
 
 
-
 class Format(Protocol):
     """What a format module provides (`v1`, `v2`)."""
 

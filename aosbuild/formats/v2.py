@@ -39,11 +39,10 @@ SCHEMA = "osbuild2.json"
 SOURCES_THROUGH_INPUTS = True
 
 
-def _module(library: Library, kind: str, desc: Any, key: str, version: str,
-            path: tuple[str | int, ...]) -> Iterator[Check | Problem]:
-    if not isinstance(desc, dict) or not isinstance(desc.get(key), str):
+def _module(library: Library, kind: str, desc: Any, path: tuple[str | int, ...]) -> Iterator[Check | Problem]:
+    if not isinstance(desc, dict) or not isinstance(desc.get("type"), str):
         return  # the manifest schema already said what is wrong with this node
-    yield from module_checks(library, kind, desc[key], desc, version, path)
+    yield from module_checks(library, kind, desc["type"], desc, VERSION, path)
 
 
 def validate(description: dict[str, Any], library: Library) -> list[Problem]:
@@ -58,21 +57,21 @@ def validate(description: dict[str, Any], library: Library) -> list[Problem]:
         stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
         for j, stage in enumerate(stages if isinstance(stages, list) else []):
             path: tuple[str | int, ...] = ("pipelines", i, "stages", j)
-            problems += _module(library, "Stage", stage, "type", VERSION, path)
+            problems += _module(library, "Stage", stage, path)
             if not isinstance(stage, dict):
                 continue
             for kind, key in (("Device", "devices"), ("Input", "inputs")):
                 group = stage.get(key)
                 if isinstance(group, dict):
                     for name, desc in group.items():
-                        problems += _module(library, kind, desc, "type", VERSION, (*path, key, name))
+                        problems += _module(library, kind, desc, (*path, key, name))
             # osbuild reports a mount's own schema errors under its name, not its index (the
             # manifest schema's under the index), and checks only the last of same-named mounts
             mounts = stage.get("mounts")
             named = {m["name"]: m for m in (mounts if isinstance(mounts, list) else [])
                      if isinstance(m, dict) and isinstance(m.get("name"), str)}
             for name, mount in named.items():
-                problems += _module(library, "Mount", mount, "type", VERSION, (*path, "mounts", name))
+                problems += _module(library, "Mount", mount, (*path, "mounts", name))
     return run_checks(problems)
 
 
@@ -356,14 +355,14 @@ def _log_section(logs: Mapping[str, Sequence[StageResult]]) -> dict[str, Any]:
 
 
 def _success_document(*, metadata: Mapping[str, Mapping[str, Any]],
-                     sources: Mapping[str, Sequence[ItemResult]],
-                     logs: Mapping[str, Sequence[StageResult]]) -> dict[str, Any]:
+                      sources: Mapping[str, Sequence[ItemResult]],
+                      logs: Mapping[str, Sequence[StageResult]]) -> dict[str, Any]:
     return {"type": "result", "success": True, "metadata": dict(metadata),
             "sources": _sources_section(sources, True), "log": _log_section(logs)}
 
 
 def _stage_error_document(*, failed: StageResult, sources: Mapping[str, Sequence[ItemResult]],
-                         logs: Mapping[str, Sequence[StageResult]]) -> dict[str, Any]:
+                          logs: Mapping[str, Sequence[StageResult]]) -> dict[str, Any]:
     stage = {"id": failed.id, "type": failed.type, "output": failed.output, "error": failed.error}
     return {"type": "error", "success": False,
             "error": {"type": "org.osbuild.error.stage", "details": {"stage": stage}},
@@ -371,7 +370,7 @@ def _stage_error_document(*, failed: StageResult, sources: Mapping[str, Sequence
 
 
 def _source_error_document(*, source_type: str, output: str,
-                          sources: Mapping[str, Sequence[ItemResult]]) -> dict[str, Any]:
+                           sources: Mapping[str, Sequence[ItemResult]]) -> dict[str, Any]:
     return {"type": "error", "success": False,
             "error": {"type": "org.osbuild.error.source",
                       "details": {"source": {"type": source_type, "output": output}}},
