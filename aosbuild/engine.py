@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from . import scheduler
+from . import formats, scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
@@ -60,10 +60,10 @@ def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline
 def needed_items(manifest: Manifest, exports: Sequence[Pipeline]) -> frozenset[str] | None:
     """The source items the exported pipelines use, with their build roots and inputs, transitively.
 
-    None means every item: nothing was exported, or the manifest is v1, whose stages name the files they
-    use in their options rather than through inputs.
+    None means every item: nothing was exported, or the manifest's format lets stages name the files they
+    use in their options rather than through inputs (v1).
     """
-    if not exports or manifest.version == "1":
+    if not exports or not formats.of(manifest).SOURCES_THROUGH_INPUTS:
         return None
     items: set[str] = set()
     seen: set[str] = set()

@@ -50,8 +50,8 @@ class Library:
     def find(self, kind: str, name: str) -> ModuleInfo | None:
         return _find(self.roots, kind, name)
 
-    def manifest_schema(self, version: str) -> dict[str, Any]:
-        name = "osbuild2.json" if version == "2" else "osbuild1.json"
+    def manifest_schema(self, name: str) -> dict[str, Any]:
+        """A manifest format's document schema (`schemas/NAME`), from the first root that has it."""
         for root in self.roots:
             path = root / "schemas" / name
             if path.exists():

@@ -1,6 +1,6 @@
 """The manifest model: frozen pipelines, stages, inputs, devices, mounts and sources, with their ids.
 
-Built once by the loader (`aosbuild.loading`); v1 manifests convert into the same model. Ids are filled in
+Built once by its format's loader (`aosbuild.formats`); a v1 manifest converts into the same model. Ids are filled in
 at construction, from the rules in `aosbuild.ids`, so every consumer sees the same values.
 """
 

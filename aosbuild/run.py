@@ -92,7 +92,7 @@ def carry_out(inv: Invocation) -> int:
         return 2
 
     if inv.inspect:
-        from .describe import describe
+        from .formats import describe
 
         try:
             host_runner: str | None = library.host_runner()
@@ -113,8 +113,7 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
 
     import anyio
 
-    from . import engine
-    from .results import source_error_document, stage_error_document, success_document, v1_document
+    from . import engine, formats
     from .signals import Interrupted, run_until_signalled
 
     configure_logging(inv.debug)  # only a build logs: --inspect need not import structlog
@@ -153,18 +152,12 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
         ours = next((e for e in errors if isinstance(e, AosbuildError)), None)
         if ours is None or inv.debug:
             raise
-        if inv.json and report is not None:
-            if manifest.version == "1" and not inv.sources_only:
-                if report.failed is not None or isinstance(ours, SourceError):
-                    print_json(v1_document(manifest, report.logs))
-            elif report.failed is not None:
-                print_json(stage_error_document(failed=report.failed, sources=report.sources, logs=report.logs))
-            elif isinstance(ours, SourceError):
-                print_json(source_error_document(source_type=ours.source_type, output=str(ours),
-                                                 sources=report.sources))
-        if inv.json and (report is None or (report.failed is None and not isinstance(ours, SourceError))):
+        if inv.json:
+            document = None if report is None else formats.output(manifest, report, ours,
+                                                                   sources_only=inv.sources_only)
             # failed before or outside any stage or source (a read-only store, ...): still a document
-            print_json({"type": "error", "success": False, "title": type(ours).__name__, "message": str(ours)})
+            print_json(document or {"type": "error", "success": False, "title": type(ours).__name__,
+                                    "message": str(ours)})
         elif human_stdout and inv.sources_only and report is not None:
             sources_summary(report)
         elif human_stdout:
@@ -178,11 +171,8 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
             end_summary.write(what_was_made(report, store_hint(inv.store)))
         return ours.exit_code
 
-    if inv.json and manifest.version == "1" and not inv.sources_only:
-        print_json(v1_document(manifest, report.logs))
-    elif inv.json:
-        metadata = {} if inv.sources_only else report.metadata()
-        print_json(success_document(metadata=metadata, sources=report.sources, logs=report.logs))
+    if inv.json:
+        print_json(formats.output(manifest, report, sources_only=inv.sources_only))
     elif human_stdout and inv.sources_only:
         sources_summary(report)
     elif human_stdout:

@@ -12,10 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aosbuild import cli
-from aosbuild.describe import describe
 from aosbuild.errors import ManifestError
+from aosbuild.formats import describe, load
 from aosbuild.library import Library
-from aosbuild.loading import load
 
 from .conftest import GOLDEN
 

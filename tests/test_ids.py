@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from aosbuild import ids
-from aosbuild.describe import describe
+from aosbuild.formats import describe, load
 from aosbuild.library import Library
-from aosbuild.loading import load
 
 from .conftest import GOLDEN, TESTS
 

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from aosbuild.errors import ManifestError
+from aosbuild.formats import load
 from aosbuild.library import Library
-from aosbuild.loading import load, parse
+from aosbuild.loading import parse
 
 from .conftest import Aosbuild, manifest, pipeline, stage
 

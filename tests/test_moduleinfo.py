@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
+from aosbuild.formats import load, v2
 from aosbuild.library import KINDS, Library
-from aosbuild.loading import load
 from aosbuild.moduleinfo import ModuleMetaError, read_module
-from aosbuild.validation import validate_v2
 
 from .conftest import OsbuildOracle, manifest, pipeline, stage
 
@@ -52,9 +51,9 @@ def test_schema_only_stage_takes_its_format_1_options_in_format_2(tmp_path: Path
           json.dumps({"summary": "s", "description": ["d"], "schema": HOSTNAME_V1}))
     library = Library([tmp_path])
     good = manifest(pipeline("os", stage("org.test.hostname", hostname="h")))
-    assert validate_v2(good, library) == []
+    assert v2.validate(good, library) == []
     bad = manifest(pipeline("os", stage("org.test.hostname", hostname=1, other=2)))
-    messages = sorted(p.message for p in validate_v2(bad, library))
+    messages = sorted(p.message for p in v2.validate(bad, library))
     assert messages == ["1 is not of type 'string'", "Additional properties are not allowed ('other' was unexpected)"]
 
 
@@ -79,7 +78,7 @@ def test_a_broken_schema_constant_names_file_and_line(tmp_path: Path) -> None:
     write(tmp_path / "stages" / "org.test.broken", '"""Broken"""\n\nSCHEMA = """\n"a": ,\n"""\n')
     with pytest.raises(ModuleMetaError, match=r"org\.test\.broken:4:.*invalid schema"):
         read_module("Stage", "org.test.broken", tmp_path, "stages")
-    problems = validate_v2(manifest(pipeline("os", stage("org.test.broken"))), Library([tmp_path]))
+    problems = v2.validate(manifest(pipeline("os", stage("org.test.broken"))), Library([tmp_path]))
     assert [p.path for p in problems] == [("pipelines", 0, "stages", 0)]
     assert "invalid schema" in problems[0].message
 
@@ -87,7 +86,7 @@ def test_a_broken_schema_constant_names_file_and_line(tmp_path: Path) -> None:
 def test_meta_json_that_breaks_osbuilds_rules_is_a_missing_module(tmp_path: Path) -> None:
     write(tmp_path / "stages" / "org.test.nodesc", "#!/bin/sh\n")
     write(tmp_path / "stages" / "org.test.nodesc.meta.json", json.dumps({"summary": "s", "schema": {}}))
-    problems = validate_v2(manifest(pipeline("os", stage("org.test.nodesc"))), Library([tmp_path]))
+    problems = v2.validate(manifest(pipeline("os", stage("org.test.nodesc"))), Library([tmp_path]))
     assert [p.message for p in problems] == ["could not find schema information for 'org.test.nodesc'"]
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from aosbuild import cli, monitor
+from aosbuild.formats import load
 from aosbuild.library import Library
-from aosbuild.loading import load
 from aosbuild.manifest import Manifest
 from aosbuild.monitor import JsonSeqMonitor
 from aosbuild.report import read_timeline, report

@@ -15,8 +15,8 @@ import pytest
 
 from aosbuild import samples
 from aosbuild.depsolve import DepsolveResult, Package
+from aosbuild.formats import load
 from aosbuild.library import Library
-from aosbuild.loading import load
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG3w8Kpz9Jxvx3g8Hq1yq9b4T2nUuWcFvX7mV2k1r0aB someone@laptop"
 # the stages a user edits; each must come after the initramfs, so that changing it does not build that again

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from ..errors import ManifestError
+from ..formats import load
 from ..library import Library
-from ..loading import load, parse
+from ..loading import parse
 from ..manifest import Manifest
 from .analysis import Analysis, analyse, inferred_dag, manifest_dag
 from .render import render_json, render_text
