@@ -232,7 +232,18 @@ def configure_logging(debug: bool) -> None:
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
                     structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        logger_factory=structlog.PrintLoggerFactory(CurrentStderr()))
+
+
+class CurrentStderr:
+    """`sys.stderr` as it is when a line is written, not when logging was set up: a caller of `run()` (a
+    test's capture, a program embedding aosbuild) may swap it, and a closed old one must not be written."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def read_manifest(path: str) -> str:
