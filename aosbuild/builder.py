@@ -259,7 +259,7 @@ class Views:
     def prefix(self, argv: list[str], needed: list[str]) -> tuple[str, ...]:
         """What runs `argv` (the stage's bwrap, which binds the host's `needed` paths) with these mounts,
         in a namespace of its own."""
-        full = overlay.namespace_argv(self.ctx.store.root, self.overlays, argv, needed)
+        full = overlay.namespace_argv(self.ctx.store.root, self.overlays, argv, needed, scratch=self.scratch)
         return tuple(full[:len(full) - len(argv)])
 
 

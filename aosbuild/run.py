@@ -232,7 +232,7 @@ def configure_logging(debug: bool) -> None:
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
                     structlog.dev.ConsoleRenderer(colors=False)],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if debug else logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(CurrentStderr()))
+        logger_factory=structlog.PrintLoggerFactory(CurrentStderr()))  # type: ignore[arg-type]  # write+flush suffice
 
 
 class CurrentStderr:

@@ -419,7 +419,8 @@ class Store:
             empty.mkdir()
             await anyio.Path(dst).mkdir(parents=True, exist_ok=True)
             mount = layers.Overlay(target=target, lowers=view.layers, empty=empty)
-            argv = layers.namespace_argv(self.root, [mount], [*COPY_ARGV, f"{target}/.", f"{dst}/"], [str(dst)])
+            argv = layers.namespace_argv(self.root, [mount], [*COPY_ARGV, f"{target}/.", f"{dst}/"], [str(dst)],
+                                         scratch=scratch.path)
             try:
                 await process.run(argv)
             except process.CommandError as exc:

@@ -51,8 +51,8 @@ SYMLINK_HOPS = 40
 # bwrap), holding the overlay whose upper dir is now a lower layer here: with index=on the kernel refuses
 # that one (EBUSY, "lowerdir is in-use as upperdir"), so a mount is tried again for up to 5 s.
 MOUNT_SCRIPT = (
-    'cd "$1" || exit 125; unset OLDPWD; shift; '  # cd sets OLDPWD, which the stage must not inherit
-    'while [ "$1" != "--" ]; do umount --lazy "$1" 2>/dev/null; shift; done; shift; '
+    'cd "$1" || exit 125; unset OLDPWD; '  # cd sets OLDPWD, which the stage must not inherit
+    'xargs -0 -r -a "$2" umount --lazy 2>/dev/null; shift 2; '
     'while [ "$1" != "--" ]; do n=0; '
     'until mount -t overlay aosbuild -o "$2" "$1" 2>/dev/null; do n=$((n+1)); '
     'if [ $n -ge 100 ]; then mount -t overlay aosbuild -o "$2" "$1"; exit 125; fi; sleep 0.05; done; '
@@ -315,11 +315,13 @@ def foreign(points: Sequence[str], needed: Sequence[str]) -> list[str]:
     return sorted({p for p in points if not related(p)}, key=len, reverse=True)
 
 
-def namespace_argv(base: Path, overlays: Sequence[Overlay], argv: Sequence[str],
-                   needed: Sequence[str] = ()) -> list[str]:
+def namespace_argv(base: Path, overlays: Sequence[Overlay], argv: Sequence[str], needed: Sequence[str] = (),
+                   *, scratch: Path) -> list[str]:
     """`argv`, run in a new mount namespace with `overlays` mounted (paths relative to `base`), where
     the host's mounts that neither `needed` (the host paths `argv` uses) nor the overlays use are
-    detached first."""
+    detached first. Their list goes into a file in `scratch`, not on the command line: other people's
+    mount points there would make this process look like theirs, and a host with many mounts would
+    make a very long command line."""
     if not overlays:
         return list(argv)
     mounts: list[str] = []
@@ -328,9 +330,10 @@ def namespace_argv(base: Path, overlays: Sequence[Overlay], argv: Sequence[str],
         mounts += [os.fspath(overlay.target), overlay.options(base)]
         paths += [os.fspath(p) for p in (overlay.target, *overlay.lowers, overlay.empty, overlay.upper,
                                          overlay.work) if p is not None]
-    detach = foreign(mount_points(), paths)
+    detach = scratch / "detach"
+    detach.write_bytes(b"".join(os.fsencode(point) + b"\0" for point in foreign(mount_points(), paths)))
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", MOUNT_SCRIPT,
-            "aosbuild-mount", os.fspath(base), *detach, "--", *mounts, "--", *argv]
+            "aosbuild-mount", os.fspath(base), os.fspath(detach), *mounts, "--", *argv]
 
 
 def squashable(layers: Sequence[Path]) -> bool:
