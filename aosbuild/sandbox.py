@@ -153,7 +153,7 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES) -> list[
 
 
 # the modules every stage's interpreter imports from the bound package (runners and stageapi)
-STAGE_SIDE_MODULES = ("__init__.py", "runnerlib.py", "stageapi.py")
+STAGE_SIDE_MODULES = ("__init__.py", "runnerlib.py", "stageapi.py", "stagejson.py")
 
 
 @functools.cache
