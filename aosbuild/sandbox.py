@@ -243,8 +243,10 @@ def osbuild_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
+    # PYTHONNOUSERSITE: the sandbox has no home directory, so no user site-packages; without it, `site`
+    # looked for one and searched all of sys.path for a `usercustomize` module (0.4 ms of every stage)
     env = {"container": "bwrap-osbuild", "LC_CTYPE": "C.UTF-8", "PATH": "/usr/sbin:/usr/bin",
-           "PYTHONPATH": LIB, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": LIB, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
            "TERM": os.environ.get("TERM", "dumb")}
     env.update(extra)
     return env
