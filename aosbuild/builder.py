@@ -1,13 +1,22 @@
 """Building one pipeline: resume from its newest cached stage, run the rest in the sandbox, commit.
 
-The tree is built in a staging entry of the store and committed under the pipeline's id when the last
-stage succeeds; `--checkpoint`ed stages are committed on the way. A failing stage commits nothing.
-Every entry keeps the results of the stages that made it, so a pipeline resumed from the store reports
-the stages it did not run exactly as the build that ran them did.
+Every stage's result is a layer (see `store.layers`): the stage runs on an overlay mount whose lower
+layers are the pipeline's layers so far and whose upper directory is a fresh entry of the store, which
+is committed under the stage's id when the stage succeeds. So every stage is cached, and nothing is
+copied to keep a stage's tree, to resume from it or to start the next stage; a rebuild resumes at the
+first stage whose id is not in the store. Past `MAX_LAYERS` layers, the tree is squashed into one flat
+entry first. A failing stage commits nothing. Every entry keeps the results of the stages that made its
+tree, so a pipeline resumed from the store reports the stages it did not run exactly as the build that
+ran them did.
+
+With `AOSBUILD_FLAT=1` (for comparisons: tests of tree fidelity, the cold-build bench) a pipeline is
+built as before layers: in one plain directory, committed under the pipeline's id, with a copy kept
+before the last stage and at each `--checkpoint`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -32,9 +41,13 @@ from .mounts import FSTYPES, plan_mounts
 from .process import CommandError, explain_status
 from .results import StageResult
 from .rpc import Handler, HandlerError
-from .runnerlib import MOUNTS_ENV
-from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, NewEntry, format_size
+from .runnerlib import MOUNTS_ENV, RUNNER_ERROR
+from .sizes import format_size
+from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, UNSTORED_BELOW, NewEntry
+from .store import layers as overlay
+from .store.pins import TreeView
 
+FLAT_ENV = "AOSBUILD_FLAT"  # "1": trees in one plain directory, as before layers
 OUTPUT_KEEP = 1 << 20  # bytes of a stage's output kept in memory; the monitor saw it all already
 ERROR_TAIL_LINES = 20
 
@@ -139,7 +152,10 @@ def wanted_runner(ctx: BuildContext, pipeline: Pipeline) -> str:
         build = ctx.manifest.by_id(pipeline.build)
         if build is not None and build.runner:
             return build.runner
-        info = read_os_release(ctx.pins.tree(pipeline.build) / "usr/lib/os-release")
+        view = ctx.pins.view(pipeline.build)
+        name = overlay.resolve(view.layers, "usr/lib/os-release")
+        path = overlay.find(view.layers, name) if name else None
+        info = read_os_release(path) if path is not None else {}
     return f"org.osbuild.{info.get('ID', 'linux')}{info.get('VERSION_ID', '').replace('.', '')}"
 
 
@@ -172,7 +188,7 @@ class Runners:
 
 def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
     """How many stages of the pipeline are already in the store (the newest cached stage wins); that
-    entry is pinned for the rest of the build."""
+    entry, with its layers, is pinned for the rest of the build."""
     for index in range(len(pipeline.stages), 0, -1):
         if ctx.pins.try_pin(pipeline.stages[index - 1].id):
             return index
@@ -196,9 +212,75 @@ def osbuild_contract(scratch: Path, info: ModuleInfo, arguments: dict[str, Any],
                                   api=scratch / "sockets", var=var, cmdline=cmdline, mount_wrapper=mounts)
 
 
-async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry, build_root: Path,
-                    runners: Runners) -> tuple[StageResult, str]:
-    """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines."""
+class Views:
+    """The overlay mounts one stage's sandbox needs, made in its own mount namespace when it starts:
+    its tree (the layers below, and its new layer on top), its build root, its inputs' trees."""
+
+    def __init__(self, ctx: BuildContext, scratch: Path) -> None:
+        self.ctx = ctx
+        self.scratch = scratch
+        self.empty = scratch / "empty"
+        self.empty.mkdir()
+        self.overlays: list[overlay.Overlay] = []
+        self._mounted: dict[tuple[Path, ...], Path] = {}
+
+    def tree(self, below: TreeView | None, upper: Path) -> Path:
+        """Where the stage's tree is: the new layer over the layers below."""
+        target, work = self.scratch / "tree", self.scratch / "work"
+        target.mkdir()
+        work.mkdir()
+        self.overlays.append(overlay.Overlay(target=target, lowers=below.layers if below else (),
+                                             empty=self.empty, upper=upper, work=work))
+        return target
+
+    def show(self, view: TreeView) -> Path:
+        """A directory that shows `view` read-only: a flat tree itself, else a mount of its layers."""
+        if view.flat:
+            return view.layers[0]
+        if view.layers not in self._mounted:
+            target = self.scratch / "views" / str(len(self._mounted))
+            target.mkdir(parents=True)
+            self.overlays.append(overlay.Overlay(target=target, lowers=view.layers, empty=self.empty))
+            self._mounted[view.layers] = target
+        return self._mounted[view.layers]
+
+    def tree_of(self, object_id: str) -> Path:
+        return self.show(self.ctx.pins.view(object_id))
+
+    def file_of(self, object_id: str, name: str) -> Path | None:
+        """The regular file `name` of a pipeline's tree (symlinks resolved inside it), as the stage's
+        sandbox will see it; None if there is none."""
+        view = self.ctx.pins.view(object_id)
+        resolved = overlay.file_in(view.layers, name)
+        return None if resolved is None else self.show(view) / resolved
+
+    def prefix(self, argv: list[str], needed: list[str]) -> tuple[str, ...]:
+        """What runs `argv` (the stage's bwrap, which binds the host's `needed` paths) with these mounts,
+        in a namespace of its own."""
+        full = overlay.namespace_argv(self.ctx.store.root, self.overlays, argv, needed)
+        return tuple(full[:len(full) - len(argv)])
+
+
+def root_entries(view: TreeView) -> dict[str, str]:
+    """What the build root's top-level directories are (sandbox.ROOT_DIRS): "" a directory, else a
+    symlink's target; looked up in the layers, as the sandbox's mount will show them."""
+    found = {}
+    for name in sandbox.ROOT_DIRS:
+        path = overlay.find(view.layers, name)
+        if path is not None and path.is_symlink():
+            found[name] = os.readlink(path)
+        elif path is not None and path.is_dir():
+            found[name] = ""
+    return found
+
+
+async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry,
+                    below: TreeView | None, build: TreeView | None, runners: Runners, *,
+                    layered: bool) -> tuple[StageResult, str]:
+    """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines.
+
+    Layered, the stage's tree is an overlay of `entry` (its new layer) over `below`; else it is `entry`.
+    """
     info = ctx.library.find(stage.kind, stage.type)
     if info is None or info.path is None:
         raise SandboxError(f"{stage.kind.lower()} {stage.type} is not in the library")
@@ -207,16 +289,40 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
     # the stage's /dev is unmounted first, then its loop devices are detached, then its scratch removed
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
             open_dev_dir(scratch.path / "dev", osbuild_layout=from_osbuild) as devdir:
+        views = Views(ctx, scratch.path)
+        build_root = Path("/") if build is None else views.show(build)
         binds: list[sandbox.Bind] = []
         inputs: dict[str, Any] = {}
         for inp in stage.inputs.values():
             input_binds, inputs[inp.name] = map_input(
-                inp, scratch=scratch.path, tree_of=ctx.pins.tree, source_item=ctx.sources.path)
+                inp, scratch=scratch.path, tree_of=views.tree_of, file_of=views.file_of,
+                source_item=ctx.sources.path)
             binds += input_binds
+        # copying a loop device's file up into the new layer is part of the stage, as overlayfs's own
+        # copy-up on a first write would be: no gap between stages
+        ctx.monitor.stage_started(pipeline, stage)
+        started = time.monotonic()
+        if layered:
+            if below is not None:
+                await anyio.to_thread.run_sync(overlay.copy_attributes, below.layers[0], entry.tree)
+                for name in loopback_files(stage):
+                    resolved = overlay.resolve(below.layers, name)
+                    if resolved is None:
+                        # it leads out of the tree: the link itself comes up, for the device's own check
+                        # to refuse it by name ("outside the tree"), as on one plain directory
+                        parts = [p for p in name.split("/") if p not in ("", ".")]
+                        resolved = "/".join(parts) if ".." not in parts else None
+                    if resolved:
+                        await overlay.copy_up(below.layers, entry.tree, resolved)
+            tree = views.tree(below, entry.tree)
+        else:
+            tree = entry.tree
         async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops) as devices, \
                 AsyncExitStack() as host_mounts:
             if needs_host_services(stage.mounts, lambda name: name in FSTYPES):
-                # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild
+                # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild.
+                # Layered, the host sees only the stage's new layer of the tree (the merged view is mounted
+                # in the stage's namespace): a mount module that reads the tree sees the layer alone
                 mount_plan: list[dict[str, Any]] = []
                 root = scratch.path / "mounts"
                 os.mkdir(root)
@@ -239,11 +345,12 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                          "meta": meta}
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
-            spec = sandbox.SandboxSpec(build_root=build_root, tree=entry.tree, executable=info.path,
-                                       runner=runner, runner_name=runner_name, dev=devdir.path, binds=tuple(binds),
-                                       env=env, osbuild=contract, capabilities=tuple(sorted(info.capabilities)))
-            ctx.monitor.stage_started(pipeline, stage)
-            started = time.monotonic()
+            spec = sandbox.SandboxSpec(
+                build_root=build_root, tree=tree, executable=info.path, runner=runner, runner_name=runner_name,
+                dev=devdir.path, binds=tuple(binds), env=env, osbuild=contract,
+                capabilities=tuple(sorted(info.capabilities)),
+                root_entries=None if build is None or build.flat else root_entries(build))
+            spec = dataclasses.replace(spec, prefix=views.prefix(sandbox.bwrap_argv(spec), sandbox.sources(spec)))
             reason = ""
             try:
                 with anyio.fail_after(ctx.options.stage_timeout):
@@ -258,7 +365,10 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         reason = explain_status(returncode)
         if session.exception:
             data = session.exception["data"]
-            reason += f": {data.get('type')}: {data.get('value')}"
+            if data.get("type") == RUNNER_ERROR:
+                reason = f"could not be run: {data.get('value')}"
+            else:
+                reason += f": {data.get('type')}: {data.get('value')}"
     return StageResult(id=stage.id, type=stage.type, success=returncode == 0, output=session.output,
                        duration=time.monotonic() - started, metadata=session.metadata,
                        error=session.exception, reason=reason), session.output_tail()
@@ -279,6 +389,12 @@ async def run_osbuild_module(spec: sandbox.SandboxSpec, contract: sandbox.Osbuil
     return returncode
 
 
+def loopback_files(stage: Stage) -> list[str]:
+    """The tree's files the stage's loop devices are backed by: the engine opens them itself."""
+    return [str(device.options["filename"]) for device in stage.devices.values()
+            if device.type == "org.osbuild.loopback" and device.options.get("filename")]
+
+
 def clamp_mtimes(tree: Path, epoch: int) -> None:
     """Pin every mtime newer than the source epoch to it, for reproducible trees."""
     for dirpath, dirnames, filenames in os.walk(tree):
@@ -291,18 +407,23 @@ def clamp_mtimes(tree: Path, epoch: int) -> None:
         os.utime(tree, (epoch, epoch))
 
 
-async def restore(ctx: BuildContext, pipeline: Pipeline, resume: int, entry: NewEntry) -> None:
-    """Start the entry from the newest cached stage, and report the stages up to it as they were."""
-    cached_id = pipeline.stages[resume - 1].id
-    cached = ctx.pins.get(cached_id)
-    await ctx.store.copy(cached.tree, entry.tree, f"cannot resume from {cached_id}")
-    await ctx.store.copy(cached.meta, entry.meta, f"cannot resume from {cached_id}")
+def report_restored(ctx: BuildContext, pipeline: Pipeline, cached_id: str) -> list[dict[str, Any]]:
+    """Report the stages up to the cached one as they were; their result records."""
     stages = {stage.id: stage for stage in pipeline.stages}
-    for record in ctx.pins.results(cached_id):
+    records = list(ctx.pins.results(cached_id))
+    for record in records:
         result = StageResult.from_record(record)
-        entry.results.append(record)
         if result.id in stages:
             ctx.monitor.stage_finished(pipeline, stages[result.id], result)
+    return records
+
+
+async def restore_flat(ctx: BuildContext, pipeline: Pipeline, resume: int, entry: NewEntry) -> None:
+    """Start a flat entry from the newest cached stage (a copy of its tree)."""
+    cached_id = pipeline.stages[resume - 1].id
+    await ctx.store.copy_view(ctx.pins.view(cached_id), entry.tree, f"cannot resume from {cached_id}")
+    await ctx.store.copy(ctx.pins.get(cached_id).meta, entry.meta, f"cannot resume from {cached_id}")
+    entry.results += report_restored(ctx, pipeline, cached_id)
 
 
 def keep_after(ctx: BuildContext, pipeline: Pipeline, stage: Stage) -> bool:
@@ -317,22 +438,29 @@ def keep_after(ctx: BuildContext, pipeline: Pipeline, stage: Stage) -> bool:
 async def checkpoint(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry) -> None:
     """Commit a copy of the entry as it is after `stage`, which the pipeline goes on building on.
 
-    Only a `--checkpoint` the user asked for is required. The automatic copy before the last stage is
-    optional, and an optional keep never fails a build: a full store or any store error is a warning.
+    A checkpoint is a keep for later builds, never needed by this one, so failing to store it (a full
+    store, any store error) never fails the build: the build goes on without it and says so, as it does
+    when a tree is larger than the bound. That holds for the automatic copy before the last stage and
+    for a `--checkpoint` the user asked for alike; the latter is also warned about on stderr, so that it
+    is seen with `--json` or `--quiet` too.
     """
     if ctx.store.contains(stage.id):
         return
     try:
-        async with ctx.store.store(stage.id) as copy:
+        async with ctx.store.store(stage.id, flat=True) as copy:
             await ctx.store.copy(entry.tree, copy.tree, f"cannot store checkpoint {stage.id}")
             await ctx.store.copy(entry.meta, copy.meta, f"cannot store checkpoint {stage.id}")
             copy.results = list(entry.results)
     except (StoreError, CommandError) as exc:
-        if stage.id in ctx.options.checkpoints:
-            raise
-        log.debug("store.optional_keep_failed", stage_id=stage.id, error=str(exc))
-        ctx.monitor.log(f"warning: the tree after {stage.type} {stage.id} (before the last stage) is not kept, "
-                        f"the build goes on without it: {exc}", pipeline)
+        asked = stage.id in ctx.options.checkpoints
+        which = "asked for with --checkpoint" if asked else "before the last stage"
+        message = (f"warning: the tree after {stage.type} {stage.id} ({which}) is not kept, "
+                   f"the build goes on without it: {exc}")
+        if asked:
+            log.warning("checkpoint.not_kept", stage=stage.type, stage_id=stage.id, error=str(exc))
+        else:
+            log.debug("store.optional_keep_failed", stage_id=stage.id, error=str(exc))
+        ctx.monitor.log(message, pipeline)
         return
     report_outcome(ctx, pipeline, copy, f"checkpoint {stage.type} {stage.id}")
 
@@ -349,37 +477,97 @@ def report_outcome(ctx: BuildContext, pipeline: Pipeline, entry: NewEntry, what:
                    f"bound ({limit}); raise it with --cache-max-size",
         NO_ROOM: f"{what} is not stored: the cache bound ({limit}) is taken by trees that running builds "
                  "are using",
+        UNSTORED_BELOW: f"{what} is not stored: a layer below it is not stored either",
     }[str(entry.outcome)]
     ctx.monitor.log(message, pipeline)
 
 
 async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> None:
-    """Run the stages of `pipeline` after index `resume` and commit its tree under its id."""
+    """Run the stages of `pipeline` after index `resume`; the tree after its last one is its tree."""
     assert pipeline.id is not None
-    build_root = Path("/") if pipeline.build is None else ctx.pins.tree(pipeline.build)
+    build = None if pipeline.build is None else ctx.pins.view(pipeline.build)
     runners = Runners(ctx, wanted_runner(ctx, pipeline))
     ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runners.shown(pipeline))
-    logger = log.bind(pipeline=pipeline.name, id=pipeline.id)
-    async with ctx.store.store(pipeline.id, keep=ctx.pins) as entry:
+    if os.environ.get(FLAT_ENV) == "1":
+        await build_flat(ctx, pipeline, resume, build, runners)
+    else:
+        await build_layers(ctx, pipeline, resume, build, runners)
+    ctx.monitor.pipeline_finished(pipeline, success=True)
+
+
+async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry,
+                        below: TreeView | None, build: TreeView | None, runners: Runners, *,
+                        layered: bool) -> StageResult:
+    """Run a stage; a failure ends the pipeline with a StageError."""
+    await ctx.sources.wait_for(stage.source_refs())
+    result, tail = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
+    ctx.monitor.stage_finished(pipeline, stage, result)
+    log.debug("stage.finished", pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
+              duration=result.duration, success=result.success)
+    if not result.success:
+        ctx.monitor.pipeline_finished(pipeline, success=False)
+        raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
+                         reason=result.reason, output_tail=tail)
+    try:
+        entry.add_result(result.to_record())
+    except OSError as exc:
+        raise ctx.store.write_error(f"cannot keep the metadata of stage {stage.id}", exc) from exc
+    return result
+
+
+async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build: TreeView | None,
+                       runners: Runners) -> None:
+    """Each stage a layer over the ones before, committed under the stage's id: nothing is copied."""
+    below_id = pipeline.stages[resume - 1].id if resume else None
+    records = report_restored(ctx, pipeline, below_id) if below_id else []
+    for stage in pipeline.stages[resume:]:
+        if below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
+            below_id = await squash(ctx, pipeline, below_id)
+        stack = ctx.pins.stack(below_id) if below_id else ()
+        stored_below = all(not ctx.pins.floating(i) for i in stack)
+        last = stage is pipeline.stages[-1]
+        async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
+            entry.results, entry.pipeline = list(records), pipeline.name
+            below = ctx.pins.view(below_id) if below_id else None
+            await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True)
+            if below is not None:
+                await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
+            if pipeline.source_epoch is not None:
+                await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
+            records = list(entry.results)
+        what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
+                else f"the layer of {stage.type} {stage.id}")
+        if last or stage.id in ctx.options.checkpoints:
+            report_outcome(ctx, pipeline, entry, what)
+        else:
+            log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
+        below_id = stage.id
+
+
+async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:
+    """The tree `below_id` copied into one flat entry, so the stages above it stack fewer layers."""
+    squashed_id = f"{below_id}.squashed"
+    if ctx.pins.try_pin(squashed_id):
+        return squashed_id
+    async with ctx.store.store(squashed_id, keep=ctx.pins, flat=True) as entry:
+        await ctx.store.copy_view(ctx.pins.view(below_id), entry.tree, f"cannot squash {below_id}")
+        entry.results, entry.pipeline = list(ctx.pins.results(below_id)), pipeline.name
+    report_outcome(ctx, pipeline, entry, f"the squashed tree of {below_id}")
+    return squashed_id
+
+
+async def build_flat(ctx: BuildContext, pipeline: Pipeline, resume: int, build: TreeView | None,
+                     runners: Runners) -> None:
+    """The whole pipeline in one directory, committed under the pipeline's id (AOSBUILD_FLAT)."""
+    assert pipeline.id is not None
+    async with ctx.store.store(pipeline.id, keep=ctx.pins, flat=True) as entry:
+        entry.pipeline = pipeline.name
         if resume:
-            await restore(ctx, pipeline, resume, entry)
+            await restore_flat(ctx, pipeline, resume, entry)
         for stage in pipeline.stages[resume:]:
-            await ctx.sources.wait_for(stage.source_refs())
-            result, tail = await run_stage(ctx, pipeline, stage, entry, build_root, runners)
-            ctx.monitor.stage_finished(pipeline, stage, result)
-            logger.debug("stage.finished", stage=stage.type, stage_id=stage.id, duration=result.duration,
-                         success=result.success)
-            if not result.success:
-                ctx.monitor.pipeline_finished(pipeline, success=False)
-                raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
-                                 reason=result.reason, output_tail=tail)
-            try:
-                entry.add_result(result.to_record())
-            except OSError as exc:
-                raise ctx.store.write_error(f"cannot keep the metadata of stage {stage.id}", exc) from exc
+            await run_and_check(ctx, pipeline, stage, entry, None, build, runners, layered=False)
             if keep_after(ctx, pipeline, stage):
                 await checkpoint(ctx, pipeline, stage, entry)
         if pipeline.source_epoch is not None:
             await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
     report_outcome(ctx, pipeline, entry, f"pipeline {pipeline.name} ({pipeline.id})")
-    ctx.monitor.pipeline_finished(pipeline, success=True)

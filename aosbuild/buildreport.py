@@ -133,7 +133,8 @@ def shown_path(path: Path) -> Path:
 def what_was_made(report: BuildReport, report_command: str) -> str:
     """The end of a build in a few lines: each export with its size, what was built or reused, the wall
     time, and the command that shows where the time went."""
-    from .monitor import human_bytes, human_seconds
+    from .monitor import human_seconds
+    from .sizes import format_size
 
     built, cached = report.count(cached=False), report.count(cached=True)
     outcome = "built in" if report.success else "failed after"
@@ -141,7 +142,7 @@ def what_was_made(report: BuildReport, report_command: str) -> str:
              f"{cached} cached"]
     width = max((len(e.name) for e in report.exports), default=0)
     for export in report.exports:
-        lines.append(f"  {export.name:<{width}}  {shown_path(export.path)}  {human_bytes(export.size)}")
+        lines.append(f"  {export.name:<{width}}  {shown_path(export.path)}  {format_size(export.size)}")
     if report.success and not report.exports and report.pipelines:
         lines.append("  (the trees are in the store; --export NAME --output-directory DIR copies one out)")
     lines.append(f"Where the time went: {report_command}")

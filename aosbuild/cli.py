@@ -13,11 +13,12 @@ from pathlib import Path
 
 from . import OSBUILD_VERSION, __version__
 from .download import JOBS, PER_HOST, TIMEOUT, DownloadOptions
-from .entry import exit_code
+from .entry import guarded
 from .invocation import Invocation
 from .monitor import MONITORS
 from .run import run
-from .store import KEEP, parse_size
+from .sizes import size_argument
+from .store import KEEP
 
 
 def positive_int(text: str) -> int:
@@ -72,13 +73,6 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     return p
 
 
-def size_argument(text: str) -> int | None:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 # `aosbuild <command> ...` runs a tool other than a build; anything else is a manifest to build.
 # Each entry is "module:function", the function taking the remaining arguments and returning the exit code.
 COMMANDS: dict[str, str] = {
@@ -105,11 +99,7 @@ def run_command(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None, prog: str = "aosbuild") -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
-        try:
-            return run_command(argv[0], argv[1:])
-        except KeyboardInterrupt as interrupt:
-            sys.stderr.write("Aborted\n")
-            return exit_code(interrupt)
+        return guarded(lambda: run_command(argv[0], argv[1:]))
     return run(invocation(parser(prog).parse_args(argv)))
 
 

@@ -7,46 +7,34 @@ from typing import Any
 from .manifest import Device, Input, Manifest, Mount, Pipeline, Stage
 
 
+def _with(desc: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """`desc` with those of `optional` that are set: osbuild leaves empty and missing fields out."""
+    desc.update((key, value) for key, value in optional.items() if value)
+    return desc
+
+
 def _device(device: Device) -> dict[str, Any]:
     # osbuild leaves `parent` out (the parent's id is in the mount ids already)
-    desc: dict[str, Any] = {"type": device.type}
-    if device.options:
-        desc["options"] = device.options
-    return desc
+    return _with({"type": device.type}, options=device.options)
 
 
 def _mount(mount: Mount) -> dict[str, Any]:
     # `target` is always there, `null` when the manifest has none, as osbuild prints it
-    desc: dict[str, Any] = {"name": mount.name, "type": mount.type, "target": mount.target}
-    if mount.device:
-        desc["source"] = mount.device.name
-    if mount.partition:
-        desc["partition"] = mount.partition
-    if mount.options:
-        desc["options"] = mount.options
-    return desc
+    return _with({"name": mount.name, "type": mount.type, "target": mount.target},
+                 source=mount.device.name if mount.device else None, partition=mount.partition,
+                 options=mount.options)
 
 
 def _input(inp: Input) -> dict[str, Any]:
-    desc: dict[str, Any] = {"type": inp.type, "origin": inp.origin}
-    if inp.options:
-        desc["options"] = inp.options
-    if inp.refs:  # empty when every pipeline reference lacked `name:` and was dropped
-        desc["references"] = inp.refs
-    return desc
+    # `references` is empty when every pipeline reference lacked `name:` and was dropped
+    return _with({"type": inp.type, "origin": inp.origin}, options=inp.options, references=inp.refs)
 
 
 def _stage(stage: Stage) -> dict[str, Any]:
-    desc: dict[str, Any] = {"type": stage.type, "id": stage.id}
-    if stage.options:
-        desc["options"] = stage.options
-    if stage.devices:
-        desc["devices"] = {name: _device(d) for name, d in stage.devices.items()}
-    if stage.mounts:
-        desc["mounts"] = [_mount(m) for m in stage.mounts]
-    if stage.inputs:
-        desc["inputs"] = {name: _input(i) for name, i in stage.inputs.items()}
-    return desc
+    return _with({"type": stage.type, "id": stage.id}, options=stage.options,
+                 devices={name: _device(d) for name, d in stage.devices.items()},
+                 mounts=[_mount(m) for m in stage.mounts],
+                 inputs={name: _input(i) for name, i in stage.inputs.items()})
 
 
 def _pipeline(pipeline: Pipeline, build_ids: set[str], host_runner: str | None) -> dict[str, Any]:

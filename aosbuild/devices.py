@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from .confine import relative_path, resolve_inside
 from .errors import SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
@@ -142,8 +143,10 @@ class DeviceOpener(Protocol):
 
 
 def _backing_file(tree: Path, filename: str) -> Path:
-    path = (tree / filename.lstrip("/")).resolve()
-    if not path.is_relative_to(tree.resolve()):
+    """The loader checked `filename` lexically; the tree may hold symlinks, so check it again resolved."""
+    relative, _ = relative_path(filename)
+    path = resolve_inside(tree, relative) if relative else None
+    if path is None:
         raise SandboxError(f"loopback device file '{filename}' is outside the tree")
     if not path.is_file():
         raise SandboxError(f"loopback device file '{filename}' does not exist in the tree")

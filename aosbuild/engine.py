@@ -10,7 +10,7 @@ import contextlib
 import fnmatch
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from . import scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
-from .errors import AosbuildError, UsageError
+from .errors import AosbuildError, UsageError, flatten
 from .exporting import export_target, export_tree
 from .history import Durations, History, SavedStream
 from .library import Library
@@ -96,9 +96,16 @@ def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[
 
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
     """Copy the pipeline's tree to OUTDIR/NAME, replacing what was there only when the copy is complete."""
-    tree = None if pipeline.id is None else ctx.pins.tree(pipeline.id)
     target = export_target(output_directory, name)
-    await export_tree(tree, target)
+    if pipeline.id is None:
+        await export_tree(None, target)
+    else:
+        view, what = ctx.pins.view(pipeline.id), f"cannot export {name}"
+
+        async def copy(src: Path, dst: Path) -> None:
+            await ctx.store.copy_view(view, dst, what)
+
+        await export_tree(view.layers[0], target, copy=copy)
     ctx.monitor.exported(name, target, await anyio.to_thread.run_sync(tree_size, target))
 
 
@@ -249,11 +256,3 @@ async def run(ctx: BuildContext, plan: scheduler.Plan, request: Request) -> None
     for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports), strict=True):
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)
-
-
-def flatten(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from flatten(inner)
-    else:
-        yield exc

@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import NoReturn
 
@@ -56,6 +57,17 @@ def forget_interrupts() -> None:
     exec("pass")
 
 
+def guarded(run: Callable[[], int]) -> int:
+    """`run()`'s exit code; an interrupt ends in "Aborted" and 130 (143, 129), a closed stdout in 141."""
+    try:
+        return run()
+    except KeyboardInterrupt as interrupt:
+        sys.stderr.write("Aborted\n")
+        return exit_code(interrupt)
+    except BrokenPipeError:
+        return broken_pipe()
+
+
 def run_guarded(module: str, version: str | None = None) -> int:
     """Import `module` and return its main(); an early SIGINT or SIGTERM becomes "Aborted" and 130 or 143.
 
@@ -67,13 +79,7 @@ def run_guarded(module: str, version: str | None = None) -> int:
         return 0
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    try:
-        code: int = importlib.import_module(module).main()
-    except KeyboardInterrupt as interrupt:
-        sys.stderr.write("Aborted\n")
-        code = exit_code(interrupt)
-    except BrokenPipeError:
-        code = broken_pipe()
+    code = guarded(lambda: int(importlib.import_module(module).main()))
     forget_interrupts()
     return code
 

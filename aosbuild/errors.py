@@ -24,7 +24,7 @@ Each error carries the fields a person needs and a message that says what happen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -158,3 +158,12 @@ class CacheMiss(StoreError):
     def __init__(self, object_id: str) -> None:
         self.object_id = object_id
         super().__init__(f"{object_id} is not in the store")
+
+
+def flatten(exc: BaseException) -> Iterator[BaseException]:
+    """The errors inside `exc`, exception groups (a task group's, nested) taken apart."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from flatten(inner)
+    else:
+        yield exc

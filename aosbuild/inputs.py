@@ -1,6 +1,6 @@
 """Inputs: what a stage reads besides its tree, made visible read-only under /run/osbuild/inputs/<name>.
 
-- `org.osbuild.tree`: one pipeline's tree, bind-mounted.
+- `org.osbuild.tree`: one pipeline's tree, bind-mounted (from a mount of its layers: see builder.Views).
 - `org.osbuild.files`: source items, hard-linked into a directory named by their checksums; or, with
   pipeline origin, single files out of pipeline trees (`{"<id>": {"file": "/disk.img"}}`).
 - `org.osbuild.noop`: an empty directory.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .confine import relative_path, resolve_inside
+from .confine import relative_path
 from .errors import SandboxError
 from .manifest import PIPELINE_ORIGIN, Input
 from .sandbox import INPUTS, Bind
@@ -29,8 +29,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def map_input(inp: Input, *, scratch: Path, tree_of: Callable[[str], Path],
+              file_of: Callable[[str, str], Path | None],
               source_item: Callable[[str], Path]) -> tuple[list[Bind], dict[str, Any]]:
-    """The binds that show an input in the sandbox, and the argument the stage gets for it."""
+    """The binds that show an input in the sandbox, and the argument the stage gets for it.
+
+    `tree_of(id)` is a directory showing a pipeline's tree, `file_of(id, name)` the regular file `name`
+    in it with symlinks resolved inside the tree (None if there is none)."""
     target = f"{INPUTS}/{inp.name}"
     if inp.type == "org.osbuild.tree":
         if len(inp.refs) > 1:
@@ -44,8 +48,8 @@ def map_input(inp: Input, *, scratch: Path, tree_of: Callable[[str], Path],
             # the loader refused bad names already; checked again here, and the bind target is built
             # from the checked name, so a symlink in the tree cannot move the mount point
             name, why = relative_path(str(ref.get("file", "")))
-            path = resolve_inside(tree_of(pipeline_id), name) if name else None
-            if name is None or path is None or not path.is_file():
+            path = file_of(pipeline_id, name) if name else None
+            if name is None or path is None:
                 raise SandboxError(f"input '{inp.name}': no file '{ref.get('file')}' in pipeline {pipeline_id}"
                                    + (f" (the name {why})" if why else " inside its tree"))
             binds.append(Bind(path, f"{target}/{name}"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .ids import context_id
+from .sizes import format_size
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -116,15 +117,6 @@ def source_line(source: Source, message: str) -> str:
     return f"source/{source.type} ({source.type}): {message}" + ("" if message.endswith("\n") else "\n")
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def human_seconds(value: float) -> str:
     """`0.42s`, `12.3s`, `2m05s`, `1h02m`: short, and precise where it matters."""
     if value < 10:
@@ -141,7 +133,7 @@ def describe_progress(progress: SourceProgress) -> str:
     """`3/12 items, 1.2 MiB/4.5+ MiB` (the `+`: the size of some items is not known yet)."""
     more = "" if progress.sized >= progress.items_total else "+"
     text = (f"{progress.items_done}/{progress.items_total} items, "
-            f"{human_bytes(progress.bytes_done)}/{human_bytes(progress.bytes_total)}{more}")
+            f"{format_size(progress.bytes_done)}/{format_size(progress.bytes_total)}{more}")
     return text + (f", {progress.items_failed} failed" if progress.items_failed else "")
 
 
@@ -366,7 +358,7 @@ class LogMonitor(Monitor):
         failed = sum(1 for r in results if r.error is not None)
         outcome = "done" if success else "FAILED"
         text = (f"source {source.type}: {outcome}: {len(fetched)} fetched "
-                f"({human_bytes(sum(r.size for r in fetched))}), {cached} cached")
+                f"({format_size(sum(r.size for r in fetched))}), {cached} cached")
         self._write(text + (f", {failed} failed\n" if failed else "\n"))
 
     def pipeline_started(self, pipeline: Pipeline, *, build_root: str, runner: str) -> None:

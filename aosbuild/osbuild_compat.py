@@ -16,30 +16,18 @@ shadows a real osbuild on PATH.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from . import OSBUILD_VERSION
 from .invocation import Invocation
 from .run import run
+from .sizes import size_argument
 from .store import KEEP
 
 PROG = "osbuild"
-SIZE_UNITS = {"": 1, "kB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30,
-              "TB": 10**12, "TiB": 2**40}
 MONITOR_CLASSES = ("JSONSeqMonitor", "LogMonitor", "NullMonitor")
 INSTALLED_LIBDIR = Path("/usr/lib/osbuild")  # osbuild's `--libdir` default, where its packages install it
-
-
-def parse_size(text: str) -> int | str:
-    """osbuild's `util/parsing.py: parse_size`: bytes, a number with a unit, or `unlimited`."""
-    if text == "unlimited":
-        return text
-    match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", text)
-    if match is None or match.group(2) not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
-    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-l", "--libdir", metavar="DIRECTORY", type=str, default=None,
                    help=f"directory containing stages, assemblers, and the osbuild library (default: "
                    f"{INSTALLED_LIBDIR} where it exists; aosbuild's bundled library is searched after it)")
-    p.add_argument("--cache-max-size", metavar="SIZE", type=parse_size, default=None,
+    p.add_argument("--cache-max-size", metavar="SIZE", type=size_argument, default=KEEP,
                    help="maximum size of the cache (bytes) or 'unlimited'")
     p.add_argument("--checkpoint", metavar="ID", action="append", type=str, default=None,
                    help="stage to commit to the object store during build (can be passed multiple times), "
@@ -93,8 +81,7 @@ def invocation(args: argparse.Namespace, installed: Path = INSTALLED_LIBDIR) -> 
         checkpoints=tuple(args.checkpoint or ()), exports=tuple(args.export),
         output_directory=args.output_directory, inspect=args.inspect, json=args.json, monitor=args.monitor,
         monitor_fd=args.monitor_fd, stage_timeout=args.stage_timeout,
-        cache_max_size=KEEP if args.cache_max_size is None else None if args.cache_max_size == "unlimited"
-        else args.cache_max_size,
+        cache_max_size=args.cache_max_size,
         quiet=args.quiet, summary=False)
 
 

@@ -21,23 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from .buildreport import what_was_made
-from .entry import broken_pipe, exit_code
-from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError
+from .entry import exit_code, guarded
+from .errors import AosbuildError, InvalidArgument, ManifestError, Problem, SourceError, StageError, flatten
 from .invocation import Invocation
 from .library import Library
-from .monitor import human_bytes, make_monitor
+from .monitor import make_monitor
+from .sizes import format_size
 from .store import Store
 
 
 def run(inv: Invocation) -> int:
     """Build (or inspect) what `inv` asks for; the exit code. Ctrl-C and SIGTERM end it with "Aborted"."""
-    try:
-        return carry_out(inv)
-    except KeyboardInterrupt as interrupt:
-        sys.stderr.write("Aborted\n")
-        return exit_code(interrupt)
-    except BrokenPipeError:
-        return broken_pipe()
+    return guarded(lambda: carry_out(inv))
 
 
 def check(inv: Invocation) -> None:
@@ -147,7 +142,7 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
         if report.error is not None:
             raise report.error
     except BaseException as exc:  # sorted below: ours, interrupts, then real bugs
-        errors = list(engine.flatten(exc))
+        errors = list(flatten(exc))
         interrupt = next((e for e in errors if isinstance(e, Interrupted | KeyboardInterrupt)), None)
         if interrupt is not None:
             sys.stderr.write("Aborted\n")
@@ -219,8 +214,8 @@ def sources_summary(report: Any) -> None:
     present = sum(i.size for i in items if i.error is None)
     lines = ["", f"{bold}Sources{reset}",
              f"  items:          {len(items)}",
-             f"  bytes:          {present} ({human_bytes(present)})",
-             f"  downloaded:     {len(fetched)} ({human_bytes(sum(i.size for i in fetched))})",
+             f"  bytes:          {present} ({format_size(present)})",
+             f"  downloaded:     {len(fetched)} ({format_size(sum(i.size for i in fetched))})",
              f"  already cached: {sum(1 for i in items if i.cached)}",
              f"  failed:         {sum(1 for i in items if i.error is not None)}"]
     sys.stdout.write("\n".join(lines) + "\n")

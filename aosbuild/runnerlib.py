@@ -21,6 +21,9 @@ MOUNTS_ENV = "AOSBUILD_MOUNTS"
 CAPS_ENV = "AOSBUILD_CAPS"  # the stage's intended effective capability set, a hex mask
 MS_RDONLY = 1
 MNT_DETACH = 2  # umount2: take the mount off the tree now, free it when no one uses it
+# The type of the error a runner reports when it cannot run the stage (a refused mount point, the wrong
+# capabilities, a failed mount): the sandbox's failure, not the stage's, so one line and no traceback.
+RUNNER_ERROR = "org.aosbuild.runner"
 
 
 def _libc() -> Any:
@@ -58,11 +61,13 @@ def make_mount_point(target: str, root: str) -> None:
     existing = target
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    refusal = (f"mount point /{os.path.relpath(target, root)} resolves outside the stage's mounts ({root}): "
+               "a symlink in a filesystem mounted before leads out; refusing to mount there")
     if not _inside(existing, root):
-        raise OSError(f"mount point {target} resolves outside {root}: refusing to mount there")
+        raise OSError(refusal)
     os.makedirs(target, exist_ok=True)
     if not _inside(target, root):
-        raise OSError(f"mount point {target} resolves outside {root}: refusing to mount there")
+        raise OSError(refusal)
 
 
 def run_with_mounts(stage: str, argv: list[str], plan_text: str) -> int:
@@ -175,6 +180,16 @@ def check_capabilities(intended_text: str) -> None:
             " check its version and the host's capability bounding set")
 
 
+def report_runner_error(stage: str, exc: OSError) -> None:
+    """Tell the engine, in one line, why the stage could not be run; on stderr where there is no channel."""
+    from aosbuild import stageapi  # only on failure: every stage would pay for this import
+
+    try:
+        stageapi.channel().notify("exception", {"type": RUNNER_ERROR, "value": str(exc)})
+    except (OSError, KeyError, ValueError):
+        print(f"runner: cannot run {stage}: {exc}", file=sys.stderr)
+
+
 def main(prepare: object = None) -> int:
     """A runner's entry point: `prepare()` (if given) readies the build root, then the stage runs."""
     stage, argv = sys.argv[1], sys.argv[2:]
@@ -190,10 +205,7 @@ def main(prepare: object = None) -> int:
         if not for_this_interpreter(stage):
             os.execv(stage, [stage, *argv])
     except OSError as exc:
-        from aosbuild import stageapi  # only on failure: every stage would pay for this import
-
-        stageapi.report_exception(exc)
-        print(f"runner: cannot run {stage}: {exc}", file=sys.stderr)
+        report_runner_error(stage, exc)
         return 2
     become(stage, argv)  # outside the handler above: the stage's own errors are its own
 

@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from .depsolve import DepsolveError, DepsolveRequest, DepsolveResult, depsolve
+from .sizes import size_argument
 
 # what the stages run from the build root: stages are python3; install (mmdebstrap, apt-utils); users
 # (passwd, minbase); timezone (tzdata); systemd and keymap (systemd); disks (e2fsprogs, fdisk, grub, qemu-img)
@@ -91,16 +92,18 @@ def copy_file_stage(checksum: str, target: str) -> dict[str, Any]:
             "options": {"paths": [{"from": f"input://file/{checksum}", "to": f"tree://{target}"}]}}
 
 
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text[-1:].upper() in units:
-        return int(text[:-1]) * units[text[-1].upper()]
-    return int(text)
+def disk_size(text: str) -> int:
+    size = size_argument(text)
+    if size is None:
+        raise argparse.ArgumentTypeError("a disk cannot be 'unlimited': give its size")
+    return size
+
+
 
 
 def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Namespace) -> dict[str, Any]:
     root_uuid = str(uuid.uuid4())
-    disk_bytes = parse_size(args.size)
+    disk_bytes = args.size
     partition_sectors = disk_bytes // SECTOR - PARTITION_START
     build_ref = "name:build"
     tree_input = {"type": "org.osbuild.tree", "origin": "org.osbuild.pipeline", "references": ["name:os"]}
@@ -191,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--password", default=None, help="that user's password (default: a random one, printed)")
     p.add_argument("--ssh-key", type=Path, metavar="FILE",
                    help="a public key (e.g. ~/.ssh/id_ed25519.pub) that may log in as the user over SSH")
-    p.add_argument("--size", default="2G", help="the disk size (default: 2G)")
+    p.add_argument("--size", type=disk_size, default="2G",
+                   help="the disk size: bytes, 2G, 4GiB, ... (default: 2G, which is 2 GiB)")
     p.add_argument("--cache", type=Path, help="depsolve's cache of package indices")
     return p
 

@@ -3,7 +3,8 @@
 A stage sees the build root's `/usr` read-only (the host's when the pipeline has no build pipeline),
 its tree read-write at `/run/osbuild/tree`, its inputs read-only under `/run/osbuild/inputs`, a private
 `/dev`, its own pid namespace and no network. bwrap's `--die-with-parent` and the pid namespace make sure
-nothing started inside outlives the stage.
+nothing started inside outlives the stage. A spec's `prefix` runs before bwrap, in the same process: the
+layered store's `unshare --mount` and overlay mounts (`store.layers`) of the tree and build root it binds.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     osbuild: OsbuildSandbox | None = None
     capabilities: tuple[str, ...] = ()  # asked for by the module's metadata, besides the default set
+    prefix: tuple[str, ...] = ()  # argv before bwrap's: what mounts the build root and tree it binds
+    # the build root's ROOT_DIRS ("" a directory, else a symlink's target) when the host cannot see them
+    # (a mount `prefix` makes); None: look at the build root
+    root_entries: Mapping[str, str] | None = None
 
 
 def bounding_set(status: str | None = None) -> int:
@@ -153,7 +158,13 @@ def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES,
     argv += ["--ro-bind", os.fspath(root / "usr"), "/usr"]
     for name in ROOT_DIRS:
         path = root / name
-        if path.is_symlink():
+        if spec.root_entries is not None:
+            target = spec.root_entries.get(name)
+            if target:
+                argv += ["--symlink", target, f"/{name}"]
+            elif target == "":
+                argv += ["--ro-bind", os.fspath(path), f"/{name}"]
+        elif path.is_symlink():
             argv += ["--symlink", os.readlink(path), f"/{name}"]
         elif path.is_dir():
             argv += ["--ro-bind", os.fspath(path), f"/{name}"]
@@ -227,7 +238,9 @@ def osbuild_bwrap_argv(spec: SandboxSpec, contract: OsbuildSandbox, caps: tuple[
     imports = ["usr"] if root == Path("/") else ["boot", "usr"]  # a build pipeline's /boot, for EFI binaries
     for name in imports:
         path = root / name
-        if path.is_dir() and not path.is_symlink():
+        if spec.root_entries is not None:  # a layered build root, mounted only where bwrap runs
+            argv += ["--ro-bind" if name == "usr" else "--ro-bind-try", os.fspath(path), f"/{name}"]
+        elif path.is_dir() and not path.is_symlink():
             argv += ["--ro-bind", os.fspath(path), f"/{name}"]
     for name in ("lib", "lib64", "bin", "sbin"):
         argv += ["--symlink", f"usr/{name}", f"/{name}"]
@@ -272,6 +285,20 @@ def osbuild_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def sources(spec: SandboxSpec) -> list[str]:
+    """The host paths the sandbox binds (not where they appear inside it)."""
+    root = spec.build_root
+    paths = [root / "usr", root / "etc", *(root / name for name in ROOT_DIRS), PACKAGE_DIR, spec.tree,
+             spec.executable, spec.runner, *(b.source for b in spec.binds)]
+    if spec.dev is not None:
+        paths.append(spec.dev)
+    if spec.osbuild is not None:
+        contract = spec.osbuild
+        paths += [root / "boot", root / "ostree", contract.libdir, contract.arguments, contract.meta,
+                  contract.api, contract.var, contract.cmdline, *([contract.package] if contract.package else [])]
+    return [os.fspath(p) for p in paths]
+
+
 def sandbox_env(extra: Mapping[str, str]) -> dict[str, str]:
     # PYTHONNOUSERSITE: the sandbox has no home directory, so no user site-packages; without it, `site`
     # looked for one and searched all of sys.path for a `usercustomize` module (0.4 ms of every stage)
@@ -288,7 +315,8 @@ DRAIN_SECONDS = 5.0
 DEV_POLL_SECONDS = 0.02
 
 
-async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Mapping[str, str],
+async def run_bwrap(argv: list[str], *, prefix: tuple[str, ...] = (), on_line: Callable[[str], None],
+                    env: Mapping[str, str],
                     pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None,
                     on_dev_bound: Callable[[], None] | None = None) -> int:
     """`process.run_streaming` for bwrap, which returns only once the sandbox's init has exited too.
@@ -321,7 +349,7 @@ async def run_bwrap(argv: list[str], *, on_line: Callable[[str], None], env: Map
             tg.start_soon(watch_dev)
             try:
                 returncode = await process.run_streaming(
-                    [argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
+                    [*prefix, argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
                     pass_fds=[*(pass_fds or ()), info_w], on_started=started,
                     kill_at_once=True, death_signal=False)
             finally:
@@ -402,11 +430,12 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
     """
     if spec.osbuild is not None:
         caps = stage_capabilities(bounding_set(), spec.capabilities)
-        return await run_bwrap(bwrap_argv(spec, caps), on_line=on_line, env=osbuild_env(spec.env),
+        return await run_bwrap(bwrap_argv(spec, caps), prefix=spec.prefix, on_line=on_line, env=osbuild_env(spec.env),
                                on_dev_bound=on_dev_bound)
     compile_stage_side()
     engine_sock, stage_sock = rpc.open_socketpair()
-    etc_copies = open_etc_copies(spec.build_root)
+    # with a mount prefix (a layered build root) the host does not see the build root as bwrap will: bound
+    etc_copies = open_etc_copies(spec.build_root) if not spec.prefix else {}
     with engine_sock, stage_sock, contextlib.ExitStack() as closing:
         for fd in etc_copies.values():
             closing.callback(os.close, fd)
@@ -426,7 +455,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             # bwrap's --die-with-parent applies to bwrap itself too; were the engine to die before bwrap
             # has set it, the stage would find the channel closed and end at its first request
             returncode = await run_bwrap(
-                bwrap_argv(spec, caps, etc_copies), on_line=on_line, env=env,
+                bwrap_argv(spec, caps, etc_copies), prefix=spec.prefix, on_line=on_line, env=env,
                 pass_fds=[stage_sock.fileno(), *etc_copies.values()], on_started=stage_sock.close)
             # let the server read what the stage sent just before it exited, then stop it
             with anyio.move_on_after(DRAIN_SECONDS):

@@ -12,9 +12,6 @@ A failed item fails its source at once in a build (the build cannot succeed); wi
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -58,48 +55,23 @@ class SourceProgress:
 
 
 @asynccontextmanager
-async def item_lock(path: Path, on_wait: Callable[[], None]) -> AsyncIterator[None]:
-    """Hold an exclusive lock on `path` while one process fetches one item.
+async def item_lock(item: Path, on_wait: Callable[[], None]) -> AsyncIterator[None]:
+    """Hold the item's lock (`sourcecache.take_lock`) while this process fetches it.
 
-    A non-blocking flock, retried with backoff, so the event loop never blocks. The holder removes the
-    file before releasing it; a waiter that then wins the lock of the removed file starts over on a
-    fresh one, so two holders never overlap and no lock files are left behind.
+    A non-blocking try, retried with backoff, so the event loop never blocks.
     """
     delay, longest = LOCK_POLL
     waited = False
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            if not waited:
-                on_wait()
-                waited = True
-            await anyio.sleep(delay)
-            delay = min(delay * 2, longest)
-            continue
-        except BaseException:
-            os.close(fd)
-            raise
-        if _still_linked(fd, path):
-            break
-        os.close(fd)
+    while (fd := sourcecache.take_lock(item)) is None:
+        if not waited:
+            on_wait()
+            waited = True
+        await anyio.sleep(delay)
+        delay = min(delay * 2, longest)
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(fd)
-
-
-def _still_linked(fd: int, path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        sourcecache.release_lock(item, fd)
 
 
 class _Run:
@@ -225,9 +197,8 @@ class Sources:
             cached = not self.verify and sourcecache.recorded(target)
             if not cached:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                lock = target.with_name(f".lock-{checksum}")
                 waiting = f"Waiting for another aosbuild process to fetch {label or checksum}\n"
-                async with item_lock(lock, on_wait=lambda: run.log(waiting)):
+                async with item_lock(target, on_wait=lambda: run.log(waiting)):
                     # the other process may have fetched it meanwhile; what is there is checked first
                     cached = await anyio.to_thread.run_sync(self._check_cached, run, target, checksum, label)
                     if not cached:

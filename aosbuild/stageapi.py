@@ -33,7 +33,7 @@ from aosbuild import stagejson
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
+    from typing import IO, Any
 
 FD_ENV = "AOSBUILD_RPC_FD"
 # Payloads above this go through a memfd; below the default /proc/sys/net/core/wmem_max.
@@ -282,3 +282,15 @@ def resolve_confined(url: str, args: dict[str, Any], *, follow_last: bool) -> st
     if follow_last and not _inside(os.path.realpath(target), os.path.realpath(root)):
         raise _through_symlink(url, root)
     return target
+
+
+def replace_file(path: str, mode: int = 0o644, *, binary: bool = False) -> IO[Any]:
+    """A new file at `path`, open for writing, in place of whatever was there.
+
+    What is there is removed first and the file is created with O_EXCL and O_NOFOLLOW, so a symlink at
+    `path` (one a manifest planted in the tree, pointing out of it) is replaced, never written through.
+    """
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    return os.fdopen(fd, "wb" if binary else "w")

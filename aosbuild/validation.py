@@ -61,12 +61,25 @@ def run_checks(items: list[Check | Problem]) -> list[Problem]:
         return []
     problems = _evaluate(items)
     if not problems:
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-        except OSError:
-            pass  # no cache to write to: the next run validates again
+        remember(marker)
     return problems
+
+
+CACHE_ENTRIES = 512  # a few hundred manifests; past that the oldest half goes
+
+
+def remember(marker: Path) -> None:
+    """Record a clean validation, keeping the cache bounded (a build service sees endless manifests)."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        entries = list(marker.parent.iterdir())
+        if len(entries) > CACHE_ENTRIES:
+            entries.sort(key=lambda entry: entry.stat().st_mtime)
+            for entry in entries[:len(entries) // 2]:
+                entry.unlink(missing_ok=True)
+    except OSError:
+        pass  # no cache to write to, or another run pruning it too: the next run validates again
 
 
 def _evaluate(items: list[Check | Problem]) -> list[Problem]:

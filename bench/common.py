@@ -79,7 +79,7 @@ def timed_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | Non
                           check=False)
     elapsed = (time.perf_counter() - start) * 1000
     if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed with exit status {proc.returncode}: {' '.join(argv)}\n"
+        raise SystemExit(f"benchmark command failed with exit status {proc.returncode}: {' '.join(map(str, argv))}\n"
                          f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return elapsed
 

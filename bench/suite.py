@@ -26,6 +26,7 @@ from typing import Any
 import baseline
 import debian
 import downloads
+import edit
 import engine
 import store
 from common import BENCH, FAST_TMP, REPO, RESULTS, Section, machine
@@ -39,6 +40,8 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "downloads": (downloads.run, 5),
     "debian": (debian.run, 3),  # a cold build takes minutes
     "osbuild": (baseline.run, 3),  # osbuild 191 takes about 12 s for the generic manifest
+    "edit": (edit.run, 3),      # a cold build (layered and flat) and three rebuilds per repetition
+    "edit-disk": (edit.run_disk, 3),
 }
 README = BENCH / "README.md"
 LATEST = ("<!-- latest run: written by bench/suite.py --update-readme -->", "<!-- end of latest run -->")
@@ -60,6 +63,9 @@ COLUMNS = [
     ("osbuild", "inspect_ratio", "`--inspect` / osbuild", "{:.2f}x"),
     ("osbuild", "noops_ratio", "20 noops / osbuild", "{:.2f}x"),
     ("osbuild", "generic_cold_ratio", "generic cold / osbuild", "{:.2f}x"),
+    ("edit", "hostname_s", "edit hostname s", "{:.1f}"),
+    ("edit", "password_s", "edit password s", "{:.1f}"),
+    ("edit", "packages_s", "edit packages s", "{:.1f}"),
 ]
 
 

@@ -74,6 +74,31 @@ class Aosbuild:
                               cwd=self.workdir)
         return Run(proc.returncode, proc.stdout, proc.stderr)
 
+    def stored_tree(self, object_id: str) -> Path:
+        """A tree in the store, copied out of a mount of its layers made here (not by aosbuild's code):
+        what the kernel's overlayfs shows of them, in a mount namespace that ends with the copy."""
+        return merged_copy(self.store, object_id, Path(tempfile.mkdtemp(prefix="stored-", dir=self.workdir)))
+
+
+MERGE_SCRIPT = 'mount -t overlay test -o "ro,redirect_dir=on,lowerdir=$1" "$2" && exec cp -a "$2/." "$3/"'
+
+
+def merged_copy(store: Path, object_id: str, into: Path) -> Path:
+    """The store's tree `object_id`, its layers (object.info's "layers", bottom first) merged, copied into
+    `into`."""
+    objects = store / "objects"
+    info = json.loads((objects / object_id / "object.info").read_text())
+    ids = [*info["layers"], object_id]
+    into.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=into.parent) as scratch:
+        empty, point = Path(scratch, "empty"), Path(scratch, "point")
+        empty.mkdir()
+        point.mkdir()
+        lowers = ":".join([*(str(objects / i / "data" / "tree") for i in reversed(ids)), str(empty)])
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", MERGE_SCRIPT, "sh",
+                        lowers, str(point), str(into)], check=True)
+    return into
+
 
 @pytest.fixture
 def aosbuild(workdir: Path) -> Aosbuild:

@@ -168,12 +168,20 @@ def test_store_commands(aosbuild: Aosbuild) -> None:
 
     info = command("info")
     assert info.returncode == 0, info.stderr
-    assert "(format 2)" in info.stdout
+    assert "(format 3)" in info.stdout
+    assert "Trees by pipeline" in info.stdout
     assert "(default: 20 GiB or half the filesystem)" in info.stdout
     document = json.loads(command("info", "--json").stdout)
     entries = len(os.listdir(aosbuild.store / "objects"))
     assert document["trees"]["entries"] == entries >= 3
     assert document["staging"] == {"building": 0, "dead": 0, "size": 0}
+    # each pipeline's tree is a stack of its stages' layers, each with its own size
+    stacks = {s["pipeline"]: s for s in document["trees"]["stacks"]}
+    assert sorted(stacks) == ["archive", "build", "os"]
+    assert [layer["stage"] for layer in stacks["os"]["layers"]] == [
+        "org.aosbuild.test.files", "org.aosbuild.test.files", "org.osbuild.hostname"]
+    assert stacks["os"]["size"] == sum(layer["size"] for layer in stacks["os"]["layers"]) > 0
+    assert stacks["os"]["complete"]
 
     limit = command("limit", "--cache-max-size", "5GiB", "--sources-max-size", "unlimited")
     assert limit.stdout == "trees:   5.0 GiB\nsources: unlimited\n"
@@ -207,16 +215,17 @@ def test_a_store_of_another_format_and_the_way_out(aosbuild: Aosbuild) -> None:
     assert cleared.returncode == 0, cleared.stderr
     assert aosbuild(m, "-q").returncode == 0
     info = json.loads((aosbuild.store / "cache.info").read_text())
-    assert info == {"version": 2, "maximum-size": 1000000}
+    assert info == {"version": 3, "maximum-size": 1000000}
     assert leftovers(aosbuild.store) == []
 
 
-def test_a_stage_that_fails_commits_nothing_of_its_pipeline(aosbuild: Aosbuild) -> None:
+def test_a_stage_that_fails_commits_nothing_but_the_stages_before_it(aosbuild: Aosbuild) -> None:
     m = manifest(pipeline("tree", files("one"), files("two"), stage("org.aosbuild.test.fail")))
     before = copy.deepcopy(m)
     assert aosbuild(m, "-q").returncode == 1
     described = json.loads(aosbuild(before, "--inspect").stdout)["pipelines"][0]["stages"]
     objects = os.listdir(aosbuild.store / "objects")
     assert described[2]["id"] not in objects
-    assert objects == [described[1]["id"]]  # the tree before the failing last stage, which succeeded
+    # the layers of the stages before the failing one, which succeeded: a rebuild resumes after them
+    assert sorted(objects) == sorted([described[0]["id"], described[1]["id"]])
     assert leftovers(aosbuild.store) == []

@@ -2,8 +2,11 @@
 
 A failing pipeline cancels siblings whose sandboxes are still being set up; `--stage-timeout` expires
 while bwrap is still setting up; aosbuild is killed with SIGKILL while a host `cp` copies a tree. Every
-process of a run is found by pid: its command line names the run's private directory, or its environment
-carries the run's marker.
+process of a run is found by pid: its command line names the run's private directory, its environment
+carries the run's marker, or it sees a bind of a tree under that directory. The last is what finds the
+leak the sibling drill is about: a sandbox whose bwrap parent was killed during setup goes on, with
+ppid 1, into the runner and the stage, whose command line and (the sandbox's own) environment name
+nothing of the run, while it holds the binds of a staging tree.
 """
 
 from __future__ import annotations
@@ -29,11 +32,20 @@ def processes_of(workdir: Path, marker: str) -> list[int]:
             continue
         try:
             if (str(workdir).encode() in (entry / "cmdline").read_bytes()
-                    or marker.encode() in (entry / "environ").read_bytes()):
+                    or marker.encode() in (entry / "environ").read_bytes()
+                    or in_sandbox_of(entry, workdir)):
                 found.append(int(entry.name))
         except OSError:
             continue
     return found
+
+
+def in_sandbox_of(proc: Path, workdir: Path) -> bool:
+    """Whether the process sees a bind of a tree under `workdir`: a sandbox of the run, whose command line
+    (the runner, the stage) and environment (the sandbox's own) name nothing of the run. A bind's source
+    shows as the root of its mount (mountinfo's fourth field), relative to the filesystem it is on."""
+    name = workdir.name
+    return any(name in line.split()[3] for line in (proc / "mountinfo").read_text().splitlines())
 
 
 def kill_all(pids: list[int]) -> None:

@@ -24,8 +24,10 @@ from aosbuild.inputs import map_input
 from aosbuild.manifest import PIPELINE_ORIGIN, Input
 from aosbuild.runnerlib import make_mount_point
 from aosbuild.sandbox import INPUTS
+from aosbuild.store import layers
 
 from .conftest import FAST_TMP, TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
+from .test_devices import SIZE, START, disk_manifest, loopback
 
 PYTHON3 = Path("/usr/bin/python3")
 # `link` points five directories deep, so `link/../../../../..` is the tree's root once resolved, but
@@ -85,8 +87,12 @@ def test_file_input_bind_target_comes_from_the_confined_name(tmp_path: Path) -> 
                      refs={"0" * 64: {"file": file}}, options={})
 
     def mapped(file: str) -> list[str]:
+        def file_of(_: str, name: str) -> Path | None:
+            resolved = layers.file_in([tree], name)
+            return None if resolved is None else tree / resolved
+
         binds, _ = map_input(files_input(file), scratch=tmp_path / "scratch", tree_of=lambda _: tree,
-                             source_item=lambda _: tree)
+                             file_of=file_of, source_item=lambda _: tree)
         return [b.target for b in binds]
 
     assert mapped("/link/f") == [f"{INPUTS}/image/link/f"]
@@ -113,6 +119,32 @@ def test_mount_point_through_a_symlink_out_of_the_mounts_is_refused(tmp_path: Pa
     assert (mounts / "real/efi").is_dir()
 
 
+@pytest.mark.usefixtures("nodev_store")
+def test_a_refused_mount_point_is_one_error_line(aosbuild: Aosbuild) -> None:
+    """The first stage plants `boot -> /tmp` in the filesystem; the next mounts it at `/` and again at
+    `/boot/efi`. The runner refuses that mount point: a stage error of one line, no traceback anywhere."""
+    ln = {"type": "org.osbuild.ln", "devices": {"disk": loopback(start=START, size=SIZE)},
+          "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}],
+          "options": {"paths": [{"target": "/tmp", "link_name": "mount://root/boot", "symbolic": True}]}}
+    attack = {"type": "org.osbuild.noop", "devices": {"disk": loopback(start=START, size=SIZE)},
+              "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"},
+                         {"name": "efi", "type": "org.osbuild.ext4", "source": "disk", "target": "/boot/efi"}]}
+    document = disk_manifest(ln, attack)
+    result = aosbuild(document)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert "org.osbuild.noop" in errors[0]
+    assert "could not be run: mount point /boot/efi resolves outside the stage's mounts" in errors[0]
+    assert "Last output" not in result.stderr
+    as_json = aosbuild(document, "--json")
+    assert as_json.returncode == 1
+    stage_error = json.loads(as_json.stdout)["error"]["details"]["stage"]["error"]["data"]
+    assert stage_error["value"].startswith("mount point /boot/efi resolves outside")
+    for text in (result.stdout, result.stderr, as_json.stdout, as_json.stderr):
+        assert "Traceback" not in text
+
+
 def test_loopback_file_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
     document = manifest(pipeline("image", {
         "type": "org.osbuild.noop",
@@ -121,6 +153,23 @@ def test_loopback_file_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert ".pipelines[0].stages[0].devices.disk.options.filename" in result.stdout
     assert "contains '..'" in result.stdout
+
+
+def test_loopback_file_symlinked_out_of_the_tree_is_refused(aosbuild: Aosbuild) -> None:
+    """An earlier stage plants `disk.img -> a host file`: the engine must not attach the host file."""
+    canary = aosbuild.workdir / "canary.img"
+    canary.write_bytes(b"\0" * 4096)
+    document = manifest(pipeline(
+        "image",
+        stage("org.osbuild.ln", paths=[{"target": str(canary), "link_name": "tree:///disk.img",
+                                        "symbolic": True}]),
+        {"type": "org.osbuild.noop",
+         "devices": {"disk": {"type": "org.osbuild.loopback", "options": {"filename": "disk.img"}}}}))
+    result = aosbuild(document)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "loopback device file 'disk.img' is outside the tree" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert canary.read_bytes() == b"\0" * 4096
 
 
 def test_mount_target_with_dotdot_is_refused(aosbuild: Aosbuild) -> None:
@@ -258,6 +307,20 @@ def test_ln_into_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
         stageapi.resolve_confined("tree:///out/", args, follow_last=False)
     assert stageapi.resolve_confined("tree:///out", args, follow_last=False) == str(tree / "out")
     assert stageapi.resolve_confined("/etc/x", args, follow_last=True) == str(tree / "etc/x")
+
+
+def test_replace_file_replaces_a_symlink_without_following_it(tmp_path: Path) -> None:
+    from aosbuild import stageapi
+
+    outside, link = tmp_path / "outside", tmp_path / "hostname"
+    outside.write_text("host\n")
+    link.symlink_to(outside)
+    with stageapi.replace_file(str(link), 0o600) as f:
+        f.write("tree\n")
+    assert not link.is_symlink()
+    assert link.read_text() == "tree\n"
+    assert link.stat().st_mode & 0o777 == 0o600 & ~os.umask(os.umask(0))
+    assert outside.read_text() == "host\n"
 
 
 @pytest.mark.parametrize("attack", [

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import functools
 import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
 from aosbuild.errors import AosbuildError, UsageError
-from aosbuild.exporting import export_target, export_tree, move_aside, swap_in
+from aosbuild.exporting import (
+    export_target,
+    export_tree,
+    lock_if_still_there,
+    make_fresh,
+    move_aside,
+    remove_leftovers,
+    swap_in,
+)
 from aosbuild.store import copy_tree
 
 from .conftest import Aosbuild, manifest, pipeline, stage
@@ -58,7 +72,7 @@ def test_reexport_writes_through_nothing_the_last_export_left(aosbuild: Aosbuild
     run = aosbuild(m, *args)
     assert run.returncode == 0, run.stderr
     exported = aosbuild.output / "tree"
-    stored = snapshot(aosbuild.store / "objects" / tree_id / "data" / "tree")
+    stored = snapshot(aosbuild.stored_tree(tree_id))
     assert snapshot(exported) == stored
     assert os.readlink(exported / "etc" / "editor") == str(canary)
 
@@ -169,12 +183,136 @@ async def test_an_empty_pipeline_exports_an_empty_directory(workdir: Path) -> No
     assert stat.S_IMODE(os.stat(target).st_mode) == 0o755
 
 
-@pytest.mark.parametrize("name", ["", ".", "a/..", "..", "../x", "a/../../x", "/etc", "//etc"])
-def test_an_export_never_replaces_the_output_directory_or_what_is_outside_it(workdir: Path, name: str) -> None:
-    with pytest.raises(UsageError, match="inside --output-directory"):
+@pytest.mark.parametrize("name", ["", ".", "a/..", "..", "../x", "a/../../x", "/etc", "//etc", "a/b", "x/",
+                                  "a\0b", "x" * 256])
+def test_an_export_is_one_directory_directly_inside_the_output_directory(workdir: Path, name: str) -> None:
+    """Also `a/b`: OUTDIR/a may be a symlink out of OUTDIR, and the loader refuses such pipeline names."""
+    with pytest.raises(UsageError, match="directly inside --output-directory"):
         export_target(workdir, name)
 
 
-@pytest.mark.parametrize(("name", "relative"), [("tree", "tree"), ("a/b", "a/b"), ("a/../b", "b"), ("x/", "x")])
-def test_export_target_inside_the_output_directory(workdir: Path, name: str, relative: str) -> None:
-    assert export_target(workdir, name) == workdir / relative
+@pytest.mark.parametrize("name", ["tree", "build-build", ".hidden", "x" * 255])
+def test_export_target_inside_the_output_directory(workdir: Path, name: str) -> None:
+    assert export_target(workdir, name) == workdir / name
+
+
+# An export killed outright: a process that exports with a copy that never ends, killed with -9 once the
+# copy has written into the temporary directory.
+KILLED_EXPORT = """
+import sys, anyio
+from pathlib import Path
+from aosbuild.exporting import export_tree
+from aosbuild.store import copy_tree
+
+async def copy_then_hang(src, dst):
+    await copy_tree(src, dst)
+    print("copied", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(lambda: export_tree(Path(sys.argv[1]), Path(sys.argv[2]), copy=copy_then_hang))
+"""
+
+
+def test_the_next_export_removes_what_a_killed_export_left(aosbuild: Aosbuild) -> None:
+    tree = aosbuild.workdir / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(b"x" * 4096)
+    with subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(tree), str(aosbuild.output / "tree")],
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "copied\n"
+        proc.kill()
+    (stale,) = leftovers(aosbuild.output)
+    assert stale.startswith(".tree.tmp-")
+    m = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/etc"}])))
+    run = aosbuild(m, "--export", "tree", "--output-directory", str(aosbuild.output))
+    assert run.returncode == 0, run.stderr
+    assert leftovers(aosbuild.output) == []
+    assert os.listdir(aosbuild.output / "tree") == ["etc"]
+
+
+def test_removing_leftovers_touches_only_dead_exports_of_that_name(workdir: Path) -> None:
+    out, canary = workdir / "out", workdir / "canary"
+    out.mkdir()
+    canary.mkdir()
+    (canary / "keep").write_text("keep\n")
+    hexes = iter(f"{i:032x}" for i in range(1, 100))
+    dead = [out / f".tree.tmp-{next(hexes)}", out / f".tree.old-{next(hexes)}"]
+    for path in dead:
+        path.mkdir()
+        (path / "sub").mkdir()
+        (path / "sub" / "link").symlink_to(canary)  # removed as a link, never followed
+    kept: dict[str, Callable[[Path], object]] = {
+        f".tree.tmp-{next(hexes)}": lambda p: p.symlink_to(canary),         # a symlink: not followed
+        f".tree.old-{next(hexes)}": lambda p: p.write_text("a file\n"),     # not a directory of ours
+        f".other.tmp-{next(hexes)}": lambda p: p.mkdir(),                   # another export's
+        ".tree.tmp-short": lambda p: p.mkdir(),                             # not a name we make
+        f".tree.tmp-{next(hexes)}.x": lambda p: p.mkdir(),
+        "tree": lambda p: p.mkdir(),
+    }
+    for name, make in kept.items():
+        make(out / name)
+    live, fd = make_fresh(out, "tree")  # a live export's: its flock is held
+    try:
+        assert sorted(remove_leftovers(out, "tree")) == sorted(p.name for p in dead)
+        assert sorted(os.listdir(out)) == sorted([*kept, live.name])
+    finally:
+        os.close(fd)
+    assert remove_leftovers(out, "tree") == [live.name]  # once its export is gone
+    assert os.listdir(canary) == ["keep"]
+
+
+def open_elsewhere(path: Path, *, besides: int) -> bool:
+    """Whether a descriptor of this process other than `besides` is open on `path`."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) != besides and os.readlink(f"/proc/self/fd/{name}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_fresh_directory_removed_before_it_is_locked_is_not_used(workdir: Path) -> None:
+    """Another export's `remove_leftovers` took the new directory for a dead one and removes it, holding
+    its flock: the flock of the export that made it waits, then sees it gone (make_fresh starts over)."""
+    fresh = workdir / f".tree.tmp-{'0' * 32}"
+    fresh.mkdir()
+    remover = os.open(fresh, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(remover, fcntl.LOCK_EX)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        locking = pool.submit(lock_if_still_there, fresh)
+        deadline = time.monotonic() + 10
+        while not open_elsewhere(fresh, besides=remover):  # the thread has it open: next, it flocks
+            assert time.monotonic() < deadline
+        fresh.rmdir()
+        os.close(remover)
+        assert locking.result(timeout=10) is None
+    fresh.mkdir()
+    fd = lock_if_still_there(fresh)
+    assert fd is not None
+    os.close(fd)
+
+
+async def test_concurrent_exports_of_one_name_never_remove_each_others_copy(workdir: Path) -> None:
+    """Each export clears leftovers of its name first: it must not take another's live copy for one."""
+    tree = workdir / "tree"
+    tree.mkdir()
+    for i in range(50):
+        (tree / f"f{i}").write_text(f"{i}\n")
+    target = workdir / "out" / "tree"
+    async with anyio.create_task_group() as tg:
+        for _ in range(16):
+            tg.start_soon(export_tree, tree, target)
+    assert sorted(os.listdir(target)) == sorted(f"f{i}" for i in range(50))
+    assert leftovers(target.parent) == []
+
+
+def test_export_to_a_relative_output_directory(aosbuild: Aosbuild) -> None:
+    """The layers are merged by a command that runs in the store's directory: a relative output
+    directory still means one relative to where aosbuild was started."""
+    m = manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/a"}]),
+                          stage("org.osbuild.mkdir", paths=[{"path": "/b"}])))
+    run = aosbuild(m, "--export", "tree", "--output-directory", "relative-out")
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listdir(aosbuild.workdir / "relative-out" / "tree")) == ["a", "b"]

@@ -3,7 +3,6 @@ parse into it (aosbuild/invocation.py, aosbuild/run.py)."""
 
 from __future__ import annotations
 
-import ast
 import base64
 import dataclasses
 import json
@@ -97,23 +96,3 @@ def test_osbuild_flags_parse_into_the_invocation(tmp_path: Path) -> None:
     assert default == Invocation(manifest="m.json", summary=False)
     assert default.cache_max_size is KEEP
 
-
-ENTRY_POINTS = {"entry.py", "__main__.py", "cli.py"}
-
-
-def imports_cli(path: Path) -> bool:
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom):
-            names = {alias.name for alias in node.names}
-            if node.module in ("aosbuild.cli", "cli") or (node.module in (None, "aosbuild") and "cli" in names):
-                return True
-        if isinstance(node, ast.Import) and any(alias.name == "aosbuild.cli" for alias in node.names):
-            return True
-    return False
-
-
-def test_only_the_entry_points_import_cli() -> None:
-    package = REPO / "aosbuild"
-    offenders = [str(p.relative_to(REPO)) for p in sorted(package.rglob("*.py"))
-                 if p.relative_to(package).as_posix() not in ENTRY_POINTS and imports_cli(p)]
-    assert offenders == []

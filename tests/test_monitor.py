@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from aosbuild.manifest import Pipeline, Source, make_stage
-from aosbuild.monitor import JsonSeqMonitor, LogMonitor, human_bytes, omitempty, tail
+from aosbuild.monitor import JsonSeqMonitor, LogMonitor, omitempty, tail
 from aosbuild.results import StageResult
 from aosbuild.sources import ItemResult, SourceProgress
 
@@ -165,8 +165,3 @@ def test_log_monitor_source_progress_bar_on_a_terminal() -> None:
     assert "org.osbuild.curl [##########----------] 5/10 items, 5.5 MiB/6.0 MiB+" in text
     assert "org.osbuild.curl [####################] 10/10 items, 10.0 MiB/10.0 MiB" in text
     assert text.endswith("\r\x1b[K")
-
-
-def test_human_bytes() -> None:
-    assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 20, 3 << 30, 5000 << 30)] == \
-        ["0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3.0 GiB", "5000.0 GiB"]

@@ -24,7 +24,7 @@ from aosbuild.download import DownloadOptions
 from aosbuild.manifest import Source
 from aosbuild.monitor import Monitor
 from aosbuild.sources import CONTENT_TYPE, ItemResult, SourceProgress, Sources
-from aosbuild.store import Store
+from aosbuild.store import Store, sourcecache
 
 from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
 from .fileserver import FileServer, sha256
@@ -126,6 +126,22 @@ async def test_two_fetchers_on_one_store_download_once(server: FileServer, tmp_p
     assert first.finished[0][0][0].cached is False
     assert second.finished[0][0][0].cached is True  # found in place once the lock was free
     assert items_in(store.root) == [sha256(data)]
+
+
+def test_item_lock_excludes_and_leaves_no_lock_file(tmp_path: Path) -> None:
+    """One protocol for fetching (`item_lock`) and `store verify` (`try_lock`): each excludes the other."""
+    item = tmp_path / sha256(b"x")
+    fd = sourcecache.take_lock(item)
+    assert fd is not None
+    with sourcecache.try_lock(item) as held:
+        assert held is False
+    assert sourcecache.take_lock(item) is None
+    sourcecache.release_lock(item, fd)
+    assert os.listdir(tmp_path) == []
+    with sourcecache.try_lock(item) as held:
+        assert held is True
+        assert sourcecache.take_lock(item) is None
+    assert os.listdir(tmp_path) == []
 
 
 async def test_a_failed_item_fails_the_build_at_once(server: FileServer, tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from aosbuild.errors import CacheMiss, StoreError
-from aosbuild.store import EXISTS, NO_ROOM, STORED, TOO_LARGE, Pins, Store, entries, parse_size, sourcecache
+from aosbuild.sizes import parse_size
+from aosbuild.store import EXISTS, NO_ROOM, STORED, TOO_LARGE, Pins, Store, entries, sourcecache
 from aosbuild.store.locks import READ, UNLOCK, WRITE, LockFile, holder
-from aosbuild.store.sizes import disk_usage, format_size
+from aosbuild.store.sizes import disk_usage
 
 KIB = 1024
 
@@ -44,21 +45,6 @@ async def put(store: Store, object_id: str, size: int = 64 * KIB) -> str:
                           "metadata": {"n": 1}})
     assert entry.outcome is not None
     return entry.outcome
-
-
-def test_parse_size() -> None:
-    assert parse_size("1000") == 1000
-    assert parse_size("2 kB") == 2000
-    assert parse_size("2KiB") == 2048
-    assert parse_size("1.5GiB") == 3 * 2**29
-    assert parse_size("3 MB") == 3 * 10**6
-    assert parse_size("1TiB") == 2**40
-    assert parse_size("unlimited") is None
-    for bad in ("", "12 parsecs", "-1", "GiB", "1e3"):
-        with pytest.raises(ValueError, match="is not a size"):
-            parse_size(bad)
-    assert format_size(None) == "unlimited"
-    assert format_size(3 * 2**29) == "1.5 GiB"
 
 
 def test_ofd_locks_conflict_within_one_process(tmp_path: Path) -> None:

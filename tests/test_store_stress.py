@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ import pytest
 from aosbuild.store import Store
 from aosbuild.store.entries import list_committed
 
-from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .conftest import Aosbuild, Run, check_jsonseq, manifest, merged_copy, pipeline, stage
 from .leftovers import loops_backed_by, processes_mentioning, stray_mounts
 from .test_build import leftovers
 from .test_devices import disk_manifest
@@ -73,11 +74,16 @@ class Trees:
             entry = reader.try_load(committed.id)
             if entry is None:
                 continue  # being evicted or committed right now
+            below = [reader.try_load(i) for i in entry.layers]  # read-locked too, while they are merged
             try:
                 if known_only and committed.id not in self.expected:
                     continue
+                if any(layer is None for layer in below):
+                    continue  # a layer below is gone: a miss for every build, never read
                 assert committed.id in self.expected, f"an entry nobody asked for: {committed.id}"
-                found = {p.name: p.read_bytes() for p in entry.tree.iterdir()}
+                with tempfile.TemporaryDirectory(dir=store.parent) as scratch:
+                    merged = merged_copy(store, committed.id, Path(scratch, "tree"))
+                    found = {p.name: p.read_bytes() for p in merged.iterdir()}
                 assert found == self.expected[committed.id], f"entry {committed.id} is not what it should be"
                 assert [r["id"] for r in entry.results] == self.prefixes[committed.id]
                 info = json.loads((entry.path / "object.info").read_text())
@@ -86,6 +92,9 @@ class Trees:
                 checked += 1
             finally:
                 entry.close()
+                for layer in below:
+                    if layer is not None:
+                        layer.close()
         return checked
 
 

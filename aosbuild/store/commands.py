@@ -21,17 +21,11 @@ from typing import Any
 from ..entry import broken_pipe
 from ..errors import StoreError
 from ..history import History
+from ..sizes import Bound, format_size, size_argument
 from . import entries, sourcecache
 from .fscache import KEEP, VERSION, Store
 from .locks import UNLOCK, WRITE, LockFile, holder
-from .sizes import Bound, bound_from_json, bound_to_json, disk_usage, format_size, parse_size
-
-
-def size_argument(text: str) -> Bound:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from .sizes import bound_from_json, bound_to_json, disk_usage
 
 
 def parser() -> argparse.ArgumentParser:
@@ -126,10 +120,40 @@ def describe(root: Path) -> dict[str, Any]:
                     "size": sum(disk_usage(p) for p in staging)},
         "filesystem": {"size": fs.f_blocks * fs.f_frsize, "free": fs.f_bavail * fs.f_frsize},
         "entries": [{"id": c.id, "size": c.size, "last-used": c.last_used, "created": c.created,
+                     "layers": list(c.layers), **_made_by(store.objects / c.id),
                      "in-use": _in_use(store.objects / c.id / entries.LOCK),
                      "damaged": entries.damage(store.objects / c.id)} for c in reversed(committed)],
     })
+    document["trees"]["stacks"] = stacks(document["entries"])
     return document
+
+
+def _made_by(path: Path) -> dict[str, Any]:
+    """The pipeline and stage type that made an entry (its last stage result), as far as it says."""
+    try:
+        info = json.loads((path / entries.INFO).read_text())
+        results = json.loads((path / "data" / "meta" / entries.RESULTS).read_text())
+        stage = str(results[-1].get("type", "")) if results else ""
+        return {"pipeline": str(info.get("pipeline", "")), "stage": stage}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {"pipeline": "", "stage": ""}
+
+
+def stacks(listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trees the store holds, one per top layer (one that no other entry stacks on: a pipeline's
+    tree, or where a build stopped), most recently used first, with their layers bottom first."""
+    by_id = {e["id"]: e for e in listed}
+    below = {i for e in listed for i in e["layers"]}
+    found = []
+    for top in listed:
+        if top["id"] in below:
+            continue
+        layers = [by_id.get(i, {"id": i, "size": 0, "stage": "", "missing": True}) for i in top["layers"]]
+        layers = [*layers, top]
+        found.append({"pipeline": top["pipeline"], "id": top["id"], "size": sum(e["size"] for e in layers),
+                      "complete": not any(e.get("missing") for e in layers),
+                      "layers": [{"id": e["id"], "stage": e["stage"], "size": e["size"]} for e in layers]})
+    return found
 
 
 def info(root: Path, *, as_json: bool) -> int:
@@ -156,6 +180,13 @@ def info(root: Path, *, as_json: bool) -> int:
              f"{staging['building']} entries under construction, {staging['dead']} left by dead builds "
              f"({format_size(staging['size'])})",
              f"  filesystem:  {format_size(fs['free'])} free of {format_size(fs['size'])}"]
+    if trees["stacks"]:
+        lines += ["", "Trees by pipeline, most recently used first (their layers bottom first):"]
+        for stack in trees["stacks"]:
+            lines.append(f"  {stack['pipeline'] or '?'}: {len(stack['layers'])} layers, "
+                         f"{format_size(stack['size'])}" + ("" if stack["complete"] else " (a layer is gone: a miss)"))
+            for layer in stack["layers"]:
+                lines.append(f"    {layer['id'][:12]}  {format_size(layer['size']):>10}  {layer['stage'] or '?'}")
     if document["entries"]:
         lines += ["", "Entries, most recently used first:"]
         for entry in document["entries"]:

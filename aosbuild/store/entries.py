@@ -3,8 +3,10 @@
 An entry is a directory::
 
     object.lock          the entry's lock file; its atime is the entry's last use (for LRU eviction)
-    object.info          {"size": <bytes on disk>, "created": <unix time>}, written just before commit
-    data/tree/           the filesystem tree
+    object.info          {"size": <bytes on disk>, "created": <unix time>, "layers": [<id>, ...],
+                         "flat": <bool>, "pipeline": <name>}, written just before commit
+    data/tree/           a layer (`layers`): what one stage changed, over the entries `layers` names
+                         (bottom first); or, `flat`, a whole tree as one plain directory
     data/meta/           <stage-id>.json: metadata a stage reported (osbuild's layout), and
                          results.json: every stage's result (id, type, output, duration, metadata)
 
@@ -75,6 +77,9 @@ class NewEntry(Entry):
         self.results: list[dict[str, Any]] = []
         self.outcome: str | None = None  # how its commit went: one of fscache's outcomes
         self.size = 0                    # bytes on disk, known once it is committed
+        self.layers: list[str] = []      # the ids of the layers below this one, bottom first
+        self.flat = False                # a whole tree in one directory, not a layer
+        self.pipeline = ""               # the name of the pipeline that built it, for `store info`
 
     def add_result(self, result: dict[str, Any]) -> None:
         """Record a finished stage: its result, and its metadata in osbuild's place if there is any."""
@@ -87,7 +92,8 @@ class NewEntry(Entry):
         (self.meta / RESULTS).write_text(json.dumps(self.results))
         self.size = disk_usage(self.path)
         with open(self.path / INFO, "x") as f:
-            json.dump({"size": self.size, "created": time.time()}, f)
+            json.dump({"size": self.size, "created": time.time(), "layers": self.layers, "flat": self.flat,
+                       "pipeline": self.pipeline}, f)
         return self.size
 
 
@@ -99,6 +105,14 @@ class LoadedEntry(Entry):
         self.id = object_id
         self.info = info
         self._results: list[dict[str, Any]] | None = None
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.info.get("layers", []))
+
+    @property
+    def flat(self) -> bool:
+        return bool(self.info.get("flat"))
 
     @property
     def results(self) -> list[dict[str, Any]]:
@@ -140,6 +154,9 @@ def damage(path: Path) -> str | None:
         if not (isinstance(info, dict) and isinstance(info.get("size"), int)
                 and isinstance(info.get("created"), (int, float))):
             return f"{INFO} is not {{\"size\": <int>, \"created\": <time>}}"
+        layers = info.get("layers", [])
+        if not (isinstance(layers, list) and all(isinstance(i, str) and "/" not in i for i in layers)):
+            return f"{INFO}: \"layers\" is not a list of ids"
     except (OSError, ValueError) as exc:
         return f"{INFO} cannot be read: {exc}"
     for name in ("data/tree", "data/meta"):
@@ -216,6 +233,12 @@ class Committed:
     size: int
     last_used: float
     created: float
+    layers: tuple[str, ...] = ()
+
+
+def _layer_ids(info: Any) -> tuple[str, ...]:
+    layers = info.get("layers") if isinstance(info, dict) else None
+    return tuple(i for i in layers if isinstance(i, str)) if isinstance(layers, list) else ()
 
 
 def list_committed(objects: Path) -> list[Committed]:
@@ -229,10 +252,26 @@ def list_committed(objects: Path) -> list[Committed]:
             size, created = int(info["size"]), float(info["created"])
         except (OSError, ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a size of 1e400
             size, created, used = 0, 0.0, 0.0  # incomplete or foreign: worth nothing, evicted first
+            info = {}
             if not path.exists():
                 continue
-        found.append(Committed(id=name, size=size, last_used=used, created=created))
-    found.sort(key=lambda c: c.last_used)
+        found.append(Committed(id=name, size=size, last_used=used, created=created,
+                               layers=_layer_ids(info)))
+    # a layer whose lower layers are gone is a miss for ever: worth nothing, evicted first; and a
+    # layer is used whenever one above it is, so a lower layer never goes before the layers over it
+    present = {c.id for c in found}
+    used_at = {c.id: c.last_used for c in found}
+    for c in found:
+        if any(i not in present for i in c.layers):
+            used_at[c.id] = 0.0
+    for c in found:
+        if used_at[c.id]:
+            for below in c.layers:
+                if below in used_at:
+                    used_at[below] = max(used_at[below], used_at[c.id])
+    found = [Committed(id=c.id, size=c.size, last_used=used_at[c.id], created=c.created, layers=c.layers)
+             for c in found]
+    found.sort(key=lambda c: (c.last_used, -len(c.layers)))  # as recent: the layer above goes first
     return found
 
 

@@ -3,7 +3,7 @@
 Layout (osbuild's, with a format of its own; see `entries` for one entry)::
 
     <store>/CACHEDIR.TAG
-    <store>/cache.info        {"version": 2, "maximum-size": <bytes>|"unlimited", "sources-maximum-size": ...}
+    <store>/cache.info        {"version": 3, "maximum-size": <bytes>|"unlimited", "sources-maximum-size": ...}
     <store>/cache.lock        read-locked by every running build; `store clear` needs it write-locked
     <store>/size.lock         write-locked for the moment a commit checks the bound, evicts and renames
     <store>/objects/<id>/     committed entries
@@ -35,12 +35,13 @@ import anyio
 from .. import process
 from ..errors import CacheMiss, StoreError
 from ..logs import get_logger
-from . import entries, sourcecache
+from ..sizes import Bound, format_size
+from . import entries, layers, sourcecache
 from .entries import Entry, LoadedEntry, NewEntry
 from .locks import READ, WRITE, LockFile
-from .sizes import Bound, bound_from_json, bound_to_json, default_max, default_sources_max, format_size
+from .sizes import bound_from_json, bound_to_json, default_max, default_sources_max
 
-VERSION = 2
+VERSION = 3  # 3: an entry is one stage's layer (2: a whole tree)
 CACHEDIR_TAG = "Signature: 8a477f597d28d172789f06886806bc55\n# This is a cache directory tag created by aosbuild.\n"
 
 # how a commit went
@@ -48,9 +49,12 @@ STORED = "stored"          # the entry is objects/<id> now
 EXISTS = "exists"          # another build committed that id first; this copy was discarded
 TOO_LARGE = "too-large"    # the tree alone is larger than the bound; not stored
 NO_ROOM = "no-room"        # entries being read hold the space; not stored
+UNSTORED_BELOW = "unstored-below"  # a layer below is not stored, so neither is this one
 
 if TYPE_CHECKING:
-    from .pins import Pins
+    from .pins import Pins, TreeView
+
+COPY_ARGV = ["cp", "--reflink=auto", "-a", "--"]
 
 log = get_logger(__name__)  # structlog on first use: --version and --inspect import the store
 
@@ -147,7 +151,7 @@ class Store:
             way = "use that aosbuild, or another --store, or"
         else:
             what = (f"osbuild or an older aosbuild (store format {version}; this aosbuild reads format "
-                    f"{VERSION}, which adds locks and stage results to every entry)")
+                    f"{VERSION}, which keeps every stage's result as a layer, with locks and stage results)")
             way = "use another --store, or"
         raise StoreError(f"the store {self.root} was made by {what}: {way} empty this one with "
                          f"`aosbuild store clear --store {self.root}` (its trees will be built again)")
@@ -268,16 +272,20 @@ class Store:
                 await anyio.to_thread.run_sync(entries.remove, entry)
 
     @asynccontextmanager
-    async def store(self, object_id: str, *, keep: Pins | None = None) -> AsyncIterator[NewEntry]:
+    async def store(self, object_id: str, *, keep: Pins | None = None, layers: Iterable[str] = (),
+                    flat: bool = False, commit: bool = True) -> AsyncIterator[NewEntry]:
         """A fresh entry to fill; committed as `object_id` when the block ends without an exception.
 
+        `layers` are the ids of the layers below it (bottom first; with `flat`, the entry is a whole tree).
         If another build committed `object_id` first, this copy is discarded quietly. Whatever the
         outcome (`entry.outcome`), with `keep` the tree stays usable in `keep` until it is closed.
+        Without `commit` (its layers below are not all stored) the entry is only kept, as if too large.
         """
         entry = self._new_entry(self.staging)
+        entry.layers, entry.flat = list(layers), flat
         try:
             yield entry
-            entry.outcome = await self._commit(entry, object_id)
+            entry.outcome = await self._commit(entry, object_id) if commit else UNSTORED_BELOW
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(entries.remove, entry)
@@ -287,10 +295,15 @@ class Store:
 
     async def _settle(self, entry: NewEntry, object_id: str, keep: Pins | None) -> None:
         """After a commit: hand the tree to `keep` or let it go."""
+        if keep is not None and object_id in keep and entry.outcome != STORED:
+            # two pipelines of one build made the same stage at once: the build keeps the first
+            await anyio.to_thread.run_sync(entries.remove, entry)
+            return
         if entry.outcome == STORED:
             entry.lock.change(READ)  # from writer to reader atomically: nobody can evict it in between
             if keep is not None:
-                keep.adopt(LoadedEntry(object_id, entry.path, entry.lock, {}))
+                keep.adopt(LoadedEntry(object_id, entry.path, entry.lock,
+                                       {"layers": entry.layers, "flat": entry.flat}))
             else:
                 entry.lock.close()
             return
@@ -393,6 +406,28 @@ class Store:
             raise
 
 
+    async def copy_view(self, view: TreeView, dst: Path, what: str) -> None:
+        """Copy the tree `view` shows, flattened, into `dst` (through a mount of its layers that only
+        the copying command's own mount namespace has: whiteouts and overlay xattrs are not copied)."""
+        if view.flat:
+            await self.copy(view.layers[0], dst, what)
+            return
+        dst = Path(await anyio.Path(dst).absolute())  # the mounting command runs in the store's directory
+        async with self.stage() as scratch:
+            target, empty = scratch.path / "view", scratch.path / "empty"
+            target.mkdir()
+            empty.mkdir()
+            await anyio.Path(dst).mkdir(parents=True, exist_ok=True)
+            mount = layers.Overlay(target=target, lowers=view.layers, empty=empty)
+            argv = layers.namespace_argv(self.root, [mount], [*COPY_ARGV, f"{target}/.", f"{dst}/"], [str(dst)])
+            try:
+                await process.run(argv)
+            except process.CommandError as exc:
+                if "No space left on device" in exc.output:
+                    raise self.write_error(what, OSError(errno.ENOSPC, "No space left on device")) from exc
+                raise
+
+
 def _remove_all(evicted: list[Entry]) -> None:
     for entry in evicted:
         entries.remove(entry)
@@ -401,4 +436,4 @@ def _remove_all(evicted: list[Entry]) -> None:
 async def copy_tree(src: Path, dst: Path) -> None:
     """Copy a tree's contents with owners, modes, links and xattrs, sharing blocks where the fs can."""
     await anyio.Path(dst).mkdir(parents=True, exist_ok=True)
-    await process.run(["cp", "--reflink=auto", "-a", "--", f"{src}/.", f"{dst}/"])
+    await process.run([*COPY_ARGV, f"{src}/.", f"{dst}/"])

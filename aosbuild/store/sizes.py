@@ -1,22 +1,15 @@
-"""Sizes: `--cache-max-size` values, how much a tree takes on disk, and the default bounds.
+"""Sizes in the store: how much a tree takes on disk, the default bounds, bounds in `cache.info`.
 
-A size is a number of bytes with an optional unit (`kB`, `KiB`, `MB`, `MiB`, `GB`, `GiB`, `TB`, `TiB`,
-as osbuild accepts them), or `unlimited`. Sizes are what the files take on disk (`st_blocks`), each
-inode counted once, so sparse files and hard links are not counted at their apparent size.
+Sizes are parsed and printed by `aosbuild.sizes`. Sizes here are what the files take on disk
+(`st_blocks`), each inode counted once, so sparse files and hard links are not counted at their apparent size.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-UNLIMITED = None
-Bound = int | None  # None: unlimited
-
-UNITS = {"": 1, "B": 1, "kB": 10**3, "KiB": 2**10, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30,
-         "TB": 10**12, "TiB": 2**40}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+from ..sizes import UNLIMITED, Bound
 
 # The default bound of the trees: 20 GiB, or half the store's filesystem where that is smaller.
 # 20 GiB is what osbuild's own callers pass (image-builder, bootc-image-builder): one Debian or Fedora
@@ -29,29 +22,6 @@ DEFAULT_FRACTION = 0.5
 # keeps those of many package sets; items are small and fetched again only when used again.
 DEFAULT_SOURCES_MAX = 10 * 2**30
 DEFAULT_SOURCES_FRACTION = 0.25
-
-
-def parse_size(text: str) -> Bound:
-    """Bytes from `20GiB`, `512 MB`, `1000`; None for `unlimited`. ValueError says what is accepted."""
-    if text.strip() == "unlimited":
-        return UNLIMITED
-    match = _SIZE.fullmatch(text)
-    if match is None or match.group(2) not in UNITS:
-        raise ValueError(f"'{text}' is not a size: use bytes, a number with one of "
-                         f"{', '.join(u for u in UNITS if len(u) > 1)}, or 'unlimited'")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
-
-
-def format_size(n: Bound) -> str:
-    """`1.5 GiB`; `unlimited` for None."""
-    if n is None:
-        return "unlimited"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def bound_to_json(n: Bound) -> int | str:

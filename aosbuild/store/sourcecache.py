@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checksum import PARTIAL_PREFIX, checksum_of, split_checksum
+from .locks import same_file
 
 RECORDS = ".verified"
 
@@ -169,27 +170,42 @@ def discard(item: Path) -> None:
     forget(item)
 
 
-@contextlib.contextmanager
-def try_lock(item: Path) -> Iterator[bool]:
-    """The item's lock (`aosbuild.sources.item_lock`'s protocol), without waiting: True if held."""
+def take_lock(item: Path) -> int | None:
+    """One try at the item's lock, `.lock-<checksum>` beside it: the locked descriptor, or None if another
+    process holds it.
+
+    The lock is an exclusive flock on that file, held while one process fetches, checks or removes the item.
+    The holder removes the file before releasing it (`release_lock`); a process that then wins the lock
+    of the removed file does not hold the item's lock (it tries again on a fresh file), so two holders
+    never overlap and no lock files are left behind.
+    """
     path = item.with_name(f".lock-{item.name}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = False
-        else:
-            try:
-                st, mine = os.stat(path), os.fstat(fd)
-                held = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-            except FileNotFoundError:  # its holder removed it as we locked it
-                held = False
-        try:
-            yield held
-        finally:
-            if held:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if same_file(fd, path):
+            return fd
+    except BlockingIOError:
+        pass
+    except BaseException:
         os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def release_lock(item: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(item.with_name(f".lock-{item.name}"))
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def try_lock(item: Path) -> Iterator[bool]:
+    """The item's lock without waiting: True if held (until the block ends)."""
+    fd = take_lock(item)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            release_lock(item, fd)
