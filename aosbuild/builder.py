@@ -140,7 +140,7 @@ class StageSession:
     def _from_inside(self, handler: Handler) -> Handler:
         async def call(params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
             # a message from the stage means bwrap has made its mounts: its /dev need not stay on the host
-            self.devdir.leave_host()
+            self.devdir.leave_host_soon()
             return await handler(params, fds)
         return call
 
@@ -412,7 +412,7 @@ async def run_osbuild_module(spec: sandbox.SandboxSpec, contract: sandbox.Osbuil
 
     async with osbuild_api.open_api(contract.api, on_exception=on_exception, loops=session.loops) as api:
         returncode = await sandbox.run(spec, handlers={}, on_line=session.output_line,
-                                       on_dev_bound=session.devdir.leave_host, on_set_up=session.on_set_up)
+                                       on_dev_bound=session.devdir.leave_host_soon, on_set_up=session.on_set_up)
         await api.drain()
     session.metadata.update(osbuild_api.read_metadata(contract.meta))
     return returncode

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class DevDir:
         self.path = path
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.on_host = True
+        self._leaving: threading.Thread | None = None
+        self._leave_error: OSError | None = None
         for name, (major, minor) in BASIC_NODES.items():
             os.mknod(name, 0o666 | stat.S_IFCHR, os.makedev(major, minor), dir_fd=self.fd)
         if osbuild_layout:
@@ -77,10 +80,32 @@ class DevDir:
 
     def leave_host(self) -> None:
         """Take the tmpfs off the host's mount tree, once the sandbox has bound it as its /dev: it lives
-        on as the sandbox's /dev and through `fd`, and with them it goes, even if the engine is killed."""
-        if self.on_host:
+        on as the sandbox's /dev and through `fd`, and with them it goes, even if the engine is killed.
+        Returns when it is off (waiting for `leave_host_soon`'s, if that began it)."""
+        if self._leaving is not None:
+            self._leaving.join()
+            self._leaving = None
+            if self._leave_error is not None:
+                error, self._leave_error = self._leave_error, None
+                raise error
+        elif self.on_host:
             self.on_host = False
             umount(os.fspath(self.path), MNT_DETACH)
+
+    def leave_host_soon(self) -> None:
+        """`leave_host` in a thread of its own: the unmount waits for the kernel (an RCU grace period,
+        1-2 ms of each stage on a loaded machine), which the stage, waiting for its answer, need not.
+        `leave_host` (at the stage's end at the latest) waits for it and raises what it raised."""
+        if self.on_host and self._leaving is None:
+            self.on_host = False
+            self._leaving = threading.Thread(target=self._unmount, name="aosbuild-dev-leave", daemon=True)
+            self._leaving.start()
+
+    def _unmount(self) -> None:
+        try:
+            umount(os.fspath(self.path), MNT_DETACH)
+        except OSError as exc:
+            self._leave_error = exc
 
 
 @asynccontextmanager

@@ -80,8 +80,8 @@ def instrument(trace: Trace) -> None:
             trace.mark("teardown")
 
     @contextlib.asynccontextmanager
-    async def traced_dev_dir(path: Path) -> AsyncIterator[Any]:
-        async with open_dev_dir(path) as devdir:
+    async def traced_dev_dir(path: Path, **kwargs: Any) -> AsyncIterator[Any]:
+        async with open_dev_dir(path, **kwargs) as devdir:
             trace.mark("scratch")
             yield devdir
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +57,37 @@ def test_stage_gets_intended_capabilities_under_a_reduced_bounding_set(
     assert int(caps["CapEff"], 16) == intended
     assert int(caps["CapPrm"], 16) == intended
 
+
+
+def test_build_root_etc_files_are_copied_in_and_its_directories_bound(tmp_path: Path) -> None:
+    # the files of the build root's /etc that a stage's tools read arrive as copies (no mount each: fewer
+    # mounts per stage), its directories as read-only binds, and what it lacks stays absent
+    root = tmp_path / "root"
+    (root / "etc/ld.so.conf.d").mkdir(parents=True)
+    (root / "usr").symlink_to("/usr")
+    for name in ("bin", "lib", "lib64"):
+        (root / name).symlink_to(f"usr/{name}")
+    (root / "etc/passwd").write_text("builder:x:0:0::/root:/bin/sh\n")
+    (root / "etc/ld.so.conf.d/extra.conf").write_text("/opt/lib\n")
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (root / "etc/mke2fs.conf").mkdir()  # not a file: bound, as before
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    spec = sandbox.SandboxSpec(build_root=root, tree=tree, executable=Path("/bin/true"), runner=Path("/bin/true"))
+    copies = sandbox.open_etc_copies(root)
+    try:
+        assert sorted(copies) == ["os-release", "passwd"]
+        argv = sandbox.bwrap_argv(spec, sandbox.stage_capabilities(sandbox.bounding_set()), copies)
+        script = ("cat /etc/passwd /etc/ld.so.conf.d/extra.conf; cmp /etc/os-release /usr/lib/os-release && echo same;"
+                  " test -e /etc/group || echo no-group; test -d /etc/mke2fs.conf && echo dir;"
+                  " stat -c %a /etc/passwd; cut -d' ' -f5 /proc/self/mountinfo")
+        argv = [*argv[:argv.index("--") + 1], "/bin/sh", "-c", script]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60,
+                             pass_fds=list(copies.values())).stdout.splitlines()
+    finally:
+        for fd in copies.values():
+            os.close(fd)
+    assert out[:6] == ["builder:x:0:0::/root:/bin/sh", "/opt/lib", "same", "no-group", "dir", "444"]
+    mounts = set(out[6:])
+    assert {"/etc/ld.so.conf.d", "/etc/mke2fs.conf", "/usr"} <= mounts
+    assert not {"/etc/passwd", "/etc/os-release"} & mounts

@@ -72,11 +72,11 @@ def make_mount_point(target: str, root: str) -> None:
 
 def run_with_mounts(stage: str, argv: list[str], plan_text: str) -> int:
     """Mount, run the stage as a child, unmount; its exit code."""
-    import json
+    from . import stagejson
 
     mounted: list[str] = []
     try:
-        for entry in json.loads(plan_text):
+        for entry in stagejson.loads(plan_text):
             make_mount_point(entry["target"], entry["root"])
             mount(entry["source"], entry["target"], entry["fstype"], entry["flags"], entry["data"])
             mounted.append(entry["target"])
