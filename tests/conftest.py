@@ -136,6 +136,16 @@ def check_jsonseq(stream: str | bytes) -> str:
     return checker.summary
 
 
+@pytest.fixture(autouse=True)
+def structlog_unconfigured() -> Iterator[None]:
+    """`run()` called in-process (tests/test_invocation.py) configures structlog for the whole process, with
+    its level filter; a later test that captures debug events (structlog.testing) must not inherit it."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 def shared_dir() -> Path | None:
     """The reference material beside the checkout (`../shared`, or `$AOSBUILD_SHARED`); no test needs it."""
     path = Path(os.environ.get("AOSBUILD_SHARED") or REPO.parent / "shared")
