@@ -49,7 +49,7 @@ from .registry import PASSWORD as REGISTRY_PASSWORD
 from .registry import USER as REGISTRY_USER
 from .registry import run_registry
 from .test_drills import assert_clean, finish, start, wait_for_message
-from .test_osbuild_library import RAISE_STAGE, assert_same, runnable_library
+from .test_osbuild_library import RAISE_STAGE, assert_same, assert_services_cleaned_up, runnable_library
 
 pytestmark = pytest.mark.slow
 
@@ -266,20 +266,7 @@ def test_a_signal_while_input_services_serve_a_stage_leaves_nothing(test_library
         time.sleep(0.05)
     assert [point for point in host_mount_points() if "/host-inputs/" in point] == []
     proc.send_signal(signum)
-    run = finish(proc, timeout=60)
-    assert run.returncode == (130 if signum == signal.SIGINT else -signal.SIGKILL), run.stderr
-    if signum == signal.SIGKILL:
-        def below_store() -> list[str]:
-            return [str(m) for m in mounts_under(aosbuild.store) if m.point != str(aosbuild.store)]
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (below_store() or loops_backed_by(aosbuild.store)):
-            time.sleep(0.2)
-        assert below_store() == []
-        assert loops_backed_by(aosbuild.store) == []
-        return
-    assert "Traceback" not in run.stderr
-    assert_clean(aosbuild)
+    assert_services_cleaned_up(aosbuild, proc, signum)
 
 
 def test_the_library_inline_source_fetches_over_the_host_service_protocol(

@@ -460,11 +460,16 @@ def test_a_signal_while_host_services_hold_mounts_leaves_nothing(test_library: P
     seen = wait_for_message(proc, "sleeping in")
     assert b"sleeping in root at /run/osbuild/mounts/., mounted: True" in seen
     proc.send_signal(signum)
+    assert_services_cleaned_up(aosbuild, proc, signum)
+
+
+def assert_services_cleaned_up(aosbuild: Aosbuild, proc: subprocess.Popen[bytes], signum: int) -> None:
+    """After `signum` to a build whose stage holds host services: SIGINT ends it with 130 and nothing
+    left; after SIGKILL nothing waits for the services: they unmount and exit by themselves, and the loop
+    device (autoclear) goes with its last user; the staging entries are for the next build to remove."""
     run = finish(proc, timeout=60)
     assert run.returncode == (130 if signum == signal.SIGINT else -signal.SIGKILL), run.stderr
     if signum == signal.SIGKILL:
-        # nothing waits for the services: they unmount and exit by themselves, and the loop device
-        # (autoclear) goes with its last user; the staging entries are for the next build to remove
         def below_store() -> list[str]:
             return [str(m) for m in mounts_under(aosbuild.store) if m.point != str(aosbuild.store)]
 
