@@ -29,6 +29,18 @@ def members(blob: Path) -> list[tarfile.TarInfo]:
         return list(tar)
 
 
+def stacked(workdir: Path, lower: Path, upper: Path) -> Path:
+    """`lower` and `upper` written as layers and unpacked one over the other into `workdir/merged`."""
+    write(lower, workdir / "l1")
+    write(upper, workdir / "l2")
+    merged = workdir / "merged"
+    merged.mkdir()
+    for blob in ("l1", "l2"):
+        with open(workdir / blob, "rb") as f:
+            ocilayer.unpack_layer(f, merged, into="tree")
+    return merged
+
+
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
 def test_an_upper_directory_comes_back_exactly(workdir: Path, compression: ocilayer.Compression) -> None:
     upper = make_upper(workdir / "upper")
@@ -114,13 +126,7 @@ def test_applying_layers_deletes_and_hides_what_lower_layers_had(workdir: Path) 
     (lower / "var/cache/old").mkdir(parents=True)
     (lower / "var/cache/old/file").write_text("hidden by the opaque directory\n")
     upper = make_upper(workdir / "upper")
-    write(lower, workdir / "l1")
-    write(upper, workdir / "l2")
-    merged = workdir / "merged"
-    merged.mkdir()
-    for blob in ("l1", "l2"):
-        with open(workdir / blob, "rb") as f:
-            ocilayer.unpack_layer(f, merged, into="tree")
+    merged = stacked(workdir, lower, upper)
     assert not (merged / "etc/deleted").exists()
     assert (merged / "etc/kept").read_text() == "kept\n"
     assert sorted(os.listdir(merged / "var/cache")) == ["kept"]
@@ -174,13 +180,7 @@ def test_unpacking_replaces_what_a_lower_layer_had_under_a_name(workdir: Path) -
     upper.mkdir()
     (upper / "a").write_text("now a file")
     (upper / "b").mkdir()
-    write(lower, workdir / "l1")
-    write(upper, workdir / "l2")
-    merged = workdir / "merged"
-    merged.mkdir()
-    for blob in ("l1", "l2"):
-        with open(workdir / blob, "rb") as f:
-            ocilayer.unpack_layer(f, merged, into="tree")
+    merged = stacked(workdir, lower, upper)
     assert (merged / "a").read_text() == "now a file"
     assert stat.S_ISDIR(os.lstat(merged / "b").st_mode)
     shutil.rmtree(merged)
