@@ -44,11 +44,11 @@ def disk_manifest(*extra_stages: dict[str, Any]) -> dict[str, Any]:
         HELLO: {"encoding": "base64", "data": "aGVsbG8gb3NidWlsZAo="}}}})
 
 
-def read_from_partition(image: Path, path: str, workdir: Path) -> str:
+def read_ext4(image: Path, start: int, size: int, path: str, workdir: Path) -> str:
     partition = workdir / "partition.img"
     with image.open("rb") as src, partition.open("wb") as dst:
-        src.seek(START * 512)
-        dst.write(src.read(SIZE * 512))
+        src.seek(start * 512)
+        dst.write(src.read(size * 512))
     check = subprocess.run(["e2fsck", "-fn", str(partition)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
     return subprocess.run(["debugfs", "-R", f"cat {path}", str(partition)], capture_output=True, text=True,
@@ -60,7 +60,7 @@ def test_filesystem_on_a_partition_offset(aosbuild: Aosbuild) -> None:
                       "--monitor", "jsonseq")
     assert result.returncode == 0, result.stderr
     check_jsonseq(result.stdout)
-    assert read_from_partition(aosbuild.output / "image" / "disk.img", "/etc/hello", aosbuild.workdir) == \
+    assert read_ext4(aosbuild.output / "image" / "disk.img", START, SIZE, "/etc/hello", aosbuild.workdir) == \
         "hello osbuild\n"
     assert loops_backed_by(aosbuild.workdir) == []
     assert stray_mounts(aosbuild.workdir) == []
@@ -155,17 +155,6 @@ def partitioned_manifest(label: str, *extra_stages: dict[str, Any]) -> dict[str,
     m = disk_manifest()
     m["pipelines"][1] = image
     return m
-
-
-def read_ext4(image: Path, start: int, size: int, path: str, workdir: Path) -> str:
-    partition = workdir / "partition.img"
-    with image.open("rb") as src, partition.open("wb") as dst:
-        src.seek(start * 512)
-        dst.write(src.read(size * 512))
-    check = subprocess.run(["e2fsck", "-fn", str(partition)], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout
-    return subprocess.run(["debugfs", "-R", f"cat {path}", str(partition)], capture_output=True, text=True,
-                          check=True).stdout
 
 
 @pytest.mark.parametrize("label", ["dos", "gpt"])
