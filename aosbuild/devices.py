@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import anyio
 
 from .confine import relative_path, resolve_inside
-from .errors import SandboxError
+from .errors import Problem, SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
 from .moduleinfo import ModuleInfo
@@ -203,6 +203,33 @@ async def open_partition(device: Device, parent: OpenDevice | None, *, tree: Pat
 
 DEVICE_TYPES: dict[str, DeviceOpener] = {"org.osbuild.loopback": open_loopback,
                                          "org.aosbuild.partition": open_partition}
+# osbuild's device types that need the kernel's device-mapper: aosbuild has no module of its own for
+# them, only osbuild's (a `--libdir` at its library), run as host services
+DEVICE_MAPPER_TYPES = ("org.osbuild.luks2", "org.osbuild.lvm2.lv")
+DEVICE_MAPPER_CONTROL = "/dev/mapper/control"
+
+
+def has_device_mapper(control: str = DEVICE_MAPPER_CONTROL) -> bool:
+    """Whether this kernel has device-mapper (`dmsetup version` opens the same node)."""
+    try:
+        os.close(os.open(control, os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def device_mapper_refusal(problems: Sequence[Problem]) -> tuple[str | None, list[Problem]]:
+    """One line saying why a manifest's LUKS or LVM devices without a module are refused, and what to do
+    (None: there are none), and the other problems. The problems stay osbuild's: clients match them."""
+    missing = {f"could not find schema information for '{t}'": t for t in DEVICE_MAPPER_TYPES}
+    types = sorted({missing[p.message] for p in problems if p.message in missing})
+    if not types:
+        return None, list(problems)
+    host = "" if has_device_mapper() else (f" (this one has none: {DEVICE_MAPPER_CONTROL} cannot be opened; "
+                                           "try `modprobe dm_mod`)")
+    return (f"aosbuild has no module of its own for {' and '.join(types)} devices (device-mapper devices): "
+            "build with osbuild's library, `--libdir /usr/lib/osbuild`, whose modules open them, on a kernel "
+            f"with device-mapper{host}", [p for p in problems if p.message not in missing])
 
 
 @asynccontextmanager

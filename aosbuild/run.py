@@ -85,6 +85,13 @@ def carry_out(inv: Invocation) -> int:
             print_json(exc.as_json())
         else:
             sys.stdout.write(exc.render())
+        from .devices import device_mapper_refusal
+
+        refusal, others = device_mapper_refusal(exc.problems)
+        if refusal is not None:
+            sys.stderr.write(f"Error: {label}: {refusal}\n")
+            if not others:
+                return 2
         count = len(exc.problems)
         sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix the "
                          f"{'problem' if count == 1 else f'{count} problems'} listed at their JSON paths, then "
