@@ -143,9 +143,11 @@ def is_debian(repository: Repository) -> bool:
     return bool(re.search(r"/debian(-security)?/?$", repository.uri))
 
 
-def choose(suite: str, components: tuple[str, ...], *, mirror: str | None = None, updates: bool = True,
-           apt_etc: Path = HOST_APT_ETC, warnings: list[str] | None = None) -> list[Repository]:
-    """The repositories to depsolve `suite` against: `mirror`, or the host's entries for it.
+def choose(suite: str, components: tuple[str, ...], *, mirror: str | None = None, mirror_trusted: bool = False,
+           updates: bool = True, apt_etc: Path = HOST_APT_ETC,
+           warnings: list[str] | None = None) -> list[Repository]:
+    """The repositories to depsolve `suite` against: `mirror` (unsigned if `mirror_trusted`, apt's
+    `trusted=yes`), or the host's entries for it.
 
     From the host: the first `deb` entry whose suite is `suite` (else, with a warning, the first Debian
     entry for a plain release name, since Debian mirrors carry every suite), plus the first entries for
@@ -153,7 +155,7 @@ def choose(suite: str, components: tuple[str, ...], *, mirror: str | None = None
     system is the release plus its point-release and security updates, as mmdebstrap sets it up.
     """
     if mirror is not None:
-        return [Repository(uri=mirror, suites=(suite,), components=components)]
+        return [Repository(uri=mirror, suites=(suite,), components=components, trusted=mirror_trusted)]
     host = host_repositories(apt_etc)
     by_suite: dict[str, Repository] = {}
     for repository in host:

@@ -61,9 +61,11 @@ DEBS = (
 )
 
 
-def write_repository(top: Path, suite: str = "bookworm") -> None:
+def write_repository(top: Path, suite: str = "bookworm", debs: tuple[Deb, ...] = DEBS) -> None:
+    """An unsigned repository of `debs` at `top`: their files (not real .debs: apt only simulates), the
+    Packages index and a Release file."""
     paragraphs = []
-    for deb in DEBS:
+    for deb in debs:
         path = top / deb.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(deb.data)
