@@ -117,8 +117,8 @@ async def open_dev_dir(path: Path, *, osbuild_layout: bool = False) -> AsyncIter
     try:
         mount(DEV_SOURCE, os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
     except OSError as exc:
-        raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror} "
-                           "(stages need root)") from exc
+        raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror}; stages "
+                           "need root: run aosbuild as root") from exc
     try:
         devdir = DevDir(path, osbuild_layout=osbuild_layout)
     except BaseException:
@@ -149,9 +149,11 @@ def _backing_file(tree: Path, filename: str) -> Path:
     relative, _ = relative_path(filename)
     path = resolve_inside(tree, relative) if relative else None
     if path is None:
-        raise SandboxError(f"loopback device file '{filename}' is outside the tree")
+        raise SandboxError(f"loopback device file '{filename}' is outside the tree: name a file of the "
+                           "pipeline's tree, with no symbolic link leading out of it")
     if not path.is_file():
-        raise SandboxError(f"loopback device file '{filename}' does not exist in the tree")
+        raise SandboxError(f"loopback device file '{filename}' does not exist in the tree: make it in an "
+                           "earlier stage (org.osbuild.truncate, say)")
     return path
 
 
@@ -184,16 +186,19 @@ async def open_partition(device: Device, parent: OpenDevice | None, *, tree: Pat
     """`org.aosbuild.partition`: partition `number` of the parent device's MBR or GPT table."""
     number = device.options.get("number")
     if parent is None:
-        raise SandboxError(f"device '{device.name}': an org.aosbuild.partition device needs a parent (the disk)")
+        raise SandboxError(f"device '{device.name}': an org.aosbuild.partition device needs a parent: give "
+                           "it `parent`, the name of its disk's device")
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-        raise SandboxError(f"device '{device.name}': option 'number' must be a partition number from 1")
+        raise SandboxError(f"device '{device.name}': option 'number' must be a partition number from 1; "
+                           "fix it in the manifest")
     read_only = bool(device.options.get("read-only", False))
     fd = os.open(parent.host_path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     try:
         try:
             partition = await anyio.to_thread.run_sync(find_partition, fd, number)
         except SandboxError as exc:
-            raise SandboxError(f"device '{device.name}' (partition {number} of its parent): {exc}") from None
+            raise SandboxError(f"device '{device.name}' (partition {number} of its parent): {exc}; check "
+                               "`number` and the stage that wrote the partition table") from None
         loop = await loops.attach(fd, offset=partition.start * SECTOR, size=partition.size * SECTOR,
                                   sector_size=SECTOR, read_only=read_only)
     finally:
@@ -251,7 +256,8 @@ async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir
                 continue
             module = find(device.type)
             if module is None or module.path is None:
-                raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}")
+                raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}; give --libdir "
+                                   "a library that has it (osbuild's, /usr/lib/osbuild)")
             from .hostservices import open_host_device
 
             reply = await open_host_device(services, device, module, dev=devdir.path, tree=tree, on_line=on_line,

@@ -172,6 +172,8 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
         if inv.sources_only and report is not None and isinstance(ours, SourceError):
             for items in report.sources.values():  # every failed item, not only the first
                 sys.stderr.writelines(f"Error: {item.error}\n" for item in items if item.error)
+            sys.stderr.write("What to do: check those items' URLs and checksums in the manifest's `sources`, then "
+                             "run `--sources-only` again (the items it fetched are kept).\n")
         else:
             sys.stderr.write(explain(ours, tail=monitor_name != "live"))
         if report is not None and end_summary is not None:
