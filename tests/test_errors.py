@@ -210,3 +210,17 @@ def test_a_repository_entry_apt_would_not_take(workdir: Path, repo: str, message
                            "tool"], capture_output=True, text=True, timeout=60)
     clear(Run(proc.returncode, proc.stdout, proc.stderr), 2, message)
     assert list(workdir.iterdir()) == []  # refused before apt ran
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ({"org.osbuild.curl": {"items": {"sha256:" + "0" * 64: "file:///etc/hostname"}}},
+     "aosbuild downloads http:// and https:// URLs only: serve the file over HTTP(S), or put a small one in the "
+     "manifest as an org.osbuild.inline item"),
+    ({"org.osbuild.inline": {"items": {"sha256:" + "0" * 64: {"encoding": "base64", "data": "not base64!"}}}},
+     "; an item's `data` must be what its `encoding` says (base64 or lzma+base64)"),
+], ids=["file-url", "inline-data"])
+def test_a_source_item_that_cannot_be_fetched(aosbuild: Aosbuild, source: dict[str, Any], message: str) -> None:
+    run = aosbuild(manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/x"}])), sources=source),
+                   "--sources-only", timeout=60)
+    clear(run, 1, message)
+    assert "attempt" not in run.stdout + run.stderr
