@@ -23,11 +23,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import anyio
@@ -53,6 +53,8 @@ MAX_INDEX_AGE = 24 * 3600.0
 ROOT_LAYOUT = "1"
 INST = re.compile(r"^Inst (?P<name>[^\s:]+)(?::\S+)? (?:\[\S+\] )?\((?P<version>\S+) .*\[(?P<arch>[^\]]+)\]\)")
 URI_LINE = re.compile(r"^'(?P<url>[^']+)' (?P<file>\S+) (?P<size>\d+) (?P<hash>\S+)$")
+T = TypeVar("T")
+R = TypeVar("R")
 APT_PROGRESS = ("Reading package lists...", "Building dependency tree...", "Reading state information...")
 
 
@@ -437,17 +439,11 @@ def request_from(args: argparse.Namespace) -> DepsolveRequest:
                               recommends=args.recommends)
 
 
-def main(argv: list[str]) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+def run_command(work: Callable[[], Awaitable[T]], backend: str = "trio") -> T | int:
+    """Run a command's depsolving until it ends or a signal stops it: its result, or, having said why on
+    stderr (an error, then apt's own explanation), the exit code."""
     try:
-        request = request_from(args)
-    except ValueError as exc:
-        p.print_usage(sys.stderr)
-        sys.stderr.write(f"{p.prog}: error: {exc}\n")
-        return 2
-    try:
-        result = anyio.run(run_until_signalled, functools.partial(depsolve, request), backend=args.backend)
+        return anyio.run(run_until_signalled, work, backend=backend)
     except Interrupted as exc:
         sys.stderr.write("Aborted\n")
         return exc.exit_code
@@ -456,6 +452,29 @@ def main(argv: list[str]) -> int:
         if isinstance(exc, DepsolveError) and exc.output:
             sys.stderr.write(exc.output.rstrip("\n") + "\n")
         return exc.exit_code
+
+
+def parse_checked(p: argparse.ArgumentParser, argv: list[str],
+                  check: Callable[[argparse.Namespace], R]) -> tuple[argparse.Namespace, R] | None:
+    """The arguments and what `check` makes of them; None, with the usage and the error printed as
+    argparse prints its own (exit 2), when `check` finds them wrong (ValueError)."""
+    args = p.parse_args(argv)
+    try:
+        return args, check(args)
+    except ValueError as exc:
+        p.print_usage(sys.stderr)
+        sys.stderr.write(f"{p.prog}: error: {exc}\n")
+        return None
+
+
+def main(argv: list[str]) -> int:
+    parsed = parse_checked(parser(), argv, request_from)
+    if parsed is None:
+        return 2
+    args, request = parsed
+    result = run_command(functools.partial(depsolve, request), backend=args.backend)
+    if isinstance(result, int):
+        return result
     for warning in result.warnings:
         sys.stderr.write(f"Warning: {warning}\n")
     sys.stdout.write(json.dumps(result.as_json(args.format), indent=2) + "\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -26,17 +27,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from .depsolve import (
-    DepsolveError,
     DepsolveRequest,
     DepsolveResult,
     add_repository_arguments,
     depsolve,
+    parse_checked,
     repository_request,
+    run_command,
 )
-from .errors import AosbuildError
 from .sizes import size_argument
 
 # what the stages run from the build root: stages are python3; install (mmdebstrap, apt-utils); users
@@ -247,14 +246,10 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "debian":
         sys.stderr.write("usage: aosbuild sample debian [--output FILE] [options]; see --help\n")
         return 2
-    p = parser()
-    args = p.parse_args(argv[1:])
-    try:
-        wanted = requests(args)
-    except ValueError as exc:
-        p.print_usage(sys.stderr)
-        sys.stderr.write(f"{p.prog}: error: {exc}\n")
+    parsed = parse_checked(parser(), argv[1:], requests)
+    if parsed is None:
         return 2
+    args, wanted = parsed
     args.ssh_key_text = None
     if args.ssh_key is not None:
         try:
@@ -265,13 +260,10 @@ def main(argv: list[str]) -> int:
     if args.password is None:
         args.password = secrets.token_urlsafe(9)
         sys.stderr.write(f"password of {args.user}: {args.password}\n")
-    try:
-        build, system = anyio.run(resolve, *wanted, backend="trio")
-    except AosbuildError as exc:
-        sys.stderr.write(f"Error: {exc}\n")
-        if isinstance(exc, DepsolveError) and exc.output:
-            sys.stderr.write(exc.output.rstrip("\n") + "\n")
-        return 1
+    resolved = run_command(functools.partial(resolve, *wanted))
+    if isinstance(resolved, int):
+        return resolved
+    build, system = resolved
     for warning in {*build.warnings, *system.warnings}:
         sys.stderr.write(f"Warning: {warning}\n")
     text = json.dumps(manifest(build=build, system=system, args=args), indent=2) + "\n"

@@ -119,19 +119,22 @@ class Repo:
     def release_fetches(self) -> int:
         return sum(1 for path in self.requests if path.endswith("/InRelease"))
 
+    def __enter__(self) -> Repo:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stalling.clear()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
 
 @pytest.fixture
 def repo(workdir: Path) -> Iterator[Repo]:
     write_repository(workdir / "www" / "debian")
-    server = Repo(workdir / "www")
-    server.thread.start()
-    try:
+    with Repo(workdir / "www") as server:
         yield server
-    finally:
-        server.stalling.clear()
-        server.server.shutdown()
-        server.server.server_close()
-        server.thread.join()
 
 
 @pytest.fixture

@@ -108,14 +108,8 @@ def archives() -> Iterator[Path]:
 def server(archives: Path, workdir: Path) -> Iterator[Repo]:
     www = workdir / "www"
     shutil.copytree(archives, www)
-    repo = Repo(www)
-    repo.thread.start()
-    try:
+    with Repo(www) as repo:
         yield repo
-    finally:
-        repo.server.shutdown()
-        repo.server.server_close()
-        repo.thread.join()
 
 
 def base_url(repo: Repo) -> str:

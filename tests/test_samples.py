@@ -134,14 +134,8 @@ def local_repo(workdir: Path) -> Iterator[Repo]:
     for suite in ("bookworm", "trixie"):
         write_repository(www / "debian", suite, LOCAL_DEBS)
     write_repository(www / "extra", "stable", EXTRA_DEBS)
-    repo = Repo(www)
-    repo.thread.start()
-    try:
+    with Repo(www) as repo:
         yield repo
-    finally:
-        repo.server.shutdown()
-        repo.server.server_close()
-        repo.thread.join()
 
 
 def sample_command(*args: str) -> subprocess.CompletedProcess[str]:
