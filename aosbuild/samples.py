@@ -6,8 +6,8 @@ host), `os` (the system: packages, initramfs, GRUB configuration, then the confi
 area) and `qcow2`. The system is a VM image one can reach: D-Bus and logind, DHCP on every Ethernet NIC
 (systemd-networkd) with systemd-resolved, and an SSH server that takes keys only, its host keys made at
 first boot. The package sets are resolved by apt against the mirror of the host's apt configuration (or
-`--mirror`), so the manifest pins every byte that goes into the image; no mirror address lives in this
-repository.
+`--mirror`, `--apt-sources`, `--repo`: depsolve's flags, so a repository of one's own serves too), so the
+manifest pins every byte that goes into the image; no mirror address lives in this repository.
 """
 
 from __future__ import annotations
