@@ -32,7 +32,14 @@ from . import osbuild_api, sandbox
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
-from .hostservices import StoreApi, open_host_inputs, open_host_mounts, open_store_api, split_mounts
+from .hostservices import (
+    StoreApi,
+    open_host_inputs,
+    open_host_mounts,
+    open_host_tree,
+    open_store_api,
+    split_mounts,
+)
 from .inputs import NATIVE_INPUTS, map_input
 from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
@@ -225,15 +232,23 @@ class Views:
         self.empty.mkdir()
         self.overlays: list[overlay.Overlay] = []
         self._mounted: dict[tuple[Path, ...], Path] = {}
+        self._tree: overlay.Overlay | None = None
 
     def tree(self, below: TreeView | None, upper: Path) -> Path:
         """Where the stage's tree is: the new layer over the layers below."""
         target, work = self.scratch / "tree", self.scratch / "work"
         target.mkdir()
         work.mkdir()
-        self.overlays.append(overlay.Overlay(target=target, lowers=below.layers if below else (),
-                                             empty=self.empty, upper=upper, work=work))
+        self._tree = overlay.Overlay(target=target, lowers=below.layers if below else (), empty=self.empty,
+                                     upper=upper, work=work)
+        self.overlays.append(self._tree)
         return target
+
+    def take_tree(self) -> overlay.Overlay:
+        """The tree's overlay, which the caller mounts on the host instead of in the stage's namespace."""
+        assert self._tree is not None
+        self.overlays.remove(self._tree)
+        return self._tree
 
     def show(self, view: TreeView) -> Path:
         """A directory that shows `view` read-only: a flat tree itself, else a mount of its layers."""
@@ -346,14 +361,17 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             mounts: dict[str, Any] = {}
             if by_service:
                 # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild;
-                # native ones are made in the sandbox on top of them. Layered, the host sees only the stage's
-                # new layer of the tree (the merged view is mounted in the stage's namespace): a mount module
-                # that reads the tree sees the layer alone
+                # native ones are made in the sandbox on top of them. The services read and mount into the
+                # tree the stage sees: layered, that is the merged overlay, so it is mounted on the host for
+                # them (and the sandbox binds it) rather than in the stage's namespace
+                if layered:
+                    tree = await host_mounts.enter_async_context(
+                        open_host_tree(views.take_tree(), ctx.store.root, service_line))
                 root = scratch.path / "mounts"
                 os.mkdir(root)
                 mounts = await host_mounts.enter_async_context(open_host_mounts(
                     by_service, find=lambda name: ctx.library.find("Mount", name), devices=devices,
-                    root=root, tree=entry.tree, on_line=service_line))
+                    root=root, tree=tree, on_line=service_line))
                 binds.append(sandbox.Bind(root, sandbox.MOUNTS, read_only=False))
             mount_plan, native_arguments = plan_mounts(native_mounts, devices)
             mounts.update(native_arguments)

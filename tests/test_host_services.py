@@ -368,3 +368,69 @@ def test_a_device_service_that_fails_fails_its_stage_and_leaves_nothing(osbuild_
     assert "is not a valid LUKS device" in run.stdout + run.stderr
     assert run.stdout.index("org.osbuild.mkfs.ext4: ") < run.stdout.index("device/device (org.osbuild.luks2): ")
     assert_clean(aosbuild)
+
+
+# -- mount services on the layered store: they see the stage's merged tree -------------------------------------
+
+def tree_bind_manifest(last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Library mounts that read and write the stage's tree, after stages that wrote it: a bind of the
+    tree's `/etc` (hostname from an earlier stage) onto its `/mnt` (made by an earlier stage), and, as
+    bootc-image-builder does, the mounted disk bound over the whole tree (`tree://` from `mount://`)."""
+    disk = {"disk": lib.loopback("disk.img")}
+    etc_on_mnt = [{"name": "etc", "type": "org.osbuild.bind", "target": "tree://mnt",
+                   "options": {"source": "tree://etc"}}]
+    disk_as_tree = [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"},
+                    {"name": "bound", "type": "org.osbuild.bind", "target": "tree://",
+                     "options": {"source": "mount://"}}]
+    return {"version": "2", "pipelines": [
+        {"name": "os", "stages": [
+            lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}, {"path": "/mnt"}]}),
+            lib.stage("org.osbuild.hostname", {"hostname": "layered"}),
+            lib.stage("org.osbuild.copy", {"paths": [{"from": "tree:///mnt/hostname", "to": "tree:///copied"}]},
+                      mounts=etc_on_mnt)]},
+        {"name": "image", "stages": [
+            lib.stage("org.osbuild.truncate", {"filename": "disk.img", "size": "16MiB"}),
+            lib.stage("org.osbuild.mkfs.ext4", {"uuid": lib.ROOT_UUID}, devices={"device": disk["disk"]}),
+            lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}]}, devices=disk, mounts=disk_as_tree),
+            lib.stage("org.osbuild.copy", {"paths": [{"from": "input://os/etc/hostname", "to": "tree:///etc/"}]},
+                      inputs={"os": lib.tree_input("os")}, devices=disk, mounts=disk_as_tree),
+            *([{**last, "devices": disk, "mounts": disk_as_tree}] if last else [])]}]}
+
+
+def test_bind_mounts_of_the_tree_see_what_earlier_stages_wrote(test_library: Path, aosbuild: Aosbuild) -> None:
+    """On the layered store the tree of a stage is an overlay of earlier stages' layers: a library mount
+    service must be given that merged tree, not the stage's new (empty) layer, as osbuild gives its tree."""
+    from .test_osbuild_library import ext4_view, tree_view
+
+    m = tree_bind_manifest()
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "os", "--export", "image", "--output-directory",
+                                                str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--export", "image",
+                    "--output-directory", str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    assert (aosbuild.output / "os/copied").read_text() == "layered\n"
+    assert_same(tree_view(aosbuild.output / "os"), tree_view(aosbuild.workdir / "osbuild/os"))
+    # the stages wrote into the disk through the bind, not into the image's tree
+    assert sorted(p.name for p in (aosbuild.output / "image").iterdir()) == ["disk.img"]
+    view = ext4_view(aosbuild.output / "image/disk.img", aosbuild.workdir)
+    assert view["etc/hostname"][4] == hashlib.sha256(b"layered\n").hexdigest()
+    assert_same(view, ext4_view(aosbuild.workdir / "osbuild/image/disk.img", aosbuild.workdir))
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
+    assert loops_backed_by(aosbuild.store) == []
+
+
+@pytest.mark.usefixtures("nodev_store")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_a_signal_while_a_bind_holds_the_merged_tree_leaves_nothing(test_library: Path, aosbuild: Aosbuild,
+                                                                     signum: int) -> None:
+    """The merged tree mounted on the host for the mount services goes with them: after SIGINT, and after
+    SIGKILL (its holder sees the engine's end of its pipe close)."""
+    sleeper = {"type": RAISE_STAGE, "options": {"sleep": 60, "message": "never"}}
+    proc = start(aosbuild, tree_bind_manifest(sleeper), "--libdir", str(test_library), "--monitor", "jsonseq",
+                 "--export", "image", "--output-directory", str(aosbuild.output))
+    wait_for_message(proc, "sleeping in")
+    proc.send_signal(signum)
+    assert_services_cleaned_up(aosbuild, proc, signum)
