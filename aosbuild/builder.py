@@ -29,6 +29,7 @@ import anyio
 import structlog
 
 from . import osbuild_api, sandbox
+from .accounts import Accounts, make_accounts
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
@@ -177,6 +178,15 @@ class Runners:
         self.wanted = wanted
         distro, version = osbuild_api.runner_version(wanted.removeprefix("org.osbuild."))
         self.aosbuild_name = choose_runner(ctx.library.runner_names(), distro, str(version) if version else "")
+        self._accounts: list[Accounts | None] = []  # made once, for the first stage that needs them
+
+    async def accounts(self, build: TreeView | None, scratch: Path) -> Accounts | None:
+        """The /etc/passwd and /etc/group aosbuild's runner gives its stages: as osbuild's distribution
+        runners make them in the build root (`aosbuild.accounts`)."""
+        if not self._accounts:
+            layers = (Path("/"),) if build is None else build.layers
+            self._accounts.append(await make_accounts(layers, scratch))
+        return self._accounts[0]
 
     def for_module(self, info: ModuleInfo) -> tuple[str, Path]:
         """The runner's name and file for a module."""
@@ -392,11 +402,13 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir,
                                    on_set_up=store_api.release if store_api.binds else None)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
+            # osbuild's runners make their own accounts in the sandbox
+            accounts = await runners.accounts(build, scratch.path) if contract is None else None
             spec = sandbox.SandboxSpec(
                 build_root=build_root, tree=tree, executable=info.path, runner=runner, runner_name=runner_name,
                 dev=devdir.path, binds=tuple(binds), env=env, osbuild=contract,
                 capabilities=tuple(sorted(info.capabilities)),
-                root_entries=None if build is None or build.flat else root_entries(build))
+                root_entries=None if build is None or build.flat else root_entries(build), accounts=accounts)
             spec = dataclasses.replace(spec, prefix=views.prefix(sandbox.bwrap_argv(spec), sandbox.sources(spec)))
             reason = ""
             try:

@@ -184,13 +184,15 @@ def ext4_files(image: Path, start: int, size: int, workdir: Path) -> dict[str, t
 
 
 def archive_members(archive: Path) -> dict[str, tuple[Any, ...]]:
-    """Each member's type, mode, owner, group, link target and content; not its times (nor its owner's
-    name: aosbuild's build root has the host's /etc/passwd, osbuild's one made by systemd-sysusers)."""
+    """Each member's type, mode, owner and group (ids and names), link target and content; not its times.
+    The names are those of osbuild's build root, whose accounts systemd-sysusers makes (`aosbuild.accounts`):
+    uid 1000 has none there, whatever the host calls it."""
     with tarfile.open(archive) as tf:
         found = {}
         for m in tf.getmembers():
             data = f.read() if m.isfile() and (f := tf.extractfile(m)) else b""
-            found[m.name] = (m.type, m.mode, m.uid, m.gid, m.linkname, hashlib.sha256(data).hexdigest())
+            found[m.name] = (m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.linkname,
+                             hashlib.sha256(data).hexdigest())
         return found
 
 
@@ -223,6 +225,8 @@ def test_bundled_stages_make_what_osbuilds_make(osbuild_builder: OsbuildOracle, 
     members = archive_members(theirs / "archive" / "tree.tar")
     assert len(members) == len(tree)
     assert differences(members, archive_members(ours / "archive" / "tree.tar")) == {}
+    alice = members["./home/alice"]
+    assert alice[2:6] == (1000, 100, "", "users")  # osbuild's: no name for uid 1000 (the host has one)
     for suffix, unpack in (("xz", ["xz", "-dc"]), ("gz", ["gzip", "-dc"]), ("zst", ["zstd", "-dcq"])):
         for out in (theirs, ours):
             packed = out / "compressed" / f"tree.tar.{suffix}"
