@@ -434,3 +434,79 @@ def test_a_signal_while_a_bind_holds_the_merged_tree_leaves_nothing(test_library
     wait_for_message(proc, "sleeping in")
     proc.send_signal(signum)
     assert_services_cleaned_up(aosbuild, proc, signum)
+
+
+# -- containers-storage: the host's container storage, as a source and an input ---------------------------------
+
+# runs the rest of argv with a private /etc/containers (its storage.conf naming a storage of the test's)
+PRIVATE_CONTAINERS = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                      'mount --bind "$1" /etc/containers && shift && exec "$@"', "sh"]
+# what containers/storage writes anew on every copy (creation times, lock contents)
+VOLATILE = ("vfs-images/images.json", "vfs-layers/layers.json", ".lock")
+
+
+def private_containers_conf(workdir: Path) -> Path:
+    """A copy of the host's /etc/containers whose storage.conf puts the storage (vfs) below `workdir`."""
+    conf = workdir / "containers"
+    if Path("/etc/containers").is_dir():
+        shutil.copytree("/etc/containers", conf, symlinks=True)
+    conf.mkdir(exist_ok=True)
+    (conf / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{workdir}/graph"\n'
+                                       f'runroot = "{workdir}/runroot"\n')
+    return conf
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is missing: apt-get install -y skopeo")
+@pytest.mark.skipif(not Path("/etc/containers").is_dir(), reason="osbuild binds /etc/containers: mkdir it")
+def test_a_containers_storage_source_and_input_match_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    """The library's `org.osbuild.containers-storage` source (it checks the image is in the host's storage,
+    as storage.conf names it) and input (it binds that storage for the stage), with osbuild's `skopeo`
+    stage copying the image into the tree, as an OCI layout and into the tree's own storage: osbuild and
+    aosbuild give the stage the same, and make the same tree. The image is a one-layer image built here,
+    copied into a storage of the test's own with skopeo: no network."""
+    image_id = oci_layout(aosbuild.workdir / "layout")
+    conf = private_containers_conf(aosbuild.workdir)
+    private = [*PRIVATE_CONTAINERS, str(conf)]
+    subprocess.run([*private, "skopeo", "copy", "--quiet", f"oci:{aosbuild.workdir / 'layout'}:latest",
+                    "containers-storage:localhost/probe:latest"], check=True, capture_output=True)
+    images = {"images": {"type": "org.osbuild.containers-storage", "origin": "org.osbuild.source",
+                         "references": {image_id: {"name": "localhost/probe:latest"}}}}
+    m = {"version": "2", "sources": {"org.osbuild.containers-storage": {"items": {image_id: {}}}},
+         "pipelines": [{"name": "os", "stages": [
+             lib.stage(CONTRACT, {}, inputs=images),
+             lib.stage("org.osbuild.skopeo", {"destination": {"type": "oci", "path": "/oci"}}, inputs=images),
+             lib.stage("org.osbuild.skopeo", {"destination": {
+                 "type": "containers-storage", "storage-path": "/var/lib/containers/storage",
+                 "storage-driver": "vfs"}}, inputs=images)]}]}
+    path = aosbuild.write_manifest(m)
+    env = {**os.environ, "PYTHONPATH": str(test_library)}
+    theirs = subprocess.run([*private, sys.executable, "-m", "osbuild", "--libdir", str(test_library), "--store",
+                             str(aosbuild.workdir / "osbuild-store"), "--export", "os", "--output-directory",
+                             str(aosbuild.workdir / "osbuild"), str(path)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = subprocess.run([*private, *aosbuild.command(path, "--libdir", str(test_library), "--export", "os",
+                                                      "--output-directory", str(aosbuild.output))],
+                          capture_output=True, text=True, timeout=300, cwd=aosbuild.workdir)
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+
+    our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
+    their_contract = json.loads((aosbuild.workdir / "osbuild/os/contract.json").read_text())
+    assert our_contract["arguments"]["inputs"]["images"] == {"path": "/run/osbuild/inputs/images", "data": {
+        "archives": {image_id: {"format": "containers-storage", "name": "localhost/probe:latest", "storage": {
+            "driver": "vfs", "graphroot": f"{aosbuild.workdir}/graph", "runroot": f"{aosbuild.workdir}/runroot"}}}}}
+    assert our_contract["inputs"]["images"] == ["storage"]
+    our_contract.pop("caps")  # the one difference on purpose (test_osbuild_library)
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
+
+    from .test_osbuild_library import tree_view
+
+    def view(root: Path) -> dict[str, Any]:
+        return {k: v for k, v in tree_view(root).items() if k != "contract.json" and not k.endswith(VOLATILE)}
+
+    ours_view = view(aosbuild.output / "os")
+    assert "oci/index.json" in ours_view
+    assert any(k.endswith("/etc/probe") for k in ours_view if k.startswith("var/lib/containers/storage/vfs/dir/"))
+    assert_same(ours_view, view(aosbuild.workdir / "osbuild/os"))
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
