@@ -510,3 +510,115 @@ def test_a_containers_storage_source_and_input_match_osbuild(test_library: Path,
     assert any(k.endswith("/etc/probe") for k in ours_view if k.startswith("var/lib/containers/storage/vfs/dir/"))
     assert_same(ours_view, view(aosbuild.workdir / "osbuild/os"))
     assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
+
+
+def oci_index_layout(layout: Path) -> str:
+    """`oci_layout`'s image behind a one-entry image index (amd64/linux), which the layout's `latest` names;
+    the image id."""
+    image_id = oci_layout(layout)
+    index = json.loads((layout / "index.json").read_text())
+    manifest = index["manifests"][0]
+    entry = {k: v for k, v in manifest.items() if k != "annotations"}
+    data = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": [{**entry, "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs/sha256" / digest).write_bytes(data)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}", "size": len(data),
+         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    return image_id
+
+
+def test_a_skopeo_index_source_and_its_manifest_list_match_osbuild(
+        test_library: Path, aosbuild: Aosbuild, monkeypatch: pytest.MonkeyPatch) -> None:
+    """osbuild's `org.osbuild.skopeo-index` source fetches an image's manifest list (from a local registry)
+    into `sources/org.osbuild.files`; with the image from the `org.osbuild.skopeo` source, osbuild's skopeo
+    stage merges the two and copies the image into the tree: the same under both."""
+    image_id = oci_index_layout(aosbuild.workdir / "layout")
+    with run_registry(aosbuild.workdir / "registry") as served:
+        creds = f"{REGISTRY_USER}:{REGISTRY_PASSWORD}"
+        subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false", "--dest-creds", creds,
+                        f"oci:{aosbuild.workdir / 'layout'}:latest", f"docker://{served.host}/probe:latest"],
+                       check=True, capture_output=True)
+        raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", "--creds", creds,
+                              f"docker://{served.host}/probe:latest"], check=True, capture_output=True).stdout
+        list_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        # as pushed: skopeo compressed the layer, so the image's manifest is a new one
+        manifest_digest = json.loads(raw)["manifests"][0]["digest"]
+        auth = aosbuild.workdir / "auth.json"
+        auth.write_text(json.dumps({"auths": {served.host: {"auth": base64.b64encode(creds.encode()).decode()}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        name = f"{served.host}/probe"
+        m = {"version": "2",
+             "sources": {
+                 "org.osbuild.skopeo": {"items": {image_id: {"image": {
+                     "name": name, "digest": manifest_digest, "tls-verify": False}}}},
+                 "org.osbuild.skopeo-index": {"items": {list_digest: {"image": {"name": name, "tls-verify": False}}}}},
+             "pipelines": [{"name": "os", "stages": [lib.stage("org.osbuild.skopeo", {
+                 "destination": {"type": "oci", "path": "/oci"}}, inputs={
+                 "images": {"type": "org.osbuild.containers", "origin": "org.osbuild.source",
+                            "references": {image_id: {"name": "localhost/probe:latest"}}},
+                 "manifest-lists": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                                    "references": [list_digest]}})]}]}
+        path = aosbuild.write_manifest(m)
+        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
+                                                    "--export", "os", "--output-directory",
+                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                        str(aosbuild.output))
+        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    assert (aosbuild.store / "sources/org.osbuild.files" / list_digest).read_bytes() == raw
+    from .test_osbuild_library import tree_view
+
+    ours_view = tree_view(aosbuild.output / "os")
+    # the list's one image, copied as its manifest names it (skopeo copies one instance of a list)
+    index = json.loads((aosbuild.output / "os/oci/index.json").read_text())
+    assert [entry["digest"] for entry in index["manifests"]] == [manifest_digest]
+    assert f"oci/blobs/sha256/{image_id.removeprefix('sha256:')}" in ours_view
+    assert_same(ours_view, tree_view(aosbuild.workdir / "osbuild/os"))
+
+
+def librepo_available() -> bool:
+    return subprocess.run(["/usr/bin/python3", "-c", "import librepo"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not librepo_available(), reason="osbuild's librepo source needs python3-librepo: "
+                    "apt-get install -y python3-librepo")
+def test_a_librepo_source_from_a_local_mirror_matches_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    """osbuild's `org.osbuild.librepo` source (librepo, as Fedora's builds fetch RPMs) from a `baseurl`
+    mirror on 127.0.0.1 into `sources/org.osbuild.files`, and osbuild's copy stage putting the file into the
+    tree from a files input: the same under osbuild and aosbuild, and the second build finds it cached."""
+    from .fileserver import FileServer, sha256
+    from .test_osbuild_library import tree_view
+
+    data = b"not really an rpm, but librepo only checks the checksum\n" * 100
+    checksum = sha256(data)
+    with FileServer().running() as files:
+        files.add("/repo/Packages/p/probe-1.0.noarch.rpm", data)
+        m = {"version": "2",
+             "sources": {"org.osbuild.librepo": {
+                 "items": {checksum: {"path": "Packages/p/probe-1.0.noarch.rpm", "mirror": "local"}},
+                 "options": {"mirrors": {"local": {"url": files.url("/repo/"), "type": "baseurl"}}}}},
+             "pipelines": [{"name": "os", "stages": [
+                 lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/pkgs"}]}),
+                 lib.stage("org.osbuild.copy", {"paths": [{"from": f"input://rpms/{checksum}",
+                                                           "to": "tree:///pkgs/probe.rpm"}]},
+                           inputs={"rpms": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                                            "references": {checksum: {}}}})]}]}
+        path = aosbuild.write_manifest(m)
+        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
+                                                    "--export", "os", "--output-directory",
+                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                        str(aosbuild.output))
+        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+        fetched = files.count("/repo/Packages/p/probe-1.0.noarch.rpm")
+        again = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                         str(aosbuild.output))
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+        assert files.count("/repo/Packages/p/probe-1.0.noarch.rpm") == fetched  # cached: not fetched again
+    assert (aosbuild.store / "sources/org.osbuild.files" / checksum).read_bytes() == data
+    assert (aosbuild.output / "os/pkgs/probe.rpm").read_bytes() == data
+    assert_same(tree_view(aosbuild.output / "os"), tree_view(aosbuild.workdir / "osbuild/os"))
