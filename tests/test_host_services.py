@@ -622,3 +622,43 @@ def test_a_librepo_source_from_a_local_mirror_matches_osbuild(test_library: Path
     assert (aosbuild.store / "sources/org.osbuild.files" / checksum).read_bytes() == data
     assert (aosbuild.output / "os/pkgs/probe.rpm").read_bytes() == data
     assert_same(tree_view(aosbuild.output / "os"), tree_view(aosbuild.workdir / "osbuild/os"))
+
+
+@needs_ostree
+def test_an_ostree_checkout_input_matches_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    """osbuild's `org.osbuild.ostree.checkout` input checks out a commit of the `org.osbuild.ostree` source
+    (a local repository) for the stage: the test stage sees what osbuild gives it, and osbuild's copy stage
+    takes a file of the checkout into the tree, as under osbuild."""
+    from .test_osbuild_library import tree_view
+
+    repo, commit = ostree_repo(aosbuild.workdir)
+    checkout = {"checkout": {"type": "org.osbuild.ostree.checkout", "origin": "org.osbuild.source",
+                             "references": [commit]}}
+    m = {"version": "2",
+         "sources": {"org.osbuild.ostree": {"items": {commit: {"remote": {"url": f"file://{repo}"}}}}},
+         "pipelines": [{"name": "os", "stages": [
+             lib.stage(CONTRACT, {}, inputs=checkout),
+             lib.stage("org.osbuild.copy", {"paths": [{"from": f"input://checkout/{commit}/etc/probe",
+                                                       "to": "tree:///probe"}]}, inputs=checkout)]}]}
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "os", "--output-directory", str(aosbuild.workdir / "osbuild"),
+                                                str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory", str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    assert (aosbuild.output / "os/probe").read_text() == "committed\n"
+    our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
+    their_contract = json.loads((aosbuild.workdir / "osbuild/os/contract.json").read_text())
+    assert our_contract["arguments"]["inputs"]["checkout"] == {
+        "path": "/run/osbuild/inputs/checkout", "data": {"refs": {commit: {"path": commit}}}}
+    assert our_contract["inputs"]["checkout"] == [commit]
+    our_contract.pop("caps")  # the one difference on purpose (test_osbuild_library)
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
+
+    def view(root: Path) -> dict[str, Any]:
+        return {k: v for k, v in tree_view(root).items() if k != "contract.json"}
+
+    assert_same(view(aosbuild.output / "os"), view(aosbuild.workdir / "osbuild/os"))
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
