@@ -136,20 +136,21 @@ def plan(goal: Goal, stored: Container[str], *, further: Further | None = None) 
         if pipeline.id is not None:
             by_id.setdefault(pipeline.id, pipeline)  # the first of equal pipelines, as `Manifest.by_id`
     steps: dict[str, Step] = {}
-    cached: dict[str, Pipeline | None] = {}  # None: being visited, its dependencies first
+    cached: dict[str, Pipeline] = {}  # in the order they are reported: dependencies first
+    seen: set[str] = set()  # in the store whole: reported, or about to be once its dependencies are
     external: set[str] = set()
     path: list[str] = []  # the pipelines being planned, each needed by the one before it
 
     def found(pipeline: Pipeline) -> None:
         assert pipeline.id is not None
-        cached[pipeline.id] = None
+        seen.add(pipeline.id)
         for dep in sorted(pipeline.dependencies()):
-            if dep in by_id and dep in stored and dep not in steps and dep not in cached:
+            if dep in by_id and dep not in seen and dep not in steps and dep in stored:
                 found(by_id[dep])
         cached[pipeline.id] = pipeline
 
     def visit(pipeline_id: str, wanted_by: str) -> None:
-        if pipeline_id in steps or pipeline_id in cached or pipeline_id in external:
+        if pipeline_id in steps or pipeline_id in seen or pipeline_id in external:
             return
         if pipeline_id in path:
             names = [by_id[i].name for i in path[path.index(pipeline_id):]]
@@ -183,9 +184,8 @@ def plan(goal: Goal, stored: Container[str], *, further: Further | None = None) 
     for target in exports or manifest.pipelines:
         if target.id is not None:
             visit(target.id, "the command line")
-    reported = [p for p in cached.values() if p is not None]
     return Plan(goal=goal, exports=tuple(zip(goal.exports, exports, strict=True)), checkpoints=checkpoints,
-                build=tuple(steps.values()), cached=tuple(reported), external=frozenset(external),
+                build=tuple(steps.values()), cached=tuple(cached.values()), external=frozenset(external),
                 unused=tuple(p for p in manifest.pipelines if p.id not in steps and p.id not in cached))
 
 
