@@ -8,8 +8,8 @@ every store entry the plan relies on, which re-checks each under its lock, and p
 that were evicted or are being written meanwhile (a contended entry is a miss: it is built).
 
 The plan is plain data that a runner walks: the scheduler (`scheduler.py`) runs its steps here; a second
-cache tier can offer stages the store lacks (`Further`); a dispatcher can submit each step as a task
-keyed by its pipeline id, after the steps it waits for.
+cache tier can look up, for each step, stages past its resume point, fetch them into the store, and plan
+again; a dispatcher can submit each step as a task keyed by its pipeline id, after those it waits for.
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ from typing import Protocol
 from .errors import UsageError
 from .manifest import Manifest, Pipeline
 
-# A second tier: given a pipeline and how many of its stages the store has (fewer than all), how many it
-# can offer (at least that many); the runner fetches that stage's tree before it builds the rest.
-Further = Callable[[Pipeline, int], int]
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Goal:
     """What a build is asked for: everything `plan` needs besides what the store holds."""
 
     manifest: Manifest
-    exports: tuple[str, ...] = ()       # pipeline names or ids; none: every pipeline of the manifest
+    exports: tuple[str, ...] = ()       # pipeline names or ids, to build and export
+    targets: tuple[str, ...] = ()       # to build besides the exports; with neither: every pipeline
     checkpoints: tuple[str, ...] = ()   # osbuild's globs over pipeline names, stage ids and stage types
 
 
@@ -41,8 +38,7 @@ class Step:
     """One pipeline to build."""
 
     pipeline: Pipeline
-    resume: int                  # stages not run (the tree after stage `resume - 1` is where it starts)
-    stored: int                  # of those, how many the store has; fewer only when a `Further` tier has more
+    resume: int                  # stages the store has: the tree after stage `resume - 1` is where it starts
     needs: frozenset[str]        # ids of the pipelines the stages to run read: build root, tree inputs
     waits_for: frozenset[str]    # of those, the ones this plan builds
     level: int                   # 0: waits for nothing; else one more than the highest level it waits for
@@ -71,7 +67,7 @@ class Plan:
     @property
     def relies_on(self) -> frozenset[str]:
         """The store entries the build reads: what `pin` pins."""
-        resumed = {s.pipeline.stages[s.stored - 1].id for s in self.build if s.stored}
+        resumed = {s.resume_id for s in self.build if s.resume_id is not None}
         return frozenset(resumed | {str(p.id) for p in self.cached} | self.external)
 
     def levels(self) -> tuple[tuple[Step, ...], ...]:
@@ -84,13 +80,14 @@ class Plan:
         return tuple(tuple(level) for level in grouped)
 
 
-def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline]:
+def resolve_exports(manifest: Manifest, exports: Sequence[str], what: str = "Export") -> list[Pipeline]:
+    """The pipelines named (by name or id); an unknown one is a UsageError that lists the names."""
     pipelines = []
     for name in exports:
         pipeline = manifest.lookup(name)
         if pipeline is None:
             names = [p.name for p in manifest.pipelines]
-            raise UsageError(f"Export {name} not found in {names}: export one of these names or a "
+            raise UsageError(f"{what} {name} not found in {names}: name one of these pipelines or give a "
                              "pipeline's id (`aosbuild --inspect MANIFEST` shows the ids)")
         pipelines.append(pipeline)
     return pipelines
@@ -120,16 +117,17 @@ def resume_point(pipeline: Pipeline, stored: Container[str]) -> int:
     return 0
 
 
-def plan(goal: Goal, stored: Container[str], *, further: Further | None = None) -> Plan:
+def plan(goal: Goal, stored: Container[str]) -> Plan:
     """What to build for the goal, given the ids the store holds; a pipeline in the store is not rebuilt.
 
-    Each pipeline asked for (every one, without exports) that the store lacks is built, resumed after its
+    Each pipeline asked for (every one, without exports or targets) that the store lacks is built, resumed after its
     newest stored stage, after what its remaining stages need: its build root and the pipelines they read,
     planned the same way. A pipeline the store has whole is `cached`, with those it was built from that the
     store has too, so that the build reports their stages as the build that stored them did.
     """
     manifest = goal.manifest
     exports = resolve_exports(manifest, goal.exports)
+    targets = [*exports, *resolve_exports(manifest, goal.targets, "Pipeline")]
     checkpoints = match_checkpoints(manifest, goal.checkpoints)
     by_id: dict[str, Pipeline] = {}
     for pipeline in manifest.pipelines:
@@ -167,21 +165,17 @@ def plan(goal: Goal, stored: Container[str], *, further: Further | None = None) 
             raise UsageError(f"{wanted_by} needs pipeline {pipeline_id}, which is neither in the manifest "
                              "nor in the store: add that pipeline to the manifest, or build the manifest that "
                              "has it into this --store first")
-        local = resume_point(pipeline, stored)
-        resume = local
-        if further is not None and local < len(pipeline.stages):
-            resume = min(max(local, further(pipeline, local)), len(pipeline.stages))
+        resume = resume_point(pipeline, stored)
         needs = frozenset(pipeline.dependencies(after=resume))
         path.append(pipeline_id)
         for dep in sorted(needs):
             visit(dep, f"pipeline '{pipeline.name}'")
         path.pop()
         waits_for = frozenset(dep for dep in needs if dep in steps)
-        steps[pipeline_id] = Step(pipeline=pipeline, resume=resume, stored=local, needs=needs,
-                                  waits_for=waits_for,
+        steps[pipeline_id] = Step(pipeline=pipeline, resume=resume, needs=needs, waits_for=waits_for,
                                   level=1 + max((steps[dep].level for dep in waits_for), default=-1))
 
-    for target in exports or manifest.pipelines:
+    for target in targets or manifest.pipelines:
         if target.id is not None:
             visit(target.id, "the command line")
     return Plan(goal=goal, exports=tuple(zip(goal.exports, exports, strict=True)), checkpoints=checkpoints,
@@ -217,7 +211,7 @@ class Without:
         return object_id not in self.gone and object_id in self.stored
 
 
-def pin(first: Plan, pins: Pinner, stored: Container[str], *, further: Further | None = None) -> Plan:
+def pin(first: Plan, pins: Pinner, stored: Container[str]) -> Plan:
     """Pin every entry the plan relies on; the plan that holds once they are all pinned.
 
     An entry that cannot be pinned (evicted since planning, damaged, or being written by another build)
@@ -231,4 +225,4 @@ def pin(first: Plan, pins: Pinner, stored: Container[str], *, further: Further |
         if not lost:
             return current
         gone |= lost
-        current = plan(current.goal, Without(stored, gone), further=further)
+        current = plan(current.goal, Without(stored, gone))

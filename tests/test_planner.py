@@ -111,7 +111,7 @@ def test_the_resume_point_is_the_newest_stored_stage_whatever_the_gaps_below_it(
     stored = ids(OS, 1, 3) | {str(BUILD1.id)}
     plan = planner.plan(Goal(manifest=CHAIN, exports=("os",)), stored)
     (step,) = plan.build
-    assert (step.pipeline, step.resume, step.stored, step.resume_id) == (OS, 4, 4, OS.stages[3].id)
+    assert (step.pipeline, step.resume, step.resume_id) == (OS, 4, OS.stages[3].id)
     assert step.needs == {BUILD1.id}
     assert step.waits_for == frozenset()
     assert plan.relies_on == {OS.stages[3].id, BUILD1.id}
@@ -203,21 +203,13 @@ def test_an_empty_pipeline_is_never_built_and_can_be_exported() -> None:
     assert (plan.build, names(plan.unused), plan.exports) == ((), ["empty", "build0"], (("empty", empty),))
 
 
-def test_a_second_tier_is_asked_only_below_the_last_stage_and_can_shorten_the_plan() -> None:
-    asked: list[tuple[str, int]] = []
-
-    def further(p: Pipeline, stored: int) -> int:
-        asked.append((p.name, stored))
-        return {"image": 2, "os": 5}.get(p.name, stored)
-
-    stored = ids(IMAGE, 0) | {str(BUILD1.id)}
-    plan = planner.plan(Goal(manifest=CHAIN, exports=("image", "os")), stored, further=further)
-    # image's stage 1 (which read os) comes from the other tier: os is needed by nobody, and that tier
-    # has all of os, so os is a step with nothing to run, waiting for nothing
-    assert {s.pipeline.name: (s.resume, s.stored, s.needs) for s in plan.build} == \
-        {"image": (2, 1, {BUILD1.id}), "os": (5, 0, frozenset())}
-    assert asked == [("image", 1), ("os", 0)]
-    assert plan.relies_on == {IMAGE.stages[0].id, BUILD1.id}  # what the store has, not what the tier has
+def test_targets_are_built_besides_the_exports_without_being_exported() -> None:
+    plan = planner.plan(Goal(manifest=CHAIN, exports=("build1",), targets=("image",)), {str(OS.id)})
+    assert steps(plan) == {"build0": (0, set()), "build1": (0, {"build0"}), "image": (0, {"build1"})}
+    assert plan.exports == (("build1", BUILD1),)
+    assert names(plan.cached) == ["os"]
+    with pytest.raises(UsageError, match="Pipeline nope not found"):
+        planner.plan(Goal(manifest=CHAIN, targets=("nope",)), set())
 
 
 # -- pinning ---------------------------------------------------------------------------------------------
@@ -424,7 +416,7 @@ def random_builds(draw: st.DrawFn) -> tuple[Manifest, frozenset[str], tuple[str,
 def test_plans_of_random_dags_are_ordered_minimal_and_consistent_with_the_store(
         case: tuple[Manifest, frozenset[str], tuple[str, ...]]) -> None:
     graph, stored, exports = case
-    plan = planner.plan(Goal(manifest=graph, exports=exports), stored)
+    plan = planner.plan(Goal(manifest=graph, exports=exports[:1], targets=exports[1:]), stored)
     built: dict[str, Step] = {}
     cached = {str(p.id) for p in plan.cached}
     for step in plan.build:
@@ -432,7 +424,6 @@ def test_plans_of_random_dags_are_ordered_minimal_and_consistent_with_the_store(
         assert step.waits_for <= built.keys()  # every pipeline after those it waits for
         assert step.level == 1 + max((built[d].level for d in step.waits_for), default=-1)
         # resumed after its newest stored stage, and none of the stages it runs is stored
-        assert step.resume == step.stored
         assert step.resume == 0 or stages[step.resume - 1].id in stored
         assert not any(s.id in stored for s in stages[step.resume:])
         assert step.needs == step.pipeline.dependencies(after=step.resume)
