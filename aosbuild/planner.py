@@ -1,7 +1,7 @@
 """Planning a build: which pipelines to build, from which stage, after which others, from what the store has.
 
-`plan` is pure. Given what the build is asked for (the manifest, its exports, the checkpoint globs: a
-`Goal`) and a read-only view of the ids the store holds (anything that answers `in`: a set in the unit
+`plan` is pure. Given what the build is asked for (the manifest, its exports and other targets, the
+checkpoint globs: a `Goal`) and a read-only view of the ids the store holds (anything that answers `in`: a set in the unit
 tests, `Predicate(store.contains)` in a build), it returns a frozen `Plan` and does nothing else: no I/O
 of its own, no locks, no async. `pin` is the separate step that makes a plan hold for the build: it pins
 every store entry the plan relies on, which re-checks each under its lock, and plans again without those

@@ -458,9 +458,9 @@ def test_pinning_after_random_losses_gives_the_plan_of_what_is_left(
 
 
 @settings(max_examples=100, deadline=None)
-@given(random_builds(), st.integers(1, 3))
+@given(random_builds(), st.integers(1, 3), st.sampled_from(["trio", "asyncio"]))
 def test_the_scheduler_builds_each_step_once_after_what_it_waits_for(
-        case: tuple[Manifest, frozenset[str], tuple[str, ...]], jobs: int) -> None:
+        case: tuple[Manifest, frozenset[str], tuple[str, ...]], jobs: int, backend: str) -> None:
     graph, stored, exports = case
     plan = planner.plan(Goal(manifest=graph, exports=exports), stored)
     finished: list[str] = []
@@ -477,7 +477,7 @@ def test_the_scheduler_builds_each_step_once_after_what_it_waits_for(
         running.discard(step.id)
         finished.append(step.id)
 
-    anyio.run(lambda: run_steps(plan.build, build, jobs=jobs), backend="trio")
+    anyio.run(lambda: run_steps(plan.build, build, jobs=jobs), backend=backend)
     assert sorted(finished) == sorted(s.id for s in plan.build)
     assert most <= jobs
 
