@@ -1,11 +1,12 @@
 """Planning a build: which pipelines to build, from which stage, after which others, from what the store has.
 
 `plan` is pure. Given what the build is asked for (the manifest, its exports and other targets, the
-checkpoint globs: a `Goal`) and a read-only view of the ids the store holds (anything that answers `in`: a set in the unit
-tests, `Predicate(store.contains)` in a build), it returns a frozen `Plan` and does nothing else: no I/O
-of its own, no locks, no async. `pin` is the separate step that makes a plan hold for the build: it pins
-every store entry the plan relies on, which re-checks each under its lock, and plans again without those
-that were evicted or are being written meanwhile (a contended entry is a miss: it is built).
+checkpoint globs: a `Goal`) and a read-only view of the ids the store holds (anything that answers `in`:
+a set in the unit tests, `Predicate(store.contains)` in a build), it returns a frozen `Plan` and does
+nothing else: no I/O of its own, no locks, no async. `pin` is the separate step that makes a plan hold
+for the build: it pins every store entry the plan relies on, which re-checks each under its lock, and
+plans again without those that were evicted or are being written meanwhile (a contended entry is a
+miss: it is built).
 
 The plan is plain data that a runner walks: the scheduler (`scheduler.py`) runs its steps here; a second
 cache tier can look up, for each step, stages past its resume point, fetch them into the store, and plan
