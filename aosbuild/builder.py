@@ -205,15 +205,6 @@ class Runners:
             return self.aosbuild_name
 
 
-def resume_point(ctx: BuildContext, pipeline: Pipeline) -> int:
-    """How many stages of the pipeline are already in the store (the newest cached stage wins); that
-    entry, with its layers, is pinned for the rest of the build."""
-    for index in range(len(pipeline.stages), 0, -1):
-        if ctx.pins.try_pin(pipeline.stages[index - 1].id):
-            return index
-    return 0
-
-
 def osbuild_contract(scratch: Path, info: ModuleInfo, arguments: dict[str, Any],
                      mounts: bool) -> sandbox.OsbuildSandbox:
     """The files a module of an osbuild library gets: arguments, meta, /var, /proc/cmdline (osbuild's)."""

@@ -7,7 +7,6 @@ sure the monitor hears the beginning and the end of the build, however it ends.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import stat
 from collections.abc import Sequence
@@ -16,11 +15,11 @@ from pathlib import Path
 
 import anyio
 
-from . import formats, scheduler
+from . import formats, planner, scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
-from .errors import AosbuildError, UsageError, flatten
+from .errors import AosbuildError, flatten
 from .exporting import export_target, export_tree
 from .history import Durations, History, SavedStream
 from .library import Library
@@ -45,18 +44,6 @@ class Request:
     sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
 
 
-def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline]:
-    pipelines = []
-    for name in exports:
-        pipeline = manifest.lookup(name)
-        if pipeline is None:
-            names = [p.name for p in manifest.pipelines]
-            raise UsageError(f"Export {name} not found in {names}: export one of these names or a "
-                             "pipeline's id (`aosbuild --inspect MANIFEST` shows the ids)")
-        pipelines.append(pipeline)
-    return pipelines
-
-
 def needed_items(manifest: Manifest, exports: Sequence[Pipeline]) -> frozenset[str] | None:
     """The source items the exported pipelines use, with their build roots and inputs, transitively.
 
@@ -76,22 +63,6 @@ def needed_items(manifest: Manifest, exports: Sequence[Pipeline]) -> frozenset[s
         items.update(ref for stage in pipeline.stages for ref in stage.source_refs())
         todo.extend(pipeline.dependencies())
     return frozenset(items)
-
-
-def match_checkpoints(manifest: Manifest, patterns: Sequence[str]) -> frozenset[str]:
-    """Stage ids matched by osbuild's checkpoint globs: pipeline names (last stage), stage ids and types."""
-    matched: set[str] = set()
-    for pattern in patterns:
-        for pipeline in manifest.pipelines:
-            if pipeline.id and fnmatch.fnmatch(pipeline.name, pattern):
-                matched.add(pipeline.id)
-            for stage in pipeline.stages:
-                if fnmatch.fnmatch(stage.id, pattern) or fnmatch.fnmatch(stage.type, pattern):
-                    matched.add(stage.id)
-    if patterns and not matched:
-        raise UsageError("No checkpoints matched provided patterns! A pattern is a glob over pipeline names, "
-                         "stage ids and stage types: `aosbuild --inspect MANIFEST` shows them")
-    return frozenset(matched)
 
 
 async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_directory: Path) -> None:
@@ -132,7 +103,7 @@ def report_cached(ctx: BuildContext, cached: Sequence[Pipeline]) -> None:
                 ctx.monitor.stage_finished(pipeline, stages[result.id], result)
 
 
-def planned_stages(plan: scheduler.Plan, durations: Durations) -> list[PlannedStage]:
+def planned_stages(plan: planner.Plan, durations: Durations) -> list[PlannedStage]:
     """The stages the build will run, each with how long it took before (for the live view's estimate)."""
     return [PlannedStage(pipeline=item.pipeline, stage=stage, expected=durations.expect(stage.id, stage.type))
             for item in plan.build for stage in item.pipeline.stages[item.resume:]]
@@ -152,7 +123,7 @@ class Prepared:
     """A checked and planned build: nothing has run yet."""
 
     ctx: BuildContext
-    plan: scheduler.Plan
+    plan: planner.Plan | None   # None: only sources are fetched (`--sources-only`)
     recorder: Recorder
     history: History
     stream_fd: int | None   # where the store's copy of the build's jsonseq stream goes
@@ -165,8 +136,16 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     Besides the user's monitor, every event goes to the build's report and to the store's saved
     stream of this build (`history.py`), so `aosbuild report --last` needs nothing saved beforehand.
     """
-    exports = resolve_exports(manifest, request.exports)
-    options = BuildOptions(checkpoints=match_checkpoints(manifest, request.checkpoints),
+    stored = planner.Predicate(store.contains)
+    plan: planner.Plan | None = None
+    if request.sources_only:  # the request is checked all the same
+        exports = planner.resolve_exports(manifest, request.exports)
+        checkpoints = planner.match_checkpoints(manifest, request.checkpoints)
+    else:  # pinned below, once the build holds the store
+        plan = planner.plan(planner.Goal(manifest=manifest, exports=request.exports,
+                                         checkpoints=request.checkpoints), stored)
+        exports, checkpoints = [p for _name, p in plan.exports], plan.checkpoints
+    options = BuildOptions(checkpoints=checkpoints,
                            stage_timeout=request.stage_timeout,
                            **({"jobs": request.jobs} if request.jobs else {}))
     recorder = Recorder()
@@ -186,8 +165,8 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=tee,
                        sources=sources, options=options)
     try:
-        plan = (scheduler.Plan(build=(), cached=()) if request.sources_only
-                else scheduler.plan(ctx, exports or manifest.pipelines))
+        if plan is not None:
+            plan = planner.pin(plan, ctx.pins, stored)
     except BaseException:
         if stream_fd is not None:
             os.close(stream_fd)
@@ -216,7 +195,7 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
     success = False
     error: AosbuildError | None = None
     try:
-        if request.sources_only:
+        if plan is None:
             ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
         else:
             ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
@@ -248,12 +227,12 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
     return report
 
 
-async def run(ctx: BuildContext, plan: scheduler.Plan, request: Request) -> None:
-    if request.sources_only:
+async def run(ctx: BuildContext, plan: planner.Plan | None, request: Request) -> None:
+    if plan is None:
         await ctx.sources.fetch_all()
         return
     report_cached(ctx, plan.cached)
-    await scheduler.run(ctx, plan.build)
-    for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports), strict=True):
+    await scheduler.run(ctx, plan)
+    for name, pipeline in plan.exports:
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)

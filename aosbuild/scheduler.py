@@ -1,96 +1,47 @@
-"""Planning and running the pipelines of a build as a DAG.
+"""Running a plan's steps as a DAG: all at once, each after the steps it waits for, in `--jobs` slots.
 
-`plan` picks what must be built for the requested pipelines: each one that is not in the store, resumed
-after its newest cached stage, plus whatever it still needs (its build root and the pipelines its
-remaining stages read). What it finds in the store it pins (read-locks) for the whole build, so no other
-build evicts it meanwhile; an entry it cannot lock is a miss, and built. `run` starts every planned
-pipeline at once; each waits for exactly what it needs, then for one of `--jobs` slots. The first
-failure cancels everything else.
+What to build is decided by `planner.py`, before anything runs; this module only runs it. Every step starts
+at once and waits for exactly the steps its pipeline needs, then for one of the slots; the sources are
+fetched meanwhile, and each stage waits for its own items. The first failure cancels everything else:
+running steps are cancelled, and the steps waiting for others never start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from .builder import build_pipeline, resume_point
+from .builder import build_pipeline
 from .context import BuildContext
-from .errors import UsageError
-from .manifest import Pipeline
+from .planner import Plan, Step
+
+Build = Callable[[Step], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Plan:
-    build: tuple[Planned, ...]   # to build, dependencies first
-    cached: tuple[Pipeline, ...]  # found whole in the store (pinned), reported from it
+async def run(ctx: BuildContext, plan: Plan) -> None:
+    """Fetch sources and build the plan's pipelines, each as soon as what it needs is ready."""
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Planned:
-    pipeline: Pipeline
-    resume: int                  # stages already in the store
-    needs: frozenset[str]        # ids of pipelines that must be built first
-
-
-def plan(ctx: BuildContext, targets: Iterable[Pipeline]) -> Plan:
-    """The pipelines to build, dependencies first (a pipeline in the store is not rebuilt).
-
-    Pipelines found in the store are the plan's `cached`, with those they were built from that are in the
-    store too, so that the build can report their stages as the build that stored them did.
-    """
-    planned: dict[str, Planned] = {}
-    cached: set[str] = set()
-    found_pipelines: list[Pipeline] = []
-
-    def found(pipeline_id: str) -> None:
-        pipeline = ctx.manifest.by_id(pipeline_id)
-        if pipeline_id in cached or pipeline is None:
-            return
-        cached.add(pipeline_id)
-        for dep in sorted(pipeline.dependencies()):
-            if dep not in planned and ctx.store.contains(dep) and ctx.pins.try_pin(dep):
-                found(dep)
-        found_pipelines.append(pipeline)
-
-    def visit(pipeline_id: str, wanted_by: str) -> None:
-        if pipeline_id in planned or pipeline_id in cached:
-            return
-        if ctx.pins.try_pin(pipeline_id):
-            found(pipeline_id)
-            return
-        pipeline = ctx.manifest.by_id(pipeline_id)
-        if pipeline is None:
-            raise UsageError(f"{wanted_by} needs pipeline {pipeline_id}, which is neither in the manifest "
-                             "nor in the store: add that pipeline to the manifest, or build the manifest that "
-                             "has it into this --store first")
-        resume = resume_point(ctx, pipeline)
-        needs = pipeline.dependencies(after=resume)
-        for dep in sorted(needs):
-            visit(dep, f"pipeline '{pipeline.name}'")
-        planned[pipeline_id] = Planned(pipeline=pipeline, resume=resume, needs=frozenset(needs))
-
-    for target in targets:
-        if target.id is not None:
-            visit(target.id, "the command line")
-    return Plan(build=tuple(planned.values()), cached=tuple(found_pipelines))
-
-
-async def run(ctx: BuildContext, planned: Sequence[Planned]) -> None:
-    """Fetch sources and build the planned pipelines, each as soon as what it needs is ready."""
-    built = {p.pipeline.id: anyio.Event() for p in planned}
-    slots = anyio.CapacityLimiter(ctx.options.jobs)
-
-    async def build_one(item: Planned) -> None:
-        for dep in item.needs:
-            if dep in built:
-                await built[dep].wait()
-        async with slots:
-            await build_pipeline(ctx, item.pipeline, item.resume)
-        built[item.pipeline.id].set()
+    async def build(step: Step) -> None:
+        await build_pipeline(ctx, step.pipeline, step.resume)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ctx.sources.fetch_all)
-        for item in planned:
-            tg.start_soon(build_one, item)
+        await run_steps(plan.build, build, jobs=ctx.options.jobs)
+
+
+async def run_steps(steps: Sequence[Step], build: Build, *, jobs: int) -> None:
+    """Run `build` for every step once the steps it waits for are built, at most `jobs` at a time."""
+    built = {step.id: anyio.Event() for step in steps}
+    slots = anyio.CapacityLimiter(jobs)
+
+    async def build_one(step: Step) -> None:
+        for dep in sorted(step.waits_for):
+            await built[dep].wait()
+        async with slots:
+            await build(step)
+        built[step.id].set()
+
+    async with anyio.create_task_group() as tg:
+        for step in steps:
+            tg.start_soon(build_one, step)
