@@ -180,7 +180,7 @@ def image_stage_list(*, root_uuid: str, disk_bytes: int, partition_sectors: int,
          "options": {"label": "dos", "uuid": disk_id, "partitions": [
              {"start": PARTITION_START, "size": partition_sectors, "type": "83", "bootable": True}]}},
         {"type": "org.osbuild.grub2.inst", "options": {
-            "filename": "disk.img", "platform": "i386-pc",  # the core goes to sector 1, the MBR gap
+            "filename": "disk.img", "platform": "i386-pc", "location": 1,  # the core goes in the MBR gap
             "core": {"type": "mkimage", "partlabel": "dos", "filesystem": "ext4"},
             "prefix": {"type": "partition", "partlabel": "dos", "number": 0, "path": "/boot/grub"}}},
         # last, as the only stage that reads the `os` tree: an edit of the system reruns it alone, from

@@ -64,7 +64,7 @@ def image(loop_free: bool) -> dict[str, Any]:
             {"start": ESP, "size": ESP_SIZE, "type": "ef"}]),
         *filesystem,
         on_device("org.osbuild.mkfs.fat", loopback(start=ESP, size=ESP_SIZE), volid="7B7795E7", label="ESP"),
-        stage("org.osbuild.grub2.inst", filename="disk.img", platform="i386-pc",
+        stage("org.osbuild.grub2.inst", filename="disk.img", platform="i386-pc", location=1,
               core={"type": "mkimage", "partlabel": "dos", "filesystem": "ext4"},
               prefix={"type": "partition", "partlabel": "dos", "number": 0, "path": "/boot/grub"}))
 
