@@ -93,8 +93,9 @@ def carry_out(inv: Invocation) -> int:
             if not others:
                 return 2
         count = len(exc.problems)
-        sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix the "
-                         f"{'problem' if count == 1 else f'{count} problems'} listed at their JSON paths, then "
+        what = ("the problem listed at its JSON path" if count == 1
+                else f"the {count} problems listed at their JSON paths")
+        sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix {what}, then "
                          f"check it again with `aosbuild --inspect {label}` (it builds nothing)\n")
         return 2
 
