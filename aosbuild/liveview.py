@@ -266,9 +266,11 @@ class LiveMonitor(Monitor):
         else:
             self._print(f"  {RED}{BOLD}FAILED{RESET}  {human_seconds(result.duration):>7}  {where}: {result.reason}")
             lines = result.output.splitlines()[-FAILED_TAIL:]
-            if lines:
+            if any(line.strip() for line in lines):
                 self._print(f"  last {len(lines)} line{'s' * (len(lines) != 1)} of its output:")
                 self._pending += [f"    {printable(line)}" for line in lines]
+            else:
+                self._print("  it printed nothing before it failed")
         state = self.running.get(pipeline.name)
         if state is not None and state.stage is stage:
             state.stage = None

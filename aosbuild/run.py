@@ -278,9 +278,11 @@ def explain(exc: AosbuildError, *, tail: bool = True) -> str:
     live view showed them already."""
     text = f"Error: {exc}\n"
     if isinstance(exc, StageError):
-        if exc.output_tail and tail:
+        if exc.output_tail.strip() and tail:
             text += "Last output of the stage:\n" + "".join(f"  {line}" for line in
                                                           exc.output_tail.splitlines(keepends=True))
+        elif tail:
+            text += "The stage printed nothing before it failed: its exit status is all there is to go on.\n"
         text += ("What to do: its output says why it failed; fix the stage's options in the manifest (or "
                  "the stage) and build again. `aosbuild report --last` shows the build up to the failure.\n")
     elif isinstance(exc, SourceError):
