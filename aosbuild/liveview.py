@@ -253,7 +253,8 @@ class LiveMonitor(Monitor):
         self._draw()
 
     def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None:
-        self.finished.add(stage.id)
+        if stage.id in self.expected:  # a cached stage of a resumed pipeline was not planned: not counted
+            self.finished.add(stage.id)
         where = f"{pipeline.name} / {stage.type}"
         if result.cached:
             self._print(f"  {GREEN}cached{RESET}  {human_seconds(result.duration):>7}  {where}  {DIM}(as built before)"
