@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import structlog
 
-from . import osbuild_api, sandbox
+from . import buildroot, osbuild_api, sandbox
 from .accounts import Accounts, make_accounts
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
@@ -537,6 +537,10 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
     assert pipeline.id is not None
     build = None if pipeline.build is None else ctx.pins.view(pipeline.build)
     runners = Runners(ctx, wanted_runner(ctx, pipeline))
+    if build is not None:
+        found = (ctx.library.find(stage.kind, stage.type) for stage in pipeline.stages[resume:])
+        buildroot.check(ctx.manifest, pipeline, build.layers,
+                        (runners.for_module(info) for info in found if info is not None))
     ctx.monitor.pipeline_started(pipeline, build_root=str(pipeline.build or "<host>"), runner=runners.shown(pipeline))
     if os.environ.get(FLAT_ENV) == "1":
         await build_flat(ctx, pipeline, resume, build, runners)

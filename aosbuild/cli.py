@@ -50,7 +50,8 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     p.add_argument("--inspect", action="store_true", help="print the manifest with its ids and exit")
     p.add_argument("--json", action="store_true", help="print the result as JSON (monitor defaults to null)")
     p.add_argument("--monitor", choices=sorted(MONITORS), metavar="NAME",
-                   help="progress: log (default), jsonseq, null (osbuild's class names work too)")
+                   help="progress: live (the default on a terminal), log (elsewhere), jsonseq, null (osbuild's "
+                   "class names work too)")
     p.add_argument("--monitor-fd", type=int, default=None, metavar="FD", help="where progress goes (stdout)")
     p.add_argument("--stage-timeout", type=float, metavar="SECONDS", help="fail a stage that takes longer")
     p.add_argument("--jobs", "-j", type=int, metavar="N",

@@ -11,6 +11,7 @@ source (read by `moduleinfo`), and the bundled root is always searched last.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import re
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ from .errors import SandboxError
 from .moduleinfo import ModuleInfo, read_module
 
 BUNDLED_ROOT = Path(__file__).resolve().parent.parent
+
+# The distributions osbuild 191's library has runners for. A manifest written for osbuild names one of them;
+# aosbuild runs its own stages for any of them on the generic `org.osbuild.linux` (an osbuild library given
+# with --libdir runs its modules on its own runner), so such a `runner` is taken whatever the libraries hold.
+OSBUILD_DISTROS = frozenset({
+    "AutoSD", "almalinux", "arch", "asahi-fedora-remix", "autosd", "centos", "debian", "eln",
+    "fedora-asahi-remix", "fedora", "linux", "ol", "rhel", "rhivos", "ubuntu",
+})
 
 # kind -> folders searched in each root: osbuild's layout first, then where aosbuild's bundled root keeps the
 # schemas of the host modules the engine implements itself
@@ -78,6 +87,24 @@ class Library:
         """The runners for aosbuild's own stages."""
         return sorted({name for root in self.aosbuild_roots for name in _runner_names(root)})
 
+    def runner_problem(self, name: str) -> str | None:
+        """Why a manifest's `runner` names nothing aosbuild can run, or None. osbuild refuses a runner whose
+        distribution has no runner at or below its version in its library; here any library root may have
+        it, or it may be one of osbuild's distributions (see OSBUILD_DISTROS)."""
+        distro, version = split_runner_name(name)
+        available = sorted({n for root in self.roots for n in _runner_names(root)})
+        if distro.removeprefix("org.osbuild.") in OSBUILD_DISTROS or any(
+                split_runner_name(n)[0] == distro and split_runner_name(n)[1] <= version for n in available):
+            return None
+        known = [*available, *(f"org.osbuild.{d}" for d in sorted(OSBUILD_DISTROS))]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        have = ", ".join(sorted({split_runner_name(n)[0].removeprefix("org.osbuild.") for n in available}))
+        return (f"unknown runner '{name}'{hint}: no library has a runner of '{distro}' at or below version "
+                f"{version} (they have {have}), nor has osbuild one of that distribution; name one the "
+                f"libraries have or one osbuild has (org.osbuild.fedora38, ...), or give --libdir a library "
+                f"with runners/{name}")
+
     def host_runner(self, os_release: Path = Path("/etc/os-release")) -> str:
         """The runner for the host, chosen as osbuild does: same distribution, closest version not above."""
         info = read_os_release(os_release)
@@ -112,6 +139,13 @@ def choose_runner(available: Sequence[str], distro: str, version: str) -> str:
         return "org.osbuild.linux"
     raise SandboxError(f"No suitable runner for {distro}{version}: the library has {list(available)}; name "
                        "one of them as the pipeline's `runner`, or give --libdir a library with one")
+
+
+def split_runner_name(name: str) -> tuple[str, int]:
+    """`org.osbuild.fedora38` -> ("org.osbuild.fedora", 38), as osbuild reads a runner's name; no digits at
+    the end is version 0."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):] or 0)
 
 
 def _runner_names(root: Path) -> list[str]:

@@ -253,7 +253,8 @@ class LiveMonitor(Monitor):
         self._draw()
 
     def stage_finished(self, pipeline: Pipeline, stage: Stage, result: StageResult) -> None:
-        self.finished.add(stage.id)
+        if stage.id in self.expected:  # a cached stage of a resumed pipeline was not planned: not counted
+            self.finished.add(stage.id)
         where = f"{pipeline.name} / {stage.type}"
         if result.cached:
             self._print(f"  {GREEN}cached{RESET}  {human_seconds(result.duration):>7}  {where}  {DIM}(as built before)"
@@ -266,9 +267,11 @@ class LiveMonitor(Monitor):
         else:
             self._print(f"  {RED}{BOLD}FAILED{RESET}  {human_seconds(result.duration):>7}  {where}: {result.reason}")
             lines = result.output.splitlines()[-FAILED_TAIL:]
-            if lines:
+            if any(line.strip() for line in lines):
                 self._print(f"  last {len(lines)} line{'s' * (len(lines) != 1)} of its output:")
                 self._pending += [f"    {printable(line)}" for line in lines]
+            else:
+                self._print("  it printed nothing before it failed")
         state = self.running.get(pipeline.name)
         if state is not None and state.stage is stage:
             state.stage = None

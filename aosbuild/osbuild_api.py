@@ -28,6 +28,7 @@ import anyio
 import structlog
 
 from .errors import AosbuildError, SandboxError
+from .library import split_runner_name
 from .loop import LoopServer
 from .sandboxside.stageapi import receive_packet, send_message
 
@@ -52,10 +53,7 @@ def osbuild_package(root: Path) -> Path | None:
     return Path(spec.origin).parent
 
 
-def runner_version(name: str) -> tuple[str, int]:
-    """`org.osbuild.fedora38` -> ("org.osbuild.fedora", 38); no digits at the end is version 0."""
-    stem = name.rstrip("0123456789")
-    return stem, int(name[len(stem):] or 0)
+runner_version = split_runner_name  # `org.osbuild.fedora38` -> ("org.osbuild.fedora", 38)
 
 
 def _follow_text_link(path: Path) -> Path:

@@ -93,8 +93,9 @@ def carry_out(inv: Invocation) -> int:
             if not others:
                 return 2
         count = len(exc.problems)
-        sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix the "
-                         f"{'problem' if count == 1 else f'{count} problems'} listed at their JSON paths, then "
+        what = ("the problem listed at its JSON path" if count == 1
+                else f"the {count} problems listed at their JSON paths")
+        sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix {what}, then "
                          f"check it again with `aosbuild --inspect {label}` (it builds nothing)\n")
         return 2
 
@@ -277,9 +278,11 @@ def explain(exc: AosbuildError, *, tail: bool = True) -> str:
     live view showed them already."""
     text = f"Error: {exc}\n"
     if isinstance(exc, StageError):
-        if exc.output_tail and tail:
+        if exc.output_tail.strip() and tail:
             text += "Last output of the stage:\n" + "".join(f"  {line}" for line in
                                                           exc.output_tail.splitlines(keepends=True))
+        elif tail:
+            text += "The stage printed nothing before it failed: its exit status is all there is to go on.\n"
         text += ("What to do: its output says why it failed; fix the stage's options in the manifest (or "
                  "the stage) and build again. `aosbuild report --last` shows the build up to the failure.\n")
     elif isinstance(exc, SourceError):

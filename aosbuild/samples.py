@@ -110,8 +110,16 @@ def disk_size(text: str) -> int:
 
 
 
+# The root file system's UUID and the disk's id are fixed, not random: a manifest made again with another
+# hostname, user or package keeps them, so grub.cfg, fstab and the partition table stay in the store (the
+# edit loop), as they would when the manifest is edited by hand. Every image of the sample shares them, as
+# every copy of one image (and every VM on it as a backing file) does.
+ROOT_UUID = str(uuid.uuid5(uuid.NAMESPACE_URL, "https://aosbuild.invalid/sample/debian/root"))
+DISK_ID = f"0x{int.from_bytes(uuid.UUID(ROOT_UUID).bytes[:4], 'big'):08x}"
+
+
 def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Namespace) -> dict[str, Any]:
-    root_uuid = str(uuid.uuid4())
+    root_uuid = ROOT_UUID
     disk_bytes = args.size
     partition_sectors = disk_bytes // SECTOR - PARTITION_START
     build_ref = "name:build"
@@ -173,7 +181,7 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
 def image_stage_list(*, root_uuid: str, disk_bytes: int, partition_sectors: int,
                      tree_input: dict[str, Any]) -> list[dict[str, Any]]:
     disk = {"type": "org.osbuild.loopback", "options": {"filename": "disk.img"}}
-    disk_id = f"0x{secrets.randbits(32):08x}"
+    disk_id = DISK_ID
     return [
         {"type": "org.osbuild.truncate", "options": {"filename": "disk.img", "size": str(disk_bytes)}},
         {"type": "org.osbuild.sfdisk", "devices": {"device": disk},

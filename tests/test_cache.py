@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import subprocess
+import sys
 from typing import Any
 
 from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
@@ -157,6 +158,15 @@ def test_an_entry_in_use_by_another_build_is_not_evicted(aosbuild: Aosbuild) -> 
             proc.kill()
 
 
+def test_store_info_counts_agree_in_number(aosbuild: Aosbuild) -> None:
+    assert aosbuild(manifest(pipeline("one", stage("org.osbuild.mkdir", paths=[{"path": "/x"}]))), "-q").returncode == 0
+    info = subprocess.run([sys.executable, "-m", "aosbuild", "store", "info", "--store", str(aosbuild.store)],
+                          capture_output=True, text=True)
+    assert "  trees:       1 entry, " in info.stdout, info.stdout
+    assert "  sources:     0 items, " in info.stdout
+    assert "  one: 1 layer, " in info.stdout
+
+
 def test_store_commands(aosbuild: Aosbuild) -> None:
     store = str(aosbuild.store)
     m = three_pipelines()
@@ -171,6 +181,9 @@ def test_store_commands(aosbuild: Aosbuild) -> None:
     assert "(format 3)" in info.stdout
     assert "Trees by pipeline" in info.stdout
     assert "(default: 20 GiB or half the filesystem)" in info.stdout
+    assert "  os: 3 layers, " in info.stdout
+    assert "  archive: 2 layers, " in info.stdout
+    assert "0 entries under construction" in info.stdout
     document = json.loads(command("info", "--json").stdout)
     entries = len(os.listdir(aosbuild.store / "objects"))
     assert document["trees"]["entries"] == entries >= 3

@@ -6,6 +6,7 @@ at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -21,7 +22,7 @@ from aosbuild.liveview import LiveMonitor, fit
 from aosbuild.monitor import PlannedStage, human_seconds
 
 from .conftest import Aosbuild, manifest, pipeline, stage
-from .test_monitor import two_pipelines
+from .test_monitor import result_of, two_pipelines
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
 
@@ -206,3 +207,38 @@ def test_redraw_moves_up_over_the_previous_live_region(tmp_path: Path) -> None:
     assert frames[4].startswith("\r\x1b[3A")
     assert "running" not in frames[4]
     assert frames[4].endswith("\x1b[J")  # what was below is cleared
+
+
+def test_a_resumed_pipelines_cached_stages_are_not_counted_as_planned_ones(tmp_path: Path) -> None:
+    """A rebuild showed "19/15 stages": the stages a resumed pipeline took from the store are reported as
+    cached but were never planned; only planned stages count."""
+    a, b = two_pipelines()  # a: taken from the store (cached), b: planned and built
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        monitor = LiveMonitor(fd, interval=0)
+        monitor.build_planned([PlannedStage(pipeline=b, stage=b.stages[0], expected=1.0)])
+        monitor.build_started("m.json", sources=0, pipelines=2)
+        for p in (a, b):
+            monitor.pipeline_started(p, build_root="<host>", runner="r")
+            result = dataclasses.replace(result_of(p), cached=p is a)
+            monitor.stage_finished(p, p.stages[0], result)
+        assert ", 1/1 stages" in monitor._status_line(time.monotonic())
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_stage_that_printed_nothing_says_so(tmp_path: Path) -> None:
+    a, _ = two_pipelines()
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        monitor = LiveMonitor(fd, interval=0)
+        monitor.build_started("m.json", sources=0, pipelines=1)
+        monitor.pipeline_started(a, build_root="<host>", runner="r")
+        failed = dataclasses.replace(result_of(a, output="\n"), success=False, reason="exited with status 1")
+        monitor.stage_finished(a, a.stages[0], failed)
+        monitor.build_finished("m.json", success=False)
+    finally:
+        os.close(fd)
+    text = (tmp_path / "out").read_text()
+    assert "it printed nothing before it failed" in text
+    assert "of its output:" not in text

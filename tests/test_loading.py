@@ -12,7 +12,7 @@ from aosbuild.formats import load
 from aosbuild.library import Library
 from aosbuild.loading import parse
 
-from .conftest import Aosbuild, manifest, pipeline, stage
+from .conftest import Aosbuild, OsbuildOracle, manifest, pipeline, stage
 
 COPY_OPTIONS = {"paths": [{"from": "input://t/x", "to": "tree:///x"}]}
 
@@ -112,3 +112,40 @@ def test_cli_missing_file(aosbuild: Aosbuild) -> None:
     assert result.returncode == 2
     assert "cannot read" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_runner_is_refused_at_its_json_path() -> None:
+    found = problems(manifest(pipeline("build", stage("org.osbuild.noop"), runner="org.osbuild.nosuchthing42"),
+                              pipeline("os", stage("org.osbuild.noop"), build="name:build")))
+    assert [loc for loc, _ in found] == [".pipelines[0].runner"]
+    assert found[0][1].startswith("unknown runner 'org.osbuild.nosuchthing42'")
+    v1 = {"pipeline": {"build": {"pipeline": {"stages": []}, "runner": "org.osbuild.debain12"}, "stages": []}}
+    assert [loc for loc, _ in problems(v1)] == [".pipeline.build.runner"]
+
+
+@pytest.mark.parametrize("command", [["--inspect"], ["--export", "os", "--output-directory", "out"]])
+def test_an_unknown_runner_is_refused_before_anything_is_built(aosbuild: Aosbuild, command: list[str]) -> None:
+    bad = manifest(pipeline("build", stage("org.osbuild.noop"), runner="org.osbuild.nosuchthing42"),
+                   pipeline("os", stage("org.osbuild.noop"), build="name:build"))
+    run = aosbuild(bad, *command)
+    assert run.returncode == 2, run.stderr
+    if command == ["--inspect"]:  # osbuild's validation result document
+        errors = json.loads(run.stdout)["errors"]
+        assert [e["path"] for e in errors] == [["pipelines", 0, "runner"]]
+        assert errors[0]["message"].startswith("unknown runner 'org.osbuild.nosuchthing42'")
+    else:
+        assert ".pipelines[0].runner:\n  unknown runner 'org.osbuild.nosuchthing42'" in run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (aosbuild.store / "objects").exists()
+
+
+def test_osbuild_refuses_the_runners_aosbuild_refuses(osbuild_oracle: OsbuildOracle, aosbuild: Aosbuild) -> None:
+    """osbuild 191 refuses an unknown runner as it loads the manifest (with a traceback, exit 1), on any
+    pipeline, used as a build root or not; it takes a runner its library has."""
+    for runner, refused in (("org.osbuild.nosuchthing42", True), ("org.osbuild.fedora38", False)):
+        path = aosbuild.write_manifest(manifest(pipeline("os", stage("org.osbuild.noop"), runner=runner)))
+        theirs = osbuild_oracle("--inspect", str(path))
+        assert (theirs.returncode != 0) == refused, theirs.stderr
+        assert ("No suitable runner for org.osbuild.nosuchthing" in theirs.stderr) == refused
+        ours = aosbuild(path, "--inspect")
+        assert ours.returncode == (2 if refused else 0), ours.stderr

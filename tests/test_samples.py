@@ -217,3 +217,16 @@ def test_repository_flags_that_cannot_be_right_exit_2(args: list[str], message: 
     assert run.returncode == 2
     assert message in run.stderr
     assert run.stdout == ""
+
+
+def test_a_manifest_made_again_with_another_hostname_keeps_every_stage_before_it() -> None:
+    """The edit loop through `aosbuild sample debian --hostname NEW`: no random UUID or disk id changes the
+    stages before the hostname (grub.cfg, fstab) or the partition table."""
+    one, two = (load(sample(hostname=name), Library()) for name in ("one", "two"))
+    first, second = ([s.id for s in m.by_name("os").stages] for m in (one, two))  # type: ignore[union-attr]
+    at = [s.type for s in one.by_name("os").stages].index("org.osbuild.hostname")  # type: ignore[union-attr]
+    assert first[:at] == second[:at]
+    assert first[at:] != second[at:]
+    a, b = ([s.id for s in m.by_name("image").stages] for m in (one, two))  # type: ignore[union-attr]
+    assert a[:-1] == b[:-1]  # truncate, sfdisk, grub2.inst: only mkfs, last, reads the os tree
+    assert a[-1] != b[-1]

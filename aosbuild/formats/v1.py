@@ -37,6 +37,10 @@ def validate(description: dict[str, Any], library: Library) -> list[Problem]:
         build = pipeline.get("build")
         if isinstance(build, dict):
             walk(build.get("pipeline"), (*path, "build", "pipeline"))
+            runner = build.get("runner")
+            why = library.runner_problem(runner) if isinstance(runner, str) else None
+            if why:
+                problems.append(Problem(why, (*path, "build", "runner")))
         stages = pipeline.get("stages")
         for j, stage in enumerate(stages if isinstance(stages, list) else []):
             problems.extend(_check_module(library, "Stage", stage, (*path, "stages", j)))

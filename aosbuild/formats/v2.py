@@ -54,6 +54,10 @@ def validate(description: dict[str, Any], library: Library) -> list[Problem]:
             problems += module_checks(library, "Source", name, source, VERSION, ("sources", name))
     pipelines = description.get("pipelines")
     for i, pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
+        runner = pipeline.get("runner") if isinstance(pipeline, dict) else None
+        why = library.runner_problem(runner) if isinstance(runner, str) else None
+        if why:  # osbuild refuses it as it loads the manifest, with a traceback
+            problems.append(Problem(why, ("pipelines", i, "runner")))
         stages = pipeline.get("stages") if isinstance(pipeline, dict) else None
         for j, stage in enumerate(stages if isinstance(stages, list) else []):
             path: tuple[str | int, ...] = ("pipelines", i, "stages", j)

@@ -168,24 +168,27 @@ def info(root: Path, *, as_json: bool) -> int:
                          f"`aosbuild store clear --store {root}` empties it for this aosbuild.\n")
         return 1
 
+    def count(number: int, noun: str, nouns: str = "") -> str:
+        return f"{number} {noun if number == 1 else nouns or noun + 's'}"
+
     def bound(section: dict[str, Any], default: str) -> str:
         text = format_size(bound_from_json(section["maximum-size"]))
         return text if section["configured"] else f"{text} (default: {default})"
 
     trees, sources, staging, fs = document["trees"], document["sources"], document["staging"], document["filesystem"]
     lines = [f"Store {root} (format {VERSION})",
-             f"  trees:       {trees['entries']} entries, {format_size(trees['size'])} of "
+             f"  trees:       {count(trees['entries'], 'entry', 'entries')}, {format_size(trees['size'])} of "
              f"{bound(trees, '20 GiB or half the filesystem')}",
-             f"  sources:     {sources['items']} items, {format_size(sources['size'])} of "
+             f"  sources:     {count(sources['items'], 'item')}, {format_size(sources['size'])} of "
              f"{bound(sources, '10 GiB or a quarter of the filesystem')}",
              f"  builds:      {'running' if document['running-builds'] else 'none running'}; "
-             f"{staging['building']} entries under construction, {staging['dead']} left by dead builds "
-             f"({format_size(staging['size'])})",
+             f"{count(staging['building'], 'entry', 'entries')} under construction, {staging['dead']} left by dead "
+             f"builds ({format_size(staging['size'])})",
              f"  filesystem:  {format_size(fs['free'])} free of {format_size(fs['size'])}"]
     if trees["stacks"]:
         lines += ["", "Trees by pipeline, most recently used first (their layers bottom first):"]
         for stack in trees["stacks"]:
-            lines.append(f"  {stack['pipeline'] or '?'}: {len(stack['layers'])} layers, "
+            lines.append(f"  {stack['pipeline'] or '?'}: {count(len(stack['layers']), 'layer')}, "
                          f"{format_size(stack['size'])}" + ("" if stack["complete"] else " (a layer is gone: a miss)"))
             for layer in stack["layers"]:
                 lines.append(f"    {layer['id'][:12]}  {format_size(layer['size']):>10}  {layer['stage'] or '?'}")
