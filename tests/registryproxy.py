@@ -90,6 +90,10 @@ class FaultyProxy:
 
     def close(self) -> None:
         self._closing.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the other thread (close does not)
+        except OSError:
+            pass
         self.listener.close()
         with self._lock:
             sockets, threads = list(self._sockets), list(self._threads)
