@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import ocilayer, stageimage
+from . import formats, ocilayer, stageimage
 from .errors import AosbuildError, StoreError
 from .logs import get_logger
 from .manifest import Pipeline
@@ -189,7 +189,7 @@ class RemoteCache:
         stage = pipeline.stages[hit.index - 1]
         try:
             pulled, size = await self.pull(ctx, hit.remote, stage.id, pipeline)
-        except RemoteMiss as exc:
+        except (RegistryError, ocilayer.LayerError) as exc:  # a miss, refused credentials, a layer unsafe to unpack
             self.give_up(hit.remote, f"cannot pull {stage.type} {stage.id}", exc)
             return resume
         if not ctx.pins.try_pin(stage.id):
@@ -408,6 +408,7 @@ async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) 
     async with anyio.create_task_group() as tg:
         for item in pending:
             tg.start_soon(find, item)
+    pulled = False
     for item in pending:
         pipeline_id = str(item.pipeline.id)
         current = next((p for p in plan.build if p.pipeline.id == pipeline_id), None)
@@ -416,6 +417,11 @@ async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) 
             continue  # no longer needed, or nothing newer remotely
         if await remote.fetch_newest(ctx, item.pipeline, current.resume, hit) > current.resume:
             plan = replan()
+            pulled = True
+    if pulled and formats.of(ctx.manifest).SOURCES_THROUGH_INPUTS:
+        # what was pulled needs no sources: an offline builder fetches only what its stages left use
+        ctx.sources.restrict({ref for item in plan.build for stage in item.pipeline.stages[item.resume:]
+                              for ref in stage.source_refs()})
     return plan
 
 

@@ -162,6 +162,13 @@ class Sources:
         self._ready = {checksum: anyio.Event() for _, items in self.selected for checksum in items}
         self._runs: dict[str, _Run] = {}
 
+    def restrict(self, only: Collection[str]) -> None:
+        """Before `fetch_all`: fetch only the items `only` names (what the stages left to run use, once a
+        remote cache gave the rest); sources left with none are skipped."""
+        self.selected = [(source, kept) for source, items in self.selected
+                         if (kept := {c: d for c, d in items.items() if c in only})]
+        self.sources = tuple(source for source, _ in self.selected)
+
     @property
     def results(self) -> dict[str, list[ItemResult]]:
         """Each source's item results so far, in the manifest's order."""

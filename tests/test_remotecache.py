@@ -10,6 +10,7 @@ redirect, flattened for the push), 2 MiB of data and stage metadata; a second pi
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from aosbuild import ocilayer
 from aosbuild.store import entries
 
 from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .fileserver import FileServer
 from .registry import PASSWORD, USER, Registry
 from .registryproxy import Fault, FaultyProxy
 from .test_layers import BASE, CHANGES
@@ -310,3 +312,29 @@ def test_a_store_remembers_its_remote_and_a_flag_overrides_it(served: Registry, 
     refused = store_command(b, "remote", f"user:pw@{served.host}/{REPOSITORY}")
     assert refused.returncode == 2
     assert "pw" not in refused.stderr.replace(REPOSITORY, "")
+
+
+def test_an_offline_machine_needs_no_source_of_what_it_pulls(served: Registry, workdir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    body = b"a package\n" * 1000
+    checksum = "sha256:" + hashlib.sha256(body).hexdigest()
+    inputs = {"files": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                        "references": {checksum: {}}}}
+    with FileServer().running() as files:
+        the = manifest(pipeline("tree", {**stage("org.osbuild.copy", paths=[
+            {"from": f"input://files/{checksum}", "to": "tree:///package"}]), "inputs": inputs},
+            stage(OPS, ops=[["chmod", "package", 0o600]])),
+            sources={"org.osbuild.curl": {"items": {checksum: files.add("/package", body)}}})
+        a = machine(workdir, "a")
+        assert a(the, "--cache-remote", f"{served.host}/{REPOSITORY}").returncode == 0
+        assert files.count("/package") == 1
+    # the file server is gone: B could not download the item, and need not
+    b = machine(workdir, "b")
+    run = b(the, "--cache-remote", f"{served.host}/{REPOSITORY}", "--export", "tree", "--output-directory",
+            str(b.output), "--monitor", "jsonseq")
+    assert run.returncode == 0, run.stderr
+    check_jsonseq(run.stdout)
+    assert stages_run(run) == []
+    assert not any(m.startswith("Starting pipeline source") for m in messages(run))
+    assert (b.output / "tree" / "package").read_bytes() == body
