@@ -12,8 +12,10 @@ A stage image (`stageimage`: tag `stage-<id>`) holds the whole tree after that s
 Its config's `aosbuild` key says which store entry each layer is (`stack`: ids bottom first, `flat` for
 a whole tree) and carries the results of every stage up to it (`results`), so each pulled layer is
 committed under its own stage id with the results the build that made it reported. A layer overlayfs
-renamed a directory in (a redirect) has no OCI form: the tree up to the topmost such layer is pushed as
-one flat layer, `<id>.squashed`, as the builder names its squashed trees.
+renamed a directory in (a redirect) has no OCI form, and a stack whose layers mostly write the same
+files again (a disk image each stage copies up) would move those bytes once per layer: there the tree
+up to that layer is pushed as one flat layer, committed on the pulling side as a flat entry (a whole
+tree) under that layer's stage id (`flatten_point`).
 
 `fetch_newest` (pull a pipeline's newest remote stage past its resume point) and `push_stages` are the
 two entry points a scheduler needs; `pull_ahead` and `push_built` are the local engine's use of them.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ PROBES = 4  # manifest lookups in flight at once, per build
 ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
 SQUASHED = ".squashed"
 REDIRECT = "trusted.overlay.redirect"
+FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -268,33 +272,54 @@ class LayerBlobs:
     def __init__(self, ctx: BuildContext, scratch: Path) -> None:
         self.ctx = ctx
         self.scratch = scratch
-        self.written: dict[str, tuple[Path, ocilayer.LayerInfo]] = {}
+        self.written: dict[tuple[str, bool], tuple[Path, ocilayer.LayerInfo]] = {}  # (entry id, flat)
 
     async def for_stack(self, stack: tuple[str, ...]) -> list[tuple[str, bool, Path, ocilayer.LayerInfo]]:
-        """The blobs of a tree's layers, lowest first; flattened up to the topmost layer with a redirect."""
+        """The blobs of a tree's layers, lowest first; the layers up to `flatten_point` as one flat tree,
+        committed on the pulling side under the id of the topmost of them (a flat entry: a whole tree)."""
         pins = self.ctx.pins
         flats = [bool(getattr(pins.get(i), "flat", False)) for i in stack]
-        redirected = [n for n, i in enumerate(stack)
-                      if not flats[n] and await anyio.to_thread.run_sync(has_redirect, pins.tree(i))]
-        cut = max(redirected, default=-1)
+        surveys = [await anyio.to_thread.run_sync(survey, pins.tree(i)) for i in stack]
+        cut = flatten_point([(redirect and not flat, files) for (redirect, files), flat in
+                             zip(surveys, flats, strict=True)])
         chosen: list[tuple[str, bool]] = []
-        if cut >= 0:
-            squashed = stack[cut].removesuffix(SQUASHED) + SQUASHED
-            if squashed not in self.written:
+        if cut > 0 or (cut == 0 and not flats[0]):
+            if (stack[cut], True) not in self.written:
                 flat_tree = self.scratch / f"flat-{len(self.written)}"
                 view = TreeView(layers=tuple(pins.tree(i) for i in reversed(stack[:cut + 1])), flat=False)
                 await self.ctx.store.copy_view(view, flat_tree, f"cannot flatten {stack[cut]} for the remote cache")
-                await self._write(squashed, flat_tree)
-            chosen.append((squashed, True))
+                await self._write((stack[cut], True), flat_tree)
+            chosen.append((stack[cut], True))
+        else:
+            cut = -1
         for n in range(cut + 1, len(stack)):
-            if stack[n] not in self.written:
-                await self._write(stack[n], pins.tree(stack[n]))
+            if (stack[n], flats[n]) not in self.written:
+                await self._write((stack[n], flats[n]), pins.tree(stack[n]))
             chosen.append((stack[n], flats[n]))
-        return [(i, flat, *self.written[i]) for i, flat in chosen]
+        return [(i, flat, *self.written[(i, flat)]) for i, flat in chosen]
 
-    async def _write(self, entry_id: str, tree: Path) -> None:
+    async def _write(self, key: tuple[str, bool], tree: Path) -> None:
         path = self.scratch / f"blob-{len(self.written)}"
-        self.written[entry_id] = (path, await anyio.to_thread.run_sync(write_blob, tree, path))
+        self.written[key] = (path, await anyio.to_thread.run_sync(write_blob, tree, path))
+
+
+def flatten_point(layers: Sequence[tuple[bool, dict[str, int]]]) -> int:
+    """How far up a stack (bottom first: whether a layer has a redirect, its files' sizes) is pushed as
+    one flat layer: -1 for none. Up to the topmost layer with a redirect, which has no OCI form; and up
+    to the topmost layer where at least half the bytes of the layers so far are files that a later
+    layer of them wrote again (a disk image that each stage copies up whole: a layer per stage would
+    push and pull it once per stage)."""
+    cut = max((n for n, (redirect, _) in enumerate(layers) if redirect), default=-1)
+    total = wasted = 0
+    below: dict[str, int] = {}  # each path's size in the topmost layer so far that has it
+    for top, (_, files) in enumerate(layers):
+        for path, size in files.items():
+            total += size
+            wasted += below.get(path, 0)
+            below[path] = size
+        if top > 0 and wasted >= FLATTEN_WASTE and 2 * wasted >= total:
+            cut = max(cut, top)
+    return cut
 
 
 def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
@@ -302,16 +327,24 @@ def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
         return ocilayer.write_layer(tree, out)
 
 
-def has_redirect(tree: Path) -> bool:
-    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that)."""
-    for dirpath, dirnames, _ in os.walk(tree):
+def survey(tree: Path) -> tuple[bool, dict[str, int]]:
+    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that), and
+    the size of each of its regular files."""
+    redirect = False
+    files: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames:
             try:
-                if os.getxattr(os.path.join(dirpath, name), REDIRECT, follow_symlinks=False):
-                    return True
+                redirect = redirect or bool(os.getxattr(os.path.join(dirpath, name), REDIRECT,
+                                                        follow_symlinks=False))
             except OSError:
                 continue
-    return False
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                files[os.path.relpath(path, tree)] = st.st_size
+    return redirect, files
 
 
 def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
@@ -346,7 +379,7 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
                                commit=stored_below) as entry:
         await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat)
         entry.pipeline = pipeline.name
-        if flat:
+        if entry_id.endswith(SQUASHED):  # the builder's squashed tree: the results of the stages below it
             entry.results = list(records[:upto])
         else:
             entry.results = list(records[:upto - 1])
