@@ -66,6 +66,11 @@ PROBES = 4  # manifest lookups in flight at once, per build
 ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
 SQUASHED = ".squashed"
 REDIRECT = "trusted.overlay.redirect"
+SOURCE_TAG = "source-"
+SOURCE_TYPE = "application/vnd.aosbuild.source.v1"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an artifact
+EMPTY_CONFIG = b"{}"
+EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
 
 
@@ -143,18 +148,19 @@ class RemoteCache:
         self.bytes_pushed = 0
         self.stages_pulled = 0
         self.images_pushed = 0
+        self.sources_pushed = 0
 
     @property
     def readers(self) -> list[Remote]:
         return [r for r in self.remotes if r.usable]
 
-    def give_up(self, remote: Remote, what: str, exc: BaseException) -> None:
+    def give_up(self, remote: Remote, what: str, exc: BaseException, then: str = "building locally") -> None:
         """Say once why `remote` is no use any more, and stop using it in this build."""
         if not remote.usable:
             return
         remote.usable = False
-        self._warn(f"warning: remote cache {remote.name}: {what}: {exc}; building locally, and not using "
-                   "this remote again in this build")
+        self._warn(f"warning: remote cache {remote.name}: {what}: {exc}; {then}, and not using this remote "
+                   "again in this build")
 
     # -- pulling ---------------------------------------------------------------------------------------
 
@@ -238,6 +244,47 @@ class RemoteCache:
                 below = ctx.pins.stack(entry_id)
         return len(blobs), size
 
+    async def fetch_source(self, checksum: str, target: Path) -> str | None:
+        """Fetch a source item (a sha256 blob) from the first remote that has it, verified, to `target`;
+        the remote's name, or None if none has it (a plain miss is no warning; a broken remote is)."""
+        if not DIGEST_RE.fullmatch(checksum):
+            return None
+        for remote in self.readers:
+            try:
+                size = await remote.client.fetch_blob(checksum, target)
+            except RemoteMiss as exc:
+                if exc.reason != "not in the registry":
+                    self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
+                continue
+            except RegistryError as exc:
+                self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
+                continue
+            self.bytes_pulled += size
+            return remote.name
+        return None
+
+    async def push_sources(self, items: Sequence[Path]) -> None:
+        """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
+        collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
+        one layer), unless it is there."""
+        remote = self.remotes[0]
+        if not remote.usable or self.settings.push == "none":
+            return
+        try:
+            await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
+            for path in items:
+                digest = "sha256:" + path.name.removeprefix("sha256:")
+                tag = SOURCE_TAG + digest.removeprefix("sha256:")
+                if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
+                    continue
+                size = (await anyio.Path(path).stat()).st_size
+                if await remote.client.push_blob(digest, path):
+                    self.bytes_pushed += size
+                await remote.client.put_manifest(tag, source_manifest(digest, size))
+                self.sources_pushed += 1
+        except (RegistryError, OSError) as exc:
+            self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
+
     # -- pushing ---------------------------------------------------------------------------------------
 
     async def push_stages(self, ctx: BuildContext, stage_ids: Sequence[str]) -> None:
@@ -263,7 +310,7 @@ class RemoteCache:
                     await stageimage.push_stage(remote.client, stage_id, [(p, i) for _, _, p, i in chosen], results)
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
-            self.give_up(remote, "cannot push", exc)
+            self.give_up(remote, "cannot push", exc, "the build's exit code is unchanged")
 
 
 class LayerBlobs:
@@ -320,6 +367,12 @@ def flatten_point(layers: Sequence[tuple[bool, dict[str, int]]]) -> int:
         if top > 0 and wasted >= FLATTEN_WASTE and 2 * wasted >= total:
             cut = max(cut, top)
     return cut
+
+
+def source_manifest(digest: str, size: int) -> dict[str, Any]:
+    return {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SOURCE_TYPE,
+            "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_CONFIG)},
+            "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": size}]}
 
 
 def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
@@ -479,10 +532,13 @@ async def push_built(ctx: BuildContext, plan: Plan) -> None:
     if remote is None:
         return
     stage_ids = pushed_stages(ctx, plan)
-    if not stage_ids:
-        return
-    await remote.push_stages(ctx, stage_ids)
-    if remote.images_pushed:
-        ctx.monitor.log(f"remote cache: pushed {remote.images_pushed} stage images to {remote.remotes[0].name} "
-                        f"({format_size(remote.bytes_pushed)} of new layers)\n")
-    log.info("remote.pushed", images=remote.images_pushed, bytes=remote.bytes_pushed)
+    if stage_ids:
+        await remote.push_stages(ctx, stage_ids)
+    if remote.settings.push != "none":
+        await remote.push_sources([ctx.sources.path(item.checksum) for items in ctx.sources.results.values()
+                                   for item in items if item.error is None])
+    if remote.images_pushed or remote.sources_pushed:
+        ctx.monitor.log(f"remote cache: pushed {remote.images_pushed} stage images and {remote.sources_pushed} "
+                        f"source items to {remote.remotes[0].name} ({format_size(remote.bytes_pushed)} of new "
+                        "blobs)\n")
+    log.info("remote.pushed", images=remote.images_pushed, sources=remote.sources_pushed, bytes=remote.bytes_pushed)
