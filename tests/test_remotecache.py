@@ -241,15 +241,21 @@ def test_two_machines_pushing_at_once_both_succeed(served: Registry, workdir: Pa
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
     a1, a2 = machine(workdir, "a1"), machine(workdir, "a2")
     ref = f"{served.host}/{REPOSITORY}"
+    # one of them with --debug: the engine's events on stderr name registries and digests, never secrets
     procs = [subprocess.Popen(m.command(m.write_manifest(the_manifest()), "--cache-remote", ref, "--export",
-                                        "tree", "--export", "archive", "--output-directory", str(m.output), "--json"),
+                                        "tree", "--export", "archive", "--output-directory", str(m.output), "--json",
+                                        *debug),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=m.workdir)
-             for m in (a1, a2)]
+             for m, debug in ((a1, ()), (a2, ("--debug",)))]
     outcomes = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outcomes
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert "remote.pushed" in outcomes[1][1]
     for out, err in outcomes:
         assert "warning" not in err
         assert PASSWORD not in out + err
+        assert token not in out + err
+        assert json.loads(out)["success"] is True
     b = machine(workdir, "b")
     run = build(b, served.host)
     assert stages_run(run) == []
