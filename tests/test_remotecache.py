@@ -305,6 +305,9 @@ def test_a_store_remembers_its_remote_and_a_flag_overrides_it(served: Registry, 
     setting = store_command(a, "remote", ref, "--push", "all", "--insecure")
     assert setting.returncode == 0, setting.stderr
     assert setting.stdout == f"remote: {ref} (pushed to)\npush:   all\ninsecure: yes\n"
+    info = store_command(a, "info", "--json")
+    assert json.loads(info.stdout)["remote"] == {"refs": [ref], "push": "all", "insecure": True}
+    assert f"remote:      {ref} (the first pushed to; push all)" in store_command(a, "info").stdout
     run = a(the_manifest(), "--monitor", "jsonseq")
     assert run.returncode == 0, run.stderr
     assert any(m.startswith("remote cache: pushed 7 stage images") for m in messages(run)), messages(run)
