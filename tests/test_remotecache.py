@@ -20,9 +20,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from aosbuild import ocilayer
+from aosbuild import ocilayer, registry
+from aosbuild.registry import RegistryOptions
+from aosbuild.registryauth import Credentials
 from aosbuild.remotecache import flatten_point
 from aosbuild.store import entries
 
@@ -391,3 +394,23 @@ def test_a_push_that_fails_is_one_warning_and_the_exit_code_of_the_build(served:
     assert "cannot push" in warnings(run)[0]
     assert run.stderr.count("remote cache") == 1, run.stderr
     assert len(stages_run(run)) == 7
+
+
+def test_a_failed_build_pushes_nothing(served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    failing = the_manifest()
+    # built after the tree (its build root), which succeeds and is stored: still nothing is pushed
+    failing["pipelines"].append(pipeline("broken", stage("org.aosbuild.test.fail", exit=3), build="name:tree"))
+    a = machine(workdir, "a")
+    run = a(failing, "--cache-remote", f"{served.host}/{REPOSITORY}", "--cache-push", "all", "--monitor", "jsonseq")
+    assert run.returncode == 1, run.stderr
+    assert stages_run(run)[:6] == [OPS, OPS, "org.aosbuild.test.fill", OPS, "org.aosbuild.test.report", OPS]
+    assert not any("remote cache" in m for m in messages(run))
+    assert "remote cache" not in run.stderr
+
+    async def tags() -> list[str]:
+        async with registry.open_registry(f"{served.host}/{REPOSITORY}", RegistryOptions(timeout=10),
+                                          credentials=Credentials(USER, PASSWORD), environ={}) as client:
+            return await client.tags()
+
+    assert anyio.run(tags) == []
