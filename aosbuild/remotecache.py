@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -303,8 +304,11 @@ class RemoteCache:
                     stack = ctx.pins.stack(stage_id)
                     chosen = await blobs.for_stack(stack)
                     for _, _, path, info in chosen:
+                        started = time.monotonic()
                         if await remote.client.push_blob(info.digest, path):
                             self.bytes_pushed += info.size
+                            log.debug("remote.layer.uploaded", digest=info.digest, size=info.size,
+                                      seconds=round(time.monotonic() - started, 3))
                     results = {"stack": [{"id": entry_id, "flat": flat} for entry_id, flat, _, _ in chosen],
                                "results": list(ctx.pins.results(stage_id))}
                     await stageimage.push_stage(remote.client, stage_id, [(p, i) for _, _, p, i in chosen], results)
@@ -334,7 +338,10 @@ class LayerBlobs:
             if (stack[cut], True) not in self.written:
                 flat_tree = self.scratch / f"flat-{len(self.written)}"
                 view = TreeView(layers=tuple(pins.tree(i) for i in reversed(stack[:cut + 1])), flat=False)
+                started = time.monotonic()
                 await self.ctx.store.copy_view(view, flat_tree, f"cannot flatten {stack[cut]} for the remote cache")
+                log.debug("remote.layer.flattened", entry=stack[cut], layers=cut + 1,
+                          seconds=round(time.monotonic() - started, 3))
                 await self._write((stack[cut], True), flat_tree)
             chosen.append((stack[cut], True))
         else:
@@ -347,7 +354,11 @@ class LayerBlobs:
 
     async def _write(self, key: tuple[str, bool], tree: Path) -> None:
         path = self.scratch / f"blob-{len(self.written)}"
-        self.written[key] = (path, await anyio.to_thread.run_sync(write_blob, tree, path))
+        started = time.monotonic()
+        info = await anyio.to_thread.run_sync(write_blob, tree, path)
+        self.written[key] = (path, info)
+        log.debug("remote.layer.written", entry=key[0], flat=key[1], size=info.size,
+                  seconds=round(time.monotonic() - started, 3))
 
 
 def flatten_point(layers: Sequence[tuple[bool, dict[str, int]]]) -> int:
