@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 
-from . import formats, planner, scheduler
+from . import formats, planner, remotecache, scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
@@ -23,11 +23,14 @@ from .errors import AosbuildError, flatten
 from .exporting import export_target, export_tree
 from .history import Durations, History, SavedStream
 from .library import Library
+from .logs import get_logger
 from .manifest import Manifest, Pipeline
 from .monitor import Monitor, PlannedStage, Tee
 from .results import StageResult
 from .sources import Sources
 from .store import Store
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,6 +45,7 @@ class Request:
     stage_timeout: float | None = None
     download: DownloadOptions = field(default_factory=DownloadOptions)
     sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
+    remote: remotecache.RemoteSettings | None = None  # registries of the store's second tier
 
 
 def needed_items(manifest: Manifest, exports: Sequence[Pipeline]) -> frozenset[str] | None:
@@ -174,6 +178,12 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     return Prepared(ctx=ctx, plan=plan, recorder=recorder, history=history, stream_fd=stream_fd)
 
 
+def replan(ctx: BuildContext, goal: planner.Goal) -> planner.Plan:
+    """The plan made again, and pinned, once the remote cache has brought entries into the store."""
+    stored = planner.Predicate(ctx.store.contains)
+    return planner.pin(planner.plan(goal, stored), ctx.pins, stored)
+
+
 TICK = 0.2  # seconds between ticks: how stale a live view's elapsed times and coalesced lines can get
 
 
@@ -195,19 +205,25 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
     success = False
     error: AosbuildError | None = None
     try:
-        if plan is None:
-            ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
-        else:
-            ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
-            ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources),
-                                      pipelines=len(plan.build))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(tick, ctx.monitor)
-                try:
-                    await run(ctx, plan, request)
-                finally:
-                    tg.cancel_scope.cancel()
+            async with remotecache.open_remote_cache(request.remote, lambda text: warn(ctx, text)) as remote:
+                ctx.remote = remote
+                if remote is not None:
+                    ctx.sources.mirror = remote.fetch_source
+                if plan is not None:
+                    goal = plan.goal
+                    plan = await remotecache.pull_ahead(ctx, plan, lambda: replan(ctx, goal))
+                    ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
+                    ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources),
+                                              pipelines=len(plan.build))
+                else:
+                    ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(tick, ctx.monitor)
+                    try:
+                        await run(ctx, plan, request)
+                    finally:
+                        tg.cancel_scope.cancel()
             success = True
         except Exception as exc:
             errors = list(flatten(exc))
@@ -236,3 +252,10 @@ async def run(ctx: BuildContext, plan: planner.Plan | None, request: Request) ->
     for name, pipeline in plan.exports:
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)
+    await remotecache.push_built(ctx, plan)
+
+
+def warn(ctx: BuildContext, message: str) -> None:
+    """A warning the user must see whatever the monitor: on it, and on stderr (--json, --quiet)."""
+    ctx.monitor.log(message + "\n")
+    log.warning("remote_cache", message=message)

@@ -12,6 +12,7 @@ functions that use them, so that `--version` and `--inspect` do not pay for what
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -54,6 +55,19 @@ def check(inv: Invocation) -> None:
         if not Path(libdir).is_dir():
             raise InvalidArgument("--libdir", f"{libdir} is not a directory; give a directory that holds "
                                   "stages/ (and runners/, schemas/, ...), as osbuild's library does")
+    if inv.cache_push is not None and inv.cache_push not in ("none", "pipelines", "all"):
+        raise InvalidArgument("--cache-push", f"must be none, pipelines or all, not {inv.cache_push!r}")
+    for ref in inv.cache_remotes or ():
+        from .registry import RegistryError
+        from .remotecache import check_ref
+
+        try:
+            check_ref(ref)
+        except RegistryError as exc:
+            raise InvalidArgument("--cache-remote", str(exc)) from None
+    if inv.cache_remote_timeout is not None and not (inv.cache_remote_timeout > 0
+                                                     and math.isfinite(inv.cache_remote_timeout)):
+        raise InvalidArgument("--cache-remote-timeout", "must be a number of seconds above 0")
     out = inv.output_directory
     if out is not None and out.is_symlink() and not out.exists():
         raise InvalidArgument("--output-directory", f"{out} is a symbolic link to nothing; remove it or "
@@ -143,6 +157,7 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
     report = None
     try:
         store = Store.open(Path(inv.store), max_size=inv.cache_max_size)
+        request = dataclasses.replace(request, remote=remote_settings(inv, store))
         monitor = make_monitor(monitor_name, monitor_fd)
         prepared = engine.prepare(manifest, request, store=store, library=library, monitor=monitor)
         report = anyio.run(run_until_signalled, lambda: engine.build(prepared, request), backend=inv.backend)
@@ -190,6 +205,14 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
     if end_summary is not None:
         end_summary.write(what_was_made(report, store_hint(inv.store)))
     return 0
+
+
+def remote_settings(inv: Invocation, store: Store) -> Any:
+    """The registries of the build: its flags over the store's own setting (`aosbuild store remote`)."""
+    from .remotecache import resolve_settings
+
+    return resolve_settings(store.remote_config(), refs=inv.cache_remotes, push=inv.cache_push,
+                            insecure=inv.cache_remote_insecure, timeout=inv.cache_remote_timeout)
 
 
 def pipelines_summary(manifest: Any, ctx: Any) -> None:

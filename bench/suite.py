@@ -28,6 +28,7 @@ import debian
 import downloads
 import edit
 import engine
+import remote
 import store
 from common import BENCH, FAST_TMP, REPO, RESULTS, Section, machine
 
@@ -42,6 +43,7 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "osbuild": (baseline.run, 3),  # osbuild 191 takes about 12 s for the generic manifest
     "edit": (edit.run, 3),      # a cold build (layered and flat) and three rebuilds per repetition
     "edit-disk": (edit.run_disk, 3),
+    "remote": (remote.run, 3),  # three cold builds of the sample per repetition
 }
 README = BENCH / "README.md"
 LATEST = ("<!-- latest run: written by bench/suite.py --update-readme -->", "<!-- end of latest run -->")
@@ -66,6 +68,8 @@ COLUMNS = [
     ("edit", "hostname_s", "edit hostname s", "{:.1f}"),
     ("edit", "password_s", "edit password s", "{:.1f}"),
     ("edit", "packages_s", "edit packages s", "{:.1f}"),
+    ("remote", "pull_s", "sample pulled s", "{:.1f}"),
+    ("remote", "pull_over_cold", "pulled / cold", "{:.2f}x"),
 ]
 
 
