@@ -66,6 +66,13 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     p.add_argument("--cache-max-size", type=size_argument, default=KEEP, metavar="SIZE",
                    help="bound of the trees in the store, kept for later builds: bytes, kB, KiB, MB, MiB, GB, "
                         "GiB, TB, TiB or 'unlimited' (default: 20 GiB or half the store's filesystem)")
+    p.add_argument("--cache-remote", action="append", default=[], metavar="REF",
+                   help="a remote cache (OCI registry repository, e.g. registry:5000/aosbuild): read, first pushed to")
+    p.add_argument("--dispatch", metavar="ADDRESS",
+                   help="build the pipelines on the workers of this Dask scheduler (tls://HOST:PORT; needs "
+                        "--cache-remote; see `aosbuild worker`)")
+    p.add_argument("--dispatch-arch", metavar="ARCH",
+                   help="the architecture the build roots need (default: this machine's, as `uname -m`)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show engine events and tracebacks")
@@ -81,6 +88,7 @@ COMMANDS: dict[str, str] = {
     "report": "aosbuild.report:main",
     "sample": "aosbuild.samples:main",
     "store": "aosbuild.store.commands:main",
+    "worker": "aosbuild.worker:main",
 }
 
 
@@ -112,6 +120,7 @@ def invocation(args: argparse.Namespace) -> Invocation:
         sources_only=args.sources_only,
         download=DownloadOptions(jobs=args.download_jobs, per_host=args.download_jobs_per_host,
                                  timeout=args.download_timeout),
-        cache_max_size=args.cache_max_size, quiet=args.quiet, debug=args.debug, backend=args.backend)
+        cache_max_size=args.cache_max_size, cache_remote=tuple(args.cache_remote), dispatch=args.dispatch,
+        dispatch_arch=args.dispatch_arch, quiet=args.quiet, debug=args.debug, backend=args.backend)
 
 

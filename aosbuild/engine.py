@@ -13,6 +13,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 
@@ -43,6 +44,15 @@ class Request:
     stage_timeout: float | None = None
     download: DownloadOptions = field(default_factory=DownloadOptions)
     sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
+    targets: tuple[str, ...] = ()           # pipelines to build besides the exports (none: all, unless exports)
+    executor: Executor | None = None        # builds the planned pipelines elsewhere (dispatch.py); None: here
+
+
+class Executor(Protocol):
+    """What builds a plan's pipelines instead of this process's scheduler (the Dask dispatcher): by the
+    time `run` returns, the exported pipelines are in the local store for `export` to copy out."""
+
+    async def run(self, ctx: BuildContext, planned: Sequence[scheduler.Planned], request: Request) -> None: ...
 
 
 def resolve_exports(manifest: Manifest, exports: Sequence[str]) -> list[Pipeline]:
@@ -166,6 +176,7 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     stream of this build (`history.py`), so `aosbuild report --last` needs nothing saved beforehand.
     """
     exports = resolve_exports(manifest, request.exports)
+    targets = exports + resolve_exports(manifest, request.targets)
     options = BuildOptions(checkpoints=match_checkpoints(manifest, request.checkpoints),
                            stage_timeout=request.stage_timeout,
                            **({"jobs": request.jobs} if request.jobs else {}))
@@ -187,7 +198,7 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
                        sources=sources, options=options)
     try:
         plan = (scheduler.Plan(build=(), cached=()) if request.sources_only
-                else scheduler.plan(ctx, exports or manifest.pipelines))
+                else scheduler.plan(ctx, targets or manifest.pipelines))
     except BaseException:
         if stream_fd is not None:
             os.close(stream_fd)
@@ -253,7 +264,10 @@ async def run(ctx: BuildContext, plan: scheduler.Plan, request: Request) -> None
         await ctx.sources.fetch_all()
         return
     report_cached(ctx, plan.cached)
-    await scheduler.run(ctx, plan.build)
+    if request.executor is None:
+        await scheduler.run(ctx, plan.build)
+    else:
+        await request.executor.run(ctx, plan.build, request)
     for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports), strict=True):
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)

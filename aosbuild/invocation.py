@@ -34,6 +34,9 @@ class Invocation:
     sources_only: bool = False                  # fetch and verify the sources, build nothing
     download: DownloadOptions = field(default_factory=DownloadOptions)
     cache_max_size: int | None = KEEP           # the store's bound in bytes; None: unlimited; KEEP: as set
+    cache_remote: tuple[str, ...] = ()          # remote caches (OCI registry repositories)
+    dispatch: str | None = None                 # a Dask scheduler's address: build on its workers
+    dispatch_arch: str | None = None            # the build roots' architecture; None: this machine's
     quiet: bool = False                         # no progress output
     debug: bool = False                         # engine events and tracebacks
     summary: bool = True                        # "what was made" at the end (the drop-in prints none)

@@ -1,0 +1,225 @@
+"""`aosbuild --dispatch ADDRESS`: the plan's pipelines built by Dask workers (`aosbuild worker`).
+
+The client loads and plans the manifest as a local build does; the `Dispatcher` is the engine's
+`Executor` for the planned pipelines. Each pipeline the remote cache does not hold becomes one Dask
+task keyed by the pipeline's id, depending on the tasks of its build root and input pipelines, so two
+clients asking for the same pipeline share one execution. A worker builds it on its own store, pulling
+what it needs from the remote cache and pushing what it built; its monitor events come back as the
+task's result and are replayed into this build's monitor, so the stream, `--json` and the report are
+a local build's. The exported trees are then pulled from the remote cache into the local store, from
+which the engine exports them as usual.
+
+Dask's client is asyncio (tornado); the engine is trio. The synchronous `distributed.Client` runs its
+own event loop in a thread of its own; this module calls it through `anyio.to_thread`, and its
+futures' done-callbacks come back into the engine's loop through `anyio.from_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from .errors import UsageError
+from .registry import is_loopback
+from .remoteevents import DispatchedError, RemoteFailure, Replayer, rebuild_error
+from .worker import SLOT, arch_resource, build_task
+
+if TYPE_CHECKING:
+    from .context import BuildContext
+    from .engine import Request
+    from .manifest import Pipeline
+    from .scheduler import Planned
+
+CONNECT_TIMEOUT = 20.0  # seconds to reach the scheduler before the build fails
+
+
+def check_address(address: str, flag: str, *, tls_given: bool = False) -> None:
+    """Plain TCP only to a loopback scheduler: anyone who reaches a scheduler runs manifests as root."""
+    scheme, _, rest = address.rpartition("://")
+    scheme = scheme or "tcp"
+    if scheme == "tls":
+        return
+    if scheme != "tcp":
+        raise ValueError(f"{flag} {address}: the scheduler's address is tls://HOST:PORT (or tcp://127.0.0.1:PORT "
+                         "on this machine)")
+    if not is_loopback(rest):
+        raise ValueError(f"{flag} {address}: plain TCP is only for a scheduler on this machine (127.0.0.1); "
+                         "a scheduler elsewhere needs tls://HOST:PORT and certificates (README, 'Builds on "
+                         "a Dask cluster')")
+
+
+def security_from(ca_file: str | None, cert: str | None, key: str | None) -> Any:
+    """Dask's `Security` for mutual TLS from files; None leaves it to Dask's configuration
+    (`distributed.comm.tls.*`, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE)."""
+    if not (ca_file or cert or key):
+        return None
+    from distributed import Security
+
+    return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, tls_worker_cert=cert,
+                    tls_worker_key=key, require_encryption=True)
+
+
+def host_arch() -> str:
+    return platform.machine()
+
+
+@contextlib.asynccontextmanager
+async def open_dask_client(address: str, security: Any = None) -> AsyncIterator[Any]:
+    """A synchronous `distributed.Client` connected to the scheduler, closed on the way out (shielded)."""
+    from distributed import Client
+
+    def connect() -> Any:
+        return Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False,
+                      **({"security": security} if security is not None else {}))
+
+    try:
+        client = await anyio.to_thread.run_sync(connect)
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}; check the address, that "
+                         "the scheduler runs, and for tls:// the certificates (README, 'Builds on a Dask "
+                         "cluster')") from None
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(client.close)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dispatcher:
+    """The engine's executor for `--dispatch`: the planned pipelines as Dask tasks on `aosbuild worker`s."""
+
+    address: str
+    manifest_text: str              # what each task loads (the workers need nothing else of the client)
+    remotes: tuple[str, ...]        # the remote cache, through which trees travel
+    arch: str = ""                  # the build roots' architecture (default: this machine's)
+    security: Any = None
+
+    async def run(self, ctx: BuildContext, planned: Sequence[Planned], request: Request) -> None:
+        arch = self.arch or host_arch()
+        present = await self.in_remote(ctx, planned)
+        submitted = wanted(planned, present, [p.id for p in request_targets(ctx, request, planned)])
+        for item in planned:
+            if item.pipeline.id in present:
+                await self.report_from_remote(ctx, item.pipeline)
+        if submitted:
+            async with open_dask_client(self.address, self.security) as client:
+                await anyio.to_thread.run_sync(self.check_workers, client, arch)
+                futures = await anyio.to_thread.run_sync(self.submit, client, submitted, request, arch)
+                try:
+                    await self.collect(ctx, futures)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):  # Ctrl-C, a failure: the workers stop ours
+                        await anyio.to_thread.run_sync(client.cancel, [f for f in futures.values() if not f.done()])
+                    raise
+        for name in request.exports:
+            pipeline = ctx.manifest.lookup(name)
+            if pipeline is not None and pipeline.id is not None:
+                await self.fetch(ctx, pipeline)
+
+    # -- the remote cache ------------------------------------------------------------------------------
+
+    async def in_remote(self, ctx: BuildContext, planned: Sequence[Planned]) -> set[str]:
+        """The planned pipelines whose whole tree the remote cache holds: not submitted."""
+        return set()
+
+    async def report_from_remote(self, ctx: BuildContext, pipeline: Pipeline) -> None:
+        """A pipeline the remote cache holds, reported as a build that found it whole."""
+
+    async def fetch(self, ctx: BuildContext, pipeline: Pipeline) -> None:
+        """Bring an exported pipeline's tree from the remote cache into the local store, pinned."""
+
+    # -- Dask ------------------------------------------------------------------------------------------
+
+    def check_workers(self, client: Any, arch: str) -> None:
+        """Fail now, not wait forever, when no worker has the slot and architecture the tasks ask for."""
+        workers = client.scheduler_info(n_workers=-1).get("workers", {})
+        able = [w for w in workers.values() if arch_resource(arch) in (w.get("resources") or {})
+                and SLOT in (w.get("resources") or {})]
+        if not able:
+            seen = ", ".join(f"{w.get('name')} ({', '.join(sorted(w.get('resources') or {})) or 'no resources'})"
+                             for w in workers.values()) or "none"
+            raise UsageError(f"no worker of the Dask scheduler at {self.address} builds {arch} pipelines "
+                             f"(workers: {seen}): start `aosbuild worker --scheduler {self.address}` on a {arch} "
+                             "machine, or build here without --dispatch")
+
+    def submit(self, client: Any, items: Sequence[Planned], request: Request, arch: str) -> dict[str, Any]:
+        """One task per pipeline, dependencies first; each keyed by its pipeline's id."""
+        futures: dict[str, Any] = {}
+        for item in items:
+            pipeline_id = str(item.pipeline.id)
+            deps = [futures[d] for d in sorted(item.pipeline.dependencies()) if d in futures]
+            spec = {"manifest": self.manifest_text, "label": request.label, "pipeline": pipeline_id,
+                    "stage_timeout": request.stage_timeout}
+            futures[pipeline_id] = client.submit(build_task, spec, *deps, key=pipeline_id,
+                                                 resources={SLOT: 1, arch_resource(arch): 1})
+        return futures
+
+    async def collect(self, ctx: BuildContext, futures: dict[str, Any]) -> None:
+        """Replay each pipeline's events as its task ends, in the order they end; the first failure
+        raises as the local build's would."""
+        send, receive = anyio.create_memory_object_stream[str](len(futures))
+        token = anyio.lowlevel.current_token()
+
+        def done(future: Any) -> None:  # in a thread of Dask's client
+            with contextlib.suppress(Exception):  # the build has ended: nobody listens
+                anyio.from_thread.run_sync(send.send_nowait, str(future.key), token=token)
+
+        for future in futures.values():
+            future.add_done_callback(done)
+        replayer = Replayer(ctx.manifest, ctx.monitor)
+        remaining = set(futures)
+        async with send, receive:
+            while remaining:
+                key = await receive.receive()
+                if key not in remaining:
+                    continue
+                remaining.discard(key)
+                pipeline = ctx.manifest.by_id(key)
+                assert pipeline is not None
+                future = futures[key]
+                if future.status == "finished":
+                    outcome = await anyio.to_thread.run_sync(future.result)
+                    ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} built by worker "
+                                           f"{outcome['worker']}\n", pipeline)
+                    replayer.replay(pipeline, outcome["events"])
+                    continue
+                error = await anyio.to_thread.run_sync(future.exception) if future.status == "error" else None
+                if isinstance(error, RemoteFailure):
+                    outcome = error.outcome
+                    if outcome.get("pipeline") == key:
+                        ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} failed on worker "
+                                               f"{outcome['worker']}\n", pipeline)
+                        replayer.replay(pipeline, outcome["events"])
+                    raise rebuild_error(outcome["error"], outcome["worker"])
+                raise DispatchedError(f"pipeline {pipeline.name} ({key}) was not built on the Dask cluster: "
+                                      f"{error or future.status}")
+
+
+def request_targets(ctx: BuildContext, request: Request, planned: Sequence[Planned]) -> list[Pipeline]:
+    """The pipelines the build is for: the exports and targets, else every planned one."""
+    named = [ctx.manifest.lookup(n) for n in (*request.exports, *request.targets)]
+    found = [p for p in named if p is not None]
+    return found or [item.pipeline for item in planned]
+
+
+def wanted(planned: Sequence[Planned], present: set[str], targets: Sequence[str | None]) -> list[Planned]:
+    """The planned pipelines to submit, dependencies first: what the targets need, short of what the
+    remote cache holds (a pipeline there needs nothing built)."""
+    by_id = {str(item.pipeline.id): item for item in planned}
+    needed: set[str] = set()
+    todo = [t for t in targets if t is not None]
+    while todo:
+        pipeline_id = todo.pop()
+        if pipeline_id in needed or pipeline_id in present or pipeline_id not in by_id:
+            continue
+        needed.add(pipeline_id)
+        todo.extend(by_id[pipeline_id].pipeline.dependencies())
+    return [item for item in planned if str(item.pipeline.id) in needed]
