@@ -37,9 +37,6 @@ if TYPE_CHECKING:
     from .manifest import Pipeline
     from .scheduler import Planned
 
-CONNECT_TIMEOUT = 20.0  # seconds to reach the scheduler before the build fails
-
-
 def check_address(address: str, flag: str, *, tls_given: bool = False) -> None:
     """Plain TCP only to a loopback scheduler: anyone who reaches a scheduler runs manifests as root."""
     scheme, _, rest = address.rpartition("://")
@@ -70,21 +67,45 @@ def host_arch() -> str:
     return platform.machine()
 
 
+def probe_scheduler(address: str, security: Any) -> None:
+    """Connect to the scheduler once, in a loop of our own, before `Client` does: a refused handshake
+    (no certificate, another CA's) or no scheduler is then an error of ours, not a `Client` left half
+    made (whose finaliser waits out its own timeout). Dask's connect timeout applies
+    (`distributed.comm.timeouts.connect`)."""
+    import asyncio
+
+    import dask.config
+    from dask.utils import parse_timedelta
+    from distributed import Security
+    from distributed.comm import connect
+
+    chosen = security if security is not None else Security()
+    if address.startswith("tls://") and chosen.get_connection_args("client").get("ssl_context") is None:
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: tls:// needs this client's certificate, "
+                         "key and the cluster's CA (Dask's distributed.comm.tls.client.cert, .client.key and "
+                         ".ca-file, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE; README, 'Builds on a Dask cluster')")
+
+    async def once() -> None:
+        timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "seconds")
+        comm = await connect(address, timeout=timeout, **chosen.get_connection_args("client"))
+        await comm.close()
+
+    try:
+        asyncio.run(once())
+    except (OSError, ValueError) as exc:  # refused, timed out (a TimeoutError is an OSError), a bad handshake
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}; check the address, that the "
+                         "scheduler runs, and for tls:// the certificates (README, 'Builds on a Dask "
+                         "cluster')") from None
+
+
 @contextlib.asynccontextmanager
 async def open_dask_client(address: str, security: Any = None) -> AsyncIterator[Any]:
     """A synchronous `distributed.Client` connected to the scheduler, closed on the way out (shielded)."""
     from distributed import Client
 
-    def connect() -> Any:
-        return Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False,
-                      **({"security": security} if security is not None else {}))
-
-    try:
-        client = await anyio.to_thread.run_sync(connect)
-    except (OSError, TimeoutError) as exc:
-        raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}; check the address, that "
-                         "the scheduler runs, and for tls:// the certificates (README, 'Builds on a Dask "
-                         "cluster')") from None
+    await anyio.to_thread.run_sync(probe_scheduler, address, security)
+    client = await anyio.to_thread.run_sync(lambda: Client(address, set_as_default=False, **(
+        {"security": security} if security is not None else {})))
     try:
         yield client
     finally:

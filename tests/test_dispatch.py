@@ -125,3 +125,145 @@ def test_dispatch_needs_a_remote_cache_and_tls_beyond_loopback(aosbuild: Aosbuil
     run = aosbuild(m, "--dispatch", "tcp://192.0.2.1:8786", "--cache-remote", "127.0.0.1:5000/cache")
     assert run.returncode == 2
     assert "plain TCP is only for a scheduler on this machine" in run.stderr and "tls://" in run.stderr
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def worker_running_wait_stage(cluster: Cluster, timeout: float = 60) -> str:
+    """The worker whose process runs the wait stage, once one does."""
+    by_pid = {w.process.pid: name for name, w in cluster.workers.items() if w.process.poll() is None}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in processes_mentioning(WAIT_STAGE):
+            ancestor = pid
+            while ancestor > 1 and ancestor not in by_pid:
+                ancestor = parent(ancestor)
+            if ancestor in by_pid:
+                return by_pid[ancestor]
+        time.sleep(0.05)  # a stage on another process's sandbox: /proc is the only sign
+    raise AssertionError("no worker ran the wait stage")
+
+
+def start_dispatch(aosbuild: Aosbuild, cluster: Cluster, m: dict[str, Any], *args: str) -> subprocess.Popen[str]:
+    command = aosbuild.command(m, "--dispatch", cluster.address, "--cache-remote", cluster.remote, *args)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=aosbuild.workdir, env=cluster.env)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> Run:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return Run(proc.returncode, stdout, stderr)
+
+
+def wait_stage_manifest(nonce: str) -> dict[str, Any]:
+    return manifest(pipeline("slow", stage("org.osbuild.mkdir", paths=[{"path": f"/{nonce}"}]),
+                             stage(WAIT_STAGE, nonce=nonce, marker="released")))
+
+
+def test_a_worker_killed_mid_pipeline_has_it_built_on_another(aosbuild: Aosbuild, cluster: Cluster) -> None:
+    cluster.reset_wait_stage()
+    client = start_dispatch(aosbuild, cluster, wait_stage_manifest(uuid.uuid4().hex), "--monitor", "jsonseq",
+                            "--store", str(aosbuild.workdir / "client"))
+    try:
+        victim = worker_running_wait_stage(cluster)
+        cluster.kill(victim)
+        assert worker_running_wait_stage(cluster) != victim  # rescheduled, and waiting there
+        cluster.release_wait_stage()
+        run = finish(client)
+    finally:
+        client.kill()
+        client.wait()
+    assert run.returncode == 0, run.stderr
+    check_jsonseq(run.stdout)
+    assert victim not in workers_named(run.jsonseq())
+    cluster.start_worker(victim)  # restarted on its store: nothing of the killed build is left
+    directory = cluster.workers[victim].directory
+    assert [str(m) for m in stray_mounts(directory)] == []
+    assert loops_backed_by(directory) == []
+
+
+def test_ctrl_c_on_the_client_cancels_its_pipeline_on_the_worker(aosbuild: Aosbuild, cluster: Cluster) -> None:
+    cluster.reset_wait_stage()
+    client = start_dispatch(aosbuild, cluster, wait_stage_manifest(uuid.uuid4().hex),
+                            "--store", str(aosbuild.workdir / "client"))
+    try:
+        runner = worker_running_wait_stage(cluster)
+        client.send_signal(signal.SIGINT)
+        run = finish(client, timeout=60)
+    finally:
+        client.kill()
+        client.wait()
+    assert run.returncode == 130, run.stderr
+    assert "Aborted" in run.stderr
+    deadline = time.monotonic() + 30
+    while processes_mentioning(WAIT_STAGE):  # the worker tears the stage's sandbox down
+        assert time.monotonic() < deadline, "the cancelled stage still runs on its worker"
+        time.sleep(0.05)
+    directory = cluster.workers[runner].directory
+    assert [str(m) for m in stray_mounts(directory)] == []
+    assert loops_backed_by(directory) == []
+    assert "cancelled" in cluster.workers[runner].log.read_text()
+    assert cluster.workers[runner].process.poll() is None  # and takes the next pipeline
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A CA of the test's own and certificates it signed for the scheduler and a client, with openssl;
+    and a client certificate from another CA, which the scheduler must refuse too."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    paths: dict[str, Path] = {}
+    for ca in ("ca", "other-ca"):
+        subprocess.run(["openssl", "req", "-x509", *key, "-keyout", str(directory / f"{ca}.key"), "-out",
+                        str(directory / f"{ca}.pem"), "-days", "2", "-subj", f"/CN=aosbuild test {ca}"],
+                       check=True, capture_output=True)
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ca in (("scheduler", "ca"), ("client", "ca"), ("stranger", "other-ca")):
+        subprocess.run(["openssl", "req", *key, "-keyout", str(directory / f"{name}.key"), "-out",
+                        str(directory / f"{name}.csr"), "-subj", f"/CN={name}"], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", str(directory / f"{name}.csr"), "-CA",
+                        str(directory / f"{ca}.pem"), "-CAkey", str(directory / f"{ca}.key"), "-CAcreateserial",
+                        "-out", str(directory / f"{name}.pem"), "-days", "2", "-extfile", str(extensions)],
+                       check=True, capture_output=True)
+        paths[name] = directory / name
+    paths["ca"] = directory / "ca"
+    return paths
+
+
+def tls_env(ca: Path, cert: Path | None) -> dict[str, str]:
+    """Dask's own configuration of a client's TLS, as an operator sets it (README)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    env["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"] = f"{ca}.pem"
+    env["DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT"] = "3s"  # a refused handshake is retried until then
+    if cert is not None:
+        env["DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"] = f"{cert}.pem"
+        env["DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"] = f"{cert}.key"
+    return env
+
+
+def test_a_tls_scheduler_refuses_a_client_without_its_certificate(aosbuild: Aosbuild) -> None:
+    certs = make_certificates(aosbuild.workdir / "certs")
+    scheduler, address = start_scheduler(
+        aosbuild.workdir / "scheduler", "--protocol", "tls", "--tls-ca-file", f"{certs['ca']}.pem",
+        "--tls-cert", f"{certs['scheduler']}.pem", "--tls-key", f"{certs['scheduler']}.key")
+    try:
+        assert address.startswith("tls://127.0.0.1:")
+        m = aosbuild.write_manifest(manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/t"}]))))
+        outcomes = {}
+        for who, cert in (("nobody", None), ("stranger", certs["stranger"]), ("client", certs["client"])):
+            proc = subprocess.run([*aosbuild.command(m, "--dispatch", address, "--cache-remote", "127.0.0.1:1/c")],
+                                  capture_output=True, text=True, timeout=120, env=tls_env(certs["ca"], cert),
+                                  cwd=aosbuild.workdir)
+            outcomes[who] = (proc.returncode, proc.stderr)
+        for who in ("nobody", "stranger"):
+            assert outcomes[who][0] == 1 and "cannot reach the Dask scheduler" in outcomes[who][1], outcomes[who]
+        # the scheduler's own client got in: it has no workers to offer
+        assert "no worker of the Dask scheduler" in outcomes["client"][1], outcomes["client"]
+    finally:
+        scheduler.kill()
+        scheduler.wait(timeout=20)
