@@ -66,8 +66,19 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
     p.add_argument("--cache-max-size", type=size_argument, default=KEEP, metavar="SIZE",
                    help="bound of the trees in the store, kept for later builds: bytes, kB, KiB, MB, MiB, GB, "
                         "GiB, TB, TiB or 'unlimited' (default: 20 GiB or half the store's filesystem)")
-    p.add_argument("--cache-remote", action="append", default=[], metavar="REF",
-                   help="a remote cache (OCI registry repository, e.g. registry:5000/aosbuild): read, first pushed to")
+    p.add_argument("--cache-remote", action="append", default=None, metavar="REF",
+                   help="an OCI registry repository (HOST[:PORT]/REPOSITORY) as the store's second tier: stages "
+                        "are pulled from it instead of built, and pushed to it after a build; repeatable (the "
+                        "first is pushed to, all are read); default: the store's (`aosbuild store remote`)")
+    p.add_argument("--no-cache-remote", action="store_true",
+                   help="use no remote cache, not even the store's own")
+    p.add_argument("--cache-push", choices=("none", "pipelines", "all"), default=None,
+                   help="what goes to the remote after a successful build: nothing, each pipeline's final "
+                        "stage (default), or every stage")
+    p.add_argument("--cache-remote-insecure", action="store_true",
+                   help="plain HTTP to a registry that is not on loopback")
+    p.add_argument("--cache-remote-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="a registry silent for this long is not used again in the build (default: 30)")
     p.add_argument("--dispatch", metavar="ADDRESS",
                    help="build the pipelines on the workers of this Dask scheduler (tls://HOST:PORT; needs "
                         "--cache-remote; see `aosbuild worker`)")
@@ -120,7 +131,10 @@ def invocation(args: argparse.Namespace) -> Invocation:
         sources_only=args.sources_only,
         download=DownloadOptions(jobs=args.download_jobs, per_host=args.download_jobs_per_host,
                                  timeout=args.download_timeout),
-        cache_max_size=args.cache_max_size, cache_remote=tuple(args.cache_remote), dispatch=args.dispatch,
+        cache_max_size=args.cache_max_size,
+        cache_remotes=() if args.no_cache_remote else (tuple(args.cache_remote) if args.cache_remote else None),
+        cache_push=args.cache_push, cache_remote_insecure=args.cache_remote_insecure,
+        cache_remote_timeout=args.cache_remote_timeout, dispatch=args.dispatch,
         dispatch_arch=args.dispatch_arch, quiet=args.quiet, debug=args.debug, backend=args.backend)
 
 

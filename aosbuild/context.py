@@ -6,12 +6,16 @@ What the build did travels back up as events to the monitor (`buildreport.Record
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .library import Library
 from .manifest import Manifest
 from .monitor import Monitor
 from .sources import Sources
 from .store import Pins, Store
+
+if TYPE_CHECKING:
+    from .remotecache import RemoteCache
 
 
 def default_jobs() -> int:
@@ -37,6 +41,7 @@ class BuildContext:
     sources: Sources
     options: BuildOptions
     pins: Pins = field(init=False)  # the store entries this build relies on, held until it ends
+    remote: RemoteCache | None = None  # the store's second tier (--cache-remote), while the build runs
 
     def __post_init__(self) -> None:
         self.pins = Pins(self.store)

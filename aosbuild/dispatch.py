@@ -59,8 +59,9 @@ def security_from(ca_file: str | None, cert: str | None, key: str | None) -> Any
         return None
     from distributed import Security
 
-    return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, tls_worker_cert=cert,
-                    tls_worker_key=key, require_encryption=True)
+    return Security(  # type: ignore[no-untyped-call]  # distributed's API is untyped
+        tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, tls_worker_cert=cert, tls_worker_key=key,
+        require_encryption=True)
 
 
 def host_arch() -> str:
@@ -77,9 +78,9 @@ def probe_scheduler(address: str, security: Any) -> None:
     import dask.config
     from dask.utils import parse_timedelta
     from distributed import Security
-    from distributed.comm import connect
+    from distributed.comm.core import connect
 
-    chosen = security if security is not None else Security()
+    chosen = security if security is not None else Security()  # type: ignore[no-untyped-call]  # untyped API
     if address.startswith("tls://") and chosen.get_connection_args("client").get("ssl_context") is None:
         raise UsageError(f"cannot reach the Dask scheduler at {address}: tls:// needs this client's certificate, "
                          "key and the cluster's CA (Dask's distributed.comm.tls.client.cert, .client.key and "
@@ -87,7 +88,8 @@ def probe_scheduler(address: str, security: Any) -> None:
 
     async def once() -> None:
         timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "seconds")
-        comm = await connect(address, timeout=timeout, **chosen.get_connection_args("client"))
+        comm = await connect(  # type: ignore[no-untyped-call]  # distributed's API is untyped
+            address, timeout=timeout, **chosen.get_connection_args("client"))
         await comm.close()
 
     try:
@@ -104,8 +106,9 @@ async def open_dask_client(address: str, security: Any = None) -> AsyncIterator[
     from distributed import Client
 
     await anyio.to_thread.run_sync(probe_scheduler, address, security)
-    client = await anyio.to_thread.run_sync(lambda: Client(address, set_as_default=False, **(
-        {"security": security} if security is not None else {})))
+    options = {"security": security} if security is not None else {}
+    client = await anyio.to_thread.run_sync(
+        lambda: Client(address, set_as_default=False, **options))  # type: ignore[no-untyped-call]  # untyped API
     try:
         yield client
     finally:
@@ -119,43 +122,31 @@ class Dispatcher:
 
     address: str
     manifest_text: str              # what each task loads (the workers need nothing else of the client)
-    remotes: tuple[str, ...]        # the remote cache, through which trees travel
     arch: str = ""                  # the build roots' architecture (default: this machine's)
     security: Any = None
 
     async def run(self, ctx: BuildContext, planned: Sequence[Planned], request: Request) -> None:
-        arch = self.arch or host_arch()
-        present = await self.in_remote(ctx, planned)
-        submitted = wanted(planned, present, [p.id for p in request_targets(ctx, request, planned)])
-        for item in planned:
-            if item.pipeline.id in present:
-                await self.report_from_remote(ctx, item.pipeline)
-        if submitted:
+        """Build the planned pipelines on the workers, then pull the exported ones into the local store.
+
+        The engine has pulled what the remote cache holds before planning (`remotecache.pull_ahead`):
+        what is planned is what no one has built yet."""
+        if planned:
+            arch = self.arch or host_arch()
             async with open_dask_client(self.address, self.security) as client:
                 await anyio.to_thread.run_sync(self.check_workers, client, arch)
-                futures = await anyio.to_thread.run_sync(self.submit, client, submitted, request, arch)
-                try:
-                    await self.collect(ctx, futures)
-                except BaseException:
-                    with anyio.CancelScope(shield=True):  # Ctrl-C, a failure: the workers stop ours
-                        await anyio.to_thread.run_sync(client.cancel, [f for f in futures.values() if not f.done()])
-                    raise
+                await self.build_all(ctx, client, planned, request, arch)
         for name in request.exports:
             pipeline = ctx.manifest.lookup(name)
-            if pipeline is not None and pipeline.id is not None:
+            if pipeline is not None and pipeline.id is not None and pipeline.id not in ctx.pins:
                 await self.fetch(ctx, pipeline)
-
-    # -- the remote cache ------------------------------------------------------------------------------
-
-    async def in_remote(self, ctx: BuildContext, planned: Sequence[Planned]) -> set[str]:
-        """The planned pipelines whose whole tree the remote cache holds: not submitted."""
-        return set()
-
-    async def report_from_remote(self, ctx: BuildContext, pipeline: Pipeline) -> None:
-        """A pipeline the remote cache holds, reported as a build that found it whole."""
 
     async def fetch(self, ctx: BuildContext, pipeline: Pipeline) -> None:
         """Bring an exported pipeline's tree from the remote cache into the local store, pinned."""
+        pulled = 0 if ctx.remote is None else await ctx.remote.fetch_newest(ctx, pipeline, 0)
+        if pulled < len(pipeline.stages):
+            raise DispatchedError(f"pipeline {pipeline.name} ({pipeline.id}) was built on the Dask cluster, but "
+                                  "its tree cannot be pulled from the remote cache: check that the workers push "
+                                  "to the first --cache-remote of this build")
 
     # -- Dask ------------------------------------------------------------------------------------------
 
@@ -171,76 +162,71 @@ class Dispatcher:
                              f"(workers: {seen}): start `aosbuild worker --scheduler {self.address}` on a {arch} "
                              "machine, or build here without --dispatch")
 
-    def submit(self, client: Any, items: Sequence[Planned], request: Request, arch: str) -> dict[str, Any]:
-        """One task per pipeline, dependencies first; each keyed by its pipeline's id."""
-        futures: dict[str, Any] = {}
-        for item in items:
-            pipeline_id = str(item.pipeline.id)
-            deps = [futures[d] for d in sorted(item.pipeline.dependencies()) if d in futures]
-            spec = {"manifest": self.manifest_text, "label": request.label, "pipeline": pipeline_id,
-                    "stage_timeout": request.stage_timeout}
-            futures[pipeline_id] = client.submit(build_task, spec, *deps, key=pipeline_id,
-                                                 resources={SLOT: 1, arch_resource(arch): 1})
-        return futures
+    def submit(self, client: Any, item: Planned, request: Request, arch: str) -> Any:
+        """The pipeline's task, keyed by its id: a client asking for it while it runs gets this one."""
+        pipeline_id = str(item.pipeline.id)
+        spec = {"manifest": self.manifest_text, "label": request.label, "pipeline": pipeline_id,
+                "stage_timeout": request.stage_timeout}
+        return client.submit(build_task, spec, key=pipeline_id, resources={SLOT: 1, arch_resource(arch): 1})
 
-    async def collect(self, ctx: BuildContext, futures: dict[str, Any]) -> None:
-        """Replay each pipeline's events as its task ends, in the order they end; the first failure
-        raises as the local build's would."""
-        send, receive = anyio.create_memory_object_stream[str](len(futures))
+    async def build_all(self, ctx: BuildContext, client: Any, planned: Sequence[Planned], request: Request,
+                        arch: str) -> None:
+        """Submit each pipeline once the planned pipelines it needs are built, replay its events when it
+        ends; the first failure raises as the local build's would, and cancels the rest.
+
+        The order is kept here rather than as Dask dependencies: Dask runs a task where its dependencies'
+        results are, and a pipeline's results are only its events (its tree is in the registry), so every
+        image built on one build root would queue on the worker that built the root."""
+        send, receive = anyio.create_memory_object_stream[str](len(planned))
         token = anyio.lowlevel.current_token()
 
         def done(future: Any) -> None:  # in a thread of Dask's client
             with contextlib.suppress(Exception):  # the build has ended: nobody listens
                 anyio.from_thread.run_sync(send.send_nowait, str(future.key), token=token)
 
-        for future in futures.values():
-            future.add_done_callback(done)
+        waiting = {str(item.pipeline.id): item for item in planned}
+        futures: dict[str, Any] = {}
+        built: set[str] = set()
+
+        async def submit_ready() -> None:
+            for pipeline_id, item in list(waiting.items()):
+                if all(dep in built or (dep not in waiting and dep not in futures) for dep in item.needs):
+                    del waiting[pipeline_id]
+                    futures[pipeline_id] = await anyio.to_thread.run_sync(self.submit, client, item, request, arch)
+                    futures[pipeline_id].add_done_callback(done)
+
         replayer = Replayer(ctx.manifest, ctx.monitor)
-        remaining = set(futures)
-        async with send, receive:
-            while remaining:
-                key = await receive.receive()
-                if key not in remaining:
-                    continue
-                remaining.discard(key)
-                pipeline = ctx.manifest.by_id(key)
-                assert pipeline is not None
-                future = futures[key]
-                if future.status == "finished":
-                    outcome = await anyio.to_thread.run_sync(future.result)
-                    ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} built by worker "
-                                           f"{outcome['worker']}\n", pipeline)
-                    replayer.replay(pipeline, outcome["events"])
-                    continue
-                error = await anyio.to_thread.run_sync(future.exception) if future.status == "error" else None
-                if isinstance(error, RemoteFailure):
-                    outcome = error.outcome
-                    if outcome.get("pipeline") == key:
-                        ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} failed on worker "
-                                               f"{outcome['worker']}\n", pipeline)
-                        replayer.replay(pipeline, outcome["events"])
-                    raise rebuild_error(outcome["error"], outcome["worker"])
-                raise DispatchedError(f"pipeline {pipeline.name} ({key}) was not built on the Dask cluster: "
-                                      f"{error or future.status}")
+        try:
+            async with send, receive:
+                await submit_ready()
+                while len(built) < len(planned):
+                    key = await receive.receive()
+                    if key in built or key not in futures:
+                        continue
+                    await self.collect(ctx, replayer, key, futures[key])
+                    built.add(key)
+                    await submit_ready()
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # Ctrl-C, a failure: the workers stop ours
+                await anyio.to_thread.run_sync(client.cancel, [f for f in futures.values() if not f.done()])
+            raise
 
-
-def request_targets(ctx: BuildContext, request: Request, planned: Sequence[Planned]) -> list[Pipeline]:
-    """The pipelines the build is for: the exports and targets, else every planned one."""
-    named = [ctx.manifest.lookup(n) for n in (*request.exports, *request.targets)]
-    found = [p for p in named if p is not None]
-    return found or [item.pipeline for item in planned]
-
-
-def wanted(planned: Sequence[Planned], present: set[str], targets: Sequence[str | None]) -> list[Planned]:
-    """The planned pipelines to submit, dependencies first: what the targets need, short of what the
-    remote cache holds (a pipeline there needs nothing built)."""
-    by_id = {str(item.pipeline.id): item for item in planned}
-    needed: set[str] = set()
-    todo = [t for t in targets if t is not None]
-    while todo:
-        pipeline_id = todo.pop()
-        if pipeline_id in needed or pipeline_id in present or pipeline_id not in by_id:
-            continue
-        needed.add(pipeline_id)
-        todo.extend(by_id[pipeline_id].pipeline.dependencies())
-    return [item for item in planned if str(item.pipeline.id) in needed]
+    async def collect(self, ctx: BuildContext, replayer: Replayer, key: str, future: Any) -> None:
+        """Replay a pipeline's events from the worker that built it; raise its failure as ours."""
+        pipeline = ctx.manifest.by_id(key)
+        assert pipeline is not None
+        if future.status == "finished":
+            outcome = await anyio.to_thread.run_sync(future.result)
+            ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} built by worker "
+                                   f"{outcome['worker']}\n", pipeline)
+            replayer.replay(pipeline, outcome["events"])
+            return
+        error = await anyio.to_thread.run_sync(future.exception) if future.status == "error" else None
+        if isinstance(error, RemoteFailure):
+            outcome = error.outcome
+            ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} failed on worker "
+                                   f"{outcome['worker']}\n", pipeline)
+            replayer.replay(pipeline, outcome["events"])
+            raise rebuild_error(outcome["error"], outcome["worker"])
+        raise DispatchedError(f"pipeline {pipeline.name} ({key}) was not built on the Dask cluster: "
+                              f"{error or future.status}")

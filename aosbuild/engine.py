@@ -17,7 +17,7 @@ from typing import Protocol
 
 import anyio
 
-from . import formats, scheduler
+from . import formats, remotecache, scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
@@ -25,11 +25,14 @@ from .errors import AosbuildError, UsageError, flatten
 from .exporting import export_target, export_tree
 from .history import Durations, History, SavedStream
 from .library import Library
+from .logs import get_logger
 from .manifest import Manifest, Pipeline
 from .monitor import Monitor, PlannedStage, Tee
 from .results import StageResult
 from .sources import Sources
 from .store import Store
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +47,7 @@ class Request:
     stage_timeout: float | None = None
     download: DownloadOptions = field(default_factory=DownloadOptions)
     sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
+    remote: remotecache.RemoteSettings | None = None  # registries of the store's second tier
     targets: tuple[str, ...] = ()           # pipelines to build besides the exports (none: all, unless exports)
     executor: Executor | None = None        # builds the planned pipelines elsewhere (dispatch.py); None: here
 
@@ -166,6 +170,7 @@ class Prepared:
     recorder: Recorder
     history: History
     stream_fd: int | None   # where the store's copy of the build's jsonseq stream goes
+    targets: tuple[Pipeline, ...] = ()  # what the plan was made for (made again after remote pulls)
 
 
 def prepare(manifest: Manifest, request: Request, *, store: Store, library: Library,
@@ -176,7 +181,6 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
     stream of this build (`history.py`), so `aosbuild report --last` needs nothing saved beforehand.
     """
     exports = resolve_exports(manifest, request.exports)
-    targets = exports + resolve_exports(manifest, request.targets)
     options = BuildOptions(checkpoints=match_checkpoints(manifest, request.checkpoints),
                            stage_timeout=request.stage_timeout,
                            **({"jobs": request.jobs} if request.jobs else {}))
@@ -196,14 +200,15 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
                       library=lambda name: library.find("Source", name))
     ctx = BuildContext(manifest=manifest, store=store, library=library, monitor=tee,
                        sources=sources, options=options)
+    targets = tuple(exports + resolve_exports(manifest, request.targets) or manifest.pipelines)
     try:
         plan = (scheduler.Plan(build=(), cached=()) if request.sources_only
-                else scheduler.plan(ctx, targets or manifest.pipelines))
+                else scheduler.plan(ctx, targets))
     except BaseException:
         if stream_fd is not None:
             os.close(stream_fd)
         raise
-    return Prepared(ctx=ctx, plan=plan, recorder=recorder, history=history, stream_fd=stream_fd)
+    return Prepared(ctx=ctx, plan=plan, recorder=recorder, history=history, stream_fd=stream_fd, targets=targets)
 
 
 TICK = 0.2  # seconds between ticks: how stale a live view's elapsed times and coalesced lines can get
@@ -227,19 +232,22 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
     success = False
     error: AosbuildError | None = None
     try:
-        if request.sources_only:
-            ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
-        else:
-            ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
-            ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources),
-                                      pipelines=len(plan.build))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(tick, ctx.monitor)
-                try:
-                    await run(ctx, plan, request)
-                finally:
-                    tg.cancel_scope.cancel()
+            async with remotecache.open_remote_cache(request.remote, lambda text: warn(ctx, text)) as remote:
+                ctx.remote = remote
+                if not request.sources_only:
+                    plan = await remotecache.pull_ahead(ctx, plan, lambda: scheduler.plan(ctx, prepared.targets))
+                    ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
+                    ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources),
+                                              pipelines=len(plan.build))
+                else:
+                    ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(tick, ctx.monitor)
+                    try:
+                        await run(ctx, plan, request)
+                    finally:
+                        tg.cancel_scope.cancel()
             success = True
         except Exception as exc:
             errors = list(flatten(exc))
@@ -271,3 +279,10 @@ async def run(ctx: BuildContext, plan: scheduler.Plan, request: Request) -> None
     for name, pipeline in zip(request.exports, resolve_exports(ctx.manifest, request.exports), strict=True):
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)
+    await remotecache.push_built(ctx, plan)
+
+
+def warn(ctx: BuildContext, message: str) -> None:
+    """A warning the user must see whatever the monitor: on it, and on stderr (--json, --quiet)."""
+    ctx.monitor.log(message + "\n")
+    log.warning("remote_cache", message=message)

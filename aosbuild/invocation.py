@@ -34,7 +34,10 @@ class Invocation:
     sources_only: bool = False                  # fetch and verify the sources, build nothing
     download: DownloadOptions = field(default_factory=DownloadOptions)
     cache_max_size: int | None = KEEP           # the store's bound in bytes; None: unlimited; KEEP: as set
-    cache_remote: tuple[str, ...] = ()          # remote caches (OCI registry repositories)
+    cache_remotes: tuple[str, ...] | None = None  # registries (first pushed to); None: the store's, (): none
+    cache_push: str | None = None               # none|pipelines|all; None: the store's, else pipelines
+    cache_remote_insecure: bool = False         # plain HTTP to a registry that is not on loopback
+    cache_remote_timeout: float | None = None   # seconds a registry may stay silent; None: 30
     dispatch: str | None = None                 # a Dask scheduler's address: build on its workers
     dispatch_arch: str | None = None            # the build roots' architecture; None: this machine's
     quiet: bool = False                         # no progress output

@@ -398,6 +398,18 @@ class RegistryClient:
             raise RemoteMiss(what, "not a JSON object")
         return manifest, digest
 
+    async def has_manifest(self, tag: str) -> bool:
+        """Whether the repository has a manifest under `tag` (a HEAD request: nothing is downloaded)."""
+        what = f"manifest {self.reference.repository}:{tag}"
+        headers = {"Accept": f"{MANIFEST_TYPE}, {DOCKER_MANIFEST_TYPE}"}
+        response = await self._send("HEAD", f"{self._repo_url}/manifests/{tag}", what, headers=headers)
+        await response.aclose()
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise self._server_error(what, response)
+        return True
+
     async def put_manifest(self, tag: str, manifest: Mapping[str, Any] | bytes) -> str:
         """Store `manifest` (an OCI image manifest) under `tag`; returns its digest."""
         if not TAG_RE.fullmatch(tag):

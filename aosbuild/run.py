@@ -12,6 +12,7 @@ functions that use them, so that `--version` and `--inspect` do not pay for what
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -54,6 +55,19 @@ def check(inv: Invocation) -> None:
         if not Path(libdir).is_dir():
             raise InvalidArgument("--libdir", f"{libdir} is not a directory; give a directory that holds "
                                   "stages/ (and runners/, schemas/, ...), as osbuild's library does")
+    if inv.cache_push is not None and inv.cache_push not in ("none", "pipelines", "all"):
+        raise InvalidArgument("--cache-push", f"must be none, pipelines or all, not {inv.cache_push!r}")
+    for ref in inv.cache_remotes or ():
+        from .registry import RegistryError
+        from .remotecache import check_ref
+
+        try:
+            check_ref(ref)
+        except RegistryError as exc:
+            raise InvalidArgument("--cache-remote", str(exc)) from None
+    if inv.cache_remote_timeout is not None and not (inv.cache_remote_timeout > 0
+                                                     and math.isfinite(inv.cache_remote_timeout)):
+        raise InvalidArgument("--cache-remote-timeout", "must be a number of seconds above 0")
     if inv.dispatch is not None:
         check_dispatch(inv)
     out = inv.output_directory
@@ -63,11 +77,14 @@ def check(inv: Invocation) -> None:
     if out is not None and out.exists() and not out.is_dir():
         raise InvalidArgument("--output-directory", f"{out} exists and is not a directory; choose another path")
 
+NEEDS_REMOTE = ("needs --cache-remote REF (or the store's `aosbuild store remote`): the workers share trees only "
+                "through the remote cache, an OCI registry repository the workers use too")
+
+
 def check_dispatch(inv: Invocation) -> None:
     assert inv.dispatch is not None
-    if not inv.cache_remote:
-        raise InvalidArgument("--dispatch", "needs --cache-remote REF: the workers share trees only through the "
-                              "remote cache (an OCI registry repository the workers use too)")
+    if inv.cache_remotes == ():
+        raise InvalidArgument("--dispatch", NEEDS_REMOTE)
     if inv.sources_only or inv.inspect:
         return
     from .dispatch import check_address
@@ -154,6 +171,9 @@ def build(inv: Invocation, manifest: Any, library: Library, text: str = "") -> i
     report = None
     try:
         store = Store.open(Path(inv.store), max_size=inv.cache_max_size)
+        request = dataclasses.replace(request, remote=remote_settings(inv, store))
+        if request.executor is not None and request.remote is None:
+            raise InvalidArgument("--dispatch", NEEDS_REMOTE)
         monitor = make_monitor(monitor_name, monitor_fd)
         prepared = engine.prepare(manifest, request, store=store, library=library, monitor=monitor)
         report = anyio.run(run_until_signalled, lambda: engine.build(prepared, request), backend=inv.backend)
@@ -201,14 +221,21 @@ def build(inv: Invocation, manifest: Any, library: Library, text: str = "") -> i
     return 0
 
 
+def remote_settings(inv: Invocation, store: Store) -> Any:
+    """The registries of the build: its flags over the store's own setting (`aosbuild store remote`)."""
+    from .remotecache import resolve_settings
+
+    return resolve_settings(store.remote_config(), refs=inv.cache_remotes, push=inv.cache_push,
+                            insecure=inv.cache_remote_insecure, timeout=inv.cache_remote_timeout)
+
+
 def dispatcher(inv: Invocation, text: str) -> Any:
     """The executor of `--dispatch` (dispatch.py, which imports Dask), or None to build here."""
     if inv.dispatch is None or inv.sources_only:
         return None
     from .dispatch import Dispatcher
 
-    return Dispatcher(address=inv.dispatch, manifest_text=text, remotes=inv.cache_remote,
-                      arch=inv.dispatch_arch or "")
+    return Dispatcher(address=inv.dispatch, manifest_text=text, arch=inv.dispatch_arch or "")
 
 
 def pipelines_summary(manifest: Any, ctx: Any) -> None:

@@ -63,7 +63,7 @@ class AosbuildWorker(WorkerPlugin):
         for key in keys:
             self.cancel(key)
 
-    def transition(self, key: str, start: str, finish: str, **kwargs: Any) -> None:
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         """Called by the worker's event loop: a running task that is cancelled or released is stopped."""
         if finish in ("cancelled", "released", "forgotten"):
             self.cancel(str(key))
@@ -129,8 +129,11 @@ class AosbuildWorker(WorkerPlugin):
         return outcome
 
     def remote_options(self) -> dict[str, Any]:
-        """The engine request's remote-cache settings: pull what the pipeline needs, push what it built."""
-        return {}
+        """The engine request's remote-cache settings: pull what the pipeline needs, push what it built
+        (each pipeline's final stages, the default of `--cache-push`)."""
+        from .remotecache import RemoteSettings
+
+        return {"remote": RemoteSettings(refs=self.remotes)}
 
 
 def build_task(spec: dict[str, Any], *dependencies: Any) -> dict[str, Any]:
@@ -183,7 +186,14 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         return 2
-    Path(args.store).mkdir(parents=True, exist_ok=True)
+    from .errors import AosbuildError
+    from .store import KEEP, Store
+
+    try:  # a store that cannot work fails now; what a killed worker left in it (mounts too) is reclaimed
+        Store.open(Path(args.store), max_size=KEEP).close()
+    except AosbuildError as exc:
+        sys.stderr.write(f"Error: {exc}\n")
+        return 1
     plugin = AosbuildWorker(store=Path(args.store), libdirs=tuple(args.libdir), remotes=tuple(args.cache_remote),
                             label=args.name or "")
     security = security_from(args.tls_ca_file, args.tls_cert, args.tls_key)
@@ -210,4 +220,4 @@ async def serve(scheduler: str, plugin: AosbuildWorker, **options: Any) -> None:
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))
     await worker
     sys.stderr.write(f"aosbuild worker {worker.name}: ready at {worker.address}, store {plugin.store}\n")
-    await worker.finished()
+    await worker.finished()  # type: ignore[no-untyped-call]  # distributed's API is untyped

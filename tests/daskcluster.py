@@ -30,6 +30,7 @@ class Worker:
     name: str
     directory: Path
     process: subprocess.Popen[bytes]
+    log_start: int = 0  # where this process's lines begin in the log (a restarted worker appends)
 
     @property
     def store(self) -> Path:
@@ -78,18 +79,19 @@ class Cluster:
         directory = self.directory / name
         directory.mkdir(exist_ok=True)
         with open(directory / "worker.log", "ab") as log:
+            start = log.tell()
             process = subprocess.Popen(
                 [sys.executable, "-m", "aosbuild", "worker", "--scheduler", self.address, "--name", name,
                  "--store", str(directory / "store"), "--cache-remote", self.remote,
                  "--libdir", str(self.libdir), "--libdir", str(TEST_LIBDIR), *extra],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
-        worker = self.workers[name] = Worker(name, directory, process)
+        worker = self.workers[name] = Worker(name, directory, process, start)
         return worker
 
     def wait_ready(self, worker: Worker) -> Worker:
         name, process = worker.name, worker.process
         deadline = time.monotonic() + START_TIMEOUT
-        while b"ready at" not in worker.log.read_bytes():
+        while b"ready at" not in worker.log.read_bytes()[worker.log_start:]:
             if process.poll() is not None:
                 raise RuntimeError(f"worker {name} exited: {worker.log.read_text()}")
             assert time.monotonic() < deadline, f"worker {name} did not start: {worker.log.read_text()}"
@@ -168,4 +170,5 @@ def run_cluster(directory: Path, registry: Registry, workers: int = 3) -> Iterat
             cluster.wait_ready(worker)
         yield cluster
     finally:
+        cluster.release_wait_stage()  # a stage still waiting (a failed test's) ends, wherever it runs
         cluster.stop()

@@ -51,6 +51,13 @@ def parser() -> argparse.ArgumentParser:
                        help="bound of the trees: bytes, kB, KiB, MB, MiB, GB, GiB, TB, TiB or 'unlimited'")
     limit.add_argument("--sources-max-size", type=size_argument, default=KEEP, metavar="SIZE",
                        help="bound of the source items, in the same units")
+    remote = command("remote", "show or set the remote caches (OCI registries) every build on the store uses")
+    remote.add_argument("refs", nargs="*", metavar="REF",
+                        help="HOST[:PORT]/REPOSITORY, repeatable: the first is pushed to, all are read")
+    remote.add_argument("--push", choices=("none", "pipelines", "all"), default=None,
+                        help="what builds push after they succeed (default: pipelines, each pipeline's final stage)")
+    remote.add_argument("--insecure", action="store_true", help="plain HTTP to registries not on loopback")
+    remote.add_argument("--clear", action="store_true", help="use no remote cache any more")
     verify = command("verify", "check every tree entry and source item, and remove the damaged ones")
     verify.add_argument("--json", action="store_true", help="as JSON")
     return p
@@ -62,7 +69,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "clear":
             return clear(root)
-        if args.command != "limit" and not (root / "cache.info").exists():  # a new store may get limits
+        if args.command not in ("limit", "remote") and not (root / "cache.info").exists():  # a new store takes settings
             raise StoreError(f"{root} is not an aosbuild store (it has no cache.info)")
         if args.command == "info":
             return info(root, as_json=args.json)
@@ -73,6 +80,8 @@ def main(argv: list[str]) -> int:
             return limit(store, args.cache_max_size, args.sources_max_size)
         if args.command == "verify":
             return verify(store, as_json=args.json)
+        if args.command == "remote":
+            return remote(store, refs=tuple(args.refs), push=args.push, insecure=args.insecure, clear=args.clear)
     except StoreError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         return 1
@@ -233,6 +242,32 @@ def limit(store: Store, max_size: Bound, sources_max_size: Bound) -> int:
     sys.stdout.write(f"trees:   {format_size(limits.max_size)}{'' if limits.max_size_configured else ' (default)'}\n"
                      f"sources: {format_size(limits.sources_max_size)}"
                      f"{'' if limits.sources_max_size_configured else ' (default)'}\n")
+    return 0
+
+
+def remote(store: Store, *, refs: tuple[str, ...], push: str | None, insecure: bool, clear: bool) -> int:
+    """Set the store's remote caches (with REFs, `--push` or `--insecure`) or clear them; show them."""
+    from ..registry import RegistryError
+    from ..remotecache import RemoteSettings, check_ref
+
+    if clear:
+        store.set_remote_config(None)
+    elif refs or push or insecure:
+        current = RemoteSettings.from_json(store.remote_config())
+        try:
+            checked = tuple(check_ref(ref) for ref in refs) or current.refs
+        except RegistryError as exc:
+            sys.stderr.write(f"Error: {exc}\n")
+            return 2
+        store.set_remote_config(RemoteSettings(refs=checked, push=push or current.push,
+                                               insecure=insecure or current.insecure).to_json())
+    settings = RemoteSettings.from_json(store.remote_config())
+    if not settings.refs:
+        sys.stdout.write("remote: none\n")
+        return 0
+    for n, ref in enumerate(settings.refs):
+        sys.stdout.write(f"remote: {ref}{' (pushed to)' if n == 0 else ''}\n")
+    sys.stdout.write(f"push:   {settings.push}\n" + ("insecure: yes\n" if settings.insecure else ""))
     return 0
 
 

@@ -182,6 +182,22 @@ class Store:
             tmp.write_text(json.dumps(info))
             os.rename(tmp, self.root / "cache.info")
 
+    def remote_config(self) -> Any:
+        """The store's own remote cache setting (`aosbuild store remote`), as cache.info keeps it."""
+        return self.read_info().get("remote")
+
+    def set_remote_config(self, config: dict[str, Any] | None) -> None:
+        """Remember the remote cache every build on this store uses (None: none)."""
+        with self._size_lock():
+            info = self.read_info()
+            if config is None:
+                info.pop("remote", None)
+            else:
+                info["remote"] = config
+            tmp = self.root / f".cache.info-{uuid.uuid4().hex}"
+            tmp.write_text(json.dumps(info))
+            os.rename(tmp, self.root / "cache.info")
+
     @contextmanager
     def _size_lock(self) -> Any:
         """Serialises what changes objects/ and the limits. Held for moments: taken waiting, in a thread."""

@@ -1,0 +1,449 @@
+"""The store's second tier: stage images in OCI registries (`--cache-remote`), pulled before building a
+stage that is not in the local store, pushed after a successful build.
+
+The local store stays the source of truth of a running build: what is pulled becomes ordinary committed
+entries (same locks, pins and eviction as entries built here), each made in a staging entry under the
+store and committed by rename, and only after every blob it needs has been downloaded and verified, so a
+failed pull leaves nothing behind. The remote is optional at every moment: a registry that cannot be
+reached, is slow or serves bad bytes is said once (a warning on the monitor and on stderr) and not used
+again in this build, which goes on locally and exits as it would have.
+
+A stage image (`stageimage`: tag `stage-<id>`) holds the whole tree after that stage, lowest layer first.
+Its config's `aosbuild` key says which store entry each layer is (`stack`: ids bottom first, `flat` for
+a whole tree) and carries the results of every stage up to it (`results`), so each pulled layer is
+committed under its own stage id with the results the build that made it reported. A layer overlayfs
+renamed a directory in (a redirect) has no OCI form: the tree up to the topmost such layer is pushed as
+one flat layer, `<id>.squashed`, as the builder names its squashed trees.
+
+`fetch_newest` (pull a pipeline's newest remote stage past its resume point) and `push_stages` are the
+two entry points a scheduler needs; `pull_ahead` and `push_built` are the local engine's use of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import ocilayer, stageimage
+from .errors import AosbuildError, StoreError
+from .logs import get_logger
+from .manifest import Pipeline
+from .process import CommandError
+from .registry import (
+    DEFAULT_TIMEOUT,
+    DIGEST_RE,
+    MANIFEST_TYPE,
+    Reference,
+    RegistryClient,
+    RegistryError,
+    RegistryOptions,
+    RemoteMiss,
+    open_registry,
+)
+from .sizes import format_size
+from .store.pins import TreeView
+
+if TYPE_CHECKING:
+    from .context import BuildContext
+    from .scheduler import Plan
+
+log = get_logger(__name__)
+
+PUSH_MODES = ("none", "pipelines", "all")
+DEFAULT_PUSH = "pipelines"
+PROBES = 4  # manifest lookups in flight at once, per build
+ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
+SQUASHED = ".squashed"
+REDIRECT = "trusted.overlay.redirect"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoteSettings:
+    """Which registries a build uses: `refs[0]` is pushed to, all are read, in order."""
+
+    refs: tuple[str, ...] = ()
+    push: str = DEFAULT_PUSH
+    insecure: bool = False
+    timeout: float = DEFAULT_TIMEOUT
+
+    def to_json(self) -> dict[str, Any]:
+        return {"refs": list(self.refs), "push": self.push, "insecure": self.insecure}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RemoteSettings:
+        if not isinstance(data, dict):
+            return cls()
+        refs = data.get("refs")
+        push = data.get("push")
+        return cls(refs=tuple(str(r) for r in refs) if isinstance(refs, list) else (),
+                   push=push if push in PUSH_MODES else DEFAULT_PUSH, insecure=bool(data.get("insecure")))
+
+
+def check_ref(text: str) -> str:
+    """A reference as the user wrote it, checked: HOST[:PORT]/REPOSITORY, no tag, no credentials."""
+    ref = Reference.parse(text)
+    if "@" in ref.registry:
+        raise RegistryError(f"a remote cache is named HOST[:PORT]/REPOSITORY, without credentials: put them in "
+                            f"an auth file (`skopeo login {ref.registry.rpartition('@')[2]}`)")
+    if ref.tag is not None:
+        raise RegistryError(f"{text!r}: a remote cache is a repository, without a tag (aosbuild tags its "
+                            "stages itself)")
+    return text
+
+
+def resolve_settings(stored: Any, *, refs: tuple[str, ...] | None, push: str | None, insecure: bool,
+                     timeout: float | None) -> RemoteSettings | None:
+    """The flags of one build over the store's own setting (`aosbuild store remote`); None: no remote.
+
+    `refs` None means the store's; `()` (`--no-cache-remote`) means none at all."""
+    base = RemoteSettings.from_json(stored)
+    chosen = base.refs if refs is None else refs
+    if not chosen:
+        return None
+    return RemoteSettings(refs=chosen, push=push or base.push, insecure=insecure or base.insecure,
+                          timeout=timeout or DEFAULT_TIMEOUT)
+
+
+@dataclass
+class Remote:
+    """One registry repository as this build uses it; `usable` goes False after its first failure."""
+
+    name: str
+    client: RegistryClient
+    usable: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hit:
+    remote: Remote
+    index: int  # the stages of the pipeline the image holds (its last one is stages[index - 1])
+
+
+class RemoteCache:
+    """The registries of one build, and what went to and from them."""
+
+    def __init__(self, settings: RemoteSettings, remotes: list[Remote], warn: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.remotes = remotes
+        self._warn = warn
+        self._probes = anyio.CapacityLimiter(PROBES)
+        self.bytes_pulled = 0
+        self.bytes_pushed = 0
+        self.stages_pulled = 0
+        self.images_pushed = 0
+
+    @property
+    def readers(self) -> list[Remote]:
+        return [r for r in self.remotes if r.usable]
+
+    def give_up(self, remote: Remote, what: str, exc: BaseException) -> None:
+        """Say once why `remote` is no use any more, and stop using it in this build."""
+        if not remote.usable:
+            return
+        remote.usable = False
+        self._warn(f"warning: remote cache {remote.name}: {what}: {exc}; building locally, and not using "
+                   "this remote again in this build")
+
+    # -- pulling ---------------------------------------------------------------------------------------
+
+    async def find_newest(self, pipeline: Pipeline, resume: int) -> Hit | None:
+        """The remote image of the pipeline's newest stage past `resume` (probing tags from the last stage
+        backwards, a few at once), the first remote winning a tie."""
+        found: list[Hit] = []
+
+        async def probe(remote: Remote, index: int) -> None:
+            async with self._probes:
+                if not remote.usable:
+                    return
+                try:
+                    if await remote.client.has_manifest(stageimage.stage_tag(pipeline.stages[index - 1].id)):
+                        found.append(Hit(remote=remote, index=index))
+                except RegistryError as exc:
+                    self.give_up(remote, f"cannot look up pipeline {pipeline.name}", exc)
+
+        async with anyio.create_task_group() as tg:
+            for remote in self.readers:
+                for index in range(len(pipeline.stages), resume, -1):
+                    tg.start_soon(probe, remote, index)
+        order = {id(r): n for n, r in enumerate(self.remotes)}
+        usable = [h for h in found if h.remote.usable]
+        return max(usable, key=lambda h: (h.index, -order[id(h.remote)]), default=None)
+
+    async def fetch_newest(self, ctx: BuildContext, pipeline: Pipeline, resume: int, hit: Hit | None = None) -> int:
+        """Pull the newest stage of `pipeline` a remote has past `resume` into the store (pinned for the
+        build); the new resume point, or `resume` when there is none or the pull fails (said once)."""
+        if resume >= len(pipeline.stages):
+            return resume
+        if hit is None:
+            hit = await self.find_newest(pipeline, resume)
+        if hit is None or hit.index <= resume or not hit.remote.usable:
+            return resume
+        stage = pipeline.stages[hit.index - 1]
+        try:
+            pulled, size = await self.pull(ctx, hit.remote, stage.id, pipeline)
+        except RemoteMiss as exc:
+            self.give_up(hit.remote, f"cannot pull {stage.type} {stage.id}", exc)
+            return resume
+        if not ctx.pins.try_pin(stage.id):
+            return resume
+        self.stages_pulled += 1
+        ctx.monitor.log(f"remote cache hit: pipeline {pipeline.name} up to {stage.type} {stage.id}, from "
+                        f"{hit.remote.name} ({pulled} layers, {format_size(size)} pulled)\n", pipeline)
+        log.info("remote.hit", pipeline=pipeline.name, stage_id=stage.id, remote=hit.remote.name, layers=pulled,
+                 bytes=size)
+        return hit.index
+
+    async def pull(self, ctx: BuildContext, remote: Remote, stage_id: str, pipeline: Pipeline) -> tuple[int, int]:
+        """Fetch stage `stage_id`'s image and commit the layers the store lacks; (layers, bytes) pulled.
+
+        Every blob is downloaded and verified (into scratch space under the store) before the first
+        entry is made; a miss raises `RemoteMiss` and leaves nothing."""
+        client = remote.client
+        manifest, _ = await client.get_manifest(stageimage.stage_tag(stage_id))
+        what = f"stage {stage_id}"
+        layers, config = manifest.get("layers"), manifest.get("config")
+        if (manifest.get("mediaType") != MANIFEST_TYPE or not isinstance(layers, list) or not layers
+                or not isinstance(config, dict) or not DIGEST_RE.fullmatch(str(config.get("digest")))
+                or any(not isinstance(d, dict) or d.get("mediaType") not in stageimage.LAYER_TYPES
+                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) for d in layers)):
+            raise RemoteMiss(what, "its tag is not an aosbuild stage image")
+        async with ctx.store.stage() as scratch:
+            config_path = scratch.path / "config.json"
+            size = await client.fetch_blob(str(config["digest"]), config_path)
+            stack, records = parse_config(await anyio.Path(config_path).read_bytes(), stage_id, len(layers), what)
+            # the layers from the topmost one this store has already (pinned with its own stack) are not pulled
+            have = next((n for n in range(len(stack) - 1, -1, -1) if ctx.pins.try_pin(stack[n][0])), -1)
+            below: tuple[str, ...] = ctx.pins.stack(stack[have][0]) if have >= 0 else ()
+            blobs: list[Path] = []
+            for n in range(have + 1, len(stack)):
+                path = scratch.path / f"layer-{n}"
+                size += await client.fetch_blob(str(layers[n]["digest"]), path)
+                blobs.append(path)
+            self.bytes_pulled += size
+            for n, blob in zip(range(have + 1, len(stack)), blobs, strict=True):
+                entry_id, flat = stack[n]
+                await commit_layer(ctx, entry_id, flat, blob, below, records, pipeline)
+                below = ctx.pins.stack(entry_id)
+        return len(blobs), size
+
+    # -- pushing ---------------------------------------------------------------------------------------
+
+    async def push_stages(self, ctx: BuildContext, stage_ids: Sequence[str]) -> None:
+        """Push the image of each stage (pinned in `ctx`) to the first remote, unless it is there; a
+        failure is said once and ends the pushing."""
+        remote = self.remotes[0]
+        if not remote.usable or self.settings.push == "none":
+            return
+        try:
+            async with ctx.store.stage() as scratch:
+                blobs = LayerBlobs(ctx, scratch.path)
+                for stage_id in stage_ids:
+                    tag = stageimage.stage_tag(stage_id)
+                    if await remote.client.has_manifest(tag):
+                        continue
+                    stack = ctx.pins.stack(stage_id)
+                    chosen = await blobs.for_stack(stack)
+                    for _, _, path, info in chosen:
+                        if await remote.client.push_blob(info.digest, path):
+                            self.bytes_pushed += info.size
+                    results = {"stack": [{"id": entry_id, "flat": flat} for entry_id, flat, _, _ in chosen],
+                               "results": list(ctx.pins.results(stage_id))}
+                    await stageimage.push_stage(remote.client, stage_id, [(p, i) for _, _, p, i in chosen], results)
+                    self.images_pushed += 1
+        except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
+            self.give_up(remote, "cannot push", exc)
+
+
+class LayerBlobs:
+    """The layer blobs of the stacks one push sends, each written once (stacks share their lower layers)."""
+
+    def __init__(self, ctx: BuildContext, scratch: Path) -> None:
+        self.ctx = ctx
+        self.scratch = scratch
+        self.written: dict[str, tuple[Path, ocilayer.LayerInfo]] = {}
+
+    async def for_stack(self, stack: tuple[str, ...]) -> list[tuple[str, bool, Path, ocilayer.LayerInfo]]:
+        """The blobs of a tree's layers, lowest first; flattened up to the topmost layer with a redirect."""
+        pins = self.ctx.pins
+        flats = [bool(getattr(pins.get(i), "flat", False)) for i in stack]
+        redirected = [n for n, i in enumerate(stack)
+                      if not flats[n] and await anyio.to_thread.run_sync(has_redirect, pins.tree(i))]
+        cut = max(redirected, default=-1)
+        chosen: list[tuple[str, bool]] = []
+        if cut >= 0:
+            squashed = stack[cut].removesuffix(SQUASHED) + SQUASHED
+            if squashed not in self.written:
+                flat_tree = self.scratch / f"flat-{len(self.written)}"
+                view = TreeView(layers=tuple(pins.tree(i) for i in reversed(stack[:cut + 1])), flat=False)
+                await self.ctx.store.copy_view(view, flat_tree, f"cannot flatten {stack[cut]} for the remote cache")
+                await self._write(squashed, flat_tree)
+            chosen.append((squashed, True))
+        for n in range(cut + 1, len(stack)):
+            if stack[n] not in self.written:
+                await self._write(stack[n], pins.tree(stack[n]))
+            chosen.append((stack[n], flats[n]))
+        return [(i, flat, *self.written[i]) for i, flat in chosen]
+
+    async def _write(self, entry_id: str, tree: Path) -> None:
+        path = self.scratch / f"blob-{len(self.written)}"
+        self.written[entry_id] = (path, await anyio.to_thread.run_sync(write_blob, tree, path))
+
+
+def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
+    with open(dest, "wb") as out:
+        return ocilayer.write_layer(tree, out)
+
+
+def has_redirect(tree: Path) -> bool:
+    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that)."""
+    for dirpath, dirnames, _ in os.walk(tree):
+        for name in dirnames:
+            try:
+                if os.getxattr(os.path.join(dirpath, name), REDIRECT, follow_symlinks=False):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
+                                                                             list[dict[str, Any]]]:
+    """The stack (entry ids, flat or not) and the stage results an image's config carries, checked: ids
+    are entry names in the store, so nothing else may pass."""
+    try:
+        document = json.loads(data)["aosbuild"]
+        stack = [(str(item["id"]), bool(item["flat"])) for item in document["stack"]]
+        records = document["results"]
+    except (ValueError, KeyError, TypeError):
+        raise RemoteMiss(what, "its config is not an aosbuild stage image's") from None
+    if (len(stack) != count or stack[-1][0] != stage_id or not all(ENTRY_ID.fullmatch(i) for i, _ in stack)
+            or any(flat for _, flat in stack[1:]) or not isinstance(records, list)
+            or not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records)):
+        raise RemoteMiss(what, "its config does not describe its layers")
+    ids = [r["id"] for r in records]
+    if any(i.removesuffix(SQUASHED) not in ids for i, _ in stack):
+        raise RemoteMiss(what, "its config lacks the results of some of its layers")
+    return stack, records
+
+
+async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path, below: tuple[str, ...],
+                       records: list[dict[str, Any]], pipeline: Pipeline) -> None:
+    """One pulled layer as a committed entry (an ordinary one: the builder's `store` and pins)."""
+    if ctx.pins.try_pin(entry_id):  # another build pulled or built it meanwhile
+        return
+    stage_id = entry_id.removesuffix(SQUASHED)
+    upto = [r["id"] for r in records].index(stage_id) + 1
+    stored_below = all(not ctx.pins.floating(i) for i in below)
+    async with ctx.store.store(entry_id, keep=ctx.pins, layers=() if flat else below, flat=flat,
+                               commit=stored_below) as entry:
+        await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat)
+        entry.pipeline = pipeline.name
+        if flat:
+            entry.results = list(records[:upto])
+        else:
+            entry.results = list(records[:upto - 1])
+            entry.add_result(records[upto - 1])
+
+
+def unpack_blob(blob: Path, tree: Path, flat: bool) -> None:
+    with open(blob, "rb") as f:
+        ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper")
+
+
+@asynccontextmanager
+async def open_remote_cache(settings: RemoteSettings | None, warn: Callable[[str], None], *,
+                            environ: Mapping[str, str] | None = None) -> AsyncIterator[RemoteCache | None]:
+    """The build's registries, each checked at once (`/v2/`): one that cannot be used is said once and
+    left out. None without settings."""
+    if settings is None:
+        yield None
+        return
+    options = RegistryOptions(insecure=settings.insecure, timeout=settings.timeout)
+    remotes = [Remote(name=str(Reference.parse(ref)), client=open_registry(ref, options, environ=environ))
+               for ref in settings.refs]
+    cache = RemoteCache(settings, remotes, warn)
+    try:
+        async def ping(remote: Remote) -> None:
+            try:
+                await remote.client.ping()
+            except (RegistryError, AosbuildError) as exc:
+                cache.give_up(remote, "cannot be used", exc)
+
+        async with anyio.create_task_group() as tg:
+            for remote in remotes:
+                tg.start_soon(ping, remote)
+        yield cache
+    finally:
+        with anyio.CancelScope(shield=True):
+            for remote in remotes:
+                await remote.client.aclose()
+
+
+# -- the local engine's use ----------------------------------------------------------------------------
+
+
+async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) -> Plan:
+    """Before the build: for each planned pipeline not whole in the store, pull its newest remote stage
+    past its resume point; the plan made again if anything came. Pipelines that depend on others go
+    first, so that a pipeline pulled whole spares pulling (or building) what only it needed."""
+    remote = ctx.remote
+    if remote is None or not remote.readers:
+        return plan
+    pending = [item for item in reversed(plan.build) if item.resume < len(item.pipeline.stages)]
+    hits: dict[str, Hit] = {}
+
+    async def find(item: Any) -> None:
+        hit = await remote.find_newest(item.pipeline, item.resume)
+        if hit is not None:
+            hits[str(item.pipeline.id)] = hit
+
+    async with anyio.create_task_group() as tg:
+        for item in pending:
+            tg.start_soon(find, item)
+    for item in pending:
+        pipeline_id = str(item.pipeline.id)
+        current = next((p for p in plan.build if p.pipeline.id == pipeline_id), None)
+        hit = hits.get(pipeline_id)
+        if current is None or hit is None or hit.index <= current.resume:
+            continue  # no longer needed, or nothing newer remotely
+        if await remote.fetch_newest(ctx, item.pipeline, current.resume, hit) > current.resume:
+            plan = replan()
+    return plan
+
+
+def pushed_stages(ctx: BuildContext, plan: Plan) -> list[str]:
+    """What `--cache-push` sends after a build, of the pipelines it built or found whole in the store:
+    every stage the store holds (`all`), or each pipeline's final stage and the one before it
+    (`pipelines`): as the local store keeps the tree before the last stage, so that another machine
+    that changes a pipeline's last stage runs that stage alone. The image before the last shares all
+    its blobs but one with the final one: it costs a config and a manifest."""
+    mode = ctx.remote.settings.push if ctx.remote else "none"
+    pipelines = [*plan.cached, *(item.pipeline for item in plan.build)]
+    wanted: list[str] = []
+    for pipeline in pipelines:
+        stages = pipeline.stages if mode == "all" else pipeline.stages[-2:]
+        wanted += [s.id for s in stages if s.id in ctx.pins and s.id not in wanted]
+    return wanted if mode != "none" else []
+
+
+async def push_built(ctx: BuildContext, plan: Plan) -> None:
+    """After a successful build (and its exports): push per `--cache-push`, and say what went."""
+    remote = ctx.remote
+    if remote is None:
+        return
+    stage_ids = pushed_stages(ctx, plan)
+    if not stage_ids:
+        return
+    await remote.push_stages(ctx, stage_ids)
+    if remote.images_pushed:
+        ctx.monitor.log(f"remote cache: pushed {remote.images_pushed} stage images to {remote.remotes[0].name} "
+                        f"({format_size(remote.bytes_pushed)} of new layers)\n")
+    log.info("remote.pushed", images=remote.images_pushed, bytes=remote.bytes_pushed)
