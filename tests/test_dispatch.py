@@ -7,6 +7,7 @@ python3 and four pipelines of bundled stages on it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,8 +41,8 @@ def images_manifest(nonce: str) -> dict[str, Any]:
     """A build root and four pipelines built on it; `nonce` gives the manifest ids of its own. The images
     are reproducible (`source-epoch`): built twice, they are the same trees to the mtime."""
     return manifest(
-        pipeline("build", stage("org.aosbuild.test.buildroot"),
-                 stage("org.osbuild.mkdir", paths=[{"path": f"/{nonce}"}])),
+        pipeline("build", stage("org.osbuild.mkdir", paths=[{"path": f"/{nonce}"}]),
+                 stage("org.aosbuild.test.buildroot")),
         *(pipeline(name, stage("org.osbuild.mkdir", paths=[{"path": "/etc"}, {"path": f"/{name}"}]),
                    stage("org.osbuild.hostname", hostname=f"{name}-{nonce[:8]}"), build="name:build",
                    **{"source-epoch": EPOCH})
@@ -169,7 +170,7 @@ def survivors(directory: Path) -> list[str]:
             for pid in processes_mentioning(str(directory))]
 
 
-def start_dispatch(aosbuild: Aosbuild, cluster: Cluster, m: dict[str, Any], *args: str) -> subprocess.Popen[str]:
+def start_dispatch(aosbuild: Aosbuild, cluster: Cluster, m: dict[str, Any] | Path, *args: str) -> subprocess.Popen[str]:
     command = aosbuild.command(m, "--dispatch", cluster.address, "--cache-remote", cluster.remote, *args)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=aosbuild.workdir, env=cluster.env)
@@ -292,3 +293,26 @@ def test_a_tls_scheduler_refuses_a_client_without_its_certificate(aosbuild: Aosb
     finally:
         scheduler.kill()
         scheduler.wait(timeout=20)
+
+
+def test_two_clients_asking_for_the_same_pipelines_share_one_execution(aosbuild: Aosbuild, cluster: Cluster) -> None:
+    m = images_manifest(uuid.uuid4().hex)
+    path = aosbuild.write_manifest(m)
+    clients = [start_dispatch(aosbuild, cluster, path, *exports(*IMAGES, output=aosbuild.workdir / f"out{n}"),
+                              "--json", "--store", str(aosbuild.workdir / f"client{n}")) for n in (1, 2)]
+    try:
+        runs = [finish(client) for client in clients]
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    documents = [json.loads(run.stdout) for run in runs]
+    assert documents[0] == documents[1]  # the same results, stage by stage
+    for name in IMAGES:
+        assert digest(str(aosbuild.workdir / "out1" / name)) == digest(str(aosbuild.workdir / "out2" / name))
+    inspected = json.loads(aosbuild(path, "--inspect").stdout)
+    stages = {p["stages"][-1]["id"]: len(p["stages"]) for p in inspected["pipelines"]}
+    runs_by_pipeline = {pid: n for pid, n in cluster.stage_runs().items() if pid in stages}
+    assert runs_by_pipeline == stages  # every stage of every pipeline ran once, on one worker or another
