@@ -157,11 +157,16 @@ def start_scheduler(directory: Path, *extra: str) -> tuple[subprocess.Popen[byte
     return process, str(json.loads(info.read_text())["address"])
 
 
-@contextmanager
-def run_cluster(directory: Path, registry: Registry, workers: int = 3) -> Iterator[Cluster]:
+def write_auth(directory: Path, registry: Registry) -> None:
+    """The registry's credentials in `directory/auth.json`, which the cluster's processes are given."""
     auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "auth.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+
+
+@contextmanager
+def run_cluster(directory: Path, registry: Registry, workers: int = 3) -> Iterator[Cluster]:
+    write_auth(directory, registry)
     process, address = start_scheduler(directory / "scheduler")
     cluster = Cluster(directory, address, registry, process)
     try:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from .conftest import FAST_TMP, Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
-from .daskcluster import WAIT_STAGE, Cluster, run_cluster, start_scheduler
+from .daskcluster import WAIT_STAGE, Cluster, run_cluster, start_scheduler, write_auth
 from .leftovers import loops_backed_by, processes_mentioning, stray_mounts
-from .registry import run_registry
+from .registry import Registry, run_registry
 from .treedigest import digest
 
 IMAGES = ("alpha", "beta", "gamma", "delta")
@@ -248,7 +248,7 @@ def make_certificates(directory: Path) -> dict[str, Path]:
                        check=True, capture_output=True)
     extensions = directory / "san.cnf"
     extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name, ca in (("scheduler", "ca"), ("client", "ca"), ("stranger", "other-ca")):
+    for name, ca in (("scheduler", "ca"), ("worker", "ca"), ("client", "ca"), ("stranger", "other-ca")):
         subprocess.run(["openssl", "req", *key, "-keyout", str(directory / f"{name}.key"), "-out",
                         str(directory / f"{name}.csr"), "-subj", f"/CN={name}"], check=True, capture_output=True)
         subprocess.run(["openssl", "x509", "-req", "-in", str(directory / f"{name}.csr"), "-CA",
@@ -271,17 +271,21 @@ def tls_env(ca: Path, cert: Path | None) -> dict[str, str]:
     return env
 
 
-def test_a_tls_scheduler_refuses_a_client_without_its_certificate(aosbuild: Aosbuild) -> None:
+def test_a_tls_cluster_builds_for_its_clients_and_refuses_others(aosbuild: Aosbuild, served: Registry) -> None:
+    """Mutual TLS: the scheduler refuses a client without a certificate of its CA; a worker and a client
+    with one build."""
     certs = make_certificates(aosbuild.workdir / "certs")
     scheduler, address = start_scheduler(
         aosbuild.workdir / "scheduler", "--protocol", "tls", "--tls-ca-file", f"{certs['ca']}.pem",
         "--tls-cert", f"{certs['scheduler']}.pem", "--tls-key", f"{certs['scheduler']}.key")
+    cluster = Cluster(aosbuild.workdir / "cluster", address, served, scheduler)
     try:
         assert address.startswith("tls://127.0.0.1:")
+        write_auth(cluster.directory, served)
         m = aosbuild.write_manifest(manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/t"}]))))
         outcomes = {}
         for who, cert in (("nobody", None), ("stranger", certs["stranger"]), ("client", certs["client"])):
-            proc = subprocess.run([*aosbuild.command(m, "--dispatch", address, "--cache-remote", "127.0.0.1:1/c")],
+            proc = subprocess.run([*aosbuild.command(m, "--dispatch", address, "--cache-remote", cluster.remote)],
                                   capture_output=True, text=True, timeout=120, env=tls_env(certs["ca"], cert),
                                   cwd=aosbuild.workdir)
             outcomes[who] = (proc.returncode, proc.stderr)
@@ -290,9 +294,20 @@ def test_a_tls_scheduler_refuses_a_client_without_its_certificate(aosbuild: Aosb
             assert "cannot reach the Dask scheduler" in outcomes[who][1], outcomes[who]
         # the scheduler's own client got in: it has no workers to offer
         assert "no worker of the Dask scheduler" in outcomes["client"][1], outcomes["client"]
+
+        cluster.start_worker("secure", "--tls-ca-file", f"{certs['ca']}.pem", "--tls-cert", f"{certs['worker']}.pem",
+                             "--tls-key", f"{certs['worker']}.key", "--slots", "2", "--host", "127.0.0.1")
+        proc = subprocess.run(
+            [*aosbuild.command(m, "--dispatch", address, "--cache-remote", cluster.remote, "--export", "tree",
+                               "--output-directory", str(aosbuild.output))],
+            capture_output=True, text=True, timeout=120, env={**tls_env(certs["ca"], certs["client"]),
+                                                               "REGISTRY_AUTH_FILE": cluster.env["REGISTRY_AUTH_FILE"]},
+            cwd=aosbuild.workdir)
+        assert proc.returncode == 0, proc.stderr
+        assert (aosbuild.output / "tree" / "t").is_dir()
+        assert "tls://127.0.0.1:" in cluster.workers["secure"].log.read_text()  # its own listener is TLS too
     finally:
-        scheduler.kill()
-        scheduler.wait(timeout=20)
+        cluster.stop()
 
 
 def test_two_clients_asking_for_the_same_pipelines_share_one_execution(aosbuild: Aosbuild, cluster: Cluster) -> None:
