@@ -21,8 +21,8 @@ from typing import Any
 from common import BENCH_ENV, FAST_TMP, REPO, TEST_LIBDIR, Section, Summary, repeat, summarise, timed_ms
 
 sys.path.insert(0, os.fspath(REPO))
-from tests.daskcluster import Cluster, run_cluster  # noqa: E402  # the tests' cluster, not a copy of it
-from tests.registry import run_registry  # noqa: E402
+from tests.daskcluster import Cluster, run_cluster  # the tests' cluster, not a copy of it
+from tests.registry import run_registry
 
 PIPELINES = 6
 SLEEP_SECONDS = 2.0
