@@ -235,10 +235,12 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
         try:
             async with remotecache.open_remote_cache(request.remote, lambda text: warn(ctx, text)) as remote:
                 ctx.remote = remote
+                if remote is not None:
+                    ctx.sources.mirror = remote.fetch_source
                 if not request.sources_only:
                     plan = await remotecache.pull_ahead(ctx, plan, lambda: scheduler.plan(ctx, prepared.targets))
                     ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
-                    ctx.monitor.build_started(request.label, sources=len(ctx.manifest.sources),
+                    ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources),
                                               pipelines=len(plan.build))
                 else:
                     ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources), pipelines=0)

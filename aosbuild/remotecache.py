@@ -12,8 +12,10 @@ A stage image (`stageimage`: tag `stage-<id>`) holds the whole tree after that s
 Its config's `aosbuild` key says which store entry each layer is (`stack`: ids bottom first, `flat` for
 a whole tree) and carries the results of every stage up to it (`results`), so each pulled layer is
 committed under its own stage id with the results the build that made it reported. A layer overlayfs
-renamed a directory in (a redirect) has no OCI form: the tree up to the topmost such layer is pushed as
-one flat layer, `<id>.squashed`, as the builder names its squashed trees.
+renamed a directory in (a redirect) has no OCI form, and a stack whose layers mostly write the same
+files again (a disk image each stage copies up) would move those bytes once per layer: there the tree
+up to that layer is pushed as one flat layer, committed on the pulling side as a flat entry (a whole
+tree) under that layer's stage id (`flatten_point`).
 
 `fetch_newest` (pull a pipeline's newest remote stage past its resume point) and `push_stages` are the
 two entry points a scheduler needs; `pull_ahead` and `push_built` are the local engine's use of them.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import ocilayer, stageimage
+from . import formats, ocilayer, stageimage
 from .errors import AosbuildError, StoreError
 from .logs import get_logger
 from .manifest import Pipeline
@@ -63,6 +66,12 @@ PROBES = 4  # manifest lookups in flight at once, per build
 ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
 SQUASHED = ".squashed"
 REDIRECT = "trusted.overlay.redirect"
+SOURCE_TAG = "source-"
+SOURCE_TYPE = "application/vnd.aosbuild.source.v1"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an artifact
+EMPTY_CONFIG = b"{}"
+EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,18 +148,19 @@ class RemoteCache:
         self.bytes_pushed = 0
         self.stages_pulled = 0
         self.images_pushed = 0
+        self.sources_pushed = 0
 
     @property
     def readers(self) -> list[Remote]:
         return [r for r in self.remotes if r.usable]
 
-    def give_up(self, remote: Remote, what: str, exc: BaseException) -> None:
+    def give_up(self, remote: Remote, what: str, exc: BaseException, then: str = "building locally") -> None:
         """Say once why `remote` is no use any more, and stop using it in this build."""
         if not remote.usable:
             return
         remote.usable = False
-        self._warn(f"warning: remote cache {remote.name}: {what}: {exc}; building locally, and not using "
-                   "this remote again in this build")
+        self._warn(f"warning: remote cache {remote.name}: {what}: {exc}; {then}, and not using this remote "
+                   "again in this build")
 
     # -- pulling ---------------------------------------------------------------------------------------
 
@@ -189,7 +199,7 @@ class RemoteCache:
         stage = pipeline.stages[hit.index - 1]
         try:
             pulled, size = await self.pull(ctx, hit.remote, stage.id, pipeline)
-        except RemoteMiss as exc:
+        except (RegistryError, ocilayer.LayerError) as exc:  # a miss, refused credentials, a layer unsafe to unpack
             self.give_up(hit.remote, f"cannot pull {stage.type} {stage.id}", exc)
             return resume
         if not ctx.pins.try_pin(stage.id):
@@ -234,6 +244,47 @@ class RemoteCache:
                 below = ctx.pins.stack(entry_id)
         return len(blobs), size
 
+    async def fetch_source(self, checksum: str, target: Path) -> str | None:
+        """Fetch a source item (a sha256 blob) from the first remote that has it, verified, to `target`;
+        the remote's name, or None if none has it (a plain miss is no warning; a broken remote is)."""
+        if not DIGEST_RE.fullmatch(checksum):
+            return None
+        for remote in self.readers:
+            try:
+                size = await remote.client.fetch_blob(checksum, target)
+            except RemoteMiss as exc:
+                if exc.reason != "not in the registry":
+                    self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
+                continue
+            except RegistryError as exc:
+                self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
+                continue
+            self.bytes_pulled += size
+            return remote.name
+        return None
+
+    async def push_sources(self, items: Sequence[Path]) -> None:
+        """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
+        collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
+        one layer), unless it is there."""
+        remote = self.remotes[0]
+        if not remote.usable or self.settings.push == "none":
+            return
+        try:
+            await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
+            for path in items:
+                digest = "sha256:" + path.name.removeprefix("sha256:")
+                tag = SOURCE_TAG + digest.removeprefix("sha256:")
+                if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
+                    continue
+                size = (await anyio.Path(path).stat()).st_size
+                if await remote.client.push_blob(digest, path):
+                    self.bytes_pushed += size
+                await remote.client.put_manifest(tag, source_manifest(digest, size))
+                self.sources_pushed += 1
+        except (RegistryError, OSError) as exc:
+            self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
+
     # -- pushing ---------------------------------------------------------------------------------------
 
     async def push_stages(self, ctx: BuildContext, stage_ids: Sequence[str]) -> None:
@@ -259,7 +310,7 @@ class RemoteCache:
                     await stageimage.push_stage(remote.client, stage_id, [(p, i) for _, _, p, i in chosen], results)
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
-            self.give_up(remote, "cannot push", exc)
+            self.give_up(remote, "cannot push", exc, "the build's exit code is unchanged")
 
 
 class LayerBlobs:
@@ -268,33 +319,60 @@ class LayerBlobs:
     def __init__(self, ctx: BuildContext, scratch: Path) -> None:
         self.ctx = ctx
         self.scratch = scratch
-        self.written: dict[str, tuple[Path, ocilayer.LayerInfo]] = {}
+        self.written: dict[tuple[str, bool], tuple[Path, ocilayer.LayerInfo]] = {}  # (entry id, flat)
 
     async def for_stack(self, stack: tuple[str, ...]) -> list[tuple[str, bool, Path, ocilayer.LayerInfo]]:
-        """The blobs of a tree's layers, lowest first; flattened up to the topmost layer with a redirect."""
+        """The blobs of a tree's layers, lowest first; the layers up to `flatten_point` as one flat tree,
+        committed on the pulling side under the id of the topmost of them (a flat entry: a whole tree)."""
         pins = self.ctx.pins
         flats = [bool(getattr(pins.get(i), "flat", False)) for i in stack]
-        redirected = [n for n, i in enumerate(stack)
-                      if not flats[n] and await anyio.to_thread.run_sync(has_redirect, pins.tree(i))]
-        cut = max(redirected, default=-1)
+        surveys = [await anyio.to_thread.run_sync(survey, pins.tree(i)) for i in stack]
+        cut = flatten_point([(redirect and not flat, files) for (redirect, files), flat in
+                             zip(surveys, flats, strict=True)])
         chosen: list[tuple[str, bool]] = []
-        if cut >= 0:
-            squashed = stack[cut].removesuffix(SQUASHED) + SQUASHED
-            if squashed not in self.written:
+        if cut > 0 or (cut == 0 and not flats[0]):
+            if (stack[cut], True) not in self.written:
                 flat_tree = self.scratch / f"flat-{len(self.written)}"
                 view = TreeView(layers=tuple(pins.tree(i) for i in reversed(stack[:cut + 1])), flat=False)
                 await self.ctx.store.copy_view(view, flat_tree, f"cannot flatten {stack[cut]} for the remote cache")
-                await self._write(squashed, flat_tree)
-            chosen.append((squashed, True))
+                await self._write((stack[cut], True), flat_tree)
+            chosen.append((stack[cut], True))
+        else:
+            cut = -1
         for n in range(cut + 1, len(stack)):
-            if stack[n] not in self.written:
-                await self._write(stack[n], pins.tree(stack[n]))
+            if (stack[n], flats[n]) not in self.written:
+                await self._write((stack[n], flats[n]), pins.tree(stack[n]))
             chosen.append((stack[n], flats[n]))
-        return [(i, flat, *self.written[i]) for i, flat in chosen]
+        return [(i, flat, *self.written[(i, flat)]) for i, flat in chosen]
 
-    async def _write(self, entry_id: str, tree: Path) -> None:
+    async def _write(self, key: tuple[str, bool], tree: Path) -> None:
         path = self.scratch / f"blob-{len(self.written)}"
-        self.written[entry_id] = (path, await anyio.to_thread.run_sync(write_blob, tree, path))
+        self.written[key] = (path, await anyio.to_thread.run_sync(write_blob, tree, path))
+
+
+def flatten_point(layers: Sequence[tuple[bool, dict[str, int]]]) -> int:
+    """How far up a stack (bottom first: whether a layer has a redirect, its files' sizes) is pushed as
+    one flat layer: -1 for none. Up to the topmost layer with a redirect, which has no OCI form; and up
+    to the topmost layer where at least half the bytes of the layers so far are files that a later
+    layer of them wrote again (a disk image that each stage copies up whole: a layer per stage would
+    push and pull it once per stage)."""
+    cut = max((n for n, (redirect, _) in enumerate(layers) if redirect), default=-1)
+    total = wasted = 0
+    below: dict[str, int] = {}  # each path's size in the topmost layer so far that has it
+    for top, (_, files) in enumerate(layers):
+        for path, size in files.items():
+            total += size
+            wasted += below.get(path, 0)
+            below[path] = size
+        if top > 0 and wasted >= FLATTEN_WASTE and 2 * wasted >= total:
+            cut = max(cut, top)
+    return cut
+
+
+def source_manifest(digest: str, size: int) -> dict[str, Any]:
+    return {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SOURCE_TYPE,
+            "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_CONFIG)},
+            "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": size}]}
 
 
 def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
@@ -302,16 +380,24 @@ def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
         return ocilayer.write_layer(tree, out)
 
 
-def has_redirect(tree: Path) -> bool:
-    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that)."""
-    for dirpath, dirnames, _ in os.walk(tree):
+def survey(tree: Path) -> tuple[bool, dict[str, int]]:
+    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that), and
+    the size of each of its regular files."""
+    redirect = False
+    files: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(tree):
         for name in dirnames:
             try:
-                if os.getxattr(os.path.join(dirpath, name), REDIRECT, follow_symlinks=False):
-                    return True
+                redirect = redirect or bool(os.getxattr(os.path.join(dirpath, name), REDIRECT,
+                                                        follow_symlinks=False))
             except OSError:
                 continue
-    return False
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                files[os.path.relpath(path, tree)] = st.st_size
+    return redirect, files
 
 
 def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
@@ -346,7 +432,7 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
                                commit=stored_below) as entry:
         await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat)
         entry.pipeline = pipeline.name
-        if flat:
+        if entry_id.endswith(SQUASHED):  # the builder's squashed tree: the results of the stages below it
             entry.results = list(records[:upto])
         else:
             entry.results = list(records[:upto - 1])
@@ -408,6 +494,7 @@ async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) 
     async with anyio.create_task_group() as tg:
         for item in pending:
             tg.start_soon(find, item)
+    pulled = False
     for item in pending:
         pipeline_id = str(item.pipeline.id)
         current = next((p for p in plan.build if p.pipeline.id == pipeline_id), None)
@@ -416,6 +503,11 @@ async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) 
             continue  # no longer needed, or nothing newer remotely
         if await remote.fetch_newest(ctx, item.pipeline, current.resume, hit) > current.resume:
             plan = replan()
+            pulled = True
+    if pulled and formats.of(ctx.manifest).SOURCES_THROUGH_INPUTS:
+        # what was pulled needs no sources: an offline builder fetches only what its stages left use
+        ctx.sources.restrict({ref for item in plan.build for stage in item.pipeline.stages[item.resume:]
+                              for ref in stage.source_refs()})
     return plan
 
 
@@ -440,10 +532,13 @@ async def push_built(ctx: BuildContext, plan: Plan) -> None:
     if remote is None:
         return
     stage_ids = pushed_stages(ctx, plan)
-    if not stage_ids:
-        return
-    await remote.push_stages(ctx, stage_ids)
-    if remote.images_pushed:
-        ctx.monitor.log(f"remote cache: pushed {remote.images_pushed} stage images to {remote.remotes[0].name} "
-                        f"({format_size(remote.bytes_pushed)} of new layers)\n")
-    log.info("remote.pushed", images=remote.images_pushed, bytes=remote.bytes_pushed)
+    if stage_ids:
+        await remote.push_stages(ctx, stage_ids)
+    if remote.settings.push != "none":
+        await remote.push_sources([ctx.sources.path(item.checksum) for items in ctx.sources.results.values()
+                                   for item in items if item.error is None])
+    if remote.images_pushed or remote.sources_pushed:
+        ctx.monitor.log(f"remote cache: pushed {remote.images_pushed} stage images and {remote.sources_pushed} "
+                        f"source items to {remote.remotes[0].name} ({format_size(remote.bytes_pushed)} of new "
+                        "blobs)\n")
+    log.info("remote.pushed", images=remote.images_pushed, sources=remote.sources_pushed, bytes=remote.bytes_pushed)

@@ -16,7 +16,7 @@ A failed item fails its source at once in a build (the build cannot succeed); wi
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +161,16 @@ class Sources:
         self.sources = tuple(source for source, _ in self.selected)
         self._ready = {checksum: anyio.Event() for _, items in self.selected for checksum in items}
         self._runs: dict[str, _Run] = {}
+        # a second place to fetch items from before their own URLs: the remote cache (checksum, target)
+        # -> whether it had the item, put at target verified
+        self.mirror: Callable[[str, Path], Awaitable[str | None]] | None = None
+
+    def restrict(self, only: Collection[str]) -> None:
+        """Before `fetch_all`: fetch only the items `only` names (what the stages left to run use, once a
+        remote cache gave the rest); sources left with none are skipped."""
+        self.selected = [(source, kept) for source, items in self.selected
+                         if (kept := {c: d for c, d in items.items() if c in only})]
+        self.sources = tuple(source for source, _ in self.selected)
 
     @property
     def results(self) -> dict[str, list[ItemResult]]:
@@ -249,7 +259,11 @@ class Sources:
                 async with item_lock(target, on_wait=lambda: run.log(waiting)):
                     # the other process may have fetched it meanwhile; what is there is checked first
                     cached = await anyio.to_thread.run_sync(self._check_cached, run, target, checksum, label)
-                    if not cached:
+                    mirrored = None if cached or self.mirror is None else await self.mirror(checksum, target)
+                    if mirrored is not None:
+                        sourcecache.record(target)
+                        run.log(f"Fetched {label or checksum} from the remote cache {mirrored}\n")
+                    elif not cached:
                         if fetcher is None:
                             raise SourceError(source_type, checksum,
                                               f"aosbuild cannot fetch items of {source_type} yet")

@@ -29,6 +29,7 @@ import dispatch
 import downloads
 import edit
 import engine
+import remote
 import store
 from common import BENCH, FAST_TMP, REPO, RESULTS, Section, machine
 
@@ -43,6 +44,7 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "osbuild": (baseline.run, 3),  # osbuild 191 takes about 12 s for the generic manifest
     "edit": (edit.run, 3),      # a cold build (layered and flat) and three rebuilds per repetition
     "edit-disk": (edit.run_disk, 3),
+    "remote": (remote.run, 3),  # three cold builds of the sample per repetition
     "dispatch": (dispatch.run, 3),  # N sleeping pipelines on 1, 2, 3 Dask workers
 }
 README = BENCH / "README.md"
@@ -68,6 +70,8 @@ COLUMNS = [
     ("edit", "hostname_s", "edit hostname s", "{:.1f}"),
     ("edit", "password_s", "edit password s", "{:.1f}"),
     ("edit", "packages_s", "edit packages s", "{:.1f}"),
+    ("remote", "pull_s", "sample pulled s", "{:.1f}"),
+    ("remote", "pull_over_cold", "pulled / cold", "{:.2f}x"),
 ]
 
 

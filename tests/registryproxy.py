@@ -1,9 +1,9 @@
 """A TCP proxy in front of a test registry that misbehaves on cue, for the remote cache's failure drills.
 
-Once one connection has carried `after` bytes from the registry (only a layer blob is that large), the
-proxy does `fault`: "stall" stops forwarding and holds the connection open without a word (a registry
-that hangs); "stop" calls `on_stop` (the test kills the registry) and cuts the connection (a registry
-stopped mid-pull). It runs in threads of its own, stopped by `close()`.
+Once one connection has carried `after` bytes from the registry (only a layer blob is that large), or to
+it with `uploads`, the proxy does `fault`: "stall" stops forwarding and holds the connection open
+without a word (a registry that hangs); "stop" calls `on_stop` (the test kills the registry) and cuts
+the connection (a registry stopped mid-pull or mid-push). It runs in threads of its own, stopped by `close()`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ Fault = Literal["stall", "stop"]
 
 class FaultyProxy:
     def __init__(self, upstream: tuple[str, int], *, after: int, fault: Fault,
-                 on_stop: Callable[[], None] = lambda: None) -> None:
+                 on_stop: Callable[[], None] = lambda: None, uploads: bool = False) -> None:
         self.upstream = upstream
+        self.uploads = uploads  # count the bytes sent to the registry (a push) instead of those from it
         self.after = after
         self.fault = fault
         self.on_stop = on_stop
@@ -66,7 +67,7 @@ class FaultyProxy:
         carried = 0
         try:
             while data := source.recv(65536):
-                if from_registry and not self.triggered.is_set() and carried + len(data) > self.after:
+                if from_registry != self.uploads and not self.triggered.is_set() and carried + len(data) > self.after:
                     with self._lock:
                         first = not self.triggered.is_set()
                         self.triggered.set()
@@ -90,6 +91,10 @@ class FaultyProxy:
 
     def close(self) -> None:
         self._closing.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the other thread (close does not)
+        except OSError:
+            pass
         self.listener.close()
         with self._lock:
             sockets, threads = list(self._sockets), list(self._threads)

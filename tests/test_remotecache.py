@@ -10,6 +10,7 @@ redirect, flattened for the push), 2 MiB of data and stage metadata; a second pi
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -22,9 +23,11 @@ from typing import Any
 import pytest
 
 from aosbuild import ocilayer
+from aosbuild.remotecache import flatten_point
 from aosbuild.store import entries
 
 from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
+from .fileserver import FileServer
 from .registry import PASSWORD, USER, Registry
 from .registryproxy import Fault, FaultyProxy
 from .test_layers import BASE, CHANGES
@@ -310,3 +313,72 @@ def test_a_store_remembers_its_remote_and_a_flag_overrides_it(served: Registry, 
     refused = store_command(b, "remote", f"user:pw@{served.host}/{REPOSITORY}")
     assert refused.returncode == 2
     assert "pw" not in refused.stderr.replace(REPOSITORY, "")
+
+
+def test_an_offline_machine_needs_no_source_of_what_it_pulls_and_gets_the_others_from_the_remote(
+        served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    body = b"a package\n" * 1000
+    checksum = "sha256:" + hashlib.sha256(body).hexdigest()
+    inputs = {"files": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                        "references": {checksum: {}}}}
+    def the(url: str, to: str = "package") -> dict[str, Any]:
+        return manifest(pipeline("tree", {**stage("org.osbuild.copy", paths=[
+            {"from": f"input://files/{checksum}", "to": f"tree:///{to}"}]), "inputs": inputs},
+            stage(OPS, ops=[["chmod", to, 0o600]])), sources={"org.osbuild.curl": {"items": {checksum: url}}})
+
+    with FileServer().running() as files:
+        url = files.add("/package", body)
+        a = machine(workdir, "a")
+        pushing = a(the(url), "--cache-remote", f"{served.host}/{REPOSITORY}", "--monitor", "jsonseq")
+        assert pushing.returncode == 0, pushing.stderr
+        assert files.count("/package") == 1
+    assert any(m.startswith("remote cache: pushed 2 stage images and 1 source items") for m in messages(pushing))
+    # the file server is gone: B could not download the item, and need not
+    b = machine(workdir, "b")
+    run = b(the(url), "--cache-remote", f"{served.host}/{REPOSITORY}", "--export", "tree", "--output-directory",
+            str(b.output), "--monitor", "jsonseq")
+    assert run.returncode == 0, run.stderr
+    check_jsonseq(run.stdout)
+    assert stages_run(run) == []
+    assert not any(m.startswith("Starting pipeline source") for m in messages(run))
+    assert (b.output / "tree" / "package").read_bytes() == body
+    # a stage that uses the item changed: the item comes from the remote cache, as from a mirror
+    c = machine(workdir, "c")
+    edited = c(the(url, "elsewhere"), "--cache-remote", f"{served.host}/{REPOSITORY}", "--export", "tree",
+               "--output-directory", str(c.output), "--monitor", "jsonseq")
+    assert edited.returncode == 0, edited.stderr
+    check_jsonseq(edited.stdout)
+    assert stages_run(edited) == ["org.osbuild.copy", OPS]
+    assert any("from the remote cache" in m for m in messages(edited)), messages(edited)
+    assert (c.output / "tree" / "elsewhere").read_bytes() == body
+
+
+def test_a_stack_is_flattened_where_it_has_no_oci_form_or_writes_the_same_files_again() -> None:
+    disk = 2 << 30
+    # a disk image copied up whole by every stage: one layer instead of four
+    assert flatten_point([(False, {"disk.img": disk})] * 4) == 3
+    # a build root and small changes to it: layers stay layers
+    assert flatten_point([(False, {"usr/bin/bash": 300 << 20, "etc/hostname": 5}), (False, {"etc/hostname": 6}),
+                          (False, {"etc/motd": 3})]) == -1
+    # a renamed directory (a redirect): flattened up to it, the layers above kept
+    assert flatten_point([(False, {}), (True, {}), (False, {"data": 5 << 20})]) == 1
+    # the same file written again, but too few bytes to be worth it
+    assert flatten_point([(False, {"a": 10}), (False, {"a": 10})]) == -1
+
+
+def test_a_push_that_fails_is_one_warning_and_the_exit_code_of_the_build(served: Registry, workdir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = FaultyProxy(("127.0.0.1", served.port), after=256 << 10, fault="stop", on_stop=served.stop,
+                        uploads=True)
+    try:
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, proxy.host)))
+        a = machine(workdir, "a")
+        run = build(a, proxy.host, "--cache-remote-timeout", "5")
+        assert proxy.triggered.is_set()
+    finally:
+        proxy.close()
+    assert len(warnings(run)) == 1, messages(run)
+    assert "cannot push" in warnings(run)[0]
+    assert run.stderr.count("remote cache") == 1, run.stderr
+    assert len(stages_run(run)) == 7
