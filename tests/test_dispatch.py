@@ -83,6 +83,17 @@ def test_a_dispatched_build_gives_the_local_build_s_trees_and_stream(aosbuild: A
     assert len(named) > 1, f"the pipelines ran on {named} alone"
     assert named <= set(cluster.workers)
 
+    # built once, in the remote cache: another client with an empty store submits nothing
+    before = cluster.stage_runs()
+    again = dispatch(aosbuild, cluster, path, *exports(*IMAGES, output=aosbuild.workdir / "again"), "--monitor",
+                     "jsonseq", "--store", str(aosbuild.workdir / "client-store-2"))
+    assert again.returncode == 0, again.stderr
+    assert cluster.stage_runs() == before
+    assert workers_named(again.jsonseq()) == set()
+    for name in IMAGES:
+        assert digest(str(aosbuild.workdir / "again" / name)) == digest(str(aosbuild.output / name))
+    check_jsonseq(again.stdout)
+
 
 def results(stream: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
     """Each stage's result as the Go clients keep it: stage type, id, success."""
@@ -106,6 +117,11 @@ def test_a_stage_failing_on_a_worker_fails_the_build_as_locally(aosbuild: Aosbui
     assert "line 29" in tail
     summary = check_jsonseq(run.stdout)
     assert "failed_stages=1" in summary
+    # osbuild's --json document of the failure, the same from a worker as from here
+    local_json = aosbuild(path, "--json", "--store", str(aosbuild.workdir / "local-json"))
+    dispatched_json = dispatch(aosbuild, cluster, path, "--json", "--store", str(aosbuild.workdir / "client-json"))
+    assert (local_json.returncode, dispatched_json.returncode) == (1, 1)
+    assert json.loads(dispatched_json.stdout) == json.loads(local_json.stdout)
 
 
 def m_stage_id(run: Run, stage_type: str) -> str:
