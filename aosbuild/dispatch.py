@@ -1,12 +1,12 @@
 """`aosbuild --dispatch ADDRESS`: the plan's pipelines built by Dask workers (`aosbuild worker`).
 
 The client loads and plans the manifest as a local build does; the `Dispatcher` is the engine's
-`Executor` for the planned pipelines. Each pipeline the remote cache does not hold becomes one Dask
-task keyed by the pipeline's id, depending on the tasks of its build root and input pipelines, so two
-clients asking for the same pipeline share one execution. A worker builds it on its own store, pulling
-what it needs from the remote cache and pushing what it built; its monitor events come back as the
-task's result and are replayed into this build's monitor, so the stream, `--json` and the report are
-a local build's. The exported trees are then pulled from the remote cache into the local store, from
+`Executor` for the planned pipelines (the engine pulled beforehand what the remote cache holds). Each
+pipeline left becomes one Dask task keyed by the pipeline's id, submitted once its build root and input
+pipelines are built, so two clients asking for the same pipeline share one execution. A worker builds
+it on its own store, pulling what it needs from the remote cache and pushing what it built; its monitor
+events come back as the task's result and are replayed into this build's monitor (its progress lines
+come live, as Dask events), so the stream, `--json` and the report are a local build's. The exported trees are then pulled from the remote cache into the local store, from
 which the engine exports them as usual.
 
 Dask's client is asyncio (tornado); the engine is trio. The synchronous `distributed.Client` runs its
@@ -17,6 +17,7 @@ futures' done-callbacks come back into the engine's loop through `anyio.from_thr
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import anyio.lowlevel
 
 from .errors import UsageError
 from .registry import is_loopback
-from .remoteevents import DispatchedError, RemoteFailure, Replayer, rebuild_error
+from .remoteevents import DispatchedError, RemoteFailure, Replayer, progress_topic, rebuild_error
 from .worker import SLOT, arch_resource, build_task
 
 if TYPE_CHECKING:
@@ -187,17 +188,41 @@ class Dispatcher:
         waiting = {str(item.pipeline.id): item for item in planned}
         futures: dict[str, Any] = {}
         built: set[str] = set()
+        live_send, live_receive = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
+
+        def heard(pipeline_id: str) -> Any:
+            def handler(event: tuple[float, Any]) -> None:  # in the Dask client's event-loop thread
+                with contextlib.suppress(Exception):  # the build has ended: nobody listens
+                    anyio.from_thread.run_sync(live_send.send_nowait, (pipeline_id, event[1]), token=token)
+            return handler
+
+        def subscribe_and_submit(item: Planned) -> Any:
+            pipeline_id = str(item.pipeline.id)
+            client.subscribe_topic(progress_topic(pipeline_id), heard(pipeline_id))
+            return self.submit(client, item, request, arch)
 
         async def submit_ready() -> None:
             for pipeline_id, item in list(waiting.items()):
                 if all(dep in built or (dep not in waiting and dep not in futures) for dep in item.needs):
                     del waiting[pipeline_id]
-                    futures[pipeline_id] = await anyio.to_thread.run_sync(self.submit, client, item, request, arch)
+                    futures[pipeline_id] = await anyio.to_thread.run_sync(subscribe_and_submit, item)
                     futures[pipeline_id].add_done_callback(done)
+
+        async def show_live() -> None:
+            """What the workers say while a pipeline runs (a stage starting, finishing), as it happens."""
+            async for pipeline_id, message in live_receive:
+                pipeline = ctx.manifest.by_id(pipeline_id)
+                if pipeline_id not in built and isinstance(message, dict):
+                    ctx.monitor.worker_log(str(message.get("name")), str(message.get("message")), pipeline)
+
+        def unsubscribe() -> None:
+            for pipeline_id in futures:
+                client.unsubscribe_topic(progress_topic(pipeline_id))
 
         replayer = Replayer(ctx.manifest, ctx.monitor)
         try:
-            async with send, receive:
+            async with send, receive, live_send, live_receive, anyio.create_task_group() as tg:
+                tg.start_soon(show_live)
                 await submit_ready()
                 while len(built) < len(planned):
                     key = await receive.receive()
@@ -206,10 +231,14 @@ class Dispatcher:
                     await self.collect(ctx, replayer, key, futures[key])
                     built.add(key)
                     await submit_ready()
+                tg.cancel_scope.cancel()
         except BaseException:
             with anyio.CancelScope(shield=True):  # Ctrl-C, a failure: the workers stop ours
                 await anyio.to_thread.run_sync(client.cancel, [f for f in futures.values() if not f.done()])
             raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(unsubscribe)
 
     async def collect(self, ctx: BuildContext, replayer: Replayer, key: str, future: Any) -> None:
         """Replay a pipeline's events from the worker that built it; raise its failure as ours."""

@@ -5,13 +5,14 @@ builds as plain JSON-able values; the client's `Replayer` hands them to its own 
 report, saved stream and the user's monitor) with its own manifest's pipelines and stages, so that
 `--monitor`, `--json` and `aosbuild report --last` of a dispatched build come out of the same events
 as a local build's. A failed pipeline's events travel inside `RemoteFailure`, the exception its task
-raises, so that Dask marks its dependents failed too.
+raises. Only short progress lines (a stage starting, finishing) go out while the pipeline runs, as Dask
+events: a pipeline run again after its worker died must not report its stages twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import AosbuildError, StageError
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 Event = list[Any]  # [name, *arguments], every argument JSON-able
 
 
+def progress_topic(pipeline_id: str) -> str:
+    """The Dask event topic of a pipeline's progress lines, heard live by the clients that want it."""
+    return f"aosbuild-progress-{pipeline_id}"
+
+
 class EventRecorder(Monitor):
     """The events of one pipeline (and of the sources), as a worker's build of it reports them.
 
@@ -32,8 +38,9 @@ class EventRecorder(Monitor):
     the remote cache; their events are left out: their own tasks reported them.
     """
 
-    def __init__(self, pipeline_id: str) -> None:
+    def __init__(self, pipeline_id: str, live: Callable[[str], None] | None = None) -> None:
         self.pipeline_id = pipeline_id
+        self.live = live  # a line for the clients as it happens: a stage starting, finishing
         self.events: list[Event] = []
         self.stages_run = 0
 
@@ -59,6 +66,10 @@ class EventRecorder(Monitor):
     def stage_started(self, pipeline: Pipeline, stage: Stage) -> None:
         if self._mine(pipeline):
             self.events.append(["stage_started", stage.id])
+            if self.live is not None:
+                index = pipeline.stages.index(stage) + 1
+                self.live(f"pipeline {pipeline.name}: stage {stage.type} ({index}/{len(pipeline.stages)}) "
+                          "started\n")
 
     def stage_output(self, pipeline: Pipeline, stage: Stage, text: str) -> None:
         if self._mine(pipeline):
@@ -72,6 +83,9 @@ class EventRecorder(Monitor):
         if self._mine(pipeline):
             self.stages_run += not result.cached
             self.events.append(["stage_finished", stage.id, dataclasses.asdict(result)])
+            if self.live is not None and not result.cached:
+                outcome = "finished" if result.success else f"failed: {result.reason}"
+                self.live(f"pipeline {pipeline.name}: stage {stage.type} {outcome} in {result.duration:.2f}s\n")
 
     def pipeline_finished(self, pipeline: Pipeline, *, success: bool) -> None:
         if self._mine(pipeline):

@@ -52,9 +52,11 @@ class AosbuildWorker(WorkerPlugin):
         self.label = label  # the worker's name, in the client's log lines
         self._lock = threading.Lock()
         self._running: dict[str, tuple[Any, Any]] = {}  # task key -> (event-loop token, cancel scope)
+        self.worker: Any = None  # the distributed.Worker, once it has set the plugin up
 
     def setup(self, worker: Any) -> None:
         self.label = str(worker.name)
+        self.worker = worker
 
     def teardown(self, worker: Any) -> None:
         """The worker is closing (SIGTERM, SIGINT): its builds are cancelled and cleaned up."""
@@ -117,7 +119,7 @@ class AosbuildWorker(WorkerPlugin):
             manifest = load_file(spec["label"], spec["manifest"], library, build=True)
             request = engine.Request(label=spec["label"], targets=(spec["pipeline"],),
                                      stage_timeout=spec.get("stage_timeout"), **self.remote_options())
-            recorder = EventRecorder(spec["pipeline"])
+            recorder = EventRecorder(spec["pipeline"], live=self.announcer(spec["pipeline"]))
             store = Store.open(self.store, max_size=KEEP)
             prepared = engine.prepare(manifest, request, store=store, library=library, monitor=recorder)
             report = await engine.build(prepared, request)
@@ -127,6 +129,18 @@ class AosbuildWorker(WorkerPlugin):
         if report.error is not None:
             raise RemoteFailure({**outcome, "error": describe_error(report.error)})
         return outcome
+
+    def announcer(self, pipeline_id: str) -> Any:
+        """Progress lines for the clients, as Dask events (`Worker.log_event` may be called from any thread)."""
+        from .remoteevents import progress_topic
+
+        worker, topic = self.worker, progress_topic(pipeline_id)
+        if worker is None:
+            return None
+
+        def announce(text: str) -> None:
+            worker.log_event(topic, {"name": self.label, "message": text})  # Dask sets "worker"
+        return announce
 
     def remote_options(self) -> dict[str, Any]:
         """The engine request's remote-cache settings: pull what the pipeline needs, push what it built

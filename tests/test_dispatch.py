@@ -60,6 +60,16 @@ def dispatch(aosbuild: Aosbuild, cluster: Cluster, m: dict[str, Any] | Path, *ar
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
+def origin(stream: list[dict[str, Any]], record: dict[str, Any]) -> str:
+    """A record's origin, from its context's first full definition in the stream."""
+    cid = record["context"]["id"]
+    return str(next(r["context"]["origin"] for r in stream if r["context"]["id"] == cid and "origin" in r["context"]))
+
+
+def origins_of(stream: list[dict[str, Any]], prefix: str) -> set[str]:
+    return {origin(stream, r) for r in stream if str(r.get("message", "")).startswith(prefix)}
+
+
 def workers_named(stream: list[dict[str, Any]]) -> set[str]:
     """The workers the stream's log origins name (`aosbuild.worker/NAME`)."""
     origins = {r["context"].get("origin", "") for r in stream}
@@ -217,7 +227,15 @@ def test_a_worker_killed_mid_pipeline_has_it_built_on_another(aosbuild: Aosbuild
         client.wait()
     assert run.returncode == 0, run.stderr
     check_jsonseq(run.stdout)
-    assert victim not in workers_named(run.jsonseq())
+    stream = run.jsonseq()
+    # the stream is the surviving worker's build; what the victim said came live, while it ran
+    assert f"aosbuild.worker/{victim}" not in origins_of(stream, "Starting module")
+    heard = [n for n, r in enumerate(stream) if r.get("message") == f"pipeline slow: stage {WAIT_STAGE} (2/2) started\n"
+             and origin(stream, r) == f"aosbuild.worker/{victim}"]
+    started = [n for n, r in enumerate(stream) if r.get("message") == "Starting pipeline slow"]
+    assert heard, "the victim's stage start was not heard"
+    assert started
+    assert heard[0] < started[0], "the victim's stage start was heard only at the end"
     directory = cluster.workers[victim].directory
     deadline = time.monotonic() + 30
     while processes_mentioning(str(directory)):  # as systemd waits for a unit's processes before a restart
