@@ -6,8 +6,9 @@ pipeline left becomes one Dask task keyed by the pipeline's id, submitted once i
 pipelines are built, so two clients asking for the same pipeline share one execution. A worker builds
 it on its own store, pulling what it needs from the remote cache and pushing what it built; its monitor
 events come back as the task's result and are replayed into this build's monitor (its progress lines
-come live, as Dask events), so the stream, `--json` and the report are a local build's. The exported trees are then pulled from the remote cache into the local store, from
-which the engine exports them as usual.
+come live, as Dask events), so the stream, `--json` and the report are a local build's. The exported
+trees are then pulled from the remote cache into the local store, from which the engine exports them
+as usual.
 
 Dask's client is asyncio (tornado); the engine is trio. The synchronous `distributed.Client` runs its
 own event loop in a thread of its own; this module calls it through `anyio.to_thread`, and its

@@ -87,6 +87,10 @@ def check_dispatch(inv: Invocation) -> None:
         raise InvalidArgument("--dispatch", NEEDS_REMOTE)
     if inv.sources_only or inv.inspect:
         return
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        raise InvalidArgument("--dispatch", "needs Dask distributed: pip install 'aosbuild[dispatch]'")
     from .dispatch import check_address
 
     try:

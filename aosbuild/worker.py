@@ -25,7 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distributed import WorkerPlugin
+try:
+    from distributed import WorkerPlugin
+except ImportError:  # aosbuild without its [dispatch] extra: main() says what to install
+    WorkerPlugin = object  # type: ignore[misc,assignment]  # only a base class here
 
 PLUGIN = "aosbuild"
 SLOT = "slot"
@@ -184,8 +187,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+NO_DASK = "Error: aosbuild worker needs Dask distributed: pip install 'aosbuild[dispatch]'\n"
+
+
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if WorkerPlugin is object:
+        sys.stderr.write(NO_DASK)
+        return 1
     if args.slots < 1:
         sys.stderr.write(f"Error: --slots must be 1 or more, not {args.slots}\n")
         return 2
