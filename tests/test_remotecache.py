@@ -20,9 +20,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from aosbuild import ocilayer
+from aosbuild import ocilayer, registry
+from aosbuild.registry import RegistryOptions
+from aosbuild.registryauth import Credentials
 from aosbuild.remotecache import flatten_point
 from aosbuild.store import entries
 
@@ -241,15 +244,21 @@ def test_two_machines_pushing_at_once_both_succeed(served: Registry, workdir: Pa
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
     a1, a2 = machine(workdir, "a1"), machine(workdir, "a2")
     ref = f"{served.host}/{REPOSITORY}"
+    # one of them with --debug: the engine's events on stderr name registries and digests, never secrets
     procs = [subprocess.Popen(m.command(m.write_manifest(the_manifest()), "--cache-remote", ref, "--export",
-                                        "tree", "--export", "archive", "--output-directory", str(m.output), "--json"),
+                                        "tree", "--export", "archive", "--output-directory", str(m.output), "--json",
+                                        *debug),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=m.workdir)
-             for m in (a1, a2)]
+             for m, debug in ((a1, ()), (a2, ("--debug",)))]
     outcomes = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outcomes
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    assert "remote.pushed" in outcomes[1][1]
     for out, err in outcomes:
         assert "warning" not in err
         assert PASSWORD not in out + err
+        assert token not in out + err
+        assert json.loads(out)["success"] is True
     b = machine(workdir, "b")
     run = build(b, served.host)
     assert stages_run(run) == []
@@ -299,6 +308,9 @@ def test_a_store_remembers_its_remote_and_a_flag_overrides_it(served: Registry, 
     setting = store_command(a, "remote", ref, "--push", "all", "--insecure")
     assert setting.returncode == 0, setting.stderr
     assert setting.stdout == f"remote: {ref} (pushed to)\npush:   all\ninsecure: yes\n"
+    info = store_command(a, "info", "--json")
+    assert json.loads(info.stdout)["remote"] == {"refs": [ref], "push": "all", "insecure": True}
+    assert f"remote:      {ref} (the first pushed to; push all)" in store_command(a, "info").stdout
     run = a(the_manifest(), "--monitor", "jsonseq")
     assert run.returncode == 0, run.stderr
     assert any(m.startswith("remote cache: pushed 7 stage images") for m in messages(run)), messages(run)
@@ -382,3 +394,23 @@ def test_a_push_that_fails_is_one_warning_and_the_exit_code_of_the_build(served:
     assert "cannot push" in warnings(run)[0]
     assert run.stderr.count("remote cache") == 1, run.stderr
     assert len(stages_run(run)) == 7
+
+
+def test_a_failed_build_pushes_nothing(served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    failing = the_manifest()
+    # built after the tree (its build root), which succeeds and is stored: still nothing is pushed
+    failing["pipelines"].append(pipeline("broken", stage("org.aosbuild.test.fail", exit=3), build="name:tree"))
+    a = machine(workdir, "a")
+    run = a(failing, "--cache-remote", f"{served.host}/{REPOSITORY}", "--cache-push", "all", "--monitor", "jsonseq")
+    assert run.returncode == 1, run.stderr
+    assert stages_run(run)[:6] == [OPS, OPS, "org.aosbuild.test.fill", OPS, "org.aosbuild.test.report", OPS]
+    assert not any("remote cache" in m for m in messages(run))
+    assert "remote cache" not in run.stderr
+
+    async def tags() -> list[str]:
+        async with registry.open_registry(f"{served.host}/{REPOSITORY}", RegistryOptions(timeout=10),
+                                          credentials=Credentials(USER, PASSWORD), environ={}) as client:
+            return await client.tags()
+
+    assert anyio.run(tags) == []

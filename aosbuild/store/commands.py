@@ -128,6 +128,7 @@ def describe(root: Path) -> dict[str, Any]:
         "staging": {"building": len(live), "dead": len(staging) - len(live),
                     "size": sum(disk_usage(p) for p in staging)},
         "filesystem": {"size": fs.f_blocks * fs.f_frsize, "free": fs.f_bavail * fs.f_frsize},
+        "remote": store.remote_config(),  # `aosbuild store remote`: {"refs", "push", "insecure"} or None
         "entries": [{"id": c.id, "size": c.size, "last-used": c.last_used, "created": c.created,
                      "layers": list(c.layers), **_made_by(store.objects / c.id),
                      "in-use": _in_use(store.objects / c.id / entries.LOCK),
@@ -189,6 +190,9 @@ def info(root: Path, *, as_json: bool) -> int:
              f"{staging['building']} entries under construction, {staging['dead']} left by dead builds "
              f"({format_size(staging['size'])})",
              f"  filesystem:  {format_size(fs['free'])} free of {format_size(fs['size'])}"]
+    remote = document["remote"] or {}
+    if remote.get("refs"):
+        lines.append(f"  remote:      {', '.join(remote['refs'])} (the first pushed to; push {remote.get('push')})")
     if trees["stacks"]:
         lines += ["", "Trees by pipeline, most recently used first (their layers bottom first):"]
         for stack in trees["stacks"]:
