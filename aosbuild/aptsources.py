@@ -59,7 +59,8 @@ def parse_one_line(text: str, origin: str = "<string>") -> Iterator[Repository]:
         if kind == "deb-src":
             continue
         if kind != "deb":
-            raise AptSourcesError(f"{origin}:{number}: expected 'deb' or 'deb-src', found '{kind}'")
+            raise AptSourcesError(f"{origin}:{number}: expected 'deb' or 'deb-src', found '{kind}'; fix the "
+                                  "line (sources.list(5))")
         yield parse_entry(rest, f"{origin}:{number}")
 
 
@@ -70,18 +71,21 @@ def parse_entry(text: str, origin: str = "<string>") -> Repository:
     if text.startswith("["):
         block, sep, text = text[1:].partition("]")
         if not sep:
-            raise AptSourcesError(f"{origin}: unclosed '[' in the options")
+            raise AptSourcesError(f"{origin}: unclosed '[' in the options: close it, as in "
+                                  "'[trusted=yes] URL SUITE main'")
         for option in block.split():
             key, eq, value = option.partition("=")
             if not eq:
-                raise AptSourcesError(f"{origin}: option '{option}' is not key=value")
+                raise AptSourcesError(f"{origin}: option '{option}' is not key=value: write it as "
+                                      "signed-by=KEYRING or trusted=yes")
             options[key.lower().rstrip("+-")] = value
     words = text.split()
     if len(words) < 2:
-        raise AptSourcesError(f"{origin}: expected 'URI SUITE [COMPONENT ...]', found '{text}'")
+        raise AptSourcesError(f"{origin}: expected 'URI SUITE [COMPONENT ...]', found '{text}'; give all "
+                              "three, as in 'http://127.0.0.1:8000/debian bookworm main'")
     uri, suite, *components = words
     if not suite.endswith("/") and not components:
-        raise AptSourcesError(f"{origin}: suite '{suite}' needs at least one component")
+        raise AptSourcesError(f"{origin}: suite '{suite}' needs at least one component: add one (main, say)")
     return Repository(uri=uri, suites=(suite,), components=tuple(components),
                       signed_by=options.get("signed-by"), trusted=options.get("trusted") == "yes")
 
@@ -93,7 +97,8 @@ def parse_deb822(text: str, origin: str = "<string>") -> Iterator[Repository]:
             continue
         suites = fields.get("suites", "").split()
         if not fields.get("uris") or not suites:
-            raise AptSourcesError(f"{origin}: an entry needs URIs and Suites")
+            raise AptSourcesError(f"{origin}: an entry needs URIs and Suites: add them, or `Enabled: no` to "
+                                  "leave it out (sources.list(5))")
         for uri in fields["uris"].split():
             for suite in suites:
                 yield Repository(uri=uri, suites=(suite,), components=tuple(fields.get("components", "").split()),
@@ -143,9 +148,11 @@ def is_debian(repository: Repository) -> bool:
     return bool(re.search(r"/debian(-security)?/?$", repository.uri))
 
 
-def choose(suite: str, components: tuple[str, ...], *, mirror: str | None = None, updates: bool = True,
-           apt_etc: Path = HOST_APT_ETC, warnings: list[str] | None = None) -> list[Repository]:
-    """The repositories to depsolve `suite` against: `mirror`, or the host's entries for it.
+def choose(suite: str, components: tuple[str, ...], *, mirror: str | None = None, mirror_trusted: bool = False,
+           updates: bool = True, apt_etc: Path = HOST_APT_ETC,
+           warnings: list[str] | None = None) -> list[Repository]:
+    """The repositories to depsolve `suite` against: `mirror` (unsigned if `mirror_trusted`, apt's
+    `trusted=yes`), or the host's entries for it.
 
     From the host: the first `deb` entry whose suite is `suite` (else, with a warning, the first Debian
     entry for a plain release name, since Debian mirrors carry every suite), plus the first entries for
@@ -153,7 +160,7 @@ def choose(suite: str, components: tuple[str, ...], *, mirror: str | None = None
     system is the release plus its point-release and security updates, as mmdebstrap sets it up.
     """
     if mirror is not None:
-        return [Repository(uri=mirror, suites=(suite,), components=components)]
+        return [Repository(uri=mirror, suites=(suite,), components=components, trusted=mirror_trusted)]
     host = host_repositories(apt_etc)
     by_suite: dict[str, Repository] = {}
     for repository in host:

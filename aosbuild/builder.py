@@ -29,10 +29,18 @@ import anyio
 import structlog
 
 from . import osbuild_api, sandbox
+from .accounts import Accounts, make_accounts
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
 from .errors import AosbuildError, SandboxError, StageError, StoreError
-from .hostservices import StoreApi, open_host_inputs, open_host_mounts, open_store_api, split_mounts
+from .hostservices import (
+    StoreApi,
+    open_host_inputs,
+    open_host_mounts,
+    open_host_tree,
+    open_store_api,
+    split_mounts,
+)
 from .inputs import NATIVE_INPUTS, map_input
 from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
@@ -170,6 +178,15 @@ class Runners:
         self.wanted = wanted
         distro, version = osbuild_api.runner_version(wanted.removeprefix("org.osbuild."))
         self.aosbuild_name = choose_runner(ctx.library.runner_names(), distro, str(version) if version else "")
+        self._accounts: list[Accounts | None] = []  # made once, for the first stage that needs them
+
+    async def accounts(self, build: TreeView | None, scratch: Path) -> Accounts | None:
+        """The /etc/passwd and /etc/group aosbuild's runner gives its stages: as osbuild's distribution
+        runners make them in the build root (`aosbuild.accounts`)."""
+        if not self._accounts:
+            layers = (Path("/"),) if build is None else build.layers
+            self._accounts.append(await make_accounts(layers, scratch))
+        return self._accounts[0]
 
     def for_module(self, info: ModuleInfo) -> tuple[str, Path]:
         """The runner's name and file for a module."""
@@ -225,15 +242,23 @@ class Views:
         self.empty.mkdir()
         self.overlays: list[overlay.Overlay] = []
         self._mounted: dict[tuple[Path, ...], Path] = {}
+        self._tree: overlay.Overlay | None = None
 
     def tree(self, below: TreeView | None, upper: Path) -> Path:
         """Where the stage's tree is: the new layer over the layers below."""
         target, work = self.scratch / "tree", self.scratch / "work"
         target.mkdir()
         work.mkdir()
-        self.overlays.append(overlay.Overlay(target=target, lowers=below.layers if below else (),
-                                             empty=self.empty, upper=upper, work=work))
+        self._tree = overlay.Overlay(target=target, lowers=below.layers if below else (), empty=self.empty,
+                                     upper=upper, work=work)
+        self.overlays.append(self._tree)
         return target
+
+    def take_tree(self) -> overlay.Overlay:
+        """The tree's overlay, which the caller mounts on the host instead of in the stage's namespace."""
+        assert self._tree is not None
+        self.overlays.remove(self._tree)
+        return self._tree
 
     def show(self, view: TreeView) -> Path:
         """A directory that shows `view` read-only: a flat tree itself, else a mount of its layers."""
@@ -346,14 +371,17 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             mounts: dict[str, Any] = {}
             if by_service:
                 # mounted on the host by osbuild's services, seen through a bind of their root, as in osbuild;
-                # native ones are made in the sandbox on top of them. Layered, the host sees only the stage's
-                # new layer of the tree (the merged view is mounted in the stage's namespace): a mount module
-                # that reads the tree sees the layer alone
+                # native ones are made in the sandbox on top of them. The services read and mount into the
+                # tree the stage sees: layered, that is the merged overlay, so it is mounted on the host for
+                # them (and the sandbox binds it) rather than in the stage's namespace
+                if layered:
+                    tree = await host_mounts.enter_async_context(
+                        open_host_tree(views.take_tree(), ctx.store.root, service_line))
                 root = scratch.path / "mounts"
                 os.mkdir(root)
                 mounts = await host_mounts.enter_async_context(open_host_mounts(
                     by_service, find=lambda name: ctx.library.find("Mount", name), devices=devices,
-                    root=root, tree=entry.tree, on_line=service_line))
+                    root=root, tree=tree, on_line=service_line))
                 binds.append(sandbox.Bind(root, sandbox.MOUNTS, read_only=False))
             mount_plan, native_arguments = plan_mounts(native_mounts, devices)
             mounts.update(native_arguments)
@@ -374,11 +402,13 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir,
                                    on_set_up=store_api.release if store_api.binds else None)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
+            # osbuild's runners make their own accounts in the sandbox
+            accounts = await runners.accounts(build, scratch.path) if contract is None else None
             spec = sandbox.SandboxSpec(
                 build_root=build_root, tree=tree, executable=info.path, runner=runner, runner_name=runner_name,
                 dev=devdir.path, binds=tuple(binds), env=env, osbuild=contract,
                 capabilities=tuple(sorted(info.capabilities)),
-                root_entries=None if build is None or build.flat else root_entries(build))
+                root_entries=None if build is None or build.flat else root_entries(build), accounts=accounts)
             spec = dataclasses.replace(spec, prefix=views.prefix(sandbox.bwrap_argv(spec), sandbox.sources(spec)))
             reason = ""
             try:

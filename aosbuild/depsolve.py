@@ -23,11 +23,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import anyio
@@ -53,6 +53,8 @@ MAX_INDEX_AGE = 24 * 3600.0
 ROOT_LAYOUT = "1"
 INST = re.compile(r"^Inst (?P<name>[^\s:]+)(?::\S+)? (?:\[\S+\] )?\((?P<version>\S+) .*\[(?P<arch>[^\]]+)\]\)")
 URI_LINE = re.compile(r"^'(?P<url>[^']+)' (?P<file>\S+) (?P<size>\d+) (?P<hash>\S+)$")
+T = TypeVar("T")
+R = TypeVar("R")
 APT_PROGRESS = ("Reading package lists...", "Building dependency tree...", "Reading state information...")
 
 
@@ -72,6 +74,7 @@ class DepsolveRequest:
     variant: str = "minbase"
     components: tuple[str, ...] = ("main",)
     mirror: str | None = None  # None: the host's apt sources
+    mirror_trusted: bool = False  # the mirror's signatures are not checked (apt's trusted=yes)
     repositories: tuple[Repository, ...] = ()  # extra repositories, after the mirror's
     updates: bool = True  # also the host's <suite>-updates and <suite>-security entries
     recommends: bool = False
@@ -254,9 +257,22 @@ async def update(root: AptRoot, *, refresh: bool = False, warnings: list[str] | 
                 warnings.append(f"could not refresh the package indices, using the ones from "
                                 f"{time.ctime(root.stamp.stat().st_mtime)}:\n{output}")
             return False
-        raise DepsolveError("apt-get update failed", output) from None
+        raise DepsolveError(f"apt-get update failed (apt's messages below): {update_hint(output)}", output) from None
     root.stamp.touch()
     return True
+
+
+# what apt says when it cannot check a repository's signature
+UNSIGNED = ("is not signed", "NO_PUBKEY", "couldn't be verified")
+
+
+def update_hint(output: str) -> str:
+    """What to do about a failed `apt-get update`, from what apt said."""
+    if any(text in output for text in UNSIGNED):
+        return ("a repository's signature could not be checked: give its key with [signed-by=KEYRING] in its "
+                "entry or, for an unsigned repository of your own, trust it with --mirror-trusted (or "
+                "[trusted=yes] in its --repo entry or apt source)")
+    return "check the repositories' URLs and suites and that they can be reached, then run it again"
 
 
 def targets(request: DepsolveRequest) -> list[str]:
@@ -285,7 +301,9 @@ async def resolve(root: AptRoot, names: Sequence[str], *, recommends: bool = Fal
             tg.start_soon(run, key)
     if failures:
         failed = failures.get("order") or failures["uris"]  # --simulate's output explains the most
-        raise DepsolveError("apt cannot resolve the package set", apt_explanation(failed.output))
+        raise DepsolveError("apt cannot resolve the package set (apt's explanation below): check the package "
+                            "names, the suite and the repositories that should carry them",
+                            apt_explanation(failed.output))
     return combine(outputs["order"], outputs["uris"])
 
 
@@ -307,7 +325,8 @@ def combine(simulated: str, uris: str) -> tuple[Package, ...]:
             continue
         key = (m["name"], m["version"], m["arch"])
         if key not in downloads:
-            raise DepsolveError(f"apt did not give a download for {'_'.join(key)}", uris)
+            raise DepsolveError(f"apt did not give a download for {'_'.join(key)}: its package indices may be "
+                                "inconsistent; run again with --refresh", uris)
         url, size, checksum = downloads[key]
         packages.append(Package(name=key[0], version=key[1], architecture=key[2], checksum=checksum, url=url,
                                 size=size))
@@ -329,11 +348,12 @@ async def depsolve(request: DepsolveRequest) -> DepsolveResult:
     if request.variant not in VARIANTS:
         raise DepsolveError(f"unknown variant '{request.variant}'; choose one of {', '.join(VARIANTS)}")
     if not request.packages and not VARIANTS[request.variant]:
-        raise DepsolveError(f"variant '{request.variant}' needs at least one package")
+        raise DepsolveError(f"variant '{request.variant}' needs at least one package: name the packages")
     architecture = request.architecture or await host_architecture()
     warnings: list[str] = []
     repositories = (*aptsources.choose(request.suite, request.components, mirror=request.mirror,
-                                       updates=request.updates, apt_etc=request.apt_etc, warnings=warnings),
+                                       mirror_trusted=request.mirror_trusted, updates=request.updates,
+                                       apt_etc=request.apt_etc, warnings=warnings),
                     *request.repositories)
     async with open_apt_root(request.cache or default_cache(), repositories, architecture) as root:
         await update(root, refresh=request.refresh, warnings=warnings)
@@ -355,26 +375,54 @@ def parser(prog: str = "aosbuild depsolve") -> argparse.ArgumentParser:
                    help="what comes with the named packages, as in mmdebstrap: custom (only they and their "
                         "dependencies), essential (Essential: yes), apt, minbase (= required: Essential and "
                         "Priority: required; the default), important, standard")
-    p.add_argument("--mirror", metavar="URL", help="Debian mirror to use instead of the host's apt sources")
-    p.add_argument("--apt-sources", type=Path, default=HOST_APT_ETC, metavar="DIR",
-                   help="the apt configuration directory whose sources.list and sources.list.d/ give the "
-                        f"mirror (default: {HOST_APT_ETC})")
+    add_repository_arguments(p)
     p.add_argument("--components", default="main", metavar="LIST",
                    help="archive components, comma-separated (default: main)")
-    p.add_argument("--repo", action="append", default=[], metavar="REPO",
-                   help="an extra repository: '[OPTIONS] URL SUITE COMPONENT...', a sources.list line without "
-                        "'deb' (e.g. '[signed-by=/path/key.gpg] URL SUITE main'); repeatable")
-    p.add_argument("--no-updates", dest="updates", action="store_false",
-                   help="leave out the host's <suite>-updates and <suite>-security entries")
     p.add_argument("--recommends", action="store_true", help="also install Recommends")
-    p.add_argument("--cache", type=Path, metavar="DIR",
-                   help=f"where the apt roots with their package indices live (default: {default_cache()})")
-    p.add_argument("--refresh", action="store_true",
-                   help="fetch the package indices again (otherwise at most once a day)")
     p.add_argument("--format", choices=FORMATS, default="both",
                    help="print the manifest sources (items), the ordered package list (packages), or both")
     p.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help=argparse.SUPPRESS)
     return p
+
+
+def add_repository_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say where packages come from and how indices are cached: `aosbuild depsolve`'s,
+    and `aosbuild sample debian`'s, which depsolves too."""
+    p.add_argument("--mirror", metavar="URL", help="Debian mirror to use instead of the host's apt sources")
+    p.add_argument("--mirror-trusted", action="store_true",
+                   help="do not check the signatures of --mirror (apt's trusted=yes), for an unsigned local "
+                        "repository you made")
+    p.add_argument("--apt-sources", type=Path, default=HOST_APT_ETC, metavar="DIR",
+                   help="the apt configuration directory whose sources.list and sources.list.d/ give the "
+                        f"mirror (default: {HOST_APT_ETC})")
+    p.add_argument("--repo", action="append", default=[], metavar="REPO",
+                   help="an extra repository: '[OPTIONS] URL SUITE COMPONENT...', a sources.list line without "
+                        "'deb' (e.g. '[signed-by=/path/key.gpg] URL SUITE main', '[trusted=yes] URL SUITE main' "
+                        "for an unsigned one); repeatable")
+    p.add_argument("--no-updates", dest="updates", action="store_false",
+                   help="leave out the host's <suite>-updates and <suite>-security entries")
+    p.add_argument("--cache", type=Path, metavar="DIR",
+                   help=f"where the apt roots with their package indices live (default: {default_cache()})")
+    p.add_argument("--refresh", action="store_true",
+                   help="fetch the package indices again (otherwise at most once a day)")
+
+
+def repository_request(args: argparse.Namespace, **fields: Any) -> DepsolveRequest:
+    """A request with `add_repository_arguments`' flags and `fields`; ValueError for flags that cannot be
+    right."""
+    if args.mirror is not None and not re.match(r"^[a-z][a-z0-9+]*:", args.mirror):
+        raise ValueError(f"--mirror: '{args.mirror}' is not a URL; give the mirror's base URL "
+                         "(http://..., https://... or file:/...)")
+    if args.mirror_trusted and args.mirror is None:
+        raise ValueError("--mirror-trusted needs --mirror URL; for other repositories write [trusted=yes] "
+                         "in their entry")
+    try:
+        extra = tuple(aptsources.parse_entry(text, "--repo") for text in args.repo)
+    except aptsources.AptSourcesError as exc:
+        raise ValueError(str(exc)) from None
+    return DepsolveRequest(mirror=args.mirror, mirror_trusted=args.mirror_trusted, repositories=extra,
+                           updates=args.updates, cache=args.cache, refresh=args.refresh, apt_etc=args.apt_sources,
+                           **fields)
 
 
 def request_from(args: argparse.Namespace) -> DepsolveRequest:
@@ -382,33 +430,20 @@ def request_from(args: argparse.Namespace) -> DepsolveRequest:
     components = tuple(c for c in re.split(r"[,\s]+", args.components) if c)
     if not components:
         raise ValueError("--components needs at least one component")
-    if args.mirror is not None and not re.match(r"^[a-z][a-z0-9+]*:", args.mirror):
-        raise ValueError(f"--mirror: '{args.mirror}' is not a URL")
-    try:
-        extra = tuple(aptsources.parse_entry(text, "--repo") for text in args.repo)
-    except aptsources.AptSourcesError as exc:
-        raise ValueError(str(exc)) from None
     if not args.packages and not VARIANTS[args.variant]:
         raise ValueError(f"--variant {args.variant} needs at least one PACKAGE")
     if any(name.startswith("-") for name in args.packages):
         raise ValueError("package names cannot start with '-'")
-    return DepsolveRequest(packages=tuple(args.packages), suite=args.suite, architecture=args.architecture,
-                           variant=args.variant, components=components, mirror=args.mirror, repositories=extra,
-                           updates=args.updates, recommends=args.recommends, cache=args.cache,
-                           refresh=args.refresh, apt_etc=args.apt_sources)
+    return repository_request(args, packages=tuple(args.packages), suite=args.suite,
+                              architecture=args.architecture, variant=args.variant, components=components,
+                              recommends=args.recommends)
 
 
-def main(argv: list[str]) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+def run_command(work: Callable[[], Awaitable[T]], backend: str = "trio") -> T | int:
+    """Run a command's depsolving until it ends or a signal stops it: its result, or, having said why on
+    stderr (an error, then apt's own explanation), the exit code."""
     try:
-        request = request_from(args)
-    except ValueError as exc:
-        p.print_usage(sys.stderr)
-        sys.stderr.write(f"{p.prog}: error: {exc}\n")
-        return 2
-    try:
-        result = anyio.run(run_until_signalled, functools.partial(depsolve, request), backend=args.backend)
+        return anyio.run(run_until_signalled, work, backend=backend)
     except Interrupted as exc:
         sys.stderr.write("Aborted\n")
         return exc.exit_code
@@ -417,6 +452,29 @@ def main(argv: list[str]) -> int:
         if isinstance(exc, DepsolveError) and exc.output:
             sys.stderr.write(exc.output.rstrip("\n") + "\n")
         return exc.exit_code
+
+
+def parse_checked(p: argparse.ArgumentParser, argv: list[str],
+                  check: Callable[[argparse.Namespace], R]) -> tuple[argparse.Namespace, R] | None:
+    """The arguments and what `check` makes of them; None, with the usage and the error printed as
+    argparse prints its own (exit 2), when `check` finds them wrong (ValueError)."""
+    args = p.parse_args(argv)
+    try:
+        return args, check(args)
+    except ValueError as exc:
+        p.print_usage(sys.stderr)
+        sys.stderr.write(f"{p.prog}: error: {exc}\n")
+        return None
+
+
+def main(argv: list[str]) -> int:
+    parsed = parse_checked(parser(), argv, request_from)
+    if parsed is None:
+        return 2
+    args, request = parsed
+    result = run_command(functools.partial(depsolve, request), backend=args.backend)
+    if isinstance(result, int):
+        return result
     for warning in result.warnings:
         sys.stderr.write(f"Warning: {warning}\n")
     sys.stdout.write(json.dumps(result.as_json(args.format), indent=2) + "\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import anyio
 
 from .confine import relative_path, resolve_inside
-from .errors import SandboxError
+from .errors import Problem, SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
 from .moduleinfo import ModuleInfo
@@ -117,8 +117,8 @@ async def open_dev_dir(path: Path, *, osbuild_layout: bool = False) -> AsyncIter
     try:
         mount(DEV_SOURCE, os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
     except OSError as exc:
-        raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror} "
-                           "(stages need root)") from exc
+        raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror}; stages "
+                           "need root: run aosbuild as root") from exc
     try:
         devdir = DevDir(path, osbuild_layout=osbuild_layout)
     except BaseException:
@@ -149,9 +149,11 @@ def _backing_file(tree: Path, filename: str) -> Path:
     relative, _ = relative_path(filename)
     path = resolve_inside(tree, relative) if relative else None
     if path is None:
-        raise SandboxError(f"loopback device file '{filename}' is outside the tree")
+        raise SandboxError(f"loopback device file '{filename}' is outside the tree: name a file of the "
+                           "pipeline's tree, with no symbolic link leading out of it")
     if not path.is_file():
-        raise SandboxError(f"loopback device file '{filename}' does not exist in the tree")
+        raise SandboxError(f"loopback device file '{filename}' does not exist in the tree: make it in an "
+                           "earlier stage (org.osbuild.truncate, say)")
     return path
 
 
@@ -184,16 +186,19 @@ async def open_partition(device: Device, parent: OpenDevice | None, *, tree: Pat
     """`org.aosbuild.partition`: partition `number` of the parent device's MBR or GPT table."""
     number = device.options.get("number")
     if parent is None:
-        raise SandboxError(f"device '{device.name}': an org.aosbuild.partition device needs a parent (the disk)")
+        raise SandboxError(f"device '{device.name}': an org.aosbuild.partition device needs a parent: give "
+                           "it `parent`, the name of its disk's device")
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-        raise SandboxError(f"device '{device.name}': option 'number' must be a partition number from 1")
+        raise SandboxError(f"device '{device.name}': option 'number' must be a partition number from 1; "
+                           "fix it in the manifest")
     read_only = bool(device.options.get("read-only", False))
     fd = os.open(parent.host_path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
     try:
         try:
             partition = await anyio.to_thread.run_sync(find_partition, fd, number)
         except SandboxError as exc:
-            raise SandboxError(f"device '{device.name}' (partition {number} of its parent): {exc}") from None
+            raise SandboxError(f"device '{device.name}' (partition {number} of its parent): {exc}; check "
+                               "`number` and the stage that wrote the partition table") from None
         loop = await loops.attach(fd, offset=partition.start * SECTOR, size=partition.size * SECTOR,
                                   sector_size=SECTOR, read_only=read_only)
     finally:
@@ -203,6 +208,33 @@ async def open_partition(device: Device, parent: OpenDevice | None, *, tree: Pat
 
 DEVICE_TYPES: dict[str, DeviceOpener] = {"org.osbuild.loopback": open_loopback,
                                          "org.aosbuild.partition": open_partition}
+# osbuild's device types that need the kernel's device-mapper: aosbuild has no module of its own for
+# them, only osbuild's (a `--libdir` at its library), run as host services
+DEVICE_MAPPER_TYPES = ("org.osbuild.luks2", "org.osbuild.lvm2.lv")
+DEVICE_MAPPER_CONTROL = "/dev/mapper/control"
+
+
+def has_device_mapper(control: str = DEVICE_MAPPER_CONTROL) -> bool:
+    """Whether this kernel has device-mapper (`dmsetup version` opens the same node)."""
+    try:
+        os.close(os.open(control, os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+def device_mapper_refusal(problems: Sequence[Problem]) -> tuple[str | None, list[Problem]]:
+    """One line saying why a manifest's LUKS or LVM devices without a module are refused, and what to do
+    (None: there are none), and the other problems. The problems stay osbuild's: clients match them."""
+    missing = {f"could not find schema information for '{t}'": t for t in DEVICE_MAPPER_TYPES}
+    types = sorted({missing[p.message] for p in problems if p.message in missing})
+    if not types:
+        return None, list(problems)
+    host = "" if has_device_mapper() else (f" (this one has none: {DEVICE_MAPPER_CONTROL} cannot be opened; "
+                                           "try `modprobe dm_mod`)")
+    return (f"aosbuild has no module of its own for {' and '.join(types)} devices (device-mapper devices): "
+            "build with osbuild's library, `--libdir /usr/lib/osbuild`, whose modules open them, on a kernel "
+            f"with device-mapper{host}", [p for p in problems if p.message not in missing])
 
 
 @asynccontextmanager
@@ -224,7 +256,8 @@ async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir
                 continue
             module = find(device.type)
             if module is None or module.path is None:
-                raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}")
+                raise SandboxError(f"device '{name}': aosbuild has no device type {device.type}; give --libdir "
+                                   "a library that has it (osbuild's, /usr/lib/osbuild)")
             from .hostservices import open_host_device
 
             reply = await open_host_device(services, device, module, dev=devdir.path, tree=tree, on_line=on_line,

@@ -185,18 +185,21 @@ class Downloader:
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
-            raise DownloadError(url, f"not a valid URL: {exc}") from None
+            raise DownloadError(url, f"not a valid URL: {exc}; fix the source item's URL") from None
         if parsed.scheme not in ("http", "https"):
-            raise DownloadError(url, "aosbuild downloads http:// and https:// URLs only")
+            raise DownloadError(url, "aosbuild downloads http:// and https:// URLs only: serve the file over "
+                                "HTTP(S), or put a small one in the manifest as an org.osbuild.inline item")
         if parsed.port is not None and not 0 < parsed.port < 65536:  # asking again cannot help
             raise DownloadError(url, f"invalid port {parsed.port} in the URL (ports are 1 to 65535); "
                                 "fix the source item's URL")
         if secrets not in (None, "org.osbuild.mtls"):
-            raise DownloadError(url, f"aosbuild has no secrets provider '{secrets}'")
+            raise DownloadError(url, f"aosbuild has no secrets provider '{secrets}': use org.osbuild.mtls or "
+                                "leave `secrets` out")
         try:
             client = await self._client(insecure, secrets)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise DownloadError(url, f"cannot set up TLS: {exc}") from None
+            raise DownloadError(url, f"cannot set up TLS: {exc}; check the files OSBUILD_SOURCES_CURL_SSL_* name"
+                                ) from None
         transfer = _Transfer()
         attempt = 0
         started_over = False
@@ -342,7 +345,7 @@ def mtls_context(insecure: bool) -> ssl.SSLContext:
     cert = os.environ.get("OSBUILD_SOURCES_CURL_SSL_CLIENT_CERT")
     if not key or not cert:
         raise ValueError("org.osbuild.mtls needs OSBUILD_SOURCES_CURL_SSL_CLIENT_KEY and "
-                         "OSBUILD_SOURCES_CURL_SSL_CLIENT_CERT")
+                         "OSBUILD_SOURCES_CURL_SSL_CLIENT_CERT: set them to the client's key and certificate files")
     context = ssl.create_default_context(cafile=os.environ.get("OSBUILD_SOURCES_CURL_SSL_CA_CERT"))
     if insecure:
         context.check_hostname = False

@@ -36,7 +36,8 @@ class InlineFetcher:
             if description.get("encoding") == "lzma+base64":
                 data = lzma.decompress(data)
         except (ValueError, lzma.LZMAError) as exc:
-            raise ValueError(f"cannot decode the inline data: {exc}") from None
+            raise ValueError(f"cannot decode the inline data: {exc}; an item's `data` must be what its "
+                             "`encoding` says (base64 or lzma+base64)") from None
         progress.expect(len(data))
         out.write(data)
         progress.advance(len(data))

@@ -14,7 +14,8 @@ engine, unlike stages, for that reason); only a service that does not exit in ti
 Kinds run this way, each where aosbuild has no native implementation of the type: inputs (`map`, with
 osbuild's `store` endpoint for reading pipeline trees and the sources directory), devices (`open`, then
 `close` when the service stops), mounts (`mount`, `umount` on stop) and sources (`download`, run before
-the stages that use their items, into the store's `sources/<content type>/`).
+the stages that use their items, into the store's `sources/<content type>/`). Mount services work on the
+stage's tree on the host, so a layered tree is mounted there for them (`open_host_tree`).
 """
 
 from __future__ import annotations
@@ -196,6 +197,73 @@ async def open_host_mounts(mounts: Sequence[Mount], *, find: Callable[[str], Mod
                 raise SandboxError(f"mount '{mount.name}': {mount.type} mounted at {path}, outside {root}") from None
             arguments[mount.name] = {"path": f"{MOUNTS}/{relative}"}
         yield arguments
+
+
+# -- the stage's tree, for mount services --------------------------------------------------------------------
+
+# Mounts the stage's overlay (paths relative to the store, $1) at $2 with options $3, as the sandbox's own
+# mount script does (retrying while the previous stage's sandbox still holds its upper dir), says so, then
+# waits for the engine's end of the pipe $4 to close (the engine is done, or dead) and unmounts it. It
+# ignores SIGINT and SIGTERM for the same reason host services do: its unmount must happen. bash, not sh:
+# dash redirects only one-digit descriptors.
+TREE_HOLDER = (
+    'trap "" INT TERM; cd "$1" || exit 125; n=0; '
+    'until mount -t overlay aosbuild -o "$3" "$2" 2>/dev/null; do n=$((n+1)); '
+    'if [ $n -ge 100 ]; then mount -t overlay aosbuild -o "$3" "$2"; exit 125; fi; sleep 0.05; done; '
+    'echo mounted; read -r _ <&"$4"; umount --lazy "$2"')
+MOUNTED = "mounted"
+
+
+@asynccontextmanager
+async def open_host_tree(tree: overlay.Overlay, store_root: Path,
+                         on_line: Callable[[str], None]) -> AsyncIterator[Path]:
+    """The stage's merged tree (its new layer over the layers below), mounted on the host at
+    `tree.target` for as long as the context lasts: osbuild's mount services work in the engine's mount
+    namespace, and read and mount into the tree the stage sees (a bind of `tree://etc`, a disk bound over
+    `tree://`), which the layered store otherwise mounts only inside the stage's own namespace.
+
+    A holder process makes the mount and takes it down when its pipe from the engine closes, so a killed
+    engine leaves it nowhere either (the services' mounts below it go first, or with its lazy unmount)."""
+    read_end, write_end = os.pipe()
+    mounted, exited = anyio.Event(), anyio.Event()
+    argv = ["bash", "-c", TREE_HOLDER, "aosbuild-tree", os.fspath(store_root), os.fspath(tree.target),
+            tree.options(store_root), str(read_end)]
+
+    def line(text: str) -> None:
+        if text.strip() == MOUNTED:
+            mounted.set()
+        else:
+            on_line(f"tree ({tree.target.name}): {text}")
+
+    def started() -> None:
+        os.close(read_end)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope(shield=True)  # only the engine ends it, once its pipe is closed
+
+            async def hold() -> None:
+                with scope:
+                    await process.run_streaming(argv, on_line=line, pass_fds=[read_end], on_started=started,
+                                                death_signal=False)
+                exited.set()
+                mounted.set()
+
+            tg.start_soon(hold)
+            try:
+                await mounted.wait()
+                if exited.is_set():
+                    raise SandboxError(f"cannot mount the stage's tree for its mount services at {tree.target}")
+                yield tree.target
+            finally:
+                os.close(write_end)
+                write_end = -1
+                with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_SECONDS):
+                    await exited.wait()
+                scope.cancel()  # still running: SIGTERM (ignored), grace, SIGKILL
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------

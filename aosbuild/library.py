@@ -56,7 +56,8 @@ class Library:
             path = root / "schemas" / name
             if path.exists():
                 return dict(json.loads(path.read_text()))
-        raise SandboxError(f"no schemas/{name} in the library roots {[str(r) for r in self.roots]}")
+        raise SandboxError(f"no schemas/{name} in the library roots {[str(r) for r in self.roots]}: the "
+                           "bundled library is incomplete; reinstall aosbuild")
 
     @property
     def aosbuild_roots(self) -> tuple[Path, ...]:
@@ -70,7 +71,8 @@ class Library:
             path = root / "runners" / name
             if path.exists():
                 return path
-        raise SandboxError(f"runner '{name}' not found in the library roots",)
+        raise SandboxError(f"runner '{name}' not found in the library roots: give --libdir a library with "
+                           f"runners/{name}, or reinstall aosbuild if it is one of its own")
 
     def runner_names(self) -> list[str]:
         """The runners for aosbuild's own stages."""
@@ -108,7 +110,8 @@ def choose_runner(available: Sequence[str], distro: str, version: str) -> str:
         return best[1]
     if "org.osbuild.linux" in available:
         return "org.osbuild.linux"
-    raise SandboxError(f"No suitable runner for {distro}{version}: the library has {list(available)}")
+    raise SandboxError(f"No suitable runner for {distro}{version}: the library has {list(available)}; name "
+                       "one of them as the pipeline's `runner`, or give --libdir a library with one")
 
 
 def _runner_names(root: Path) -> list[str]:

@@ -69,7 +69,9 @@ def attach(backing_fd: int, *, offset: int = 0, size: int = 0, sector_size: int 
     try:
         control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise SandboxError(f"cannot open /dev/loop-control: {exc.strerror} (loop devices need root)") from exc
+        raise SandboxError(f"cannot open /dev/loop-control: {exc.strerror}; loop devices need root and the "
+                           "kernel's loop driver: run aosbuild as root (`modprobe loop` if the node is missing)"
+                           ) from exc
     try:
         for _ in range(ATTACH_TRIES):
             number = fcntl.ioctl(control, LOOP_CTL_GET_FREE)
@@ -83,13 +85,15 @@ def attach(backing_fd: int, *, offset: int = 0, size: int = 0, sector_size: int 
                 os.close(fd)
                 if exc.errno == errno.EBUSY:
                     continue  # another process took it between GET_FREE and CONFIGURE
-                raise SandboxError(f"cannot attach {path}: {exc.strerror}") from exc
+                raise SandboxError(f"cannot attach {path}: {exc.strerror}; check the device's file and options "
+                                   "(`start`, `size`, `sector-size`) in the manifest") from exc
             if lock:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             st = os.fstat(fd)
             return LoopDevice(number=number, fd=fd, major=os.major(st.st_rdev), minor=os.minor(st.st_rdev),
                               partitions=_partitions(f"loop{number}") if partscan else ())
-        raise SandboxError("no free loop device after several tries")
+        raise SandboxError(f"no free loop device after {ATTACH_TRIES} tries: other processes took each one "
+                           "first; build again when fewer run (`losetup -l` lists them)")
     finally:
         os.close(control)
 

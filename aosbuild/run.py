@@ -124,6 +124,13 @@ def carry_out(inv: Invocation) -> int:
             print_json(exc.as_json())
         else:
             sys.stdout.write(exc.render())
+        from .devices import device_mapper_refusal
+
+        refusal, others = device_mapper_refusal(exc.problems)
+        if refusal is not None:
+            sys.stderr.write(f"Error: {label}: {refusal}\n")
+            if not others:
+                return 2
         count = len(exc.problems)
         sys.stderr.write(f"Error: {label} is not a manifest aosbuild can build: fix the "
                          f"{'problem' if count == 1 else f'{count} problems'} listed at their JSON paths, then "
@@ -208,6 +215,8 @@ def build(inv: Invocation, manifest: Any, library: Library, text: str = "") -> i
         if inv.sources_only and report is not None and isinstance(ours, SourceError):
             for items in report.sources.values():  # every failed item, not only the first
                 sys.stderr.writelines(f"Error: {item.error}\n" for item in items if item.error)
+            sys.stderr.write("What to do: check those items' URLs and checksums in the manifest's `sources`, then "
+                             "run `--sources-only` again (the items it fetched are kept).\n")
         else:
             sys.stderr.write(explain(ours, tail=monitor_name != "live"))
         if report is not None and end_summary is not None:

@@ -6,27 +6,36 @@ host), `os` (the system: packages, initramfs, GRUB configuration, then the confi
 area) and `qcow2`. The system is a VM image one can reach: D-Bus and logind, DHCP on every Ethernet NIC
 (systemd-networkd) with systemd-resolved, and an SSH server that takes keys only, its host keys made at
 first boot. The package sets are resolved by apt against the mirror of the host's apt configuration (or
-`--mirror`), so the manifest pins every byte that goes into the image; no mirror address lives in this
-repository.
+`--mirror`, `--apt-sources`, `--repo`: depsolve's flags, so a repository of one's own serves too), so the
+manifest pins every byte that goes into the image; no mirror address lives in this repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import json
+import re
 import secrets
 import sys
 import uuid
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import anyio
-
-from .depsolve import DepsolveError, DepsolveRequest, DepsolveResult, depsolve
+from .depsolve import (
+    DepsolveRequest,
+    DepsolveResult,
+    add_repository_arguments,
+    depsolve,
+    parse_checked,
+    repository_request,
+    run_command,
+)
 from .sizes import size_argument
 
 # what the stages run from the build root: stages are python3; install (mmdebstrap, apt-utils); users
@@ -115,7 +124,7 @@ def manifest(*, build: DepsolveResult, system: DepsolveResult, args: argparse.Na
     # (initramfs-tools reads /etc/initramfs-tools, modprobe.d, udev, *.link files, crypttab, and fstab
     # only for /usr, or for / without `fstype`): an edit of any of it reruns only the stages after it.
     os_stages = [
-        install_stage(system, OS_PACKAGES, "minbase", args.suite),
+        install_stage(system, os_packages(args), "minbase", args.suite),
         {"type": "org.aosbuild.debian.initramfs", "options": {"compression": "zstd", "fstype": "ext4"}},
         # after the initramfs: the menu entry names the initrd only if it exists
         {"type": "org.aosbuild.debian.grub2",
@@ -188,7 +197,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="where to write the manifest (default: stdout)")
     p.add_argument("--suite", default="bookworm", help="Debian suite (default: bookworm)")
     p.add_argument("--suite-version", default="12", help="its version number, for the runner (default: 12)")
-    p.add_argument("--mirror", help="a Debian mirror instead of the one in the host's apt configuration")
+    p.add_argument("--packages", type=package_list, default=(), metavar="LIST",
+                   help="more packages for the image, comma-separated (e.g. vim,curl)")
+    add_repository_arguments(p)
     p.add_argument("--hostname", default="debian", help="the image's hostname")
     p.add_argument("--user", default="admin", help="a user who may use sudo (default: admin)")
     p.add_argument("--password", default=None, help="that user's password (default: a random one, printed)")
@@ -196,8 +207,15 @@ def parser() -> argparse.ArgumentParser:
                    help="a public key (e.g. ~/.ssh/id_ed25519.pub) that may log in as the user over SSH")
     p.add_argument("--size", type=disk_size, default="2G",
                    help="the disk size: bytes, 2G, 4GiB, ... (default: 2G, which is 2 GiB)")
-    p.add_argument("--cache", type=Path, help="depsolve's cache of package indices")
     return p
+
+
+def package_list(text: str) -> tuple[str, ...]:
+    names = tuple(name for name in re.split(r"[,\s]+", text) if name)
+    if not names or any(name.startswith("-") for name in names):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of package names: write them "
+                                         "comma-separated, as in vim,curl")
+    return names
 
 
 def read_public_key(path: Path) -> str:
@@ -209,18 +227,29 @@ def read_public_key(path: Path) -> str:
     return lines[0]
 
 
-async def resolve(args: argparse.Namespace) -> tuple[DepsolveResult, DepsolveResult]:
-    common = {"suite": args.suite, "mirror": args.mirror, "cache": args.cache}
-    build = await depsolve(DepsolveRequest(packages=BUILD_PACKAGES, variant="minbase", **common))
-    system = await depsolve(DepsolveRequest(packages=OS_PACKAGES, variant="minbase", **common))
-    return build, system
+def requests(args: argparse.Namespace) -> tuple[DepsolveRequest, DepsolveRequest]:
+    """What to depsolve: the build root's packages and the image's; ValueError for flags that cannot be right."""
+    build = repository_request(args, packages=BUILD_PACKAGES, variant="minbase", suite=args.suite)
+    return build, replace(build, packages=os_packages(args))
+
+
+def os_packages(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*OS_PACKAGES, *(name for name in args.packages if name not in OS_PACKAGES))
+
+
+async def resolve(build: DepsolveRequest, system: DepsolveRequest) -> tuple[DepsolveResult, DepsolveResult]:
+    # one after the other: the second finds the package indices the first fetched
+    return await depsolve(build), await depsolve(system)
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] != "debian":
         sys.stderr.write("usage: aosbuild sample debian [--output FILE] [options]; see --help\n")
         return 2
-    args = parser().parse_args(argv[1:])
+    parsed = parse_checked(parser(), argv[1:], requests)
+    if parsed is None:
+        return 2
+    args, wanted = parsed
     args.ssh_key_text = None
     if args.ssh_key is not None:
         try:
@@ -231,11 +260,12 @@ def main(argv: list[str]) -> int:
     if args.password is None:
         args.password = secrets.token_urlsafe(9)
         sys.stderr.write(f"password of {args.user}: {args.password}\n")
-    try:
-        build, system = anyio.run(resolve, args, backend="trio")
-    except DepsolveError as exc:
-        sys.stderr.write(f"Error: {exc}\n")
-        return 1
+    resolved = run_command(functools.partial(resolve, *wanted))
+    if isinstance(resolved, int):
+        return resolved
+    build, system = resolved
+    for warning in {*build.warnings, *system.warnings}:
+        sys.stderr.write(f"Warning: {warning}\n")
     text = json.dumps(manifest(build=build, system=system, args=args), indent=2) + "\n"
     if args.output:
         args.output.write_text(text)

@@ -19,12 +19,16 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import process, rpc
 from .sandboxside.runnerlib import CAPS_ENV
 from .sandboxside.stageapi import FD_ENV
+
+if TYPE_CHECKING:
+    from .accounts import Accounts
 
 SANDBOX_ROOT = "/run/osbuild"
 TREE = f"{SANDBOX_ROOT}/tree"
@@ -105,6 +109,8 @@ class SandboxSpec:
     # the build root's ROOT_DIRS ("" a directory, else a symlink's target) when the host cannot see them
     # (a mount `prefix` makes); None: look at the build root
     root_entries: Mapping[str, str] | None = None
+    # /etc/passwd and /etc/group as osbuild's runner makes them (`aosbuild.accounts`); None: the build root's
+    accounts: Accounts | None = None
 
 
 def bounding_set(status: str | None = None) -> int:
@@ -145,6 +151,14 @@ def open_etc_copies(root: Path) -> dict[str, int]:
         else:
             os.close(fd)
     return fds
+
+
+def memfd_of(name: str, data: bytes) -> int:
+    """A descriptor that reads `data` from its start (for bwrap's `--file`)."""
+    fd = os.memfd_create(f"aosbuild-{name}", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def bwrap_argv(spec: SandboxSpec, caps: tuple[str, ...] = CAPABILITIES,
@@ -445,6 +459,10 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
     engine_sock, stage_sock = rpc.open_socketpair()
     # with a mount prefix (a layered build root) the host does not see the build root as bwrap will: bound
     etc_copies = open_etc_copies(spec.build_root) if not spec.prefix else {}
+    for name, data in (spec.accounts.files() if spec.accounts is not None else {}).items():
+        if name in etc_copies:
+            os.close(etc_copies[name])
+        etc_copies[name] = memfd_of(name, data)
     with engine_sock, stage_sock, contextlib.ExitStack() as closing:
         for fd in etc_copies.values():
             closing.callback(os.close, fd)

@@ -266,7 +266,8 @@ class Sources:
                     elif not cached:
                         if fetcher is None:
                             raise SourceError(source_type, checksum,
-                                              f"aosbuild cannot fetch items of {source_type} yet")
+                                              f"aosbuild cannot fetch items of {source_type} itself: give "
+                                              "--libdir osbuild's library, whose source module fetches them")
                         with VerifiedFile(target, checksum) as out:
                             await fetcher.fetch(checksum, description, out, progress)
                         sourcecache.record(target)
@@ -276,7 +277,8 @@ class Sources:
         except (DownloadError, ChecksumMismatch, ValueError) as exc:
             self._failed(run, progress, SourceError(source_type, checksum, str(exc)), scope)
         except OSError as exc:
-            message = f"cannot write {exc.filename or target}: {exc.strerror}"
+            message = (f"cannot write {exc.filename or target}: {exc.strerror}; check that the store's "
+                       "filesystem is writable and has room")
             self._failed(run, progress, SourceError(source_type, checksum, message), scope)
         except SourceError as exc:
             self._failed(run, progress, exc, scope)

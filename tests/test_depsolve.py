@@ -61,9 +61,11 @@ DEBS = (
 )
 
 
-def write_repository(top: Path, suite: str = "bookworm") -> None:
+def write_repository(top: Path, suite: str = "bookworm", debs: tuple[Deb, ...] = DEBS) -> None:
+    """An unsigned repository of `debs` at `top`: their files (not real .debs: apt only simulates), the
+    Packages index and a Release file."""
     paragraphs = []
-    for deb in DEBS:
+    for deb in debs:
         path = top / deb.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(deb.data)
@@ -117,19 +119,22 @@ class Repo:
     def release_fetches(self) -> int:
         return sum(1 for path in self.requests if path.endswith("/InRelease"))
 
+    def __enter__(self) -> Repo:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stalling.clear()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
 
 @pytest.fixture
 def repo(workdir: Path) -> Iterator[Repo]:
     write_repository(workdir / "www" / "debian")
-    server = Repo(workdir / "www")
-    server.thread.start()
-    try:
+    with Repo(workdir / "www") as server:
         yield server
-    finally:
-        server.stalling.clear()
-        server.server.shutdown()
-        server.server.server_close()
-        server.thread.join()
 
 
 @pytest.fixture

@@ -108,14 +108,8 @@ def archives() -> Iterator[Path]:
 def server(archives: Path, workdir: Path) -> Iterator[Repo]:
     www = workdir / "www"
     shutil.copytree(archives, www)
-    repo = Repo(www)
-    repo.thread.start()
-    try:
+    with Repo(www) as repo:
         yield repo
-    finally:
-        repo.server.shutdown()
-        repo.server.server_close()
-        repo.thread.join()
 
 
 def base_url(repo: Repo) -> str:
@@ -230,3 +224,18 @@ def test_refresh_and_its_fallback(depsolve: Depsolve, server: Repo) -> None:
     assert refused.returncode == 1
     assert "apt-get update failed" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_an_unsigned_mirror_needs_mirror_trusted(depsolve: Depsolve, server: Repo) -> None:
+    mirror = f"{base_url(server)}/debian"
+    refused = depsolve("--mirror", mirror, "tool")
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert ("Error: apt-get update failed (apt's messages below): a repository's signature could not be checked: "
+            "give its key with [signed-by=KEYRING] in its entry or, for an unsigned repository of your own, trust "
+            "it with --mirror-trusted") in refused.stderr
+    assert f"The repository '{mirror} bookworm Release' is not signed." in refused.stderr
+    # the mirror alone: no -updates or -security from the host's sources
+    assert depsolve.packages("--mirror", mirror, "--mirror-trusted", "tool") == [
+        ("lib", "1.0", "/debian/pool/bookworm/main/lib_1.0_amd64.deb"),
+        ("tool", "1.0", "/debian/pool/bookworm/main/tool_1.0_amd64.deb")]

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from aosbuild.devices import has_device_mapper
+
 from .conftest import Aosbuild, check_jsonseq, manifest, pipeline, stage
 from .leftovers import loops_backed_by, mounts_under, processes_mentioning, stray_mounts
 
@@ -237,3 +239,10 @@ def test_device_mapper_devices_are_refused_before_the_build(aosbuild: Aosbuild) 
     assert result.returncode == 2, result.stderr
     assert "could not find schema information for 'org.osbuild.luks2'" in result.stdout
     assert "could not find schema information for 'org.osbuild.lvm2.lv'" in result.stdout
+    # osbuild's problems on stdout; on stderr one line that says why and what to do
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"Error: {aosbuild.workdir / 'manifest.json'}: aosbuild has no module of its own for "
+                           "org.osbuild.luks2 and org.osbuild.lvm2.lv devices (device-mapper devices): build with "
+                           "osbuild's library, `--libdir /usr/lib/osbuild`, whose modules open them, on a kernel "
+                           "with device-mapper"), line
+    assert ("this one has none: /dev/mapper/control cannot be opened" in line) == (not has_device_mapper())

@@ -157,6 +157,8 @@ def test_invalid_url_port_fails_at_once(aosbuild: Aosbuild, port: str) -> None:
     run = aosbuild(m, "--sources-only", timeout=60)
     clear(run, 1, f"invalid port {port} in the URL (ports are 1 to 65535); fix the source item's URL")
     assert "attempt" not in run.stdout + run.stderr
+    assert run.stderr.endswith("What to do: check those items' URLs and checksums in the manifest's `sources`, "
+                               "then run `--sources-only` again (the items it fetched are kept).\n")
 
 
 def test_read_only_store_osbuild_json(workdir: Path) -> None:
@@ -170,3 +172,55 @@ def test_read_only_store_osbuild_json(workdir: Path) -> None:
     document = json.loads(proc.stdout)
     assert document["success"] is False
     assert "Read-only file system; give --store a writable directory" in document["message"]
+
+
+def store_command(*args: str) -> Run:
+    proc = subprocess.run([sys.executable, "-m", "aosbuild", "store", *args], capture_output=True, text=True,
+                          timeout=60)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_store_commands_on_a_directory_that_is_not_a_store(workdir: Path) -> None:
+    (workdir / "notes.txt").write_text("mine\n")
+    for command in (["prune", "--to", "0"], ["verify"], ["info"]):
+        clear(store_command(*command, "--store", str(workdir)), 1,
+              f"Error: {workdir} is not an aosbuild store (it has no cache.info): check --store; a build makes "
+              "the store it is given")
+    clear(store_command("clear", "--store", str(workdir)), 1,
+          f"Error: {workdir} does not look like a store (no cache.info, no CACHEDIR.TAG): not touching it; check "
+          "--store")
+    assert [p.name for p in workdir.iterdir()] == ["notes.txt"]
+
+
+def test_a_loopback_device_on_a_file_the_tree_lacks(aosbuild: Aosbuild) -> None:
+    m = manifest(pipeline("tree", {"type": "org.aosbuild.test.fail", "options": {"exit": 0}, "devices": {
+        "disk": {"type": "org.osbuild.loopback", "options": {"filename": "disk.img"}}}}))
+    clear(aosbuild(m), 1, "Error: loopback device file 'disk.img' does not exist in the tree: make it in an "
+                          "earlier stage (org.osbuild.truncate, say)")
+
+
+@pytest.mark.parametrize(("repo", "message"), [
+    ("[trusted=yes http://127.0.0.1:9/debian bookworm main", "--repo: unclosed '[' in the options: close it"),
+    ("[trusted] http://127.0.0.1:9/debian bookworm main",
+     "--repo: option 'trusted' is not key=value: write it as signed-by=KEYRING or trusted=yes"),
+    ("http://127.0.0.1:9/debian bookworm", "--repo: suite 'bookworm' needs at least one component: add one"),
+])
+def test_a_repository_entry_apt_would_not_take(workdir: Path, repo: str, message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "aosbuild", "depsolve", "--cache", str(workdir), "--repo", repo,
+                           "tool"], capture_output=True, text=True, timeout=60)
+    clear(Run(proc.returncode, proc.stdout, proc.stderr), 2, message)
+    assert list(workdir.iterdir()) == []  # refused before apt ran
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ({"org.osbuild.curl": {"items": {"sha256:" + "0" * 64: "file:///etc/hostname"}}},
+     "aosbuild downloads http:// and https:// URLs only: serve the file over HTTP(S), or put a small one in the "
+     "manifest as an org.osbuild.inline item"),
+    ({"org.osbuild.inline": {"items": {"sha256:" + "0" * 64: {"encoding": "base64", "data": "not base64!"}}}},
+     "; an item's `data` must be what its `encoding` says (base64 or lzma+base64)"),
+], ids=["file-url", "inline-data"])
+def test_a_source_item_that_cannot_be_fetched(aosbuild: Aosbuild, source: dict[str, Any], message: str) -> None:
+    run = aosbuild(manifest(pipeline("tree", stage("org.osbuild.mkdir", paths=[{"path": "/x"}])), sources=source),
+                   "--sources-only", timeout=60)
+    clear(run, 1, message)
+    assert "attempt" not in run.stdout + run.stderr

@@ -368,3 +368,297 @@ def test_a_device_service_that_fails_fails_its_stage_and_leaves_nothing(osbuild_
     assert "is not a valid LUKS device" in run.stdout + run.stderr
     assert run.stdout.index("org.osbuild.mkfs.ext4: ") < run.stdout.index("device/device (org.osbuild.luks2): ")
     assert_clean(aosbuild)
+
+
+# -- mount services on the layered store: they see the stage's merged tree -------------------------------------
+
+def tree_bind_manifest(last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Library mounts that read and write the stage's tree, after stages that wrote it: a bind of the
+    tree's `/etc` (hostname from an earlier stage) onto its `/mnt` (made by an earlier stage), and, as
+    bootc-image-builder does, the mounted disk bound over the whole tree (`tree://` from `mount://`)."""
+    disk = {"disk": lib.loopback("disk.img")}
+    etc_on_mnt = [{"name": "etc", "type": "org.osbuild.bind", "target": "tree://mnt",
+                   "options": {"source": "tree://etc"}}]
+    disk_as_tree = [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"},
+                    {"name": "bound", "type": "org.osbuild.bind", "target": "tree://",
+                     "options": {"source": "mount://"}}]
+    return {"version": "2", "pipelines": [
+        {"name": "os", "stages": [
+            lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}, {"path": "/mnt"}]}),
+            lib.stage("org.osbuild.hostname", {"hostname": "layered"}),
+            lib.stage("org.osbuild.copy", {"paths": [{"from": "tree:///mnt/hostname", "to": "tree:///copied"}]},
+                      mounts=etc_on_mnt)]},
+        {"name": "image", "stages": [
+            lib.stage("org.osbuild.truncate", {"filename": "disk.img", "size": "16MiB"}),
+            lib.stage("org.osbuild.mkfs.ext4", {"uuid": lib.ROOT_UUID}, devices={"device": disk["disk"]}),
+            lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/etc"}]}, devices=disk, mounts=disk_as_tree),
+            lib.stage("org.osbuild.copy", {"paths": [{"from": "input://os/etc/hostname", "to": "tree:///etc/"}]},
+                      inputs={"os": lib.tree_input("os")}, devices=disk, mounts=disk_as_tree),
+            *([{**last, "devices": disk, "mounts": disk_as_tree}] if last else [])]}]}
+
+
+def test_bind_mounts_of_the_tree_see_what_earlier_stages_wrote(test_library: Path, aosbuild: Aosbuild) -> None:
+    """On the layered store the tree of a stage is an overlay of earlier stages' layers: a library mount
+    service must be given that merged tree, not the stage's new (empty) layer, as osbuild gives its tree."""
+    from .test_osbuild_library import ext4_view, tree_view
+
+    m = tree_bind_manifest()
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "os", "--export", "image", "--output-directory",
+                                                str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--export", "image",
+                    "--output-directory", str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    assert (aosbuild.output / "os/copied").read_text() == "layered\n"
+    assert_same(tree_view(aosbuild.output / "os"), tree_view(aosbuild.workdir / "osbuild/os"))
+    # the stages wrote into the disk through the bind, not into the image's tree
+    assert sorted(p.name for p in (aosbuild.output / "image").iterdir()) == ["disk.img"]
+    view = ext4_view(aosbuild.output / "image/disk.img", aosbuild.workdir)
+    assert view["etc/hostname"][4] == hashlib.sha256(b"layered\n").hexdigest()
+    assert_same(view, ext4_view(aosbuild.workdir / "osbuild/image/disk.img", aosbuild.workdir))
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
+    assert loops_backed_by(aosbuild.store) == []
+
+
+@pytest.mark.usefixtures("nodev_store")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_a_signal_while_a_bind_holds_the_merged_tree_leaves_nothing(test_library: Path, aosbuild: Aosbuild,
+                                                                     signum: int) -> None:
+    """The merged tree mounted on the host for the mount services goes with them: after SIGINT, and after
+    SIGKILL (its holder sees the engine's end of its pipe close)."""
+    sleeper = {"type": RAISE_STAGE, "options": {"sleep": 60, "message": "never"}}
+    proc = start(aosbuild, tree_bind_manifest(sleeper), "--libdir", str(test_library), "--monitor", "jsonseq",
+                 "--export", "image", "--output-directory", str(aosbuild.output))
+    wait_for_message(proc, "sleeping in")
+    proc.send_signal(signum)
+    assert_services_cleaned_up(aosbuild, proc, signum)
+
+
+# -- containers-storage: the host's container storage, as a source and an input ---------------------------------
+
+# runs the rest of argv with a private /etc/containers (its storage.conf naming a storage of the test's)
+PRIVATE_CONTAINERS = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                      'mount --bind "$1" /etc/containers && shift && exec "$@"', "sh"]
+# what containers/storage writes anew on every copy (creation times, lock contents)
+VOLATILE = ("vfs-images/images.json", "vfs-layers/layers.json", ".lock")
+
+
+def private_containers_conf(workdir: Path) -> Path:
+    """A copy of the host's /etc/containers whose storage.conf puts the storage (vfs) below `workdir`."""
+    conf = workdir / "containers"
+    if Path("/etc/containers").is_dir():
+        shutil.copytree("/etc/containers", conf, symlinks=True)
+    conf.mkdir(exist_ok=True)
+    (conf / "storage.conf").write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{workdir}/graph"\n'
+                                       f'runroot = "{workdir}/runroot"\n')
+    return conf
+
+
+@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is missing: apt-get install -y skopeo")
+@pytest.mark.skipif(not Path("/etc/containers").is_dir(), reason="osbuild binds /etc/containers: mkdir it")
+def test_a_containers_storage_source_and_input_match_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    """The library's `org.osbuild.containers-storage` source (it checks the image is in the host's storage,
+    as storage.conf names it) and input (it binds that storage for the stage), with osbuild's `skopeo`
+    stage copying the image into the tree, as an OCI layout and into the tree's own storage: osbuild and
+    aosbuild give the stage the same, and make the same tree. The image is a one-layer image built here,
+    copied into a storage of the test's own with skopeo: no network."""
+    image_id = oci_layout(aosbuild.workdir / "layout")
+    conf = private_containers_conf(aosbuild.workdir)
+    private = [*PRIVATE_CONTAINERS, str(conf)]
+    subprocess.run([*private, "skopeo", "copy", "--quiet", f"oci:{aosbuild.workdir / 'layout'}:latest",
+                    "containers-storage:localhost/probe:latest"], check=True, capture_output=True)
+    images = {"images": {"type": "org.osbuild.containers-storage", "origin": "org.osbuild.source",
+                         "references": {image_id: {"name": "localhost/probe:latest"}}}}
+    m = {"version": "2", "sources": {"org.osbuild.containers-storage": {"items": {image_id: {}}}},
+         "pipelines": [{"name": "os", "stages": [
+             lib.stage(CONTRACT, {}, inputs=images),
+             lib.stage("org.osbuild.skopeo", {"destination": {"type": "oci", "path": "/oci"}}, inputs=images),
+             lib.stage("org.osbuild.skopeo", {"destination": {
+                 "type": "containers-storage", "storage-path": "/var/lib/containers/storage",
+                 "storage-driver": "vfs"}}, inputs=images)]}]}
+    path = aosbuild.write_manifest(m)
+    env = {**os.environ, "PYTHONPATH": str(test_library)}
+    theirs = subprocess.run([*private, sys.executable, "-m", "osbuild", "--libdir", str(test_library), "--store",
+                             str(aosbuild.workdir / "osbuild-store"), "--export", "os", "--output-directory",
+                             str(aosbuild.workdir / "osbuild"), str(path)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = subprocess.run([*private, *aosbuild.command(path, "--libdir", str(test_library), "--export", "os",
+                                                      "--output-directory", str(aosbuild.output))],
+                          capture_output=True, text=True, timeout=300, cwd=aosbuild.workdir)
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+
+    our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
+    their_contract = json.loads((aosbuild.workdir / "osbuild/os/contract.json").read_text())
+    assert our_contract["arguments"]["inputs"]["images"] == {"path": "/run/osbuild/inputs/images", "data": {
+        "archives": {image_id: {"format": "containers-storage", "name": "localhost/probe:latest", "storage": {
+            "driver": "vfs", "graphroot": f"{aosbuild.workdir}/graph", "runroot": f"{aosbuild.workdir}/runroot"}}}}}
+    assert our_contract["inputs"]["images"] == ["storage"]
+    our_contract.pop("caps")  # the one difference on purpose (test_osbuild_library)
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
+
+    from .test_osbuild_library import tree_view
+
+    def view(root: Path) -> dict[str, Any]:
+        return {k: v for k, v in tree_view(root).items() if k != "contract.json" and not k.endswith(VOLATILE)}
+
+    ours_view = view(aosbuild.output / "os")
+    assert "oci/index.json" in ours_view
+    assert any(k.endswith("/etc/probe") for k in ours_view if k.startswith("var/lib/containers/storage/vfs/dir/"))
+    assert_same(ours_view, view(aosbuild.workdir / "osbuild/os"))
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []
+
+
+def oci_index_layout(layout: Path) -> str:
+    """`oci_layout`'s image behind a one-entry image index (amd64/linux), which the layout's `latest` names;
+    the image id."""
+    image_id = oci_layout(layout)
+    index = json.loads((layout / "index.json").read_text())
+    manifest = index["manifests"][0]
+    entry = {k: v for k, v in manifest.items() if k != "annotations"}
+    data = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": [{**entry, "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs/sha256" / digest).write_bytes(data)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}", "size": len(data),
+         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}))
+    return image_id
+
+
+def test_a_skopeo_index_source_and_its_manifest_list_match_osbuild(
+        test_library: Path, aosbuild: Aosbuild, monkeypatch: pytest.MonkeyPatch) -> None:
+    """osbuild's `org.osbuild.skopeo-index` source fetches an image's manifest list (from a local registry)
+    into `sources/org.osbuild.files`; with the image from the `org.osbuild.skopeo` source, osbuild's skopeo
+    stage merges the two and copies the image into the tree: the same under both."""
+    image_id = oci_index_layout(aosbuild.workdir / "layout")
+    with run_registry(aosbuild.workdir / "registry") as served:
+        creds = f"{REGISTRY_USER}:{REGISTRY_PASSWORD}"
+        subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false", "--dest-creds", creds,
+                        f"oci:{aosbuild.workdir / 'layout'}:latest", f"docker://{served.host}/probe:latest"],
+                       check=True, capture_output=True)
+        raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", "--creds", creds,
+                              f"docker://{served.host}/probe:latest"], check=True, capture_output=True).stdout
+        list_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        # as pushed: skopeo compressed the layer, so the image's manifest is a new one
+        manifest_digest = json.loads(raw)["manifests"][0]["digest"]
+        auth = aosbuild.workdir / "auth.json"
+        auth.write_text(json.dumps({"auths": {served.host: {"auth": base64.b64encode(creds.encode()).decode()}}}))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        name = f"{served.host}/probe"
+        m = {"version": "2",
+             "sources": {
+                 "org.osbuild.skopeo": {"items": {image_id: {"image": {
+                     "name": name, "digest": manifest_digest, "tls-verify": False}}}},
+                 "org.osbuild.skopeo-index": {"items": {list_digest: {"image": {"name": name, "tls-verify": False}}}}},
+             "pipelines": [{"name": "os", "stages": [lib.stage("org.osbuild.skopeo", {
+                 "destination": {"type": "oci", "path": "/oci"}}, inputs={
+                 "images": {"type": "org.osbuild.containers", "origin": "org.osbuild.source",
+                            "references": {image_id: {"name": "localhost/probe:latest"}}},
+                 "manifest-lists": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                                    "references": [list_digest]}})]}]}
+        path = aosbuild.write_manifest(m)
+        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
+                                                    "--export", "os", "--output-directory",
+                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                        str(aosbuild.output))
+        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    assert (aosbuild.store / "sources/org.osbuild.files" / list_digest).read_bytes() == raw
+    from .test_osbuild_library import tree_view
+
+    ours_view = tree_view(aosbuild.output / "os")
+    # the list's one image, copied as its manifest names it (skopeo copies one instance of a list)
+    index = json.loads((aosbuild.output / "os/oci/index.json").read_text())
+    assert [entry["digest"] for entry in index["manifests"]] == [manifest_digest]
+    assert f"oci/blobs/sha256/{image_id.removeprefix('sha256:')}" in ours_view
+    assert_same(ours_view, tree_view(aosbuild.workdir / "osbuild/os"))
+
+
+def librepo_available() -> bool:
+    return subprocess.run(["/usr/bin/python3", "-c", "import librepo"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not librepo_available(), reason="osbuild's librepo source needs python3-librepo: "
+                    "apt-get install -y python3-librepo")
+def test_a_librepo_source_from_a_local_mirror_matches_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    """osbuild's `org.osbuild.librepo` source (librepo, as Fedora's builds fetch RPMs) from a `baseurl`
+    mirror on 127.0.0.1 into `sources/org.osbuild.files`, and osbuild's copy stage putting the file into the
+    tree from a files input: the same under osbuild and aosbuild, and the second build finds it cached."""
+    from .fileserver import FileServer, sha256
+    from .test_osbuild_library import tree_view
+
+    data = b"not really an rpm, but librepo only checks the checksum\n" * 100
+    checksum = sha256(data)
+    with FileServer().running() as files:
+        files.add("/repo/Packages/p/probe-1.0.noarch.rpm", data)
+        m = {"version": "2",
+             "sources": {"org.osbuild.librepo": {
+                 "items": {checksum: {"path": "Packages/p/probe-1.0.noarch.rpm", "mirror": "local"}},
+                 "options": {"mirrors": {"local": {"url": files.url("/repo/"), "type": "baseurl"}}}}},
+             "pipelines": [{"name": "os", "stages": [
+                 lib.stage("org.osbuild.mkdir", {"paths": [{"path": "/pkgs"}]}),
+                 lib.stage("org.osbuild.copy", {"paths": [{"from": f"input://rpms/{checksum}",
+                                                           "to": "tree:///pkgs/probe.rpm"}]},
+                           inputs={"rpms": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
+                                            "references": {checksum: {}}}})]}]}
+        path = aosbuild.write_manifest(m)
+        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
+                                                    "--export", "os", "--output-directory",
+                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
+        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                        str(aosbuild.output))
+        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+        fetched = files.count("/repo/Packages/p/probe-1.0.noarch.rpm")
+        again = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
+                         str(aosbuild.output))
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+        assert files.count("/repo/Packages/p/probe-1.0.noarch.rpm") == fetched  # cached: not fetched again
+    assert (aosbuild.store / "sources/org.osbuild.files" / checksum).read_bytes() == data
+    assert (aosbuild.output / "os/pkgs/probe.rpm").read_bytes() == data
+    assert_same(tree_view(aosbuild.output / "os"), tree_view(aosbuild.workdir / "osbuild/os"))
+
+
+@needs_ostree
+def test_an_ostree_checkout_input_matches_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
+    """osbuild's `org.osbuild.ostree.checkout` input checks out a commit of the `org.osbuild.ostree` source
+    (a local repository) for the stage: the test stage sees what osbuild gives it, and osbuild's copy stage
+    takes a file of the checkout into the tree, as under osbuild."""
+    from .test_osbuild_library import tree_view
+
+    repo, commit = ostree_repo(aosbuild.workdir)
+    checkout = {"checkout": {"type": "org.osbuild.ostree.checkout", "origin": "org.osbuild.source",
+                             "references": [commit]}}
+    m = {"version": "2",
+         "sources": {"org.osbuild.ostree": {"items": {commit: {"remote": {"url": f"file://{repo}"}}}}},
+         "pipelines": [{"name": "os", "stages": [
+             lib.stage(CONTRACT, {}, inputs=checkout),
+             lib.stage("org.osbuild.copy", {"paths": [{"from": f"input://checkout/{commit}/etc/probe",
+                                                       "to": "tree:///probe"}]}, inputs=checkout)]}]}
+    path = aosbuild.write_manifest(m)
+    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
+                                                "os", "--output-directory", str(aosbuild.workdir / "osbuild"),
+                                                str(path), timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory", str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    assert (aosbuild.output / "os/probe").read_text() == "committed\n"
+    our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
+    their_contract = json.loads((aosbuild.workdir / "osbuild/os/contract.json").read_text())
+    assert our_contract["arguments"]["inputs"]["checkout"] == {
+        "path": "/run/osbuild/inputs/checkout", "data": {"refs": {commit: {"path": commit}}}}
+    assert our_contract["inputs"]["checkout"] == [commit]
+    our_contract.pop("caps")  # the one difference on purpose (test_osbuild_library)
+    their_contract.pop("caps")
+    assert_same(our_contract, their_contract)
+
+    def view(root: Path) -> dict[str, Any]:
+        return {k: v for k, v in tree_view(root).items() if k != "contract.json"}
+
+    assert_same(view(aosbuild.output / "os"), view(aosbuild.workdir / "osbuild/os"))
+    assert [str(mp) for mp in mounts_under(aosbuild.store) if mp.point != str(aosbuild.store)] == []

@@ -1,10 +1,11 @@
 """osbuild's own module library, unchanged, on aosbuild's engine, against osbuild 191 building the same.
 
-One module fixture builds `osbuild_library_manifest` (38 stages of osbuild's library: config stages,
+One session fixture builds `osbuild_library_manifest` (38 stages of osbuild's library: config stages,
 users, systemd units, a GPT disk on loop devices with mkfs.fat/ext4, the tree copied into the mounted
-root, qcow2, tar, xz, zstd, gzip) twice: with osbuild itself (`python -m osbuild --libdir`) and with
-`aosbuild --libdir`, the host as build root for both. The exports must be identical in content, mode,
-owner and symlink targets; the partition table and the filesystems inside the images too.
+root, qcow2, tar, xz, zstd, gzip) three times: with osbuild itself (`python -m osbuild --libdir`), with
+`aosbuild --libdir` (every stage osbuild's), and with aosbuild's bundled `org.osbuild.*` stages first (32
+of the 38; osbuild's library for the other 6), the host as build root for all. The exports must be identical
+in content, mode, owner and symlink targets; the partition table and the filesystems inside the images too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import IO, Any
 
 import pytest
 
+from aosbuild.library import BUNDLED_ROOT
 from aosbuild.sandbox import CAP_BITS, bounding_set, capability_mask, stage_capabilities
 
 from . import osbuild_library_manifest as library_manifest
@@ -75,36 +77,52 @@ def runnable_library(libdir: Path, target: Path) -> Path:
 @dataclass(frozen=True, slots=True)
 class Builds:
     osbuild: Path      # osbuild's exports
-    aosbuild: Path     # aosbuild's exports
+    aosbuild: Path     # aosbuild's exports, every stage from osbuild's library
+    bundled: Path      # aosbuild's exports, its bundled stages where it has them, osbuild's library for the rest
     osbuild_run: Run
     aosbuild_run: Run
+    bundled_run: Run
     scratch: Path
 
+    def ours(self, which: str) -> Path:
+        return self.bundled if which == "bundled" else self.aosbuild
 
-def aosbuild_command(libdir: Path, store: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "aosbuild", "--libdir", str(libdir), "--store", str(store), *args]
+
+def aosbuild_command(libdir: Path, store: Path, *args: str, first: tuple[str, ...] = ()) -> list[str]:
+    """aosbuild with `libdir` (after the libraries `first`, if any) and `store`."""
+    libdirs = [arg for root in (*first, str(libdir)) for arg in ("--libdir", root)]
+    return [sys.executable, "-m", "aosbuild", *libdirs, "--store", str(store), *args]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def builds(osbuild_oracle: OsbuildOracle) -> Iterator[Builds]:
+    """The manifest built by osbuild and twice by aosbuild (all stages from osbuild's library; its own
+    bundled `org.osbuild.*` stages first, a stage coming from the first library that has it), at once:
+    each build is mostly its runner setting up sandboxes, stage after stage. One session fixture, so every
+    comparison shares osbuild's build."""
     with tempfile.TemporaryDirectory(dir=FAST_TMP, prefix="aosbuild-osbuild-lib-") as d:
         scratch = Path(d)
         oracle = OsbuildOracle(libdir=runnable_library(osbuild_oracle.libdir, scratch / "osbuild-lib"))
         path = scratch / "manifest.json"
         path.write_text(json.dumps(library_manifest.manifest()))
         exports = [arg for name in library_manifest.EXPORTS for arg in ("--export", name)]
-        # both at once: each build is mostly osbuild's runner setting up the sandbox, stage after stage
-        with ThreadPoolExecutor(max_workers=1) as pool:
+
+        def ours(name: str, first: tuple[str, ...] = ()) -> Run:
+            # aosbuild runs the library as it was found, not the copy made runnable for osbuild
+            proc = subprocess.run(aosbuild_command(osbuild_oracle.libdir, scratch / f"{name}-store",
+                                                   "--output-directory", str(scratch / name), *exports, str(path),
+                                                   first=first),
+                                  capture_output=True, text=True, timeout=600)
+            return Run(proc.returncode, proc.stdout, proc.stderr)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
             theirs = pool.submit(oracle, "--store", str(scratch / "osbuild-store"), "--output-directory",
                                  str(scratch / "osbuild"), *exports, str(path), timeout=600)
-            # aosbuild runs the library as it was found, not the copy made runnable for osbuild
-            proc = subprocess.run(aosbuild_command(osbuild_oracle.libdir, scratch / "aosbuild-store",
-                                                   "--output-directory", str(scratch / "aosbuild"), *exports,
-                                                   str(path)),
-                                  capture_output=True, text=True, timeout=600)
-            osbuild_run = theirs.result()
-        yield Builds(scratch / "osbuild", scratch / "aosbuild", osbuild_run,
-                     Run(proc.returncode, proc.stdout, proc.stderr), scratch)
+            bundled = pool.submit(ours, "bundled", (str(BUNDLED_ROOT),))
+            aosbuild_run = ours("aosbuild")
+            osbuild_run, bundled_run = theirs.result(), bundled.result()
+        yield Builds(scratch / "osbuild", scratch / "aosbuild", scratch / "bundled", osbuild_run, aosbuild_run,
+                     bundled_run, scratch)
 
 
 # -- what is compared -------------------------------------------------------------------------------------
@@ -174,6 +192,17 @@ def test_the_manifest_is_made_of_30_stages_of_osbuilds_library(osbuild_oracle: O
 def test_both_build_it(builds: Builds) -> None:
     assert builds.osbuild_run.returncode == 0, builds.osbuild_run.stdout[-3000:] + builds.osbuild_run.stderr
     assert builds.aosbuild_run.returncode == 0, builds.aosbuild_run.stdout[-3000:] + builds.aosbuild_run.stderr
+    assert builds.bundled_run.returncode == 0, builds.bundled_run.stdout[-3000:] + builds.bundled_run.stderr
+    # every pipeline's first stage is bundled: the bundled build names aosbuild's runner for each, the other
+    # osbuild's (org.osbuild.debian12 and org.osbuild.debian, here)
+    def runners(run: Run) -> set[str]:
+        return {line.split()[1] for line in run.stdout.splitlines() if line.startswith("  runner: ")}
+
+    assert runners(builds.bundled_run)
+    assert runners(builds.bundled_run).isdisjoint(runners(builds.aosbuild_run))
+    bundled = [s["type"] for p in library_manifest.manifest()["pipelines"] for s in p["stages"]
+               if (BUNDLED_ROOT / "stages" / s["type"]).is_file()]
+    assert len(bundled) >= 30  # stages (32 now) that the bundled build ran as aosbuild's
     # the same ids: both computed them from the same manifest
     pipelines = [line.split() for line in builds.osbuild_run.stdout.split("Pipelines")[-1].splitlines()
                  if line.strip().endswith(tuple("0123456789abcdef")) and ":" in line]
@@ -183,20 +212,26 @@ def test_both_build_it(builds: Builds) -> None:
         assert pipeline_id in builds.aosbuild_run.stdout
 
 
-def test_the_trees_are_identical(builds: Builds) -> None:
-    ours, theirs = tree_view(builds.aosbuild / "os"), tree_view(builds.osbuild / "os")
+# each comparison twice: aosbuild running osbuild's stages, and aosbuild running its bundled ones
+BOTH = pytest.mark.parametrize("which", ["library", "bundled"])
+
+
+@BOTH
+def test_the_trees_are_identical(builds: Builds, which: str) -> None:
+    ours, theirs = tree_view(builds.ours(which) / "os"), tree_view(builds.osbuild / "os")
     assert len(theirs) > 40
     assert_same(ours, theirs)
     # what the stages did is there, as osbuild did it (a few spot checks of the comparison's material)
-    assert (builds.aosbuild / "os/etc/hostname").read_text() == "oracle-host\n"
+    assert (builds.ours(which) / "os/etc/hostname").read_text() == "oracle-host\n"
     assert ours["home/alice"][2:4] == (1001, 1100)
     assert ours["usr/bin/oracle-true"][4] == "/usr/bin/true"
-    assert (builds.aosbuild / "os/etc/systemd/system/multi-user.target.wants/oracle.service").is_symlink()
+    assert (builds.ours(which) / "os/etc/systemd/system/multi-user.target.wants/oracle.service").is_symlink()
 
 
+@BOTH
 @pytest.mark.parametrize(("pipeline", "filename"), [
     ("archive", "os.tar"), ("xz", "os.tar.xz"), ("zstd", "os.tar.zst"), ("gzip", "os.tar.gz")])
-def test_the_archives_are_identical(builds: Builds, pipeline: str, filename: str) -> None:
+def test_the_archives_are_identical(builds: Builds, pipeline: str, filename: str, which: str) -> None:
     def view(root: Path) -> list[tuple[Any, ...]]:
         path = root / pipeline / filename
         if filename.endswith(".xz"):
@@ -216,14 +251,15 @@ def test_the_archives_are_identical(builds: Builds, pipeline: str, filename: str
 
     # the members, not their order: tar writes a directory in readdir order, which is the filesystem's
     # own (an overlay of layers lists a directory otherwise than one plain tmpfs directory does)
-    ours, theirs = sorted(view(builds.aosbuild)), sorted(view(builds.osbuild))
+    ours, theirs = sorted(view(builds.ours(which))), sorted(view(builds.osbuild))
     assert len(theirs) > 40
     assert ours == theirs
-    assert tree_view(builds.aosbuild / pipeline) .keys() == tree_view(builds.osbuild / pipeline).keys()
+    assert tree_view(builds.ours(which) / pipeline).keys() == tree_view(builds.osbuild / pipeline).keys()
 
 
-def test_the_disk_and_its_filesystems_are_identical(builds: Builds) -> None:
-    ours = disk_view(builds.aosbuild / "image/disk.img", builds.scratch)
+@BOTH
+def test_the_disk_and_its_filesystems_are_identical(builds: Builds, which: str) -> None:
+    ours = disk_view(builds.ours(which) / "image/disk.img", builds.scratch)
     theirs = disk_view(builds.osbuild / "image/disk.img", builds.scratch)
     assert theirs["table"]["id"] == library_manifest.DISK_UUID.upper()
     assert "lost+found" in theirs["root"]
@@ -231,7 +267,8 @@ def test_the_disk_and_its_filesystems_are_identical(builds: Builds) -> None:
     assert_same(ours, theirs)
 
 
-def test_the_qcow2_is_identical(builds: Builds) -> None:
+@BOTH
+def test_the_qcow2_is_identical(builds: Builds, which: str) -> None:
     def view(root: Path) -> dict[str, Any]:
         qcow2 = root / "qcow2/disk.qcow2"
         info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(qcow2)], capture_output=True,
@@ -243,7 +280,7 @@ def test_the_qcow2_is_identical(builds: Builds) -> None:
 
     theirs = view(builds.osbuild)
     assert theirs["format"] == "qcow2"
-    assert_same(view(builds.aosbuild), theirs)
+    assert_same(view(builds.ours(which)), theirs)
 
 
 # -- one build, both kinds of stages ------------------------------------------------------------------------

@@ -184,13 +184,15 @@ def ext4_files(image: Path, start: int, size: int, workdir: Path) -> dict[str, t
 
 
 def archive_members(archive: Path) -> dict[str, tuple[Any, ...]]:
-    """Each member's type, mode, owner, group, link target and content; not its times (nor its owner's
-    name: aosbuild's build root has the host's /etc/passwd, osbuild's one made by systemd-sysusers)."""
+    """Each member's type, mode, owner and group (ids and names), link target and content; not its times.
+    The names are those of osbuild's build root, whose accounts systemd-sysusers makes (`aosbuild.accounts`):
+    uid 1000 has none there, whatever the host calls it."""
     with tarfile.open(archive) as tf:
         found = {}
         for m in tf.getmembers():
             data = f.read() if m.isfile() and (f := tf.extractfile(m)) else b""
-            found[m.name] = (m.type, m.mode, m.uid, m.gid, m.linkname, hashlib.sha256(data).hexdigest())
+            found[m.name] = (m.type, m.mode, m.uid, m.gid, m.uname, m.gname, m.linkname,
+                             hashlib.sha256(data).hexdigest())
         return found
 
 
@@ -223,6 +225,8 @@ def test_bundled_stages_make_what_osbuilds_make(osbuild_builder: OsbuildOracle, 
     members = archive_members(theirs / "archive" / "tree.tar")
     assert len(members) == len(tree)
     assert differences(members, archive_members(ours / "archive" / "tree.tar")) == {}
+    alice = members["./home/alice"]
+    assert alice[2:6] == (1000, 100, "", "users")  # osbuild's: no name for uid 1000 (the host has one)
     for suffix, unpack in (("xz", ["xz", "-dc"]), ("gz", ["gzip", "-dc"]), ("zst", ["zstd", "-dcq"])):
         for out in (theirs, ours):
             packed = out / "compressed" / f"tree.tar.{suffix}"
@@ -239,3 +243,71 @@ def test_bundled_stages_make_what_osbuilds_make(osbuild_builder: OsbuildOracle, 
         return document["virtual-size"], document["format-specific"]
 
     assert qcow2_info(ours) == qcow2_info(theirs)
+
+
+# -- grub2.inst: the boot area osbuild's stage writes ---------------------------------------------------------
+
+GRUB_PC = Path("/usr/lib/grub/i386-pc")
+BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+
+
+def grub_install(location: int | None, partlabel: str, filesystem: str, prefix: dict[str, Any],
+                 filename: str = "disk.img") -> dict[str, Any]:
+    # Debian's grub-mkimage is not osbuild's default name (grub2-mkimage)
+    core = {"type": "mkimage", "partlabel": partlabel, "filesystem": filesystem, "binary": "grub-mkimage"}
+    return stage("org.osbuild.grub2.inst", filename=filename, platform="i386-pc", core=core, prefix=prefix,
+                 **({"location": location} if location is not None else {}))
+
+
+def grub_disk(label: str, partitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [stage("org.osbuild.truncate", filename="disk.img", size="8M"),
+            {**stage("org.osbuild.sfdisk", label=label, uuid="0x14fc63d2" if label == "dos" else
+                     "D209C89E-EA5E-4FBD-B161-B461CCE297E0", partitions=partitions),
+             "devices": {"device": loopback()}}]
+
+
+GRUB_MANIFEST = manifest(
+    # the core in the MBR gap of a dos disk
+    pipeline("dos", *grub_disk("dos", [{"start": 2048, "type": "83", "bootable": True}]),
+             grub_install(1, "dos", "ext4", {"type": "partition", "partlabel": "dos", "number": 0,
+                                             "path": "/boot/grub"})),
+    # in the BIOS boot partition of a gpt disk (the core's blocklist patched to follow it)
+    pipeline("gpt", *grub_disk("gpt", [
+        {"start": 2048, "size": 2048, "type": BIOS_BOOT, "uuid": "FAC7F1FB-3E8D-4137-A512-961DE09A5549"},
+        {"start": 4096, "type": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+         "uuid": "6264D520-3FB9-423F-8AB8-7A0A8E3D3562"}]),
+             grub_install(2048, "gpt", "ext4", {"type": "partition", "partlabel": "gpt", "number": 1,
+                                                "path": "/boot/grub2"})),
+    # no location: the core image is the file (an ISO's El Torito image, as osbuild's installer manifests use it)
+    pipeline("eltorito", stage("org.osbuild.mkdir", paths=[{"path": "/images"}]),
+             grub_install(None, "gpt", "iso9660", {"path": "/boot/grub2"}, filename="images/eltorito.img")))
+GRUB_FILES = {"dos": "disk.img", "gpt": "disk.img", "eltorito": "images/eltorito.img"}
+
+
+@pytest.mark.skipif(not (GRUB_PC / "boot.img").is_file(), reason="no GRUB for i386-pc: apt-get install -y grub-pc-bin")
+def test_grub2_inst_writes_what_osbuilds_writes(osbuild_builder: OsbuildOracle, aosbuild: Aosbuild) -> None:
+    """osbuild's grub2.inst, aosbuild's bundled one and osbuild's run by aosbuild write the same bytes: the
+    MBR's boot code, the core image (in the MBR gap; in a BIOS boot partition, patched; as a file)."""
+    path = aosbuild.write_manifest(GRUB_MANIFEST)
+    exports = [arg for name in GRUB_FILES for arg in ("--export", name)]
+    theirs = aosbuild.workdir / "osbuild-out"
+    run = osbuild_builder("--store", str(aosbuild.workdir / "osbuild-store"), *exports,
+                          "--output-directory", str(theirs), str(path), timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    bundled = aosbuild(path, *exports, "--output-directory", str(aosbuild.output / "bundled"))
+    assert bundled.returncode == 0, bundled.stdout[-3000:] + bundled.stderr
+    library = aosbuild(path, "--libdir", str(osbuild_builder.libdir), *exports,
+                       "--output-directory", str(aosbuild.output / "library"))
+    assert library.returncode == 0, library.stdout[-3000:] + library.stderr
+    for name, filename in GRUB_FILES.items():
+        expected = (theirs / name / filename).read_bytes()
+        assert expected[:2] != b"\0\0", name  # GRUB's code is there
+        for ours in ("bundled", "library"):
+            got = (aosbuild.output / ours / name / filename).read_bytes()
+            first = next((i for i in range(min(len(got), len(expected))) if got[i] != expected[i]), None)
+            assert (len(got), first) == (len(expected), None), f"{ours} {name}: {len(got)} bytes, differs at {first}"
+            assert stat.S_IMODE((aosbuild.output / ours / name / filename).stat().st_mode) == \
+                stat.S_IMODE((theirs / name / filename).stat().st_mode)
+    # the El Torito image is another format than a disk's core (osbuild's i386-pc-eltorito)
+    eltorito = (theirs / "eltorito/images/eltorito.img").read_bytes()
+    assert eltorito[:512] != (theirs / "dos/disk.img").read_bytes()[512:1024]

@@ -6,10 +6,13 @@ import argparse
 import base64
 import copy
 import hashlib
+import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -17,6 +20,8 @@ from aosbuild import samples
 from aosbuild.depsolve import DepsolveResult, Package
 from aosbuild.formats import load
 from aosbuild.library import Library
+
+from .test_depsolve import Deb, Repo, write_repository
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG3w8Kpz9Jxvx3g8Hq1yq9b4T2nUuWcFvX7mV2k1r0aB someone@laptop"
 # the stages a user edits; each must come after the initramfs, so that changing it does not build that again
@@ -114,3 +119,101 @@ def test_mkfs_is_the_image_pipelines_last_stage() -> None:
     image = next(p for p in sample()["pipelines"] if p["name"] == "image")
     assert [s["type"] for s in image["stages"]] == ["org.osbuild.truncate", "org.osbuild.sfdisk",
                                                     "org.osbuild.grub2.inst", "org.aosbuild.mkfs.ext4.tree"]
+
+
+# A local repository with every package the sample asks for (`base` is minbase's Essential: yes one), a
+# second one with a package for --repo and --packages; unsigned, as a repository one makes oneself is
+LOCAL_DEBS = (Deb("base", "1.0", fields={"Essential": "yes", "Priority": "required"}),
+              *(Deb(name, "1.0") for name in sorted({*samples.BUILD_PACKAGES, *samples.OS_PACKAGES})))
+EXTRA_DEBS = (Deb("vim", "2:9.0.1378-2"),)
+
+
+@pytest.fixture
+def local_repo(workdir: Path) -> Iterator[Repo]:
+    www = workdir / "www"
+    for suite in ("bookworm", "trixie"):
+        write_repository(www / "debian", suite, LOCAL_DEBS)
+    write_repository(www / "extra", "stable", EXTRA_DEBS)
+    with Repo(www) as repo:
+        yield repo
+
+
+def sample_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aosbuild", "sample", "debian", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def urls(manifest: dict[str, Any]) -> list[str]:
+    return [unquote(url) for url in manifest["sources"]["org.osbuild.curl"]["items"].values()]
+
+
+def test_the_sample_against_the_hosts_apt_sources_and_an_extra_repository(workdir: Path, local_repo: Repo) -> None:
+    """The sample's flags from the command line, depsolved against a local repository (no network); the
+    manifest it writes validates (`--inspect`)."""
+    base = local_repo.url.removesuffix("/debian")
+    etc = workdir / "etc-apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text(f"deb [trusted=yes] {local_repo.url} bookworm main\n")
+    key = workdir / "id_ed25519.pub"
+    key.write_text(KEY + "\n")
+    output = workdir / "debian.json"
+    run = sample_command("--apt-sources", str(etc), "--cache", str(workdir / "cache"), "--no-updates",
+                         "--repo", f"[trusted=yes] {base}/extra stable main", "--packages", "vim",
+                         "--hostname", "vm", "--user", "bob", "--password", "pw", "--ssh-key", str(key),
+                         "--size", "3G", "-o", str(output))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # no password to print: it was given
+    manifest = json.loads(output.read_text())
+    pipelines = {p["name"]: p for p in manifest["pipelines"]}
+    build_install, os_install = pipelines["build"]["stages"][0], pipelines["os"]["stages"][0]
+    assert build_install["options"]["packages"] == list(samples.BUILD_PACKAGES)
+    assert os_install["options"]["packages"] == [*samples.OS_PACKAGES, "vim"]
+    assert os_install["options"]["architecture"] == "amd64"
+    # every package is pinned to the local repositories; vim from the extra one
+    assert all(url.startswith(f"{local_repo.url}/pool/") for url in urls(manifest) if "/vim_" not in url)
+    vim = f"{base}/extra/pool/main/v/vim/vim_9.0.1378-2_amd64.deb"
+    assert [url for url in urls(manifest) if "/vim_" in url] == [vim]
+    assert len(urls(manifest)) == len(LOCAL_DEBS) + 1
+    options = {s["type"]: s["options"] for s in pipelines["os"]["stages"]}
+    assert options["org.osbuild.hostname"] == {"hostname": "vm"}
+    (user,) = options["org.osbuild.users"]["users"].items()
+    assert user[0] == "bob"
+    assert user[1]["keys"] == [KEY]
+    assert user[1]["password"].startswith("$6$")
+    assert pipelines["image"]["stages"][0]["options"]["size"] == str(3 << 30)
+    inspect = subprocess.run([sys.executable, "-m", "aosbuild", "--inspect", str(output)],
+                             capture_output=True, text=True, timeout=60)
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    assert [p["name"] for p in json.loads(inspect.stdout)["pipelines"]] == ["build", "os", "image", "qcow2"]
+
+
+def test_the_sample_against_an_unsigned_mirror(workdir: Path, local_repo: Repo) -> None:
+    """`--mirror` of an unsigned repository: refused by apt with what to do, taken with `--mirror-trusted`."""
+    cache = str(workdir / "cache")
+    refused = sample_command("--mirror", local_repo.url, "--cache", cache, "--password", "pw")
+    assert refused.returncode == 1
+    assert refused.stdout == ""
+    assert "is not signed" in refused.stderr
+    assert "--mirror-trusted" in refused.stderr
+    run = sample_command("--mirror", local_repo.url, "--mirror-trusted", "--suite", "trixie", "--suite-version", "13",
+                         "--cache", cache, "--refresh")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("password of admin: ")  # a random one, printed
+    manifest = json.loads(run.stdout)  # no --output: on standard output
+    assert all(url.startswith(f"{local_repo.url}/pool/") for url in urls(manifest))
+    assert manifest["pipelines"][0]["runner"] == "org.osbuild.debian13"
+    assert {p["stages"][0]["options"]["suite"] for p in manifest["pipelines"][:2]} == {"trixie"}
+    assert any(path.startswith("/debian/dists/trixie/") for path in local_repo.requests)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mirror-trusted"], "--mirror-trusted needs --mirror URL"),
+    (["--mirror", "mirror.invalid/debian"], "--mirror: 'mirror.invalid/debian' is not a URL; give the mirror's base"),
+    (["--repo", "[trusted=yes] http://127.0.0.1:9/debian"], "--repo: expected 'URI SUITE [COMPONENT ...]'"),
+    (["--packages", ","], "argument --packages: ',' is not a list of package names: write them comma-separated"),
+])
+def test_repository_flags_that_cannot_be_right_exit_2(args: list[str], message: str) -> None:
+    run = sample_command(*args)
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert run.stdout == ""

@@ -288,7 +288,9 @@ def test_sources_only_summary_and_exit_codes(aosbuild: Aosbuild, server: FileSer
     assert "already cached: 2\n" in failed.stdout
     assert "failed:         1\n" in failed.stdout
     assert failed.stderr == (f"Error: {CURL}: {sha256(b'gone')}: {server.url('/gone')}: HTTP 404 Not Found "
-                             "(not retried: asking again gets the same answer)\n")
+                             "(not retried: asking again gets the same answer)\n"
+                             "What to do: check those items' URLs and checksums in the manifest's `sources`, then "
+                             "run `--sources-only` again (the items it fetched are kept).\n")
     assert "Traceback" not in failed.stderr
     assert items_in(aosbuild.store) == sorted([sha256(a), sha256(b), sha256(c)])
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from aosbuild import validation
+from aosbuild.errors import Problem
 from aosbuild.validation import Check, run_checks
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "additionalProperties": False}
@@ -64,3 +66,31 @@ def test_an_unwritable_cache_only_costs_the_validation(tmp_path: Path, monkeypat
     assert run_checks([Check(SCHEMA, {"name": "a"})]) == []
     assert [p.message for p in run_checks([Check(SCHEMA, {"x": 1})])] == [
         "Additional properties are not allowed ('x' was unexpected)"]
+
+
+def test_a_valid_schema_is_checked_once(cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a miss, only the manifest's own checks run: schemas found valid before are not checked again,
+    and one schema used by many stages is checked once."""
+    checked: list[object] = []
+    from aosbuild.moduleinfo import check_schema
+
+    def counting(schema: dict[str, Any], base: tuple[str | int, ...]) -> list[Problem]:
+        checked.append(schema)
+        return check_schema(schema, base)
+
+    monkeypatch.setattr(validation, "check_schema", counting)
+    uses: list[Check | Problem] = [Check(SCHEMA, {"name": str(i)}, ("stages", i)) for i in range(3)]
+    assert run_checks(uses) == []
+    assert checked == [SCHEMA]
+    assert run_checks([Check(SCHEMA, {"name": "another manifest"})]) == []
+    assert checked == [SCHEMA]
+    assert len(list(cache_home.with_name("valid-schemas").iterdir())) == 1
+
+
+def test_an_invalid_schema_is_reported_at_each_use_and_never_remembered(cache_home: Path) -> None:
+    broken = {"type": "no such type"}
+    for _ in range(2):
+        problems = run_checks([Check(broken, {}, ("stages", 0)), Check(broken, {}, ("stages", 1))])
+        assert [(p.path[:2], p.message.startswith("'no such type' is not valid")) for p in problems] == [
+            (("stages", 0), True), (("stages", 1), True)]
+    assert not cache_home.with_name("valid-schemas").exists()

@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
         if args.command == "clear":
             return clear(root)
         if args.command not in ("limit", "remote") and not (root / "cache.info").exists():  # a new store takes settings
-            raise StoreError(f"{root} is not an aosbuild store (it has no cache.info)")
+            raise StoreError(f"{root} is not an aosbuild store (it has no cache.info): check --store; a build "
+                             "makes the store it is given")
         if args.command == "info":
             return info(root, as_json=args.json)
         store = Store.open(root, use=False)
@@ -88,7 +89,8 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # `aosbuild store info | head -1`: an OSError, but nothing to report
         return broken_pipe()
     except OSError as exc:
-        sys.stderr.write(f"Error: {exc.filename or root}: {exc.strerror}\n")
+        sys.stderr.write(f"Error: {exc.filename or root}: {exc.strerror}; store commands take the store's locks "
+                         "and remove what they report: run them where the store can be written (as root)\n")
         return 1
     raise AssertionError(args.command)
 
@@ -334,7 +336,8 @@ def verify(store: Store, *, as_json: bool) -> int:
 def clear(root: Path) -> int:
     """Remove every tree, source item and staging entry; keep the limits. Works on any store format."""
     if not ((root / "cache.info").exists() or (root / "CACHEDIR.TAG").exists()):
-        raise StoreError(f"{root} does not look like a store (no cache.info, no CACHEDIR.TAG): not touching it")
+        raise StoreError(f"{root} does not look like a store (no cache.info, no CACHEDIR.TAG): not touching "
+                         "it; check --store")
     in_use = LockFile.try_open(root / "cache.lock", WRITE, create=True)
     if in_use is None:
         raise StoreError(f"builds are running on {root}: clear it when they have finished")

@@ -335,7 +335,8 @@ def remove_contents(path: Path, keep: str | None = None) -> None:
         except FileNotFoundError:
             return
         time.sleep(0.05 * (attempt + 1))
-    raise OSError(errno.ENOTEMPTY, f"cannot empty {path}: something keeps writing into it")
+    raise OSError(errno.ENOTEMPTY, f"cannot empty {path}: something keeps writing into it; stop what "
+                  "writes there, then run the command again")
 
 
 def reclaim(path: Path) -> bool:

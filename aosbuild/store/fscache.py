@@ -406,7 +406,8 @@ class Store:
             return StoreError(f"{what}: the filesystem of the store {self.root} is full "
                               f"({format_size(free.f_bavail * free.f_frsize)} free). Free some space there, or "
                               f"lower the bound of the store: aosbuild store prune --to SIZE --store {self.root}")
-        return StoreError(f"{what} in the store {self.root}: {exc.strerror or exc}")
+        return StoreError(f"{what} in the store {self.root}: {exc.strerror or exc}; check that the store's "
+                          "filesystem is writable, or give --store another directory")
 
     def source_path(self, content_type: str, checksum: str) -> Path:
         return self.sources / content_type / checksum

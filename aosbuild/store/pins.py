@@ -88,7 +88,8 @@ class Pins:
         try:
             return self._entries[object_id]
         except KeyError:
-            raise StoreError(f"{object_id} was needed but is neither built nor pinned in the store") from None
+            raise StoreError(f"{object_id} was needed but is neither built nor pinned in the store: something "
+                             "removed it during the build (another process on the store?); build again") from None
 
     def stack(self, object_id: str) -> tuple[str, ...]:
         """The ids of the layers of the tree `object_id`, bottom first, ending with `object_id`."""

@@ -44,11 +44,11 @@ def build(aosbuild: Aosbuild, *stages: dict[str, Any]) -> tuple[bytes, bytes]:
             (aosbuild.output / "after" / "disk.img").read_bytes())
 
 
-def core_image(workdir: Path, prefix: str, *modules: str) -> bytes:
+def core_image(workdir: Path, prefix: str, *modules: str, image_format: str = "i386-pc") -> bytes:
     """The core image the host's grub-mkimage makes (it is reproducible)."""
     out = workdir / "core.img"
-    subprocess.run(["grub-mkimage", "-d", str(GRUB_DIR), "-O", "i386-pc", "-C", "auto", "-o", str(out), "-p", prefix,
-                    *modules], check=True)
+    subprocess.run(["grub-mkimage", "-d", str(GRUB_DIR), "-O", image_format, "-C", "auto", "-o", str(out), "-p",
+                    prefix, *modules], check=True)
     return out.read_bytes()
 
 
@@ -62,9 +62,8 @@ def changed_sectors(before: bytes, after: bytes) -> list[int]:
     return [i // 512 for i in range(0, len(before), 512) if before[i:i + 512] != after[i:i + 512]]
 
 
-@pytest.mark.parametrize("location", [{}, {"location": 1}])
-def test_dos_mbr_gap(aosbuild: Aosbuild, location: dict[str, int]) -> None:
-    before, after = build(aosbuild, *disk("dos", DOS), install(core=CORE, prefix=PREFIX, **location))
+def test_dos_mbr_gap(aosbuild: Aosbuild) -> None:
+    before, after = build(aosbuild, *disk("dos", DOS), install(core=CORE, prefix=PREFIX, location=1))
     core = core_image(aosbuild.workdir, "(,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2")
     assert after[:440] == boot_code(1)
     assert after[440:512] == before[440:512]  # disk signature, partition table, 0x55aa
@@ -76,7 +75,7 @@ def test_dos_mbr_gap(aosbuild: Aosbuild, location: dict[str, int]) -> None:
 def test_gpt_bios_boot_partition(aosbuild: Aosbuild) -> None:
     core_options = {**CORE, "partlabel": "gpt", "binary": "grub-mkimage"}
     prefix = {**PREFIX, "partlabel": "gpt", "number": 1}
-    before, after = build(aosbuild, *disk("gpt", GPT), install(core=core_options, prefix=prefix))
+    before, after = build(aosbuild, *disk("gpt", GPT), install(core=core_options, prefix=prefix, location=2048))
     core = bytearray(core_image(aosbuild.workdir, "(,gpt2)/boot/grub", "biosdisk", "part_gpt", "ext2"))
     core[500:508] = struct.pack("<Q", 2049)  # the rest of the core follows its first sector, at 2049
     assert after[:440] == boot_code(2048)
@@ -85,20 +84,27 @@ def test_gpt_bios_boot_partition(aosbuild: Aosbuild) -> None:
     assert changed_sectors(before, after) == [0, *range(2048, 2048 + -(-len(core) // 512))]
 
 
-def test_path_prefix(aosbuild: Aosbuild) -> None:
+@pytest.mark.parametrize("location", [{}, {"location": 0}])
+def test_without_location_the_core_image_is_the_file(aosbuild: Aosbuild, location: dict[str, int]) -> None:
+    """As osbuild's stage: no location (or 0) copies the core image to the file, whatever it held."""
+    _, after = build(aosbuild, *disk("dos", DOS), install(core=CORE, prefix=PREFIX, **location))
+    assert after == core_image(aosbuild.workdir, "(,msdos1)/boot/grub", "biosdisk", "part_msdos", "ext2")
+
+
+def test_path_prefix_and_el_torito(aosbuild: Aosbuild) -> None:
+    """An iso9660 core is GRUB's El Torito image (osbuild's `i386-pc-eltorito`), as an ISO boots it."""
     core_options = {**CORE, "filesystem": "iso9660"}
-    _, after = build(aosbuild, *disk("dos", DOS), install(core=core_options, prefix={"path": "/boot/grub2"}))
-    core = core_image(aosbuild.workdir, "/boot/grub2", "biosdisk", "part_msdos", "iso9660")
-    assert after[512:512 + len(core)] == core
+    _, after = build(aosbuild, stage("org.osbuild.truncate", filename="disk.img", size="0"),
+                     install(core=core_options, prefix={"path": "/boot/grub2"}))
+    assert after == core_image(aosbuild.workdir, "/boot/grub2", "biosdisk", "part_msdos", "iso9660",
+                               image_format="i386-pc-eltorito")
 
 
 @pytest.mark.parametrize(("label", "partitions", "options", "message"), [
-    ("gpt", [{"start": 2048, "type": LINUX}], {}, "a gpt disk needs a BIOS boot partition"),
     ("gpt", [{"start": 2048, "type": LINUX}], {"location": 1}, "would overwrite the GPT header"),
-    ("dos", [{"start": 34, "type": "83"}], {}, "would overwrite partition"),
+    ("dos", [{"start": 34, "type": "83"}], {"location": 1}, "would overwrite partition"),
     ("gpt", GPT, {"location": 4200}, "would overwrite partition"),
-    # osbuild's schema takes these; the stage refuses them when it runs
-    ("dos", DOS, {"location": 0}, "the core image cannot go to sector 0"),
+    # osbuild's schema takes this; the bundled stage refuses it when it runs
     ("dos", DOS, {"platform": "powerpc-ieee1275"}, "platform 'powerpc-ieee1275': aosbuild's bundled"),
 ])
 def test_refuses_to_overwrite(aosbuild: Aosbuild, label: str, partitions: list[dict[str, Any]],
