@@ -80,6 +80,11 @@ def parser(prog: str = "aosbuild") -> argparse.ArgumentParser:
                    help="plain HTTP to a registry that is not on loopback")
     p.add_argument("--cache-remote-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="a registry silent for this long is not used again in the build (default: 30)")
+    p.add_argument("--dispatch", metavar="ADDRESS",
+                   help="build the pipelines on the workers of this Dask scheduler (tls://HOST:PORT; needs "
+                        "--cache-remote; see `aosbuild worker`)")
+    p.add_argument("--dispatch-arch", metavar="ARCH",
+                   help="the architecture the build roots need (default: this machine's, as `uname -m`)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show engine events and tracebacks")
@@ -95,6 +100,7 @@ COMMANDS: dict[str, str] = {
     "report": "aosbuild.report:main",
     "sample": "aosbuild.samples:main",
     "store": "aosbuild.store.commands:main",
+    "worker": "aosbuild.worker:main",
 }
 
 
@@ -129,6 +135,7 @@ def invocation(args: argparse.Namespace) -> Invocation:
         cache_max_size=args.cache_max_size,
         cache_remotes=() if args.no_cache_remote else (tuple(args.cache_remote) if args.cache_remote else None),
         cache_push=args.cache_push, cache_remote_insecure=args.cache_remote_insecure,
-        cache_remote_timeout=args.cache_remote_timeout, quiet=args.quiet, debug=args.debug, backend=args.backend)
+        cache_remote_timeout=args.cache_remote_timeout, dispatch=args.dispatch,
+        dispatch_arch=args.dispatch_arch, quiet=args.quiet, debug=args.debug, backend=args.backend)
 
 

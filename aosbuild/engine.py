@@ -12,6 +12,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 
@@ -46,6 +47,15 @@ class Request:
     download: DownloadOptions = field(default_factory=DownloadOptions)
     sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
     remote: remotecache.RemoteSettings | None = None  # registries of the store's second tier
+    targets: tuple[str, ...] = ()           # pipelines to build besides the exports (none: all, unless exports)
+    executor: Executor | None = None        # builds the planned pipelines elsewhere (dispatch.py); None: here
+
+
+class Executor(Protocol):
+    """What builds a plan's pipelines instead of this process's scheduler (the Dask dispatcher): by the
+    time `run` returns, the exported pipelines are in the local store for `export` to copy out."""
+
+    async def run(self, ctx: BuildContext, planned: Sequence[planner.Step], request: Request) -> None: ...
 
 
 def needed_items(manifest: Manifest, exports: Sequence[Pipeline]) -> frozenset[str] | None:
@@ -146,7 +156,7 @@ def prepare(manifest: Manifest, request: Request, *, store: Store, library: Libr
         exports = planner.resolve_exports(manifest, request.exports)
         checkpoints = planner.match_checkpoints(manifest, request.checkpoints)
     else:  # pinned below, once the build holds the store
-        plan = planner.plan(planner.Goal(manifest=manifest, exports=request.exports,
+        plan = planner.plan(planner.Goal(manifest=manifest, exports=request.exports, targets=request.targets,
                                          checkpoints=request.checkpoints), stored)
         exports, checkpoints = [p for _name, p in plan.exports], plan.checkpoints
     options = BuildOptions(checkpoints=checkpoints,
@@ -248,7 +258,10 @@ async def run(ctx: BuildContext, plan: planner.Plan | None, request: Request) ->
         await ctx.sources.fetch_all()
         return
     report_cached(ctx, plan.cached)
-    await scheduler.run(ctx, plan)
+    if request.executor is None:
+        await scheduler.run(ctx, plan)
+    else:
+        await request.executor.run(ctx, plan.build, request)
     for name, pipeline in plan.exports:
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)

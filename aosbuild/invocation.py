@@ -38,6 +38,8 @@ class Invocation:
     cache_push: str | None = None               # none|pipelines|all; None: the store's, else pipelines
     cache_remote_insecure: bool = False         # plain HTTP to a registry that is not on loopback
     cache_remote_timeout: float | None = None   # seconds a registry may stay silent; None: 30
+    dispatch: str | None = None                 # a Dask scheduler's address: build on its workers
+    dispatch_arch: str | None = None            # the build roots' architecture; None: this machine's
     quiet: bool = False                         # no progress output
     debug: bool = False                         # engine events and tracebacks
     summary: bool = True                        # "what was made" at the end (the drop-in prints none)

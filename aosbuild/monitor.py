@@ -54,6 +54,8 @@ class Monitor:
     # aosbuild's own events, which osbuild's layouts have no place for (the log and jsonseq monitors ignore them)
     def build_planned(self, stages: Sequence[PlannedStage]) -> None: ...
     def exported(self, name: str, path: Path, size: int) -> None: ...
+    def worker_log(self, worker: str, message: str, pipeline: Pipeline | None = None) -> None:
+        """A line about a dispatched pipeline from the Dask worker that built it (`dispatch.py`)."""
     def tick(self) -> None:
         """Called five times a second while the build runs, for monitors that show elapsed times."""
 
@@ -285,6 +287,11 @@ class JsonSeqMonitor(Monitor):
         self._emit(message=message, context=self._context("org.osbuild", ids),
                    pipeline_name=pipeline.name if pipeline else None)
 
+    def worker_log(self, worker: str, message: str, pipeline: Pipeline | None = None) -> None:
+        ids = self._pid(pipeline) if pipeline else (None, None)
+        self._emit(message=message, context=self._context(f"aosbuild.worker/{worker}", ids),
+                   pipeline_name=pipeline.name if pipeline else None)
+
     def build_finished(self, label: str, *, success: bool) -> None:
         outcome = "finished successfully" if success else "failed"
         self._emit(message=f"manifest {label} {outcome}\n", context=self._context("osbuild.main_cli"))
@@ -392,6 +399,9 @@ class LogMonitor(Monitor):
         self._write(f"Pipeline {pipeline.name}: {pipeline.id} (cached)\n")
 
     def log(self, message: str, pipeline: Pipeline | None = None) -> None:
+        self._write(message if message.endswith("\n") else message + "\n")
+
+    def worker_log(self, worker: str, message: str, pipeline: Pipeline | None = None) -> None:
         self._write(message if message.endswith("\n") else message + "\n")
 
     def build_finished(self, label: str, *, success: bool) -> None:

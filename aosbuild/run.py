@@ -68,12 +68,36 @@ def check(inv: Invocation) -> None:
     if inv.cache_remote_timeout is not None and not (inv.cache_remote_timeout > 0
                                                      and math.isfinite(inv.cache_remote_timeout)):
         raise InvalidArgument("--cache-remote-timeout", "must be a number of seconds above 0")
+    if inv.dispatch is not None:
+        check_dispatch(inv)
     out = inv.output_directory
     if out is not None and out.is_symlink() and not out.exists():
         raise InvalidArgument("--output-directory", f"{out} is a symbolic link to nothing; remove it or "
                               "point it at a directory")
     if out is not None and out.exists() and not out.is_dir():
         raise InvalidArgument("--output-directory", f"{out} exists and is not a directory; choose another path")
+
+NEEDS_REMOTE = ("needs --cache-remote REF (or the store's `aosbuild store remote`): the workers share trees only "
+                "through the remote cache, an OCI registry repository the workers use too")
+
+
+def check_dispatch(inv: Invocation) -> None:
+    assert inv.dispatch is not None
+    if inv.cache_remotes == ():
+        raise InvalidArgument("--dispatch", NEEDS_REMOTE)
+    if inv.sources_only or inv.inspect:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
+        raise InvalidArgument("--dispatch", "needs Dask distributed: pip install 'aosbuild[dispatch]'")
+    from .dispatch import check_address
+
+    try:
+        check_address(inv.dispatch, "--dispatch")
+    except ValueError as exc:
+        raise InvalidArgument("--dispatch", str(exc).removeprefix("--dispatch ")) from None
+
 
 def carry_out(inv: Invocation) -> int:
     """`run()` less the interrupts: refuse a bad request, load the manifest, then inspect or build it."""
@@ -89,7 +113,8 @@ def carry_out(inv: Invocation) -> int:
     library = Library([Path(d) for d in inv.libdirs])
     label = inv.manifest
     try:
-        manifest = load_file(label, read_manifest(label), library, build=not inv.inspect)
+        text = read_manifest(label)
+        manifest = load_file(label, text, library, build=not inv.inspect)
     except ManifestError as exc:
         if exc.__cause__ is not None:
             sys.stderr.write(f"Error: cannot read {label}: {exc.__cause__}; check the path (`-` reads the "
@@ -122,10 +147,10 @@ def carry_out(inv: Invocation) -> int:
             host_runner = None
         print_json(describe(manifest, host_runner))
         return 0
-    return build(inv, manifest, library)
+    return build(inv, manifest, library, text)
 
 
-def build(inv: Invocation, manifest: Any, library: Library) -> int:
+def build(inv: Invocation, manifest: Any, library: Library, text: str = "") -> int:
     """Build the loaded manifest; progress, the result and the errors as the invocation's flags say."""
     label = inv.manifest
     if inv.exports and not inv.output_directory and not inv.sources_only:
@@ -153,11 +178,14 @@ def build(inv: Invocation, manifest: Any, library: Library) -> int:
         end_summary = sys.stdout if monitor_name == "live" and monitor_fd == sys.stdout.fileno() else sys.stderr
     request = engine.Request(label=label, exports=inv.exports, output_directory=inv.output_directory,
                              checkpoints=inv.checkpoints, jobs=inv.jobs, stage_timeout=inv.stage_timeout,
-                             sources_only=inv.sources_only, download=inv.download)
+                             sources_only=inv.sources_only, download=inv.download,
+                             executor=dispatcher(inv, text))
     report = None
     try:
         store = Store.open(Path(inv.store), max_size=inv.cache_max_size)
         request = dataclasses.replace(request, remote=remote_settings(inv, store))
+        if request.executor is not None and request.remote is None:
+            raise InvalidArgument("--dispatch", NEEDS_REMOTE)
         monitor = make_monitor(monitor_name, monitor_fd)
         prepared = engine.prepare(manifest, request, store=store, library=library, monitor=monitor)
         report = anyio.run(run_until_signalled, lambda: engine.build(prepared, request), backend=inv.backend)
@@ -213,6 +241,15 @@ def remote_settings(inv: Invocation, store: Store) -> Any:
 
     return resolve_settings(store.remote_config(), refs=inv.cache_remotes, push=inv.cache_push,
                             insecure=inv.cache_remote_insecure, timeout=inv.cache_remote_timeout)
+
+
+def dispatcher(inv: Invocation, text: str) -> Any:
+    """The executor of `--dispatch` (dispatch.py, which imports Dask), or None to build here."""
+    if inv.dispatch is None or inv.sources_only:
+        return None
+    from .dispatch import Dispatcher
+
+    return Dispatcher(address=inv.dispatch, manifest_text=text, arch=inv.dispatch_arch or "")
 
 
 def pipelines_summary(manifest: Any, ctx: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import baseline
 import debian
+import dispatch
 import downloads
 import edit
 import engine
@@ -44,6 +45,7 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "edit": (edit.run, 3),      # a cold build (layered and flat) and three rebuilds per repetition
     "edit-disk": (edit.run_disk, 3),
     "remote": (remote.run, 3),  # three cold builds of the sample per repetition
+    "dispatch": (dispatch.run, 3),  # N sleeping pipelines on 1, 2, 3 Dask workers
 }
 README = BENCH / "README.md"
 LATEST = ("<!-- latest run: written by bench/suite.py --update-readme -->", "<!-- end of latest run -->")
