@@ -28,6 +28,7 @@ from aosbuild.exporting import (
     remove_leftovers,
     swap_in,
 )
+from aosbuild.exportmarks import CLOCK_REALTIME_COARSE, ExportMark, settle
 from aosbuild.store import copy_tree
 
 from .conftest import Aosbuild, manifest, pipeline, stage
@@ -316,3 +317,74 @@ def test_export_to_a_relative_output_directory(aosbuild: Aosbuild) -> None:
     run = aosbuild(m, "--export", "tree", "--output-directory", "relative-out")
     assert run.returncode == 0, run.stderr
     assert sorted(os.listdir(aosbuild.workdir / "relative-out" / "tree")) == ["a", "b"]
+
+
+def inodes(root: Path) -> dict[str, tuple[int, int]]:
+    return {os.path.relpath(os.path.join(d, n), root): (os.lstat(os.path.join(d, n)).st_dev,
+                                                         os.lstat(os.path.join(d, n)).st_ino)
+            for d, _, files in os.walk(root) for n in files}
+
+
+def test_the_same_export_again_keeps_the_copy_until_it_is_changed(aosbuild: Aosbuild) -> None:
+    """A cached rebuild into the same output directory leaves the export that is there alone, as long as
+    nothing changed it; one changed in any way (even with its size and mtime put back) is copied again.
+    An export never shares an inode with the store, kept or copied."""
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="a", count=2, size=65536)))
+    tree_id = json.loads(aosbuild(m, "--inspect").stdout)["pipelines"][0]["stages"][-1]["id"]
+    args = ("--export", "tree", "--output-directory", str(aosbuild.output))
+    exported, image = aosbuild.output / "tree", aosbuild.output / "tree" / "a-0"
+
+    def export() -> None:
+        run = aosbuild(m, *args)
+        assert run.returncode == 0, run.stderr
+        assert snapshot(exported) == stored
+        assert not set(inodes(exported).values()) & set(inodes(aosbuild.store).values())
+        assert leftovers(aosbuild.output) == []
+
+    assert aosbuild(m, *args).returncode == 0
+    stored = snapshot(aosbuild.stored_tree(tree_id))
+    export()
+    first = inodes(exported)
+    export()
+    assert inodes(exported) == first  # kept: nothing was copied
+
+    before = os.lstat(image)
+    with open(image, "r+b") as f:  # the user's change: same size, and the mtime put back
+        f.write(b"changed")
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    export()
+    assert inodes(exported) != first
+    second = inodes(exported)
+
+    (exported / "added").write_text("by the user\n")
+    export()  # the added file is gone
+    assert inodes(exported) != second
+
+    other = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="b", count=1)))
+    assert aosbuild(other, *args).returncode == 0
+    assert os.listdir(exported) == ["b-0"]
+    export()  # the mark is of the other tree now
+
+
+def test_a_mark_is_kept_only_once_a_later_write_gets_a_later_time(workdir: Path) -> None:
+    """`settle`: after it, the coarse clock (the one file times come from) is more than 1 ms past the
+    newest ctime recorded, so a write after the export is done changes its file's ctime. A filesystem
+    whose times are whole milliseconds or coarser (FAT: 2 s) gets no mark."""
+    target = workdir / "tree"
+    target.mkdir()
+    (target / "f").write_text("x")
+    newest = os.lstat(target / "f").st_ctime_ns
+    assert settle(newest)
+    assert time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > newest + 1_000_000
+    assert not settle(newest - newest % 1_000_000)
+    assert not settle(time.time_ns() + 10**9)  # a time a second ahead is not waited for
+
+    mark = ExportMark(store=workdir / "store", tree="t")
+    workdir.joinpath("store").mkdir()
+    for _ in range(20):
+        mark.remember(target)
+        assert mark.holds(target)
+        with open(target / "f", "a") as f:
+            f.write("y")
+        assert not mark.holds(target)
+    assert not ExportMark(store=workdir / "store", tree="another").holds(target)

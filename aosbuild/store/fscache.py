@@ -10,6 +10,7 @@ Layout (osbuild's, with a format of its own; see `entries` for one entry)::
     <store>/stage/uuid-<hex>/ entries under construction, and evicted ones being removed
     <store>/tmp/uuid-<hex>/   scratch entries, always removed
     <store>/sources/<type>/<checksum>   source items (`sourcecache`)
+    <store>/exports/<digest>.json       what the last export to a target left there (`exportmarks`)
 
 The entry lifecycle is three async context managers: `load(id)` (read-locked, or `CacheMiss`),
 `store(id)` (a fresh entry, committed when the block ends, discarded quietly if another build committed
