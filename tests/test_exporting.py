@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -31,7 +31,7 @@ from aosbuild.exporting import (
 from aosbuild.exportmarks import CLOCK_REALTIME_COARSE, ExportMark, settle
 from aosbuild.store import copy_tree
 
-from .conftest import Aosbuild, manifest, pipeline, stage
+from .conftest import TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
 
 Snapshot = dict[str, tuple[str, int, int, int, bytes]]
 
@@ -388,3 +388,59 @@ def test_a_mark_is_kept_only_once_a_later_write_gets_a_later_time(workdir: Path)
             f.write("y")
         assert not mark.holds(target)
     assert not ExportMark(store=workdir / "store", tree="another").holds(target)
+
+
+@pytest.fixture
+def xfs(workdir: Path) -> Iterator[Path]:
+    """An XFS (reflinks on, as mkfs.xfs makes it) on a loop device of our own, mounted in `workdir`."""
+    image, mountpoint = workdir / "xfs.img", workdir / "xfs"
+    with open(image, "wb") as f:
+        f.truncate(320 << 20)  # mkfs.xfs's smallest
+    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    try:
+        mountpoint.mkdir()
+        subprocess.run(["mount", device, str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def shared_extents(path: Path) -> bool:
+    """Whether every extent of the file is shared with another file (FIEMAP_EXTENT_SHARED)."""
+    extents = [line for line in subprocess.run(["filefrag", "-v", str(path)], check=True, capture_output=True,
+                                               text=True).stdout.splitlines() if line.lstrip()[:1].isdigit()]
+    return bool(extents) and all("shared" in line for line in extents)
+
+
+def test_an_export_on_a_filesystem_with_reflinks_shares_blocks_not_inodes(xfs: Path) -> None:
+    """Store and output directory on one XFS: the export is a reflink copy (its blocks shared with the
+    store's, no data copied), still a file of its own; the next export keeps it, a changed one is copied."""
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="a", count=1, size=1 << 20)))
+    path = xfs / "manifest.json"
+    path.write_text(json.dumps(m))
+    argv = [sys.executable, "-m", "aosbuild", "--libdir", str(TEST_LIBDIR), "--store", str(xfs / "store"),
+            "--export", "tree", "--output-directory", str(xfs / "output"), str(path)]
+    subprocess.run(argv, check=True, capture_output=True)
+    image = xfs / "output" / "tree" / "a-0"
+    assert shared_extents(image)
+    # copied from the layer itself, not through an overlay mount: none of the layer's overlayfs xattrs
+    assert [x for x in os.listxattr(image.parent) if x.startswith("trusted.overlay.")] == []
+    stored = [Path(d, n) for d, _, files in os.walk(xfs / "store" / "objects") for n in files if n == "a-0"]
+    assert stored
+    assert all(os.lstat(s).st_ino != os.lstat(image).st_ino and s.read_bytes() == image.read_bytes()
+               for s in stored)
+    first = os.lstat(image).st_ino
+    subprocess.run(argv, check=True, capture_output=True)
+    assert os.lstat(image).st_ino == first
+    with open(image, "r+b") as f:  # a write to a reflinked file unshares that block, not the store's
+        f.write(b"changed")
+    assert all(s.read_bytes()[:7] != b"changed" for s in stored)
+    subprocess.run(argv, check=True, capture_output=True)
+    assert os.lstat(image).st_ino != first
+    assert shared_extents(image)
+    assert image.read_bytes() == stored[0].read_bytes()

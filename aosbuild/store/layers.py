@@ -338,3 +338,26 @@ def namespace_argv(base: Path, overlays: Sequence[Overlay], argv: Sequence[str],
 
 def squashable(layers: Sequence[Path]) -> bool:
     return len(layers) >= MAX_LAYERS
+
+
+def shows_as_is(layer: Path) -> bool:
+    """Whether the bottom layer `layer` alone reads the same as an overlay mount of it: below its top
+    directory (whose overlayfs xattrs, `uuid` and `origin` of the mount it was the upper of, a copy
+    strips) it holds no whiteout and no overlayfs xattr, which only the mount hides. Then it can be
+    copied directly, with reflinks or in-kernel copies, and no mount namespace."""
+    todo = [os.fspath(layer)]
+    while todo:
+        directory = todo.pop()
+        if directory != os.fspath(layer) and any(
+                name.startswith(OVERLAY_XATTRS) for name in os.listxattr(directory, follow_symlinks=False)):
+            return False
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    todo.append(entry.path)
+                elif is_whiteout(entry.path, st) or (not stat.S_ISLNK(st.st_mode) and any(
+                        name.startswith(OVERLAY_XATTRS)
+                        for name in os.listxattr(entry.path, follow_symlinks=False))):
+                    return False
+    return True
