@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -82,6 +83,15 @@ def timed_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | Non
         raise SystemExit(f"benchmark command failed with exit status {proc.returncode}: {' '.join(map(str, argv))}\n"
                          f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return elapsed
+
+
+def timed_cpu_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """`timed_ms`, and the CPU time (user + system) of the command and of every process under it that was
+    waited for: the sandboxes' too. Less disturbed by a loaded machine than wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = timed_ms(argv, cwd=cwd, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) * 1000
 
 
 def repeat(times: int, sample: Callable[[], dict[str, float]]) -> dict[str, list[float]]:
