@@ -28,6 +28,7 @@ from pathlib import Path
 
 import anyio
 
+from . import process
 from .store import layers
 
 CLONE_NEWNS = 0x00020000
@@ -108,11 +109,17 @@ class MountNamespace:
         finally:
             stop.set()
             ready.wait()  # once stopped, at most one mount(2) away
-            if not handed and outcome and isinstance(outcome[0], subprocess.Popen):
-                outcome[0].kill()  # started, but the caller was cancelled before it could own it
-                outcome[0].wait()
-            done.set()
-            thread.join()  # it only returns now: its namespace goes with the sandbox's
+            try:
+                if not handed and outcome and isinstance(outcome[0], subprocess.Popen):
+                    # started, but the caller was cancelled before it could own it: its children too
+                    orphan = process.Process(outcome[0])
+                    try:
+                        await process.kill(orphan)
+                    finally:
+                        orphan.close()
+            finally:
+                done.set()
+                thread.join()  # it only returns now: its namespace goes with the sandbox's
 
 
 def for_overlays(base: Path, overlays: Sequence[layers.Overlay], needed: Sequence[str]) -> MountNamespace | None:
