@@ -29,6 +29,7 @@ from pathlib import Path
 import anyio
 
 from . import process
+from .errors import SandboxError
 from .store import layers
 
 CLONE_NEWNS = 0x00020000
@@ -102,6 +103,9 @@ class MountNamespace:
             # mostly a millisecond; a busy mount is retried for up to 5 s, which a cancel stops at once
             await anyio.to_thread.run_sync(ready.wait, abandon_on_cancel=True)
             result = outcome[0]
+            if isinstance(result, OSError):
+                raise SandboxError(f"cannot make the stage's mount namespace: {result.strerror or result}"
+                                   f"{f' ({result.filename})' if result.filename else ''}") from result
             if isinstance(result, BaseException):
                 raise result
             handed = True

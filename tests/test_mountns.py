@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from aosbuild import process
+from aosbuild.errors import SandboxError
 from aosbuild.mountns import MountNamespace, for_overlays
 from aosbuild.store import layers
 
@@ -74,7 +75,7 @@ async def test_a_failed_mount_is_an_error_and_starts_nothing(workdir: Path) -> N
         started.append(1)
         return subprocess.Popen(["true"])
 
-    with pytest.raises(OSError, match=r"mount the stage's overlay on .*missing"):
+    with pytest.raises(SandboxError, match=r"mount namespace: mount the stage's overlay on .*missing"):
         async with namespace.started(start):
             pass
     assert started == []
