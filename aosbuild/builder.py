@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import structlog
 
-from . import buildroot, osbuild_api, sandbox
+from . import buildroot, mountns, osbuild_api, sandbox
 from .accounts import Accounts, make_accounts
 from .context import BuildContext
 from .devices import DevDir, open_dev_dir, open_devices
@@ -272,11 +272,9 @@ class Views:
         resolved = overlay.file_in(view.layers, name)
         return None if resolved is None else self.show(view) / resolved
 
-    def prefix(self, argv: list[str], needed: list[str]) -> tuple[str, ...]:
-        """What runs `argv` (the stage's bwrap, which binds the host's `needed` paths) with these mounts,
-        in a namespace of its own."""
-        full = overlay.namespace_argv(self.ctx.store.root, self.overlays, argv, needed, scratch=self.scratch)
-        return tuple(full[:len(full) - len(argv)])
+    def namespace(self, needed: list[str]) -> mountns.MountNamespace | None:
+        """The mount namespace with these mounts for the stage's bwrap, which binds the host's `needed`."""
+        return mountns.for_overlays(self.ctx.store.root, self.overlays, needed)
 
 
 def root_entries(view: TreeView) -> dict[str, str]:
@@ -400,7 +398,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 dev=devdir.path, binds=tuple(binds), env=env, osbuild=contract,
                 capabilities=tuple(sorted(info.capabilities)),
                 root_entries=None if build is None or build.flat else root_entries(build), accounts=accounts)
-            spec = dataclasses.replace(spec, prefix=views.prefix(sandbox.bwrap_argv(spec), sandbox.sources(spec)))
+            spec = dataclasses.replace(spec, namespace=views.namespace(sandbox.sources(spec)))
             reason = ""
             try:
                 with anyio.fail_after(ctx.options.stage_timeout):

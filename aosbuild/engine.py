@@ -22,6 +22,7 @@ from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
 from .errors import AosbuildError, flatten
 from .exporting import export_target, export_tree
+from .exportmarks import ExportMark
 from .history import Durations, History, SavedStream
 from .library import Library
 from .logs import get_logger
@@ -90,7 +91,8 @@ async def export(ctx: BuildContext, pipeline: Pipeline, name: str, output_direct
         async def copy(src: Path, dst: Path) -> None:
             await ctx.store.copy_view(view, dst, what)
 
-        await export_tree(view.layers[0], target, copy=copy)
+        mark = ExportMark(store=ctx.store.root, tree=pipeline.id)  # the same export again: kept as it is
+        await export_tree(view.layers[0], target, copy=copy, mark=mark)
     ctx.monitor.exported(name, target, await anyio.to_thread.run_sync(tree_size, target))
 
 

@@ -8,6 +8,8 @@ copy is complete, one rename swaps it in (`renameat2` with `RENAME_EXCHANGE`; wh
 that, the old target is first renamed aside). If `OUTDIR/NAME` is a symlink, the link is replaced, not
 followed. What was there before ends at the temporary name and is removed without following symlinks.
 A failed or cancelled export removes its temporary directory and leaves `OUTDIR/NAME` as it was.
+An export of the tree that `OUTDIR/NAME` still holds, untouched since the export that put it there, is
+not copied again (`exportmarks`).
 
 An export killed outright (-9, a crash) cannot: it leaves `OUTDIR/.NAME.tmp-*` (or `.NAME.old-*`). The
 next export of NAME to that directory removes them, whatever store it uses. An export holds an flock on
@@ -35,6 +37,7 @@ import anyio
 
 from .confine import component
 from .errors import UsageError
+from .exportmarks import ExportMark
 from .store import copy_tree
 from .store.locks import same_file
 
@@ -185,12 +188,17 @@ def export_target(output_directory: Path, name: str) -> Path:
     return output_directory / name
 
 
-async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree) -> None:
-    """Copy `tree` (None: an empty tree) to `target`, replacing whatever is there only when complete."""
+async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree,
+                      mark: ExportMark | None = None) -> bool:
+    """Copy `tree` (None: an empty tree) to `target`, replacing whatever is there only when complete.
+    With a `mark`, a target that still holds exactly what the same export left is kept (`exportmarks`)
+    and False returned; True when copied."""
     parent = target.parent
     try:
         await anyio.to_thread.run_sync(functools.partial(parent.mkdir, parents=True, exist_ok=True))
         await anyio.to_thread.run_sync(remove_leftovers, parent, target.name)
+        if mark is not None and await anyio.to_thread.run_sync(mark.holds, target):
+            return False
         fresh, lock = await anyio.to_thread.run_sync(make_fresh, parent, target.name)
     except OSError as exc:
         raise export_error(target, exc) from exc
@@ -208,6 +216,9 @@ async def export_tree(tree: Path | None, target: Path, *, copy: Copy = copy_tree
         raise
     finally:
         os.close(lock)
+    if mark is not None:
+        await anyio.to_thread.run_sync(mark.remember, target)
+    return True
 
 
 def export_error(target: Path, exc: OSError) -> UsageError:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import anyio
@@ -23,6 +24,8 @@ from .errors import AosbuildError
 GRACE_SECONDS = 5.0
 
 Argv = Sequence[str | os.PathLike[str]]
+# starts a process (the callable given) somewhere of its own, holding that place while the block runs
+StartIn = Callable[[Callable[[], "subprocess.Popen[bytes]"]], AbstractAsyncContextManager["subprocess.Popen[bytes]"]]
 
 
 def argv_list(argv: Argv) -> list[str]:
@@ -227,7 +230,8 @@ def _libc() -> ctypes.CDLL:
 async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapping[str, str] | None = None,
                         pass_fds: Sequence[int] = (), cwd: Path | None = None,
                         on_started: Callable[[], None] | None = None, grace: float = GRACE_SECONDS,
-                        kill_at_once: bool = False, death_signal: bool = True) -> int:
+                        kill_at_once: bool = False, death_signal: bool = True,
+                        start_in: StartIn | None = None) -> int:
     """Run a process with stdin from /dev/null, stdout and stderr merged into `on_line`; its exit status.
 
     `on_started` runs right after the process exists, e.g. to close descriptors it inherited. When the
@@ -236,12 +240,24 @@ async def run_streaming(argv: Argv, *, on_line: Callable[[str], None], env: Mapp
     Without it the child starts with vfork, in 0.2 ms instead of about 10 ms for a fork of the engine and
     Python code run in the child: for commands that see to it themselves (bwrap's `--die-with-parent`),
     and for osbuild's host services, which clean up (unmount, close devices) when the engine's end of
-    their socket closes, as a kill of the engine does too; a SIGKILL would stop that.
+    their socket closes, as a kill of the engine does too; a SIGKILL would stop that. `start_in` starts
+    the process elsewhere than in this thread (`mountns`: in a thread with a mount namespace of its own),
+    keeping that place until the process has been reaped.
     """
-    popen = subprocess.Popen(  # noqa: ASYNC220  # fork from this thread on purpose: see Process
-        argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
-        start_new_session=True, preexec_fn=die_with_parent(os.getpid()) if death_signal else None)
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(  # fork from this thread (or start_in's) on purpose: see Process
+            argv_list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), cwd=cwd,
+            start_new_session=True, preexec_fn=die_with_parent(os.getpid()) if death_signal else None)
+
+    if start_in is None:
+        return await _run_started(start(), on_line, on_started, grace, kill_at_once)
+    async with start_in(start) as popen:
+        return await _run_started(popen, on_line, on_started, grace, kill_at_once)
+
+
+async def _run_started(popen: subprocess.Popen[bytes], on_line: Callable[[str], None],
+                       on_started: Callable[[], None] | None, grace: float, kill_at_once: bool) -> int:
     process = Process(popen)
     splitter = LineSplitter(on_line)
     at_end = False

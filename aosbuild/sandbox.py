@@ -4,9 +4,9 @@ A stage sees the build root's `/usr` read-only (the host's when the pipeline has
 its tree read-write at `/run/osbuild/tree`, its inputs read-only under `/run/osbuild/inputs`, a private
 `/dev`, its own pid namespace and no network. Of aosbuild it sees only the sandbox side
 (`aosbuild.sandboxside`, at `/run/osbuild/lib/aosbuild`). bwrap's `--die-with-parent` and the pid
-namespace make sure nothing started inside outlives the stage. A spec's `prefix` runs before bwrap, in
-the same process: the layered store's `unshare --mount` and overlay mounts (`store.layers`) of the tree
-and build root it binds.
+namespace make sure nothing started inside outlives the stage. A spec's `namespace` is where bwrap
+starts: a mount namespace of its own with the layered store's overlay mounts of the tree and build root
+it binds (`mountns`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from . import process, rpc
+from .mountns import MountNamespace
 from .sandboxside.runnerlib import CAPS_ENV
 from .sandboxside.stageapi import FD_ENV
 
@@ -105,9 +106,9 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     osbuild: OsbuildSandbox | None = None
     capabilities: tuple[str, ...] = ()  # asked for by the module's metadata, besides the default set
-    prefix: tuple[str, ...] = ()  # argv before bwrap's: what mounts the build root and tree it binds
+    namespace: MountNamespace | None = None  # where bwrap starts: the mounts of the build root and tree it binds
     # the build root's ROOT_DIRS ("" a directory, else a symlink's target) when the host cannot see them
-    # (a mount `prefix` makes); None: look at the build root
+    # (a mount of the `namespace`); None: look at the build root
     root_entries: Mapping[str, str] | None = None
     # /etc/passwd and /etc/group as osbuild's runner makes them (`aosbuild.accounts`); None: the build root's
     accounts: Accounts | None = None
@@ -333,7 +334,7 @@ DRAIN_SECONDS = 5.0
 DEV_POLL_SECONDS = 0.02
 
 
-async def run_bwrap(argv: list[str], *, prefix: tuple[str, ...] = (), on_line: Callable[[str], None],
+async def run_bwrap(argv: list[str], *, namespace: MountNamespace | None = None, on_line: Callable[[str], None],
                     env: Mapping[str, str],
                     pass_fds: list[int] | None = None, on_started: Callable[[], None] | None = None,
                     on_dev_bound: Callable[[], None] | None = None,
@@ -371,9 +372,10 @@ async def run_bwrap(argv: list[str], *, prefix: tuple[str, ...] = (), on_line: C
             tg.start_soon(watch_dev)
             try:
                 returncode = await process.run_streaming(
-                    [*prefix, argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
+                    [argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
                     pass_fds=[*(pass_fds or ()), info_w], on_started=started,
-                    kill_at_once=True, death_signal=False)
+                    kill_at_once=True, death_signal=False,
+                    start_in=namespace.started if namespace is not None else None)
             finally:
                 tg.cancel_scope.cancel()
         return returncode
@@ -453,12 +455,13 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
     """
     if spec.osbuild is not None:
         caps = stage_capabilities(bounding_set(), spec.capabilities)
-        return await run_bwrap(bwrap_argv(spec, caps), prefix=spec.prefix, on_line=on_line,
+        return await run_bwrap(bwrap_argv(spec, caps), namespace=spec.namespace, on_line=on_line,
                                env=osbuild_env(spec.env), on_dev_bound=on_dev_bound, on_set_up=on_set_up)
     compile_stage_side()
     engine_sock, stage_sock = rpc.open_socketpair()
-    # with a mount prefix (a layered build root) the host does not see the build root as bwrap will: bound
-    etc_copies = open_etc_copies(spec.build_root) if not spec.prefix else {}
+    # a layered build root is mounted only in the stage's namespace, the host does not see it as bwrap
+    # will: its files are bound. The host's, or a flat one, the engine opens (a layered tree is no matter)
+    etc_copies = open_etc_copies(spec.build_root) if spec.root_entries is None else {}
     for name, data in (spec.accounts.files() if spec.accounts is not None else {}).items():
         if name in etc_copies:
             os.close(etc_copies[name])
@@ -482,7 +485,7 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
             # bwrap's --die-with-parent applies to bwrap itself too; were the engine to die before bwrap
             # has set it, the stage would find the channel closed and end at its first request
             returncode = await run_bwrap(
-                bwrap_argv(spec, caps, etc_copies), prefix=spec.prefix, on_line=on_line, env=env,
+                bwrap_argv(spec, caps, etc_copies), namespace=spec.namespace, on_line=on_line, env=env,
                 pass_fds=[stage_sock.fileno(), *etc_copies.values()],
                 on_started=stage_sock.close, on_set_up=on_set_up)
             # let the server read what the stage sent just before it exited, then stop it

@@ -84,6 +84,21 @@ def timed_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | Non
     return elapsed
 
 
+def timed_cpu_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """`timed_ms`, and the CPU time of the command and every process under it (`perf stat`'s task-clock,
+    which follows every fork: getrusage misses a sandbox's processes, which bwrap never reaps). Less
+    disturbed by a loaded machine than wall time."""
+    out = RESULTS / f".perf-{os.getpid()}.csv"
+    RESULTS.mkdir(exist_ok=True)
+    try:
+        wall = timed_ms(["perf", "stat", "-x,", "-e", "task-clock", "-o", os.fspath(out), "--", *argv],
+                        cwd=cwd, env=env)
+        line = next(line for line in out.read_text().splitlines() if "task-clock" in line)
+        return wall, float(line.split(",")[0])
+    finally:
+        out.unlink(missing_ok=True)
+
+
 def repeat(times: int, sample: Callable[[], dict[str, float]]) -> dict[str, list[float]]:
     """Collect `times` samples, each a dict of interleaved measurements, so drift hits all of them alike."""
     runs = [sample() for _ in range(times)]

@@ -41,6 +41,7 @@ SCENARIOS: dict[str, tuple[Callable[[Path, int, bool], Section], int]] = {
     "commit": (store.commit_export, 5),
     "downloads": (downloads.run, 5),
     "debian": (debian.run, 3),  # a cold build takes minutes
+    "cached-sample": (debian.cached, 7),  # one untimed cold build, then cached rebuilds
     "osbuild": (baseline.run, 3),  # osbuild 191 takes about 12 s for the generic manifest
     "edit": (edit.run, 3),      # a cold build (layered and flat) and three rebuilds per repetition
     "edit-disk": (edit.run_disk, 3),
@@ -55,6 +56,7 @@ COLUMNS = [
     ("overhead", "startup_ms", "startup ms", "{:.0f}"),
     ("overhead", "overhead_per_stage_ms", "per stage ms", "{:.0f}"),
     ("overhead", "per_stage_ratio", "per stage / bare bwrap", "{:.2f}x"),
+    ("overhead", "cpu_per_stage_ratio", "CPU per stage / bare bwrap", "{:.2f}x"),
     ("concurrency", "speedup_n4", "4 pipelines speed-up", "{:.2f}x"),
     ("rebuild", "cached_over_startup_ms", "cached rebuild - startup ms", "{:.0f}"),
     ("commit", "commit_ms", "commit 1 GiB ms", "{:.0f}"),
@@ -63,6 +65,7 @@ COLUMNS = [
     ("debian", "cold_s", "Debian cold s", "{:.1f}"),
     ("debian", "mmdebstrap_s", "mmdebstrap s", "{:.1f}"),
     ("debian", "warm_s", "Debian warm s", "{:.2f}"),
+    ("cached-sample", "same_over_startup_ms", "sample cached, same outdir - startup ms", "{:.0f}"),
     ("osbuild", "version_ratio", "`--version` / osbuild", "{:.2f}x"),
     ("osbuild", "inspect_ratio", "`--inspect` / osbuild", "{:.2f}x"),
     ("osbuild", "noops_ratio", "20 noops / osbuild", "{:.2f}x"),

@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -28,9 +28,10 @@ from aosbuild.exporting import (
     remove_leftovers,
     swap_in,
 )
+from aosbuild.exportmarks import CLOCK_REALTIME_COARSE, ExportMark, settle
 from aosbuild.store import copy_tree
 
-from .conftest import Aosbuild, manifest, pipeline, stage
+from .conftest import TEST_LIBDIR, Aosbuild, manifest, pipeline, stage
 
 Snapshot = dict[str, tuple[str, int, int, int, bytes]]
 
@@ -316,3 +317,130 @@ def test_export_to_a_relative_output_directory(aosbuild: Aosbuild) -> None:
     run = aosbuild(m, "--export", "tree", "--output-directory", "relative-out")
     assert run.returncode == 0, run.stderr
     assert sorted(os.listdir(aosbuild.workdir / "relative-out" / "tree")) == ["a", "b"]
+
+
+def inodes(root: Path) -> dict[str, tuple[int, int]]:
+    return {os.path.relpath(os.path.join(d, n), root): (os.lstat(os.path.join(d, n)).st_dev,
+                                                         os.lstat(os.path.join(d, n)).st_ino)
+            for d, _, files in os.walk(root) for n in files}
+
+
+def test_the_same_export_again_keeps_the_copy_until_it_is_changed(aosbuild: Aosbuild) -> None:
+    """A cached rebuild into the same output directory leaves the export that is there alone, as long as
+    nothing changed it; one changed in any way (even with its size and mtime put back) is copied again.
+    An export never shares an inode with the store, kept or copied."""
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="a", count=2, size=65536)))
+    tree_id = json.loads(aosbuild(m, "--inspect").stdout)["pipelines"][0]["stages"][-1]["id"]
+    args = ("--export", "tree", "--output-directory", str(aosbuild.output))
+    exported, image = aosbuild.output / "tree", aosbuild.output / "tree" / "a-0"
+
+    def export() -> None:
+        run = aosbuild(m, *args)
+        assert run.returncode == 0, run.stderr
+        assert snapshot(exported) == stored
+        assert not set(inodes(exported).values()) & set(inodes(aosbuild.store).values())
+        assert leftovers(aosbuild.output) == []
+
+    assert aosbuild(m, *args).returncode == 0
+    stored = snapshot(aosbuild.stored_tree(tree_id))
+    export()
+    first = inodes(exported)
+    export()
+    assert inodes(exported) == first  # kept: nothing was copied
+
+    before = os.lstat(image)
+    with open(image, "r+b") as f:  # the user's change: same size, and the mtime put back
+        f.write(b"changed")
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    export()
+    assert inodes(exported) != first
+    second = inodes(exported)
+
+    (exported / "added").write_text("by the user\n")
+    export()  # the added file is gone
+    assert inodes(exported) != second
+
+    other = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="b", count=1)))
+    assert aosbuild(other, *args).returncode == 0
+    assert os.listdir(exported) == ["b-0"]
+    export()  # the mark is of the other tree now
+
+
+def test_a_mark_is_kept_only_once_a_later_write_gets_a_later_time(workdir: Path) -> None:
+    """`settle`: after it, the coarse clock (the one file times come from) is more than 1 ms past the
+    newest ctime recorded, so a write after the export is done changes its file's ctime. A filesystem
+    whose times are whole milliseconds or coarser (FAT: 2 s) gets no mark."""
+    target = workdir / "tree"
+    target.mkdir()
+    (target / "f").write_text("x")
+    newest = os.lstat(target / "f").st_ctime_ns
+    assert settle(newest)
+    assert time.clock_gettime_ns(CLOCK_REALTIME_COARSE) > newest + 1_000_000
+    assert not settle(newest - newest % 1_000_000)
+    assert not settle(time.time_ns() + 10**9)  # a time a second ahead is not waited for
+
+    mark = ExportMark(store=workdir / "store", tree="t")
+    workdir.joinpath("store").mkdir()
+    for _ in range(20):
+        mark.remember(target)
+        assert mark.holds(target)
+        with open(target / "f", "a") as f:
+            f.write("y")
+        assert not mark.holds(target)
+    assert not ExportMark(store=workdir / "store", tree="another").holds(target)
+
+
+@pytest.fixture
+def xfs(workdir: Path) -> Iterator[Path]:
+    """An XFS (reflinks on, as mkfs.xfs makes it) on a loop device of our own, mounted in `workdir`."""
+    image, mountpoint = workdir / "xfs.img", workdir / "xfs"
+    with open(image, "wb") as f:
+        f.truncate(320 << 20)  # mkfs.xfs's smallest
+    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    try:
+        mountpoint.mkdir()
+        subprocess.run(["mount", device, str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=True)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def shared_extents(path: Path) -> bool:
+    """Whether every extent of the file is shared with another file (FIEMAP_EXTENT_SHARED)."""
+    extents = [line for line in subprocess.run(["filefrag", "-v", str(path)], check=True, capture_output=True,
+                                               text=True).stdout.splitlines() if line.lstrip()[:1].isdigit()]
+    return bool(extents) and all("shared" in line for line in extents)
+
+
+def test_an_export_on_a_filesystem_with_reflinks_shares_blocks_not_inodes(xfs: Path) -> None:
+    """Store and output directory on one XFS: the export is a reflink copy (its blocks shared with the
+    store's, no data copied), still a file of its own; the next export keeps it, a changed one is copied."""
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="a", count=1, size=1 << 20)))
+    path = xfs / "manifest.json"
+    path.write_text(json.dumps(m))
+    argv = [sys.executable, "-m", "aosbuild", "--libdir", str(TEST_LIBDIR), "--store", str(xfs / "store"),
+            "--export", "tree", "--output-directory", str(xfs / "output"), str(path)]
+    subprocess.run(argv, check=True, capture_output=True)
+    image = xfs / "output" / "tree" / "a-0"
+    assert shared_extents(image)
+    # copied from the layer itself, not through an overlay mount: none of the layer's overlayfs xattrs
+    assert [x for x in os.listxattr(image.parent) if x.startswith("trusted.overlay.")] == []
+    stored = [Path(d, n) for d, _, files in os.walk(xfs / "store" / "objects") for n in files if n == "a-0"]
+    assert stored
+    assert all(os.lstat(s).st_ino != os.lstat(image).st_ino and s.read_bytes() == image.read_bytes()
+               for s in stored)
+    first = os.lstat(image).st_ino
+    subprocess.run(argv, check=True, capture_output=True)
+    assert os.lstat(image).st_ino == first
+    with open(image, "r+b") as f:  # a write to a reflinked file unshares that block, not the store's
+        f.write(b"changed")
+    assert all(s.read_bytes()[:7] != b"changed" for s in stored)
+    subprocess.run(argv, check=True, capture_output=True)
+    assert os.lstat(image).st_ino != first
+    assert shared_extents(image)
+    assert image.read_bytes() == stored[0].read_bytes()

@@ -10,6 +10,7 @@ Layout (osbuild's, with a format of its own; see `entries` for one entry)::
     <store>/stage/uuid-<hex>/ entries under construction, and evicted ones being removed
     <store>/tmp/uuid-<hex>/   scratch entries, always removed
     <store>/sources/<type>/<checksum>   source items (`sourcecache`)
+    <store>/exports/<digest>.json       what the last export to a target left there (`exportmarks`)
 
 The entry lifecycle is three async context managers: `load(id)` (read-locked, or `CacheMiss`),
 `store(id)` (a fresh entry, committed when the block ends, discarded quietly if another build committed
@@ -425,9 +426,14 @@ class Store:
 
     async def copy_view(self, view: TreeView, dst: Path, what: str) -> None:
         """Copy the tree `view` shows, flattened, into `dst` (through a mount of its layers that only
-        the copying command's own mount namespace has: whiteouts and overlay xattrs are not copied)."""
+        the copying command's own mount namespace has: whiteouts and overlay xattrs are not copied).
+        A tree of one layer that holds neither is copied directly (reflinks where the filesystem has them)."""
         if view.flat:
             await self.copy(view.layers[0], dst, what)
+            return
+        if len(view.layers) == 1 and await anyio.to_thread.run_sync(layers.shows_as_is, view.layers[0]):
+            await self.copy(view.layers[0], dst, what)
+            await anyio.to_thread.run_sync(layers.strip_overlay_xattrs, dst)
             return
         dst = Path(await anyio.Path(dst).absolute())  # the mounting command runs in the store's directory
         async with self.stage() as scratch:
