@@ -443,8 +443,8 @@ async def run(spec: SandboxSpec, *, handlers: Mapping[str, rpc.Handler],
                                env=osbuild_env(spec.env), on_dev_bound=on_dev_bound, on_set_up=on_set_up)
     compile_stage_side()
     engine_sock, stage_sock = rpc.open_socketpair()
-    # with a mount prefix (a layered build root) the host does not see the build root as bwrap will: bound
-    etc_copies = open_etc_copies(spec.build_root) if not spec.prefix else {}
+    # a build root mounted by the prefix (`root_entries` given) the host does not see as bwrap will: bound
+    etc_copies = open_etc_copies(spec.build_root) if spec.root_entries is None else {}
     with engine_sock, stage_sock, contextlib.ExitStack() as closing:
         for fd in etc_copies.values():
             closing.callback(os.close, fd)

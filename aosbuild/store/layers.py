@@ -171,6 +171,46 @@ def strip_overlay_xattrs(path: Path) -> None:
             os.removexattr(path, name, follow_symlinks=False)
 
 
+ESCAPED = "trusted.overlay.overlay."  # how overlayfs (6.7+) keeps a stage's own trusted.overlay.* xattrs
+
+
+def make_plain(tree: Path) -> bool:
+    """Ready a tree that a stage wrote on a plain directory (the bottom layer of a pipeline, which needs
+    no overlay mount) to be a layer, and say whether it can also be read as it is, without a mount.
+
+    A stage writing through an overlay mount cannot leave overlayfs's marks: the kernel keeps its
+    `trusted.overlay.*` xattrs as `trusted.overlay.overlay.*` and refuses to make a 0:0 device. On a plain
+    directory it can (a tarball of a container store, say), and an overlay mount of the layer would then
+    take them for its own and hide files. So those xattrs are escaped as the kernel escapes them; then
+    the tree reads right only through a mount, and so does one with a 0:0 device (False). Most trees
+    have neither (True): such a layer is a whole tree in one directory, read as is (`TreeView.flat`).
+    """
+    plain = True
+    stack = [os.fspath(tree)]
+
+    def escape(path: str) -> None:
+        nonlocal plain
+        for name in os.listxattr(path, follow_symlinks=False):
+            if name.startswith(OVERLAY_XATTRS):
+                plain = False
+                value = os.getxattr(path, name, follow_symlinks=False)
+                os.setxattr(path, ESCAPED + name.removeprefix(OVERLAY_XATTRS), value, follow_symlinks=False)
+                os.removexattr(path, name, follow_symlinks=False)
+
+    escape(stack[0])
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                escape(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        plain = False
+    return plain
+
+
 def _make_parents(layers: Sequence[Path], upper: Path, relative: str) -> tuple[Path, list[tuple[Path, Path]]] | None:
     """The file to copy up and the directories made for it in `upper` (with their lower ones)."""
     if os.path.lexists(upper / relative):
