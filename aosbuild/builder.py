@@ -337,20 +337,21 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         # copying a loop device's file up into the new layer is part of the stage, as overlayfs's own
         # copy-up on a first write would be: no gap between stages
         started = time.monotonic()
-        if layered:
-            if below is not None:
-                await anyio.to_thread.run_sync(overlay.copy_attributes, below.layers[0], entry.tree)
-                for name in loopback_files(stage):
-                    resolved = overlay.resolve(below.layers, name)
-                    if resolved is None:
-                        # it leads out of the tree: the link itself comes up, for the device's own check
-                        # to refuse it by name ("outside the tree"), as on one plain directory
-                        parts = [p for p in name.split("/") if p not in ("", ".")]
-                        resolved = "/".join(parts) if ".." not in parts else None
-                    if resolved:
-                        await overlay.copy_up(below.layers, entry.tree, resolved)
+        if layered and below is not None:
+            await anyio.to_thread.run_sync(overlay.copy_attributes, below.layers[0], entry.tree)
+            for name in loopback_files(stage):
+                resolved = overlay.resolve(below.layers, name)
+                if resolved is None:
+                    # it leads out of the tree: the link itself comes up, for the device's own check
+                    # to refuse it by name ("outside the tree"), as on one plain directory
+                    parts = [p for p in name.split("/") if p not in ("", ".")]
+                    resolved = "/".join(parts) if ".." not in parts else None
+                if resolved:
+                    await overlay.copy_up(below.layers, entry.tree, resolved)
             tree = views.tree(below, entry.tree)
         else:
+            # flat, or the pipeline's first stage: with nothing below, its new layer is its whole tree,
+            # and an overlay mount would only make every file operation of the stage slower
             tree = entry.tree
         async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops,
                                 find=lambda name: ctx.library.find("Device", name),
@@ -584,6 +585,8 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
             await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True)
             if below is not None:
                 await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
+            else:
+                entry.flat = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
             if pipeline.source_epoch is not None:
                 await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
             records = list(entry.results)
@@ -603,6 +606,8 @@ async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:
         return squashed_id
     async with ctx.store.store(squashed_id, keep=ctx.pins, flat=True) as entry:
         await ctx.store.copy_view(ctx.pins.view(below_id), entry.tree, f"cannot squash {below_id}")
+        # a stage's own trusted.overlay.* xattrs come out of the mount as they are: escaped again here
+        entry.flat = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
         entry.results, entry.pipeline = list(ctx.pins.results(below_id)), pipeline.name
     report_outcome(ctx, pipeline, entry, f"the squashed tree of {below_id}")
     return squashed_id

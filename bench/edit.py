@@ -7,7 +7,9 @@ Every stage is a layer in the store, so a rebuild resumes at the first stage the
 is on tmpfs (`FAST_TMP`) and, with `--disk`-like settings (`store_dir`), on the root disk.
 
 The cold build is also timed with `AOSBUILD_FLAT=1` (trees in one plain directory, as before layers), in
-the same run, so that what layers cost a cold build shows.
+the same run, so that what layers cost a cold build shows. With `AOSBUILD_BENCH_BASELINE=DIR` (a copy of
+an earlier commit's tree, e.g. `git archive COMMIT | tar x -C DIR`) each repetition also times the cold
+build, layered, with the aosbuild of DIR (run from there, with the same interpreter), between the two.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import Section, repeat, summarise, summary_table, timed_ms
+from common import BENCH_ENV, REPO, Section, repeat, summarise, summary_table, timed_ms
 
 DROPPED_PACKAGE = "libnss-myhostname"  # (c): the image without it still builds and boots
+BASELINE_ENV = "AOSBUILD_BENCH_BASELINE"
 
 
 def aosbuild(*args: str | os.PathLike[str]) -> list[str]:
@@ -79,9 +82,11 @@ def _run(root: Path, times: int, quick: bool, *, where: str) -> Section:
         edited[name].write_text(json.dumps(m))
     counter = iter(range(1 << 30))
 
-    def build(store: Path, path: Path, out: str, env: dict[str, str] | None = None) -> float:
+    baseline = Path(os.environ[BASELINE_ENV]).resolve() if os.environ.get(BASELINE_ENV) else None
+
+    def build(store: Path, path: Path, out: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> float:
         return timed_ms([*aosbuild("--store", store, "-q", "--export", "qcow2", "--output-directory",
-                                   root / out), path], env=env)
+                                   root / out), path], env=env, cwd=cwd)
 
     def sample() -> dict[str, float]:
         n = next(counter)
@@ -90,8 +95,13 @@ def _run(root: Path, times: int, quick: bool, *, where: str) -> Section:
         try:
             subprocess.run(["cp", "-a", "--reflink=auto", template, flat_store], check=True)
             results["cold_flat_ms"] = build(flat_store, manifest_path, f"out-{n}-flat",
-                                            env=dict(os.environ, AOSBUILD_FLAT="1"))
+                                            env=dict(BENCH_ENV, AOSBUILD_FLAT="1"))
             shutil.rmtree(flat_store)
+            if baseline is not None:
+                base_store = root / f"base-{n}"
+                subprocess.run(["cp", "-a", "--reflink=auto", template, base_store], check=True)
+                results["cold_baseline_ms"] = build(base_store, manifest_path, f"out-{n}-base", cwd=baseline)
+                shutil.rmtree(base_store)
             subprocess.run(["cp", "-a", "--reflink=auto", template, cold_store], check=True)
             results["cold_ms"] = build(cold_store, manifest_path, f"out-{n}-cold")
             results["cached_ms"] = build(cold_store, manifest_path, f"out-{n}-cached")
@@ -109,11 +119,19 @@ def _run(root: Path, times: int, quick: bool, *, where: str) -> Section:
 
     raw = {key.removesuffix("_ms") + "_s": [ms / 1000 for ms in values]
            for key, values in repeat(times, sample).items()}
+    # what layers cost a cold build, per repetition (its runs were back to back), then summarised
+    raw["cold_over_flat_x"] = [c / f for c, f in zip(raw["cold_s"], raw["cold_flat_s"], strict=True)]
+    if baseline is not None:
+        raw["baseline_over_flat_x"] = [b / f for b, f in zip(raw["cold_baseline_s"], raw["cold_flat_s"], strict=True)]
     s = summarise(raw)
     table = summary_table(
         f"### Edit and rebuild `aosbuild sample debian` to qcow2, store on {where}", "s",
         [("cold: empty object store, sources present (layers)", s["cold_s"]),
          ("cold, `AOSBUILD_FLAT=1` (one plain directory per pipeline, as before layers)", s["cold_flat_s"]),
+         *([(f"cold, layers, the aosbuild of {BASELINE_ENV}", s["cold_baseline_s"])] if baseline else []),
+         ("cold layers / cold flat, per repetition (x)", s["cold_over_flat_x"]),
+         *([(f"cold layers of {BASELINE_ENV} / cold flat, per repetition (x)", s["baseline_over_flat_x"])]
+           if baseline else []),
          ("cached: the same build again", s["cached_s"]),
          ("**(a) hostname changed**, from the cold store", s["hostname_s"]),
          ("**(b) the user's password changed**, from the cold store", s["password_s"]),
@@ -123,8 +141,10 @@ def _run(root: Path, times: int, quick: bool, *, where: str) -> Section:
     return Section(name=f"edit{key}", samples=raw, table=table,
                    headline={f"hostname{key}_s": s["hostname_s"].median, f"password{key}_s": s["password_s"].median,
                              f"packages{key}_s": s["packages_s"].median, f"cold{key}_s": s["cold_s"].median,
+                             f"cold_over_flat{key}_x": s["cold_over_flat_x"].median,
                              f"cold_flat{key}_s": s["cold_flat_s"].median},
-                   settings={"store": where, "dropped": DROPPED_PACKAGE})
+                   settings={"store": where, "dropped": DROPPED_PACKAGE,
+                             "baseline": str(baseline) if baseline else None})
 
 
 def run(root: Path, times: int, quick: bool) -> Section:

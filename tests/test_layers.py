@@ -275,3 +275,45 @@ def test_a_lower_layer_counts_as_used_when_a_layer_above_it_is(tmp_path: Path) -
     os.utime(store.objects / "top" / entries.LOCK, (3000, 3000))
     assert [(c.id, c.last_used) for c in entries.list_committed(store.objects)] == [
         ("other", 2000), ("top", 3000), ("bottom", 3000)]  # as recent as the top, which goes first
+
+
+# a bottom stage (nothing below: it runs on its new layer as on a plain directory) setting xattrs that
+# overlayfs would take for its own; the stage above changes the file in place (a copy-up) and adds one
+OVERLAY_NAMED = [
+    ["mkdir", "d", 0o755], ["file", "d/inner", "i\n", 0o644, T], ["xattr", "d", "trusted.overlay.opaque", "y"],
+    ["file", "f", "f\n", 0o644, T], ["xattr", "f", "trusted.overlay.foo", "bar"], ["file", "g", "g\n", 0o644, T],
+]
+ABOVE = [["append", "f", "more\n"], ["xattr", "g", "trusted.overlay.redirect", "/elsewhere"]]
+
+
+def test_a_stages_own_overlay_named_xattrs_are_kept_as_on_a_plain_directory() -> None:
+    """xattrs named like overlayfs's own that stages set are content: kept, whether the stage ran on a
+    plain directory (the bottom layer) or through a mount; the plain bottom layer is then read through
+    a mount too (not flat), where a clean one is read as it is."""
+    ops = "org.aosbuild.test.tree-ops"
+    epoch = {"source-epoch": EPOCH}
+    m = manifest(pipeline("named", stage(ops, ops=OVERLAY_NAMED), stage(ops, ops=ABOVE), **epoch),
+                 pipeline("clean", stage(ops, ops=BASE), **epoch))
+    exported, info = {}, {}
+    for mode in ("layered", "flat"):
+        cli = Aosbuild(Path(tempfile.mkdtemp(prefix=f"layers-named-{mode}-", dir=FAST_TMP)))
+        env = {**os.environ, "AOSBUILD_FLAT": "1" if mode == "flat" else "0"}
+        command = cli.command(m, "--export", "named", "--export", "clean", "--output-directory", str(cli.output))
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        exported[mode] = {name: digest(str(cli.output / name)) for name in ("named", "clean")}
+        if mode == "layered":
+            described = json.loads(cli(m, "--inspect").stdout)["pipelines"]
+            info = {p["name"]: json.loads((cli.store / "objects" / p["stages"][0]["id"] / "object.info").read_text())
+                    for p in described}
+            exported["stored"] = mounted_digest(cli.store, described[0]["stages"][-1]["id"])
+        shutil.rmtree(cli.workdir, ignore_errors=True)
+    assert exported["layered"] == exported["flat"]
+    assert exported["stored"] == exported["flat"]["named"]
+    assert not info["named"]["flat"]
+    assert info["clean"]["flat"]
+    named = exported["flat"]["named"]
+    assert sorted(named["d"]["xattrs"]) == ["trusted.overlay.opaque"]
+    assert sorted(named["f"]["xattrs"]) == ["trusted.overlay.foo"]
+    assert sorted(named["g"]["xattrs"]) == ["trusted.overlay.redirect"]
+    assert sorted(named) == [".", "d", "d/inner", "f", "g"]
