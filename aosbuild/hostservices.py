@@ -202,13 +202,14 @@ async def open_host_mounts(mounts: Sequence[Mount], *, find: Callable[[str], Mod
 # -- the stage's tree, for mount services --------------------------------------------------------------------
 
 # Mounts the stage's overlay (paths relative to the store, $1) at $2 with options $3, as the sandbox's own
-# mount script does (retrying while the previous stage's sandbox still holds its upper dir), says so, then
-# waits for the engine's end of the pipe $4 to close (the engine is done, or dead) and unmounts it. It
+# mount namespace does (retrying while the previous stage's sandbox still holds its upper dir, a failed
+# try's volatile mark in the workdir $5 cleared before the next: `layers.clear_volatile_mark`), says so,
+# then waits for the engine's end of the pipe $4 to close (the engine is done, or dead) and unmounts it. It
 # ignores SIGINT and SIGTERM for the same reason host services do: its unmount must happen. bash, not sh:
 # dash redirects only one-digit descriptors.
 TREE_HOLDER = (
     'trap "" INT TERM; cd "$1" || exit 125; n=0; '
-    'until mount -t overlay aosbuild -o "$3" "$2" 2>/dev/null; do n=$((n+1)); '
+    'until mount -t overlay aosbuild -o "$3" "$2" 2>/dev/null; do n=$((n+1)); rm -rf "$5/work/incompat/volatile"; '
     'if [ $n -ge 100 ]; then mount -t overlay aosbuild -o "$3" "$2"; exit 125; fi; sleep 0.05; done; '
     'echo mounted; read -r _ <&"$4"; umount --lazy "$2"')
 MOUNTED = "mounted"
@@ -227,7 +228,7 @@ async def open_host_tree(tree: overlay.Overlay, store_root: Path,
     read_end, write_end = os.pipe()
     mounted, exited = anyio.Event(), anyio.Event()
     argv = ["bash", "-c", TREE_HOLDER, "aosbuild-tree", os.fspath(store_root), os.fspath(tree.target),
-            tree.options(store_root), str(read_end)]
+            tree.options(store_root), str(read_end), os.fspath(tree.work or "/nonexistent")]
 
     def line(text: str) -> None:
         if text.strip() == MOUNTED:

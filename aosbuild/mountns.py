@@ -60,6 +60,9 @@ class MountNamespace:
 
     base: Path
     mounts: tuple[tuple[str, str], ...]
+    # each mount's workdir (None: read-only), whose `incompat/volatile` a failed volatile mount leaves
+    # behind: the kernel would refuse every retry with EINVAL ("incompat feature 'volatile'")
+    workdirs: tuple[str | None, ...] = ()
     detach: tuple[str, ...]
 
     def enter(self, stop: threading.Event) -> None:
@@ -71,13 +74,16 @@ class MountNamespace:
         for point in self.detach:  # deepest first; one gone already (below another) is no error
             libc.umount2(os.fsencode(point), MNT_DETACH)
         os.chdir(self.base)  # this thread's own working directory now: the options' paths are relative
-        for target, options in self.mounts:
+        workdirs = self.workdirs or (None,) * len(self.mounts)
+        for (target, options), workdir in zip(self.mounts, workdirs, strict=True):
             for attempt in range(MOUNT_TRIES):
                 if libc.mount(b"aosbuild", os.fsencode(target), b"overlay", 0, options.encode()) == 0:
                     break
                 code = ctypes.get_errno()
                 if code != errno.EBUSY or attempt == MOUNT_TRIES - 1 or stop.wait(MOUNT_RETRY_SECONDS):
                     raise OSError(code, f"mount the stage's overlay on {target}: {os.strerror(code)}")
+                if workdir is not None:
+                    layers.clear_volatile_mark(Path(workdir))
 
     @contextlib.asynccontextmanager
     async def started(self, start: Callable[[], subprocess.Popen[bytes]]) -> AsyncIterator[subprocess.Popen[bytes]]:
@@ -136,4 +142,5 @@ def for_overlays(base: Path, overlays: Sequence[layers.Overlay], needed: Sequenc
         paths += [os.fspath(p) for p in (overlay.target, *overlay.lowers, overlay.empty, overlay.upper,
                                          overlay.work) if p is not None]
     return MountNamespace(base=base, mounts=tuple((os.fspath(o.target), o.options(base)) for o in overlays),
+                          workdirs=tuple(None if o.work is None else os.fspath(o.work) for o in overlays),
                           detach=tuple(layers.foreign(layers.mount_points(), paths)))

@@ -108,3 +108,28 @@ async def test_a_cancel_stops_the_retries_of_a_busy_mount_at_once(workdir: Path)
         assert time.monotonic() - started < 1.0
         tg.cancel_scope.cancel()
     assert namespace_threads() == []
+
+
+async def test_a_busy_volatile_mount_succeeds_once_its_lower_is_free(workdir: Path) -> None:
+    """The retry of a mount whose lower was busy must succeed once it is free: a failed volatile mount
+    leaves a mark in its workdir that makes the kernel refuse every later try (EINVAL) unless cleared."""
+    for name in ("lower", "upper", "work", "a", "b", "empty", "upper2", "work2"):
+        (workdir / name).mkdir()
+    holder = layers.Overlay(target=workdir / "a", lowers=(workdir / "lower",), empty=workdir / "empty",
+                            upper=workdir / "upper", work=workdir / "work")
+    busy = layers.Overlay(target=workdir / "b", lowers=(workdir / "upper",), empty=workdir / "empty",
+                          upper=workdir / "upper2", work=workdir / "work2")
+    assert "volatile" in busy.options(workdir)
+    holding = for_overlays(workdir, [holder], [os.fspath(workdir)])
+    waiting = for_overlays(workdir, [busy], [os.fspath(workdir)])
+    assert holding is not None
+    assert waiting is not None
+    lines: list[str] = []
+    holds = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(process.run_streaming, ["sleep", "0.5"], on_line=lines.append,
+                                        start_in=holding.started, on_started=holds.set))
+        await holds.wait()
+        with anyio.fail_after(5):
+            await process.run_streaming(["true"], on_line=lines.append, start_in=waiting.started)
+    assert namespace_threads() == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import shutil
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ ORIGIN = "trusted.overlay.origin"  # on what a stage copied up (changed), not on
 # stage that fails or is killed leaves its upper to be discarded, never mounted again
 MOUNT_OPTIONS = "redirect_dir=on,metacopy=off"
 STAGE_OPTIONS = "index=on,volatile"
+VOLATILE_MARK = "work/incompat/volatile"  # what a volatile mount, even a failed one, leaves in its workdir
+
+
+def clear_volatile_mark(work: Path) -> None:
+    """Let a volatile mount that failed (its lower still busy) be tried again on the same workdir: the
+    kernel refuses a workdir holding the mark of an earlier volatile mount, which is there to stop an
+    upper dir that missed its syncs being used after a crash; this one was never mounted."""
+    shutil.rmtree(work / VOLATILE_MARK, ignore_errors=True)
 READ_OPTIONS = "index=off"
 # mount(2) takes its options as one page; paths are given relative to the store to fit more layers
 OPTIONS_MAX = 4000
