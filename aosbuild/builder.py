@@ -586,7 +586,8 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
             if below is not None:
                 await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
             else:
-                entry.flat = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+                plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+                entry.flat, entry.tree_size = plain.readable, plain.size
             if pipeline.source_epoch is not None:
                 await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
             records = list(entry.results)
@@ -607,7 +608,8 @@ async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:
     async with ctx.store.store(squashed_id, keep=ctx.pins, flat=True) as entry:
         await ctx.store.copy_view(ctx.pins.view(below_id), entry.tree, f"cannot squash {below_id}")
         # a stage's own trusted.overlay.* xattrs come out of the mount as they are: escaped again here
-        entry.flat = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+        plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+        entry.flat, entry.tree_size = plain.readable, plain.size
         entry.results, entry.pipeline = list(ctx.pins.results(below_id)), pipeline.name
     report_outcome(ctx, pipeline, entry, f"the squashed tree of {below_id}")
     return squashed_id
