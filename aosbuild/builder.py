@@ -556,8 +556,8 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
     await ctx.sources.wait_for(stage.source_refs())
     result, tail = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
     ctx.monitor.stage_finished(pipeline, stage, result)
-    log.debug("stage.finished", t=round(time.monotonic(), 4), pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
-              duration=result.duration, success=result.success)
+    log.debug("stage.finished", t=round(time.monotonic(), 4), pipeline=pipeline.name, stage=stage.type,
+              stage_id=stage.id, duration=result.duration, success=result.success)
     if not result.success:
         ctx.monitor.pipeline_finished(pipeline, success=False)
         raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
@@ -595,7 +595,8 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
                 await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
             records = list(entry.results)
             committing = time.monotonic()
-        log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id, ms=round((time.monotonic() - committing) * 1000, 1))
+        log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
+                  ms=round((time.monotonic() - committing) * 1000, 1))
         what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
                 else f"the layer of {stage.type} {stage.id}")
         if last or stage.id in ctx.options.checkpoints:

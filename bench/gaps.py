@@ -5,17 +5,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import sys
+from typing import Any
 
 
-def gaps(report: dict) -> list[tuple[str, str, float]]:
+def gaps(report: dict[str, Any]) -> list[tuple[str, str, float]]:
     """(pipeline, the stage after the gap, gap in ms) for every pair of consecutive stages."""
     found = []
     for pipeline in report["pipelines"]:
         stages = pipeline["stages"]
-        for before, after in zip(stages, stages[1:]):
+        for before, after in itertools.pairwise(stages):
             found.append((pipeline["name"], after["type"], (after["start"] - before["end"]) * 1000))
     return found
 
