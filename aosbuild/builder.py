@@ -307,6 +307,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         ctx.monitor.stage_output(pipeline, stage, text)
 
     # the header first: host services log while they set the stage up, and their lines belong to it
+    log.debug("stage.starting", stage_id=stage.id, t=round(time.monotonic(), 4))
     ctx.monitor.stage_started(pipeline, stage)
     # the stage's mounts and devices go first, then its input services, its /dev, loop devices, scratch
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
@@ -555,8 +556,8 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
     await ctx.sources.wait_for(stage.source_refs())
     result, tail = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
     ctx.monitor.stage_finished(pipeline, stage, result)
-    log.debug("stage.finished", pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
-              duration=result.duration, success=result.success)
+    log.debug("stage.finished", t=round(time.monotonic(), 4), pipeline=pipeline.name, stage=stage.type,
+              stage_id=stage.id, duration=result.duration, success=result.success)
     if not result.success:
         ctx.monitor.pipeline_finished(pipeline, success=False)
         raise StageError(pipeline=pipeline.name, stage=stage.type, stage_id=stage.id,
@@ -586,10 +587,16 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
             if below is not None:
                 await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
             else:
-                entry.flat = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+                started = time.monotonic()
+                plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+                entry.flat, entry.tree_size = plain.readable, plain.size
+                log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
             if pipeline.source_epoch is not None:
                 await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
             records = list(entry.results)
+            committing = time.monotonic()
+        log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
+                  ms=round((time.monotonic() - committing) * 1000, 1))
         what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
                 else f"the layer of {stage.type} {stage.id}")
         if last or stage.id in ctx.options.checkpoints:
@@ -607,7 +614,8 @@ async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:
     async with ctx.store.store(squashed_id, keep=ctx.pins, flat=True) as entry:
         await ctx.store.copy_view(ctx.pins.view(below_id), entry.tree, f"cannot squash {below_id}")
         # a stage's own trusted.overlay.* xattrs come out of the mount as they are: escaped again here
-        entry.flat = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+        plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+        entry.flat, entry.tree_size = plain.readable, plain.size
         entry.results, entry.pipeline = list(ctx.pins.results(below_id)), pipeline.name
     report_outcome(ctx, pipeline, entry, f"the squashed tree of {below_id}")
     return squashed_id

@@ -16,7 +16,7 @@ import pytest
 
 from aosbuild.errors import CacheMiss, StoreError
 from aosbuild.sizes import parse_size
-from aosbuild.store import EXISTS, NO_ROOM, STORED, TOO_LARGE, Pins, Store, entries, sourcecache
+from aosbuild.store import EXISTS, NO_ROOM, STORED, TOO_LARGE, Pins, Store, entries, layers, sourcecache
 from aosbuild.store.locks import READ, UNLOCK, WRITE, LockFile, holder
 from aosbuild.store.sizes import disk_usage
 
@@ -260,6 +260,32 @@ def test_disk_usage_counts_blocks_once(tmp_path: Path) -> None:
     with open(tmp_path / "sparse", "wb") as f:
         f.truncate(1 << 30)
     assert 8192 <= disk_usage(tmp_path) < 8192 + 4 * 4096
+
+
+def test_a_bottom_layers_size_is_counted_in_the_walk_that_makes_it_plain(tmp_path: Path) -> None:
+    """The commit takes the tree's size from `make_plain`'s walk instead of walking again: that size must
+    be disk_usage's (hard links once, sparse files by their blocks, with the escaped xattrs), and the
+    entry's recorded size the same as a full walk of it."""
+    entry = entries.NewEntry(tmp_path / "entry", LockFile.wait_open(tmp_path / "lock", WRITE))
+    entry.tree.mkdir(parents=True)
+    entry.meta.mkdir(parents=True)
+    (entry.tree / "a").write_bytes(b"x" * 8192)
+    os.link(entry.tree / "a", entry.tree / "sub-link")
+    (entry.tree / "sub" / "deeper").mkdir(parents=True)
+    (entry.tree / "sub" / "deeper" / "b").write_bytes(b"y" * 20000)
+    os.link(entry.tree / "a", entry.tree / "sub" / "deeper" / "a-again")
+    with open(entry.tree / "sparse", "wb") as f:
+        f.truncate(1 << 30)
+    os.symlink("a", entry.tree / "link")
+    os.setxattr(entry.tree / "sub", "trusted.overlay.opaque", b"y")  # a stage's own: escaped
+    plain = layers.make_plain(entry.tree)
+    assert not plain.readable
+    assert plain.size == disk_usage(entry.tree)
+    assert 8192 + 20000 <= plain.size < 8192 + 20000 + 16 * 4096
+    entry.tree_size = plain.size
+    entry.results = [{"id": "x"}]
+    assert entry.write_info() == disk_usage(entry.path) - (entry.path / entries.INFO).stat().st_blocks * 512
+    entry.lock.close()
 
 
 def test_sources_are_pruned_least_recently_used_when_no_build_runs(tmp_path: Path) -> None:

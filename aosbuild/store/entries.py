@@ -77,6 +77,7 @@ class NewEntry(Entry):
         self.results: list[dict[str, Any]] = []
         self.outcome: str | None = None  # how its commit went: one of fscache's outcomes
         self.size = 0                    # bytes on disk, known once it is committed
+        self.tree_size: int | None = None  # the tree's, if counted after its last change (make_plain)
         self.layers: list[str] = []      # the ids of the layers below this one, bottom first
         self.flat = False                # a whole tree in one directory, not a layer
         self.pipeline = ""               # the name of the pipeline that built it, for `store info`
@@ -90,7 +91,8 @@ class NewEntry(Entry):
     def write_info(self) -> int:
         """Write results and object.info, the last files of an entry; returns its size on disk."""
         (self.meta / RESULTS).write_text(json.dumps(self.results))
-        self.size = disk_usage(self.path)
+        known = {} if self.tree_size is None else {os.fspath(self.tree): self.tree_size}
+        self.size = disk_usage(self.path, known=known)
         with open(self.path / INFO, "x") as f:
             json.dump({"size": self.size, "created": time.time(), "layers": self.layers, "flat": self.flat,
                        "pipeline": self.pipeline}, f)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, contextmanager
@@ -331,11 +332,15 @@ class Store:
 
     async def _commit(self, entry: NewEntry, object_id: str) -> str:
         try:
+            started = time.monotonic()
             size = await anyio.to_thread.run_sync(entry.write_info)
             bound = self.limits().max_size
             if bound is not None and size > bound:
                 return TOO_LARGE
+            sized = time.monotonic()
             outcome, evicted = await anyio.to_thread.run_sync(self._commit_locked, entry, object_id, size)
+            log.debug("store.commit", id=object_id, info_ms=round((sized - started) * 1000, 1),
+                      locked_ms=round((time.monotonic() - sized) * 1000, 1))
         except OSError as exc:
             raise self.write_error(f"cannot commit {object_id}", exc) from exc
         if evicted:

@@ -28,6 +28,7 @@ from pathlib import Path
 import anyio
 
 from .. import process
+from .sizes import Usage
 
 OVERLAY_XATTRS = "trusted.overlay."
 OPAQUE = "trusted.overlay.opaque"
@@ -187,7 +188,14 @@ def strip_overlay_xattrs(path: Path) -> None:
 ESCAPED = "trusted.overlay.overlay."  # how overlayfs (6.7+) keeps a stage's own trusted.overlay.* xattrs
 
 
-def make_plain(tree: Path) -> bool:
+@dataclass(frozen=True)
+class Plain:
+    """What `make_plain` found: whether the tree reads right without a mount, and its bytes on disk."""
+    readable: bool
+    size: int
+
+
+def make_plain(tree: Path) -> Plain:
     """Ready a tree that a stage wrote on a plain directory (the bottom layer of a pipeline, which needs
     no overlay mount) to be a layer, and say whether it can also be read as it is, without a mount.
 
@@ -197,31 +205,37 @@ def make_plain(tree: Path) -> bool:
     take them for its own and hide files. So those xattrs are escaped as the kernel escapes them; then
     the tree reads right only through a mount, and so does one with a 0:0 device (False). Most trees
     have neither (True): such a layer is a whole tree in one directory, read as is (`TreeView.flat`).
+
+    The same walk counts the tree's size (each entry stat'ed after its xattrs are escaped), so that the
+    commit, the next thing on the build's critical path, need not walk the tree again.
     """
-    plain = True
-    stack = [os.fspath(tree)]
+    readable = True
+    usage = Usage()
+    root = os.fspath(tree)
 
     def escape(path: str) -> None:
-        nonlocal plain
+        nonlocal readable
         for name in os.listxattr(path, follow_symlinks=False):
             if name.startswith(OVERLAY_XATTRS):
-                plain = False
+                readable = False
                 value = os.getxattr(path, name, follow_symlinks=False)
                 os.setxattr(path, ESCAPED + name.removeprefix(OVERLAY_XATTRS), value, follow_symlinks=False)
                 os.removexattr(path, name, follow_symlinks=False)
 
-    escape(stack[0])
+    escape(root)
+    usage.add(os.lstat(root))
+    stack = [root]
     while stack:
         with os.scandir(stack.pop()) as it:
             for entry in it:
                 escape(entry.path)
-                if entry.is_dir(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)  # after escaping: an xattr may take a block
+                usage.add(st)
+                if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-                elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                        plain = False
-    return plain
+                elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    readable = False
+    return Plain(readable, usage.total)
 
 
 def _make_parents(layers: Sequence[Path], upper: Path, relative: str) -> tuple[Path, list[tuple[Path, Path]]] | None:

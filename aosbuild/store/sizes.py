@@ -7,6 +7,7 @@ Sizes are parsed and printed by `aosbuild.sizes`. Sizes here are what the files 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..sizes import UNLIMITED, Bound
@@ -49,22 +50,31 @@ def default_sources_max(path: Path) -> int:
     return min(DEFAULT_SOURCES_MAX, int(filesystem_size(path) * DEFAULT_SOURCES_FRACTION))
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes the files under `path` take on disk, each inode once. Files that vanish meanwhile count 0."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
+class Usage:
+    """A running count of bytes on disk, each inode once: hard links are counted at their first name."""
 
-    def add(st: os.stat_result) -> None:
-        nonlocal total
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def add(self, st: os.stat_result) -> None:
         if st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
-            if key in seen:
+            if key in self._seen:
                 return
-            seen.add(key)
-        total += st.st_blocks * 512
+            self._seen.add(key)
+        self.total += st.st_blocks * 512
 
+
+def disk_usage(path: Path, *, known: Mapping[str, int] | None = None) -> int:
+    """Bytes the files under `path` take on disk, each inode once. Files that vanish meanwhile count 0.
+
+    `known` maps directories under `path` to their size counted already by another walk after their
+    last change (a bottom layer's, by `layers.make_plain`): they are not walked again."""
+    known = known or {}
+    usage = Usage()
     try:
-        add(os.lstat(path))
+        usage.add(os.lstat(path))
     except FileNotFoundError:
         return 0
     stack = [os.fspath(path)]
@@ -72,12 +82,15 @@ def disk_usage(path: Path) -> int:
         try:
             with os.scandir(stack.pop()) as it:
                 for entry in it:
+                    if entry.path in known:
+                        usage.total += known[entry.path]
+                        continue
                     try:
-                        add(entry.stat(follow_symlinks=False))
+                        usage.add(entry.stat(follow_symlinks=False))
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                     except FileNotFoundError:
                         continue
         except (FileNotFoundError, NotADirectoryError):
             continue
-    return total
+    return usage.total
