@@ -82,9 +82,9 @@ async def test_a_failed_mount_is_an_error_and_starts_nothing(workdir: Path) -> N
     assert namespace_threads() == []
 
 
-async def test_a_cancel_stops_the_retries_of_a_busy_mount_at_once(workdir: Path) -> None:
-    """A mount whose lower layer is still another sandbox's upper (index=on: EBUSY) is retried for
-    up to 5 s; the build failing meanwhile (a cancel) must not wait for that."""
+def holding_and_busy(workdir: Path) -> tuple[MountNamespace, MountNamespace]:
+    """Two namespaces: one holding an overlay, one whose overlay's lower is the first one's upper (busy
+    while the first is mounted, with index=on)."""
     for name in ("lower", "upper", "work", "a", "b", "empty", "upper2", "work2"):
         (workdir / name).mkdir()
     holder = layers.Overlay(target=workdir / "a", lowers=(workdir / "lower",), empty=workdir / "empty",
@@ -95,6 +95,13 @@ async def test_a_cancel_stops_the_retries_of_a_busy_mount_at_once(workdir: Path)
     waiting = for_overlays(workdir, [busy], [os.fspath(workdir)])
     assert holding is not None
     assert waiting is not None
+    return holding, waiting
+
+
+async def test_a_cancel_stops_the_retries_of_a_busy_mount_at_once(workdir: Path) -> None:
+    """A mount whose lower layer is still another sandbox's upper (index=on: EBUSY) is retried for
+    up to 5 s; the build failing meanwhile (a cancel) must not wait for that."""
+    holding, waiting = holding_and_busy(workdir)
     lines: list[str] = []
     holds = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -113,17 +120,8 @@ async def test_a_cancel_stops_the_retries_of_a_busy_mount_at_once(workdir: Path)
 async def test_a_busy_volatile_mount_succeeds_once_its_lower_is_free(workdir: Path) -> None:
     """The retry of a mount whose lower was busy must succeed once it is free: a failed volatile mount
     leaves a mark in its workdir that makes the kernel refuse every later try (EINVAL) unless cleared."""
-    for name in ("lower", "upper", "work", "a", "b", "empty", "upper2", "work2"):
-        (workdir / name).mkdir()
-    holder = layers.Overlay(target=workdir / "a", lowers=(workdir / "lower",), empty=workdir / "empty",
-                            upper=workdir / "upper", work=workdir / "work")
-    busy = layers.Overlay(target=workdir / "b", lowers=(workdir / "upper",), empty=workdir / "empty",
-                          upper=workdir / "upper2", work=workdir / "work2")
-    assert "volatile" in busy.options(workdir)
-    holding = for_overlays(workdir, [holder], [os.fspath(workdir)])
-    waiting = for_overlays(workdir, [busy], [os.fspath(workdir)])
-    assert holding is not None
-    assert waiting is not None
+    holding, waiting = holding_and_busy(workdir)
+    assert "volatile" in ",".join(options for _target, options in waiting.mounts)
     lines: list[str] = []
     holds = anyio.Event()
     async with anyio.create_task_group() as tg:
