@@ -242,7 +242,7 @@ def compile_stage_side() -> None:
 DEV_SOURCE = "aosbuild-dev"  # the source name of the engine's /dev tmpfs (`aosbuild.devices`)
 AOSBUILD_LIB = "/run/aosbuild/lib"
 # runs the mount plan of $AOSBUILD_MOUNTS, then the rest of argv (osbuild's runner and the stage)
-MOUNT_WRAPPER = ("python3", "-c", f"import sys; sys.path.insert(0, {AOSBUILD_LIB!r}); "
+MOUNT_WRAPPER = ("python3", "-S", "-c", f"import sys; sys.path.insert(0, {AOSBUILD_LIB!r}); "
                  "from aosbuild.runnerlib import mounts_main; sys.exit(mounts_main())")
 
 

@@ -149,3 +149,59 @@ def test_the_sandbox_side_gets_bytecode_in_its_own_directory(tmp_path: Path, mon
         assert header[:4] == importlib.util.MAGIC_NUMBER
         assert int.from_bytes(header[8:12], "little") == int(source.stat().st_mtime)
         assert int.from_bytes(header[12:16], "little") == source.stat().st_size
+
+
+STAGE_REPORT = """
+import json, os, sys
+print(json.dumps({"pth": os.environ.get("PROBE_PTH"), "imported": IMPORTED,
+                  "site_packages": any(p.endswith("site-packages") for p in sys.path),
+                  "builtins": [callable(f) for f in (exit, quit, help)]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def build_root_python(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A python3 with site-packages of its own (a venv) holding a module and a `.pth` file that marks the
+    environment when `site` processes it, and a PYTHONPATH with the sandbox side as `aosbuild`."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("buildroot-python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True)
+    site_packages = next((root / "venv" / "lib").glob("python3*/site-packages"))
+    (site_packages / "probe.pth").write_text("import os; os.environ['PROBE_PTH'] = 'ran'\n")
+    (site_packages / "probe_module.py").write_text("import os\nPTH_BEFORE = os.environ.get('PROBE_PTH')\n")
+    lib = root / "lib"
+    lib.mkdir()
+    (lib / "aosbuild").symlink_to(SIDE)
+    return root / "venv" / "bin" / "python3", lib
+
+
+@pytest.mark.parametrize(("code", "imported", "site_run"), [
+    ("IMPORTED = None", None, False),
+    ("import probe_module\nIMPORTED = probe_module.PTH_BEFORE", "ran", True),
+    ("import importlib\nIMPORTED = importlib.import_module('probe_module').PTH_BEFORE", "ran", True),
+    ("from aosbuild import stagejson\nIMPORTED = stagejson.__name__", "aosbuild.stagejson", False),
+], ids=["stdlib-only", "import", "import_module", "sandbox-side"])
+def test_the_runner_gives_a_stage_site_only_when_it_imports_from_outside_the_standard_library(
+        build_root_python: tuple[Path, Path], tmp_path: Path, code: str, imported: str | None,
+        site_run: bool) -> None:
+    """The runners start python3 with -S; `site` (site-packages, `.pth` files) comes with the stage's first
+    import from outside the standard library, before that import looks for its module."""
+    import subprocess
+
+    python, lib = build_root_python
+    script = tmp_path / "stage"
+    script.write_text(f"#!{python}\n{code}\n{STAGE_REPORT}")
+    runner = REPO / "runners" / "org.osbuild.linux"
+    assert runner.read_text().startswith("#!/usr/bin/python3 -S\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(lib), "PYTHONNOUSERSITE": "1"}
+    ran = subprocess.run([str(python), "-S", str(runner), str(script)], env=env, capture_output=True, text=True,
+                         check=False)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report == {"pth": "ran" if site_run else None, "imported": imported, "site_packages": site_run,
+                      "builtins": [True, True, True]}
+    # the control: without -S the same stage gets site at once, as any python3 script does
+    ran = subprocess.run([str(python), str(runner), str(script)], env=env, capture_output=True, text=True,
+                         check=False)
+    assert json.loads(ran.stdout)["pth"] == "ran", ran.stderr

@@ -4,7 +4,8 @@ Mounts are made inside the sandbox's own mount namespace, so none of them can ou
 they are unmounted (and so written back) before the runner exits, which is before the engine detaches
 the loop devices under them. Without mounts the runner simply becomes the stage: a Python stage for this
 same interpreter runs in it (one interpreter start per stage instead of two, about 40 ms), any other
-stage is exec'd.
+stage is exec'd. The runners start their interpreter with `-S`, and a Python stage that runs in it gets
+`site` when it first needs it (`SiteOnDemand`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,79 @@ def for_this_interpreter(stage: str) -> bool:
         return f.readline().rstrip(b"\n") == b"#!" + os.fsencode(sys.executable)
 
 
+class SiteOnDemand:
+    """`site`'s work (site-packages on sys.path, their `.pth` files, `sitecustomize`), done only when the
+    stage first imports a module from outside the standard library.
+
+    The runners start with `python3 -S` (their `#!` line): `site` was 2.4 ms of CPU of a stage's 9 ms of
+    Python, most of it the build root's `.pth` files, and a stage of the standard library alone needs none
+    of it. A stage that imports from dist-packages still gets all of it, before that import looks for its
+    module: at an `import` statement (`__import__`), or, for `importlib.import_module`, when every other
+    finder has missed (this one is last on `sys.meta_path`). The builtins `site` adds (exit, quit, help,
+    copyright, credits, license) are there from the start.
+    """
+
+    def __init__(self, stdlib: frozenset[str]) -> None:
+        import builtins
+
+        self.stdlib = stdlib
+        self.builtins = builtins
+        self.original = builtins.__import__
+        self.done = False
+
+    def install(self) -> None:
+        import site
+
+        site.setquit()
+        site.setcopyright()
+        site.sethelper()
+        self.builtins.__import__ = self
+        sys.meta_path.append(self)
+
+    def __call__(self, name: str, globals: Any = None, locals: Any = None, fromlist: Any = (),
+                 level: int = 0) -> Any:
+        if level == 0 and not self.done:
+            top = name.partition(".")[0]
+            if top not in sys.modules and top not in self.stdlib:
+                self.run_site()
+        return self.original(name, globals, locals, fromlist, level)
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if path is not None or self.done:
+            return None
+        self.run_site()
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if finder is not self and find is not None else None
+            if spec is not None:
+                return spec
+        return None
+
+    def run_site(self) -> None:
+        self.done = True
+        if self.builtins.__import__ is self:
+            self.builtins.__import__ = self.original
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        import site
+
+        site.main()
+
+
+def site_on_demand() -> None:
+    """Under `python3 -S`, give the stage `site` when it needs it (`SiteOnDemand`); without a list of the
+    standard library's modules (before Python 3.10), at once."""
+    if not sys.flags.no_site:
+        return
+    stdlib = getattr(sys, "stdlib_module_names", None)
+    if stdlib is None:
+        import site
+
+        site.main()
+        return
+    SiteOnDemand(stdlib).install()
+
+
 def become(stage: str, argv: list[str]) -> NoReturn:
     """Run a Python stage's code in this interpreter, as if it had been exec'd; it ends the process.
 
@@ -109,6 +183,7 @@ def become(stage: str, argv: list[str]) -> NoReturn:
     """
     sys.argv = [stage, *argv]
     sys.path[0] = os.path.dirname(stage)
+    site_on_demand()
     with open(stage, "rb") as f:
         code = compile(f.read(), stage, "exec")
     main = type(sys)("__main__")
