@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,13 @@ class StageSession:
     """What the engine knows while one stage runs: its output, metadata, progress and exception."""
 
     def __init__(self, ctx: BuildContext, pipeline: Pipeline, stage: Stage, arguments: dict[str, Any], *,
-                 loops: LoopServer, devdir: DevDir, on_set_up: Callable[[], None] | None = None) -> None:
+                 loops: LoopServer, devdir: DevDir, on_set_up: Callable[[], None] | None = None,
+                 gate: Callable[[], Awaitable[None]] | None = None) -> None:
         self.ctx = ctx
+        # a stage started ahead of its turn: what it says waits for `gate` (its tree attached), its output
+        # is held until then
+        self._gate = gate
+        self._held: list[str] | None = [] if gate is not None else None
         self.on_set_up = on_set_up  # once the sandbox has made its binds: what then leaves the host
         self.loops = loops
         self.devdir = devdir
@@ -82,6 +87,9 @@ class StageSession:
         self.dropped = 0
 
     def output_line(self, text: str) -> None:
+        if self._held is not None:
+            self._held.append(text)
+            return
         self.ctx.monitor.stage_output(self.pipeline, self.stage, text)
         self._chunks.append(text)
         self._size += len(text)
@@ -145,10 +153,24 @@ class StageSession:
             "progress": self.on_progress, "exception": self.on_exception, "loop.attach": self.on_loop_attach}
         return {name: self._from_inside(handler) for name, handler in handlers.items()}
 
+    @property
+    def begun(self) -> bool:
+        """Whether the stage has its tree: always, unless it was started ahead and has not spoken yet."""
+        return self._gate is None
+
+    async def _begin(self) -> None:
+        if self._gate is not None:
+            await self._gate()
+            self._gate = None
+            held, self._held = self._held or [], None
+            for text in held:
+                self.output_line(text)
+
     def _from_inside(self, handler: Handler) -> Handler:
         async def call(params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
             # a message from the stage means bwrap has made its mounts: its /dev need not stay on the host
             self.devdir.leave_host_soon()
+            await self._begin()
             return await handler(params, fds)
         return call
 
@@ -245,6 +267,19 @@ class Views:
         self.overlays.append(self._tree)
         return target
 
+    def placeholder(self) -> Path:
+        """Where the tree of a stage started ahead will be attached (`mountns.LateTree`)."""
+        target = self.scratch / "tree"
+        target.mkdir()
+        (self.scratch / "work").mkdir()
+        return target
+
+    def late_tree(self, below: TreeView, upper: Path) -> tuple[str, str]:
+        """The mount options (relative to the store) and workdir of the placeholder's overlay."""
+        tree = overlay.Overlay(target=self.scratch / "tree", lowers=below.layers, empty=self.empty, upper=upper,
+                               work=self.scratch / "work")
+        return tree.options(self.ctx.store.root), os.fspath(self.scratch / "work")
+
     def take_tree(self) -> overlay.Overlay:
         """The tree's overlay, which the caller mounts on the host instead of in the stage's namespace."""
         assert self._tree is not None
@@ -272,9 +307,9 @@ class Views:
         resolved = overlay.file_in(view.layers, name)
         return None if resolved is None else self.show(view) / resolved
 
-    def namespace(self, needed: list[str]) -> mountns.MountNamespace | None:
+    def namespace(self, needed: list[str], late: mountns.LateTree | None = None) -> mountns.MountNamespace | None:
         """The mount namespace with these mounts for the stage's bwrap, which binds the host's `needed`."""
-        return mountns.for_overlays(self.ctx.store.root, self.overlays, needed)
+        return mountns.for_overlays(self.ctx.store.root, self.overlays, needed, late)
 
 
 def root_entries(view: TreeView) -> dict[str, str]:
@@ -290,12 +325,72 @@ def root_entries(view: TreeView) -> dict[str, str]:
     return found
 
 
-async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry,
+AHEAD_ENV = "AOSBUILD_AHEAD"  # "0": no stage's sandbox starts before its turn (for comparisons)
+
+
+@dataclasses.dataclass(eq=False)
+class Ahead:
+    """A stage whose sandbox starts while the stage before it runs (`build_layers`), so that its bwrap and
+    Python start overlap that stage's run and commit. Its tree is attached when the stage first talks to
+    the engine, once `take` has given it its entry and the tree below; until then what it says waits and
+    its output is held. One that ends without a word (it never asked for its arguments) did nothing that
+    counts: `take` gives None, and the stage is run again the usual way."""
+
+    stage: Stage
+    opened: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    finished: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    entry: NewEntry | None = None
+    below: TreeView | None = None
+    outcome: tuple[StageResult, str] | None = None
+    error: Exception | None = None
+    begun: bool = False  # its tree attached: from here on, what happens to it is the stage's
+
+    async def take(self, entry: NewEntry, below: TreeView) -> tuple[StageResult, str] | None:
+        self.entry, self.below = entry, below
+        self.opened.set()
+        await self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outcome
+
+
+def starts_ahead(ctx: BuildContext, stage: Stage) -> bool:
+    """Whether a stage's sandbox may start before the stage below it is done: one of aosbuild's own
+    modules (it asks for its arguments before it touches its tree), with no devices or mounts (made from
+    the tree) and only inputs the engine maps itself (no host service runs for it)."""
+    if os.environ.get(AHEAD_ENV) == "0" or stage.devices or stage.mounts:
+        return False
+    if any(inp.type not in NATIVE_INPUTS for inp in stage.inputs.values()):
+        return False
+    info = ctx.library.find(stage.kind, stage.type)
+    return info is not None and info.path is not None and not is_osbuild_library(info.root)
+
+
+async def run_ahead(ctx: BuildContext, pipeline: Pipeline, ahead: Ahead, build: TreeView | None,
+                    runners: Runners) -> None:
+    """Start `ahead`'s stage and run it once it is taken; an error before its tree was attached is left
+    to the usual run to meet again and report."""
+    try:
+        await ctx.sources.wait_for(ahead.stage.source_refs())
+        ahead.outcome = await run_stage(ctx, pipeline, ahead.stage, None, None, build, runners, layered=True,
+                                        ahead=ahead)
+    except Exception as exc:
+        if ahead.begun:
+            ahead.error = exc
+        else:
+            log.debug("stage.ahead_failed", stage_id=ahead.stage.id, error=repr(exc))
+    finally:
+        ahead.finished.set()
+
+
+async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry | None,
                     below: TreeView | None, build: TreeView | None, runners: Runners, *,
-                    layered: bool) -> tuple[StageResult, str]:
+                    layered: bool, ahead: Ahead | None = None) -> tuple[StageResult, str] | None:
     """Run one stage in its sandbox, with its inputs, devices and mounts; returns its result and last lines.
 
     Layered, the stage's tree is an overlay of `entry` (its new layer) over `below`; else it is `entry`.
+    With `ahead`, the sandbox starts at once and the tree is attached from `ahead` when the stage first
+    speaks; None if it ended before (see `Ahead`).
     """
     info = ctx.library.find(stage.kind, stage.type)
     if info is None or info.path is None:
@@ -307,8 +402,9 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         ctx.monitor.stage_output(pipeline, stage, text)
 
     # the header first: host services log while they set the stage up, and their lines belong to it
-    log.debug("stage.starting", stage_id=stage.id, t=round(time.monotonic(), 4))
-    ctx.monitor.stage_started(pipeline, stage)
+    if ahead is None:
+        log.debug("stage.starting", stage_id=stage.id, t=round(time.monotonic(), 4))
+        ctx.monitor.stage_started(pipeline, stage)
     # the stage's mounts and devices go first, then its input services, its /dev, loop devices, scratch
     async with ctx.store.stage() as scratch, open_loop_server() as loops, \
             open_dev_dir(scratch.path / "dev", osbuild_layout=from_osbuild) as devdir, \
@@ -338,7 +434,12 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         # copying a loop device's file up into the new layer is part of the stage, as overlayfs's own
         # copy-up on a first write would be: no gap between stages
         started = time.monotonic()
-        if layered and below is not None:
+        late = None
+        if ahead is not None:
+            tree = views.placeholder()
+            late = mountns.LateTree(tree)
+        elif layered and below is not None:
+            assert entry is not None
             await anyio.to_thread.run_sync(overlay.copy_attributes, below.layers[0], entry.tree)
             for name in loopback_files(stage):
                 resolved = overlay.resolve(below.layers, name)
@@ -353,8 +454,9 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
         else:
             # flat, or the pipeline's first stage: with nothing below, its new layer is its whole tree,
             # and an overlay mount would only make every file operation of the stage slower
+            assert entry is not None
             tree = entry.tree
-        async with open_devices(stage.devices, tree=entry.tree, devdir=devdir, loops=loops,
+        async with open_devices(stage.devices, tree=tree if entry is None else entry.tree, devdir=devdir, loops=loops,
                                 find=lambda name: ctx.library.find("Device", name),
                                 on_line=service_line) as devices, \
                 AsyncExitStack() as host_mounts:
@@ -388,10 +490,31 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                          "paths": {"devices": "/dev", "inputs": sandbox.INPUTS, "mounts": sandbox.MOUNTS},
                          "devices": devices, "inputs": inputs, "mounts": mounts, "options": stage.options,
                          "meta": meta}
+            timeout = ctx.options.stage_timeout
+            timing: list[anyio.CancelScope] = []
+
+            async def attach() -> None:
+                """The stage's turn: its tree mounted where its sandbox sees it, then it is reported started."""
+                nonlocal started
+                assert ahead is not None
+                assert late is not None
+                await ahead.opened.wait()
+                assert ahead.entry is not None
+                assert ahead.below is not None
+                ahead.begun = True
+                await anyio.to_thread.run_sync(overlay.copy_attributes, ahead.below.layers[0], ahead.entry.tree)
+                await late.attach(*views.late_tree(ahead.below, ahead.entry.tree))
+                started = time.monotonic()
+                if timeout is not None and timing:
+                    timing[0].deadline = anyio.current_time() + timeout
+                log.debug("stage.starting", stage_id=stage.id, t=round(started, 4), ahead=True)
+                ctx.monitor.stage_started(pipeline, stage)
+
             # the store endpoint's binds of pipeline trees stay in the sandbox, and leave the host once it has
             # them, so that a killed engine leaves them nowhere
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir,
-                                   on_set_up=store_api.release if store_api.binds else None)
+                                   on_set_up=store_api.release if store_api.binds else None,
+                                   gate=attach if ahead is not None else None)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
             # osbuild's runners make their own accounts in the sandbox
             accounts = await runners.accounts(build, scratch.path) if contract is None else None
@@ -400,10 +523,12 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 dev=devdir.path, binds=tuple(binds), env=env, osbuild=contract,
                 capabilities=tuple(sorted(info.capabilities)),
                 root_entries=None if build is None or build.flat else root_entries(build), accounts=accounts)
-            spec = dataclasses.replace(spec, namespace=views.namespace(sandbox.sources(spec)))
+            spec = dataclasses.replace(spec, namespace=views.namespace(sandbox.sources(spec), late))
             reason = ""
             try:
-                with anyio.fail_after(ctx.options.stage_timeout):
+                # started ahead, the stage's time begins with its turn (`attach`)
+                with anyio.fail_after(None if ahead is not None else timeout) as scope:
+                    timing.append(scope)
                     if contract is None:
                         returncode = await sandbox.run(spec, handlers=session.handlers(),
                                                        on_line=session.output_line, on_set_up=session.on_set_up)
@@ -411,6 +536,8 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                         returncode = await run_osbuild_module(spec, contract, session)
             except TimeoutError:
                 returncode, reason = -1, f"timed out after {ctx.options.stage_timeout:g}s (--stage-timeout)"
+    if not session.begun:
+        return None  # started ahead, it ended without a word: it is run again the usual way
     if returncode != 0 and not reason:
         reason = explain_status(returncode)
         if session.exception:
@@ -551,10 +678,17 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
 
 async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry,
                         below: TreeView | None, build: TreeView | None, runners: Runners, *,
-                        layered: bool) -> StageResult:
-    """Run a stage; a failure ends the pipeline with a StageError."""
-    await ctx.sources.wait_for(stage.source_refs())
-    result, tail = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
+                        layered: bool, ahead: Ahead | None = None) -> StageResult:
+    """Run a stage (or take it, started `ahead`); a failure ends the pipeline with a StageError."""
+    outcome = None
+    if ahead is not None:
+        assert below is not None  # a stage is started ahead only above another one
+        outcome = await ahead.take(entry, below)
+    if outcome is None:
+        await ctx.sources.wait_for(stage.source_refs())
+        outcome = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
+    assert outcome is not None
+    result, tail = outcome
     ctx.monitor.stage_finished(pipeline, stage, result)
     log.debug("stage.finished", t=round(time.monotonic(), 4), pipeline=pipeline.name, stage=stage.type,
               stage_id=stage.id, duration=result.duration, success=result.success)
@@ -574,36 +708,52 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
     """Each stage a layer over the ones before, committed under the stage's id: nothing is copied."""
     below_id = pipeline.stages[resume - 1].id if resume else None
     records = report_restored(ctx, pipeline, below_id) if below_id else []
-    for stage in pipeline.stages[resume:]:
-        if below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
-            below_id = await squash(ctx, pipeline, below_id)
-        stack = ctx.pins.stack(below_id) if below_id else ()
-        stored_below = all(not ctx.pins.floating(i) for i in stack)
-        last = stage is pipeline.stages[-1]
-        async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
-            entry.results, entry.pipeline = list(records), pipeline.name
-            below = ctx.pins.view(below_id) if below_id else None
-            await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True)
-            if below is not None:
-                await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
-            else:
-                started = time.monotonic()
-                plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
-                entry.flat, entry.tree_size = plain.readable, plain.size
-                log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
-            if pipeline.source_epoch is not None:
-                await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
-            records = list(entry.results)
-            committing = time.monotonic()
-        log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
-                  ms=round((time.monotonic() - committing) * 1000, 1))
-        what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
-                else f"the layer of {stage.type} {stage.id}")
-        if last or stage.id in ctx.options.checkpoints:
-            report_outcome(ctx, pipeline, entry, what)
+    stages = pipeline.stages[resume:]
+    async with anyio.create_task_group() as background:
+        ahead: Ahead | None = None
+        for index, stage in enumerate(stages):
+            # the next stage's sandbox starts now, while this one runs and is committed
+            mine, ahead = ahead, None
+            if index + 1 < len(stages) and starts_ahead(ctx, stages[index + 1]):
+                ahead = Ahead(stage=stages[index + 1])
+                background.start_soon(run_ahead, ctx, pipeline, ahead, build, runners)
+            below_id, records = await build_layer(ctx, pipeline, stage, below_id, records, build, runners, mine)
+
+
+async def build_layer(ctx: BuildContext, pipeline: Pipeline, stage: Stage, below_id: str | None,
+                      records: list[dict[str, Any]], build: TreeView | None, runners: Runners,
+                      ahead: Ahead | None) -> tuple[str, list[dict[str, Any]]]:
+    """Run one stage of `build_layers` on the layers of `below_id` and commit its layer; the layer's id and
+    the result records of its tree."""
+    if below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
+        below_id = await squash(ctx, pipeline, below_id)
+    stack = ctx.pins.stack(below_id) if below_id else ()
+    stored_below = all(not ctx.pins.floating(i) for i in stack)
+    last = stage is pipeline.stages[-1]
+    async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
+        entry.results, entry.pipeline = list(records), pipeline.name
+        below = ctx.pins.view(below_id) if below_id else None
+        await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True, ahead=ahead)
+        if below is not None:
+            await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
         else:
-            log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
-        below_id = stage.id
+            started = time.monotonic()
+            plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+            entry.flat, entry.tree_size = plain.readable, plain.size
+            log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
+        if pipeline.source_epoch is not None:
+            await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
+        records = list(entry.results)
+        committing = time.monotonic()
+    log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
+              ms=round((time.monotonic() - committing) * 1000, 1))
+    what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
+            else f"the layer of {stage.type} {stage.id}")
+    if last or stage.id in ctx.options.checkpoints:
+        report_outcome(ctx, pipeline, entry, what)
+    else:
+        log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
+    return stage.id, records
 
 
 async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:

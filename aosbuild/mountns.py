@@ -11,6 +11,11 @@ mount(2) and starts bwrap, which inherits that namespace; the namespace goes whe
 The thread lives until the process has been reaped: bwrap's `--die-with-parent` (PR_SET_PDEATHSIG)
 fires when the thread that started it ends, so its end must be the engine's choice (or the engine's
 death), never a pool thread's idle timeout (see `process.Process`).
+
+A namespace with a `late` tree starts its process before the tree is there: its mount point is a
+read-only bind of itself, shared, so that the overlay the thread mounts on it later (`LateTree.attach`,
+once the stage below has been committed) appears in the sandbox too, whose bind of it bwrap made a slave
+of it. Until then a stage that writes there fails (EROFS) rather than writing where nothing is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import ctypes
 import errno
 import functools
 import os
+import queue
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,8 +39,14 @@ from .errors import SandboxError
 from .store import layers
 
 CLONE_NEWNS = 0x00020000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
 MNT_DETACH = 2
 # The previous stage's sandbox may still be going away (its init dies of --die-with-parent a moment after
 # bwrap), holding the overlay whose upper dir is now a lower layer here: with index=on the kernel refuses
@@ -54,6 +66,62 @@ def _check(result: int, what: str) -> None:
         raise OSError(code, f"{what}: {os.strerror(code)}")
 
 
+def _mount_overlay(target: str, options: str, workdir: str | None, stop: threading.Event, flags: int = 0) -> None:
+    """mount(2) an overlay, trying a busy one again (see MOUNT_TRIES) until `stop` is set."""
+    libc = _libc()
+    for attempt in range(MOUNT_TRIES):
+        if libc.mount(b"aosbuild", os.fsencode(target), b"overlay", flags, options.encode()) == 0:
+            return
+        code = ctypes.get_errno()
+        if code != errno.EBUSY or attempt == MOUNT_TRIES - 1 or stop.wait(MOUNT_RETRY_SECONDS):
+            raise OSError(code, f"mount the stage's overlay on {target}: {os.strerror(code)}")
+        if workdir is not None:
+            layers.clear_volatile_mark(Path(workdir))
+
+
+class LateTree:
+    """A stage's tree mounted after its sandbox has started (see the module's docstring): `attach` runs
+    the mount in the namespace's thread, which is the only place where it can be made."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = os.fspath(target)
+        self._requests: queue.SimpleQueue[Callable[[], None] | None] | None = None
+        self._stop: threading.Event | None = None
+        self.attached = False
+
+    def prepare(self) -> None:
+        """In the namespace's thread, before the process starts: the read-only, shared mount point."""
+        libc = _libc()
+        target = os.fsencode(self.target)
+        _check(libc.mount(target, target, None, MS_BIND, None), f"bind {self.target} on itself")
+        _check(libc.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None),
+               f"make {self.target} read-only until the tree is there")
+        _check(libc.mount(None, target, None, MS_SHARED, None), f"share {self.target} with the sandbox")
+
+    async def attach(self, options: str, workdir: str | None) -> None:
+        """Mount the tree's overlay (options relative to the namespace's base) where the sandbox sees it,
+        with the flags bwrap gives its binds (nosuid, nodev)."""
+        if self._requests is None or self._stop is None:
+            raise SandboxError(f"cannot attach the stage's tree at {self.target}: its namespace is gone")
+        stop = self._stop
+        done = threading.Event()
+        failed: list[OSError] = []
+
+        def mount() -> None:
+            try:
+                _mount_overlay(self.target, options, workdir, stop, MS_NOSUID | MS_NODEV)
+            except OSError as exc:
+                failed.append(exc)
+            finally:
+                done.set()
+
+        self._requests.put(mount)
+        await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+        if failed:
+            raise SandboxError(f"cannot attach the stage's tree: {failed[0].strerror or failed[0]}") from failed[0]
+        self.attached = True
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountNamespace:
     """The overlays to mount (target and options, paths relative to `base`) after detaching `detach`."""
@@ -64,6 +132,7 @@ class MountNamespace:
     # behind: the kernel would refuse every retry with EINVAL ("incompat feature 'volatile'")
     workdirs: tuple[str | None, ...] = ()
     detach: tuple[str, ...]
+    late: LateTree | None = None  # the tree, mounted once the process has started
 
     def enter(self, stop: threading.Event) -> None:
         """Make this thread's own mount namespace as planned (call it in a thread of its own); `stop` set
@@ -76,19 +145,15 @@ class MountNamespace:
         os.chdir(self.base)  # this thread's own working directory now: the options' paths are relative
         workdirs = self.workdirs or (None,) * len(self.mounts)
         for (target, options), workdir in zip(self.mounts, workdirs, strict=True):
-            for attempt in range(MOUNT_TRIES):
-                if libc.mount(b"aosbuild", os.fsencode(target), b"overlay", 0, options.encode()) == 0:
-                    break
-                code = ctypes.get_errno()
-                if code != errno.EBUSY or attempt == MOUNT_TRIES - 1 or stop.wait(MOUNT_RETRY_SECONDS):
-                    raise OSError(code, f"mount the stage's overlay on {target}: {os.strerror(code)}")
-                if workdir is not None:
-                    layers.clear_volatile_mark(Path(workdir))
+            _mount_overlay(target, options, workdir, stop)
+        if self.late is not None:
+            self.late.prepare()
 
     @contextlib.asynccontextmanager
     async def started(self, start: Callable[[], subprocess.Popen[bytes]]) -> AsyncIterator[subprocess.Popen[bytes]]:
         """`start()`'s process, started in this namespace from a thread that lives until the block ends."""
-        ready, stop, done = threading.Event(), threading.Event(), threading.Event()
+        ready, stop = threading.Event(), threading.Event()
+        requests: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         outcome: list[subprocess.Popen[bytes] | BaseException] = []
 
         def main() -> None:
@@ -100,8 +165,11 @@ class MountNamespace:
                 outcome.append(exc)
             finally:
                 ready.set()
-            done.wait()
+            while (request := requests.get()) is not None:  # `LateTree.attach`, until the block ends
+                request()
 
+        if self.late is not None:
+            self.late._requests, self.late._stop = requests, stop
         thread = threading.Thread(target=main, name="aosbuild-mount-namespace", daemon=True)
         thread.start()
         handed = False
@@ -118,6 +186,8 @@ class MountNamespace:
             yield result
         finally:
             stop.set()
+            if self.late is not None:
+                self.late._requests = None
             ready.wait()  # once stopped, at most one mount(2) away
             try:
                 if not handed and outcome and isinstance(outcome[0], subprocess.Popen):
@@ -128,14 +198,16 @@ class MountNamespace:
                     finally:
                         orphan.close()
             finally:
-                done.set()
+                requests.put(None)
                 thread.join()  # it only returns now: its namespace goes with the sandbox's
 
 
-def for_overlays(base: Path, overlays: Sequence[layers.Overlay], needed: Sequence[str]) -> MountNamespace | None:
+def for_overlays(base: Path, overlays: Sequence[layers.Overlay], needed: Sequence[str],
+                 late: LateTree | None = None) -> MountNamespace | None:
     """The namespace that shows `overlays` (paths relative to `base`) to a command that uses the host's
-    `needed` paths, the host's other mounts detached (`layers.foreign`); None without overlays."""
-    if not overlays:
+    `needed` paths, the host's other mounts detached (`layers.foreign`); None without overlays or a `late`
+    tree (whose layers are below `base`)."""
+    if not overlays and late is None:
         return None
     paths = [os.fspath(base), *needed]
     for overlay in overlays:
@@ -143,4 +215,4 @@ def for_overlays(base: Path, overlays: Sequence[layers.Overlay], needed: Sequenc
                                          overlay.work) if p is not None]
     return MountNamespace(base=base, mounts=tuple((os.fspath(o.target), o.options(base)) for o in overlays),
                           workdirs=tuple(None if o.work is None else os.fspath(o.work) for o in overlays),
-                          detach=tuple(layers.foreign(layers.mount_points(), paths)))
+                          detach=tuple(layers.foreign(layers.mount_points(), paths)), late=late)
