@@ -684,6 +684,8 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
     if ahead is not None:
         assert below is not None  # a stage is started ahead only above another one
         outcome = await ahead.take(entry, below)
+        if outcome is None:
+            log.debug("stage.ahead_unused", stage_id=stage.id)  # it ended without a word: run again
     if outcome is None:
         await ctx.sources.wait_for(stage.source_refs())
         outcome = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
