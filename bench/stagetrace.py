@@ -6,7 +6,9 @@ bwrap started, the runner's first request ("arguments") in, its reply out, the o
 bwrap reaped, the channel closed, the stage's teardown done, the next stage begun. It prints, per step,
 the median over the stages (the first is left out: it pays for cold caches) of the time since the step
 before, and the bare `bwrap ... python3 -S -c pass` of the same namespaces for scale. A tool for finding
-waiting, not a benchmark: the wrappers cost a few microseconds each.
+waiting, not a benchmark: the wrappers cost a few microseconds each. Stages run in their turn
+(`AOSBUILD_AHEAD=0` unless set otherwise): a stage started ahead of its turn overlaps the one before it,
+and the steps of two stages would interleave.
 
     .venv/bin/python bench/stagetrace.py [--stages 20]
 """
@@ -32,6 +34,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, os.fspath(BENCH.parent))
 
 from aosbuild import builder, cli, process, sandbox  # noqa: E402
+
+os.environ.setdefault("AOSBUILD_AHEAD", "0")
 
 # the cheapest sandbox with the namespaces a stage gets, running the cheapest Python
 BARE_ARGV = ["bwrap", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64",
