@@ -17,6 +17,7 @@ before the last stage and at each `--checkpoint`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -158,7 +159,8 @@ class StageSession:
         """Whether the stage has its tree: always, unless it was started ahead and has not spoken yet."""
         return self._gate is None
 
-    async def _begin(self) -> None:
+    async def begin(self) -> None:
+        """The stage's turn has come: what it said waits no more (`gate`), its held output goes out."""
         if self._gate is not None:
             await self._gate()
             self._gate = None
@@ -170,7 +172,7 @@ class StageSession:
         async def call(params: dict[str, Any], fds: list[int]) -> tuple[Any, list[int]]:
             # a message from the stage means bwrap has made its mounts: its /dev need not stay on the host
             self.devdir.leave_host_soon()
-            await self._begin()
+            await self.begin()
             return await handler(params, fds)
         return call
 
@@ -331,10 +333,11 @@ AHEAD_ENV = "AOSBUILD_AHEAD"  # "0": no stage's sandbox starts before its turn (
 @dataclasses.dataclass(eq=False)
 class Ahead:
     """A stage whose sandbox starts while the stage before it runs (`build_layers`), so that its bwrap and
-    Python start overlap that stage's run and commit. Its tree is attached when the stage first talks to
-    the engine, once `take` has given it its entry and the tree below; until then what it says waits and
-    its output is held. One that ends without a word (it never asked for its arguments) did nothing that
-    counts: `take` gives None, and the stage is run again the usual way."""
+    Python start overlap that stage's run and commit. Its tree is attached as soon as `take` gives it its
+    entry and the tree below (its sandbox may still be starting); until then what it says waits and its
+    output is held, and it is reported started at its first word (or its end). One that ended before its
+    tree was attached (it wrote to the read-only mount point before asking for its arguments, say) did
+    nothing that counts: `take` gives None, and the stage is run again the usual way."""
 
     stage: Stage
     opened: anyio.Event = dataclasses.field(default_factory=anyio.Event)
@@ -492,9 +495,11 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                          "meta": meta}
             timeout = ctx.options.stage_timeout
             timing: list[anyio.CancelScope] = []
+            attached = anyio.Event()
 
             async def attach() -> None:
-                """The stage's turn: its tree mounted where its sandbox sees it, then it is reported started."""
+                """The stage's turn: its tree mounted where its sandbox sees it, as soon as it is taken
+                (while its sandbox may still be starting); its time and --stage-timeout begin."""
                 nonlocal started
                 assert ahead is not None
                 assert late is not None
@@ -502,11 +507,16 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 assert ahead.entry is not None
                 assert ahead.below is not None
                 ahead.begun = True
-                await anyio.to_thread.run_sync(overlay.copy_attributes, ahead.below.layers[0], ahead.entry.tree)
-                await late.attach(*views.late_tree(ahead.below, ahead.entry.tree))
+                await late.attach(*views.late_tree(ahead.below, ahead.entry.tree), before=functools.partial(
+                    overlay.copy_attributes, ahead.below.layers[0], ahead.entry.tree))
                 started = time.monotonic()
                 if timeout is not None and timing:
                     timing[0].deadline = anyio.current_time() + timeout
+                attached.set()
+
+            async def turn() -> None:
+                """The stage's first word, or its end: it is reported started once its tree is there."""
+                await attached.wait()
                 log.debug("stage.starting", stage_id=stage.id, t=round(started, 4), ahead=True)
                 ctx.monitor.stage_started(pipeline, stage)
 
@@ -514,7 +524,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             # them, so that a killed engine leaves them nowhere
             session = StageSession(ctx, pipeline, stage, arguments, loops=loops, devdir=devdir,
                                    on_set_up=store_api.release if store_api.binds else None,
-                                   gate=attach if ahead is not None else None)
+                                   gate=turn if ahead is not None else None)
             contract = osbuild_contract(scratch.path, info, arguments, bool(mount_plan)) if from_osbuild else None
             # osbuild's runners make their own accounts in the sandbox
             accounts = await runners.accounts(build, scratch.path) if contract is None else None
@@ -529,7 +539,15 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 # started ahead, the stage's time begins with its turn (`attach`)
                 with anyio.fail_after(None if ahead is not None else timeout) as scope:
                     timing.append(scope)
-                    if contract is None:
+                    if ahead is not None:
+                        async with anyio.create_task_group() as attaching:
+                            attaching.start_soon(attach)
+                            returncode = await sandbox.run(spec, handlers=session.handlers(),
+                                                           on_line=session.output_line, on_set_up=session.on_set_up)
+                            attaching.cancel_scope.cancel()
+                        if attached.is_set():
+                            await session.begin()  # it ran with its tree, whether or not it spoke
+                    elif contract is None:
                         returncode = await sandbox.run(spec, handlers=session.handlers(),
                                                        on_line=session.output_line, on_set_up=session.on_set_up)
                     else:
@@ -537,7 +555,7 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
             except TimeoutError:
                 returncode, reason = -1, f"timed out after {ctx.options.stage_timeout:g}s (--stage-timeout)"
     if not session.begun:
-        return None  # started ahead, it ended without a word: it is run again the usual way
+        return None  # started ahead, it ended before it had its tree: it is run again the usual way
     if returncode != 0 and not reason:
         reason = explain_status(returncode)
         if session.exception:
@@ -685,7 +703,7 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
         assert below is not None  # a stage is started ahead only above another one
         outcome = await ahead.take(entry, below)
         if outcome is None:
-            log.debug("stage.ahead_unused", stage_id=stage.id)  # it ended without a word: run again
+            log.debug("stage.ahead_unused", stage_id=stage.id)  # it ended before it had its tree: run again
     if outcome is None:
         await ctx.sources.wait_for(stage.source_refs())
         outcome = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)

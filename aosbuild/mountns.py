@@ -87,6 +87,7 @@ class LateTree:
         self.target = os.fspath(target)
         self._requests: queue.SimpleQueue[Callable[[], None] | None] | None = None
         self._stop: threading.Event | None = None
+        self._started = anyio.Event()  # the namespace's thread takes requests (or is gone)
         self.attached = False
 
     def prepare(self) -> None:
@@ -98,27 +99,45 @@ class LateTree:
                f"make {self.target} read-only until the tree is there")
         _check(libc.mount(None, target, None, MS_SHARED, None), f"share {self.target} with the sandbox")
 
-    async def attach(self, options: str, workdir: str | None) -> None:
+    async def attach(self, options: str, workdir: str | None, before: Callable[[], None] = lambda: None) -> None:
         """Mount the tree's overlay (options relative to the namespace's base) where the sandbox sees it,
-        with the flags bwrap gives its binds (nosuid, nodev)."""
+        with the flags bwrap gives its binds (nosuid, nodev), once the namespace is there; `before` runs
+        first, in the same thread (file work that must precede the mount). The thread wakes this task
+        itself through an eventfd when it is done: no worker thread waits for it, and the thread never
+        waits for the event loop (which may be joining it)."""
+        await self._started.wait()
         if self._requests is None or self._stop is None:
             raise SandboxError(f"cannot attach the stage's tree at {self.target}: its namespace is gone")
         stop = self._stop
-        done = threading.Event()
-        failed: list[OSError] = []
+        failed: list[Exception] = []
+        done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        users, lock = [2], threading.Lock()  # the thread and this task: the last one done closes it
+
+        def release() -> None:
+            with lock:
+                users[0] -= 1
+                if users[0] == 0:
+                    os.close(done)
 
         def mount() -> None:
             try:
+                before()
                 _mount_overlay(self.target, options, workdir, stop, MS_NOSUID | MS_NODEV)
-            except OSError as exc:
+            except Exception as exc:  # handed to the task, as in `started`
                 failed.append(exc)
             finally:
-                done.set()
+                os.eventfd_write(done, 1)
+                release()
 
         self._requests.put(mount)
-        await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
-        if failed:
+        try:
+            await anyio.wait_readable(done)
+        finally:
+            release()
+        if failed and isinstance(failed[0], OSError):
             raise SandboxError(f"cannot attach the stage's tree: {failed[0].strerror or failed[0]}") from failed[0]
+        if failed:
+            raise failed[0]
         self.attached = True
 
 
@@ -172,6 +191,8 @@ class MountNamespace:
             self.late._requests, self.late._stop = requests, stop
         thread = threading.Thread(target=main, name="aosbuild-mount-namespace", daemon=True)
         thread.start()
+        if self.late is not None:
+            self.late._started.set()
         handed = False
         try:
             # mostly a millisecond; a busy mount is retried for up to 5 s, which a cancel stops at once
@@ -188,6 +209,7 @@ class MountNamespace:
             stop.set()
             if self.late is not None:
                 self.late._requests = None
+                self.late._started.set()
             ready.wait()  # once stopped, at most one mount(2) away
             try:
                 if not handed and outcome and isinstance(outcome[0], subprocess.Popen):

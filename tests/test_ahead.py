@@ -77,9 +77,11 @@ def test_the_stream_and_the_trees_are_the_same_with_stages_started_ahead(aosbuil
 
 
 def test_a_stage_that_writes_before_asking_for_its_arguments_is_run_again_with_its_tree(aosbuild: Aosbuild) -> None:
-    """Started ahead, its tree is a read-only mount point until its turn: its early write fails (nothing is
-    written where it would be lost), it ends without a word, and it is run again in its turn."""
-    m = manifest(pipeline("tree", stage("org.aosbuild.test.files", seed="a"), stage("org.aosbuild.test.early-write"),
+    """Started ahead, its tree is a read-only mount point until its turn (the stage below sleeps for a
+    second): its early write fails (nothing is written where it would be lost), it ends before it has its
+    tree, and it is run again in its turn."""
+    m = manifest(pipeline("tree", stage("org.aosbuild.test.sleep", seconds=1, marker="a-0"),
+                          stage("org.aosbuild.test.early-write"),
                           stage("org.aosbuild.test.files", seed="b")))
     out = aosbuild.workdir / "out"
     run = build(aosbuild, m, "--debug", "--monitor", "jsonseq", "--export", "tree", "--output-directory", str(out),
