@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import re
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from .checksum import VerifiedFile
 from .errors import ChecksumMismatch, DownloadError
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 # Mirrors throttle or ban clients that open many connections (osbuild #443 cut its parallel curls for
@@ -132,6 +133,8 @@ def root_cause(exc: BaseException) -> str:
 
 def certificate_refusal(exc: BaseException) -> str | None:
     """The TLS verification failure behind a connection error, if that is what it was."""
+    import ssl  # here, as httpx is: ssl is 8 ms of every command's start (the command line imports this module)
+
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLCertVerificationError):
@@ -341,6 +344,8 @@ def make_client(options: DownloadOptions, insecure: bool, secrets: str | None) -
 
 def mtls_context(insecure: bool) -> ssl.SSLContext:
     """Client certificate from osbuild's environment variables for `org.osbuild.mtls` items."""
+    import ssl
+
     key = os.environ.get("OSBUILD_SOURCES_CURL_SSL_CLIENT_KEY")
     cert = os.environ.get("OSBUILD_SOURCES_CURL_SSL_CLIENT_CERT")
     if not key or not cert:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,10 @@ sys.exit(code)
 BUILD_ONLY = ["asyncio", "httpx", "structlog", "trio"]
 
 
-def imported(argv: list[str], heavy: list[str]) -> tuple[list[str], str]:
+def imported(argv: list[str], heavy: list[str], env: dict[str, str] | None = None) -> tuple[list[str], str]:
     script = PROBE.replace("{HEAVY}", repr(set(heavy)))
     done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=False,
-                          timeout=60)
+                          timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stderr.splitlines() if line.startswith("HEAVY "))
     names: list[str] = json.loads(line.removeprefix("HEAVY "))
@@ -46,6 +47,16 @@ def test_version_imports_no_engine_validation_or_logging() -> None:
 
 def test_inspect_imports_no_engine_or_logging() -> None:
     names, out = imported(["--inspect", str(SAMPLE)], BUILD_ONLY)
+    assert "pipelines" in json.loads(out)
+    assert names == []
+
+
+def test_inspect_of_a_manifest_validated_before_imports_no_jsonschema_or_ssl(tmp_path: Path) -> None:
+    """The second `--inspect` finds the manifest and its modules' metadata in the cache of valid ones."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    names, _ = imported(["--inspect", str(SAMPLE)], ["jsonschema", "ssl"], env)
+    assert names == ["jsonschema"]  # the first time: the cache is empty
+    names, out = imported(["--inspect", str(SAMPLE)], ["jsonschema", "ssl"], env)
     assert "pipelines" in json.loads(out)
     assert names == []
 
