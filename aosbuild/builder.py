@@ -203,13 +203,15 @@ class Runners:
         distro, version = osbuild_api.runner_version(wanted.removeprefix("org.osbuild."))
         self.aosbuild_name = choose_runner(ctx.library.runner_names(), distro, str(version) if version else "")
         self._accounts: list[Accounts | None] = []  # made once, for the first stage that needs them
+        self._making = anyio.Lock()  # that stage and the next one, started ahead, may ask at once
 
     async def accounts(self, build: TreeView | None, scratch: Path) -> Accounts | None:
         """The /etc/passwd and /etc/group aosbuild's runner gives its stages: as osbuild's distribution
         runners make them in the build root (`aosbuild.accounts`)."""
-        if not self._accounts:
-            layers = (Path("/"),) if build is None else build.layers
-            self._accounts.append(await make_accounts(layers, scratch))
+        async with self._making:
+            if not self._accounts:
+                layers = (Path("/"),) if build is None else build.layers
+                self._accounts.append(await make_accounts(layers, scratch))
         return self._accounts[0]
 
     def for_module(self, info: ModuleInfo) -> tuple[str, Path]:
