@@ -75,6 +75,7 @@ class StageSession:
         # is held until then
         self._gate = gate
         self._held: list[str] | None = [] if gate is not None else None
+        self._held_size = 0
         self.on_set_up = on_set_up  # once the sandbox has made its binds: what then leaves the host
         self.loops = loops
         self.devdir = devdir
@@ -88,8 +89,11 @@ class StageSession:
         self.dropped = 0
 
     def output_line(self, text: str) -> None:
-        if self._held is not None:
+        if self._held is not None:  # bounded as what is kept is: a stage may print while it waits
             self._held.append(text)
+            self._held_size += len(text)
+            while self._held_size > OUTPUT_KEEP and len(self._held) > 1:
+                self._held_size -= len(self._held.pop(0))
             return
         self.ctx.monitor.stage_output(self.pipeline, self.stage, text)
         self._chunks.append(text)
