@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import zstandard
 
 from . import formats, ocilayer, stageimage
 from .errors import AosbuildError, StoreError
@@ -65,6 +67,7 @@ PUSH_MODES = ("none", "pipelines", "all")
 DEFAULT_PUSH = "pipelines"
 PROBES = 4  # manifest lookups in flight at once, per build
 ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
+STAGE_ID = re.compile(r"[0-9a-f]{64}")
 SQUASHED = ".squashed"
 REDIRECT = "trusted.overlay.redirect"
 SOURCE_TAG = "source-"
@@ -73,6 +76,7 @@ EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
+CONFIG_MAX = 64 << 20  # an image config holds the results of its stages: JSON, read whole
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,20 +227,22 @@ class RemoteCache:
         layers, config = manifest.get("layers"), manifest.get("config")
         if (manifest.get("mediaType") != MANIFEST_TYPE or not isinstance(layers, list) or not layers
                 or not isinstance(config, dict) or not DIGEST_RE.fullmatch(str(config.get("digest")))
+                or not sized(config, CONFIG_MAX)
                 or any(not isinstance(d, dict) or d.get("mediaType") not in stageimage.LAYER_TYPES
-                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) for d in layers)):
+                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) or not sized(d) for d in layers)):
             raise RemoteMiss(what, "its tag is not an aosbuild stage image")
         async with ctx.store.stage() as scratch:
             config_path = scratch.path / "config.json"
-            size = await client.fetch_blob(str(config["digest"]), config_path)
+            size = await client.fetch_blob(str(config["digest"]), config_path, size=config["size"])
             stack, records = parse_config(await anyio.Path(config_path).read_bytes(), stage_id, len(layers), what)
+            check_stack(stack, records, pipeline, stage_id, what)
             # the layers from the topmost one this store has already (pinned with its own stack) are not pulled
             have = next((n for n in range(len(stack) - 1, -1, -1) if ctx.pins.try_pin(stack[n][0])), -1)
             below: tuple[str, ...] = ctx.pins.stack(stack[have][0]) if have >= 0 else ()
             blobs: list[Path] = []
             for n in range(have + 1, len(stack)):
                 path = scratch.path / f"layer-{n}"
-                size += await client.fetch_blob(str(layers[n]["digest"]), path)
+                size += await client.fetch_blob(str(layers[n]["digest"]), path, size=layers[n]["size"])
                 blobs.append(path)
             self.bytes_pulled += size
             for n, blob in zip(range(have + 1, len(stack)), blobs, strict=True):
@@ -411,6 +417,33 @@ def survey(tree: Path) -> tuple[bool, dict[str, int]]:
     return redirect, files
 
 
+def sized(descriptor: dict[str, Any], most: int | None = None) -> bool:
+    """Whether an OCI descriptor says its blob's size (which bounds its download), within `most`."""
+    size = descriptor.get("size")
+    return type(size) is int and 0 <= size and (most is None or size <= most)
+
+
+def check_stack(stack: list[tuple[str, bool]], records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str,
+                what: str) -> None:
+    """The entries an image of `stage_id` makes are that stage and stages before it in its pipeline, in
+    order, and its results are of those stages: an image for one stage writes no entry, and no result
+    (whose id names a metadata file), for any other stage of this or another manifest."""
+    position = {stage.id: n for n, stage in enumerate(pipeline.stages)}
+    top = position.get(stage_id, -1)
+    ahead = [position.get(entry_id.removesuffix(SQUASHED), -1) for entry_id, _ in stack]
+    if any(n < 0 for n in ahead) or ahead != sorted(set(ahead)) or ahead[-1] != top:
+        raise RemoteMiss(what, f"its layers are not stages of pipeline {pipeline.name} up to it")
+    if not all(0 <= position.get(r["id"], -1) <= top for r in records):
+        raise RemoteMiss(what, f"its results are not of stages of pipeline {pipeline.name} up to it")
+
+
+def well_formed(record: Any) -> bool:
+    """A stage result as the store keeps it (`StageResult.to_record`): what a cache hit reports again."""
+    return (isinstance(record, dict) and isinstance(record.get("id"), str) and STAGE_ID.fullmatch(record["id"])
+            is not None and isinstance(record.get("type"), str) and isinstance(record.get("output", ""), str)
+            and type(record.get("duration", 0.0)) in (int, float) and isinstance(record.get("metadata") or {}, dict))
+
+
 def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
                                                                              list[dict[str, Any]]]:
     """The stack (entry ids, flat or not) and the stage results an image's config carries, checked: ids
@@ -423,7 +456,7 @@ def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[lis
         raise RemoteMiss(what, "its config is not an aosbuild stage image's") from None
     if (len(stack) != count or stack[-1][0] != stage_id or not all(ENTRY_ID.fullmatch(i) for i, _ in stack)
             or any(flat for _, flat in stack[1:]) or not isinstance(records, list)
-            or not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records)):
+            or not all(well_formed(r) for r in records)):
         raise RemoteMiss(what, "its config does not describe its layers")
     ids = [r["id"] for r in records]
     if any(i.removesuffix(SQUASHED) not in ids for i, _ in stack):
@@ -451,8 +484,15 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
 
 
 def unpack_blob(blob: Path, tree: Path, flat: bool) -> None:
-    with open(blob, "rb") as f:
-        ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper")
+    """A layer blob into an entry's tree; a blob that is no layer tar (its digest matched: the registry
+    made it so) or that cannot be unpacked here is a `LayerError`, a failed pull, never the build's end."""
+    try:
+        with open(blob, "rb") as f:
+            ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper")
+    except ocilayer.LayerError:
+        raise
+    except (OSError, EOFError, tarfile.TarError, zstandard.ZstdError, UnicodeError, ValueError) as exc:
+        raise ocilayer.LayerError(os.fspath(blob), f"cannot be unpacked: {exc}") from None
 
 
 @asynccontextmanager

@@ -469,3 +469,38 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
         with open(blob(layer["digest"]), "rb") as f:  # noqa: ASYNC230  # the test's own check
             ocilayer.unpack_layer(f, rootfs, into="tree")
     assert tree(rootfs) == expected
+
+
+@pytest.mark.parametrize("length", ["none", "too large"])
+async def test_a_blob_longer_than_its_descriptor_is_cut_off_there(workdir: Path, length: str) -> None:
+    """A registry that sends an endless body (or announces more than the manifest said) must not fill the
+    store's filesystem before the digest fails: the download stops at the descriptor's size."""
+    size = 100_000
+    digest = "sha256:" + hashlib.sha256(b"\0" * size).hexdigest()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            await stream.receive()
+            header = b"Content-Length: 1099511627776\r\n" if length == "too large" else b"Connection: close\r\n"
+            try:
+                await stream.send(b"HTTP/1.1 200 OK\r\n" + header + b"\r\n")
+                while sent < 1 << 30:  # a bound for the test itself: 1 GiB
+                    await stream.send(b"\0" * 65536)
+                    sent += 65536
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, endless)
+        remote = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
+                                        credentials=CREDENTIALS, environ={})
+        async with remote:
+            with anyio.fail_after(30), pytest.raises(RemoteMiss, match=f"{size} bytes"):
+                await remote.fetch_blob(digest, workdir / "blob", size=size)
+        group.cancel_scope.cancel()
+    assert os.listdir(workdir) == []
+    assert sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
