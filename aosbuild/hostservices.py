@@ -350,7 +350,9 @@ class StoreApi:
             target = Path(msg["target"]).resolve()  # noqa: ASYNC240 (a path the service made, in scratch)
             if not target.is_relative_to(self.scratch.resolve()):
                 return {"error": f"{target} is not in the stage's scratch space"}
-            source = tree / str(msg.get("subtree") or "/").lstrip("/")
+            source = resolve_inside(tree, str(msg.get("subtree") or "/").lstrip("/"))
+            if source is None:  # a symlink in the tree, followed here on the host
+                return {"error": f"subtree {msg.get('subtree')} of {msg['object-id']} resolves outside its tree"}
             # as osbuild's: recursive, private, read-only
             error = await self._run(["mount", "--rbind", "--make-rprivate", "-o", "ro", os.fspath(source),
                                      os.fspath(target)])

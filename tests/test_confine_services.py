@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
+from aosbuild.hostservices import StoreApi
+from aosbuild.store.pins import TreeView
+
 from . import osbuild_library_manifest as lib
 from .conftest import Aosbuild
 from .leftovers import mounts_under
 from .test_host_services import test_library  # noqa: F401  # the fixture: osbuild's library, runnable
-
-pytestmark = pytest.mark.slow
 
 
 def planting_manifest(victim: Path, bind: dict[str, str]) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def planting_manifest(victim: Path, bind: dict[str, str]) -> dict[str, Any]:
                   mounts=[mount])]}]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bind", [{"source": "tree://escape", "target": "tree://mnt"},
                                   {"source": "tree://etc", "target": "tree://escape"}],
                          ids=["source through the link", "target through the link"])
@@ -52,3 +54,26 @@ def test_a_bind_mount_through_a_planted_symlink_is_refused(test_library: Path, a
     assert sorted(os.listdir(victim)) == ["secret"]  # main copied the tree's hostname into the host's directory
     assert (victim / "secret").read_text() == "the host's\n"
     assert [str(mp) for mp in mounts_under(aosbuild.workdir) if mp.point != str(aosbuild.store)] == []
+
+
+async def test_an_input_services_subtree_through_a_planted_symlink_is_refused(tmp_path: Path) -> None:
+    """osbuild's `store` endpoint binds `TREE/SUBTREE` for an input service, on the host: a subtree through
+    a symlink the tree holds (`sub -> /etc`) would bind the host's directory into the stage."""
+    tree, scratch = tmp_path / "tree", tmp_path / "scratch"
+    (tree / "inside").mkdir(parents=True)
+    (tree / "sub").symlink_to("/etc")
+    (tree / "up").symlink_to("../..")
+    (scratch / "target").mkdir(parents=True)
+    api = StoreApi(view_of=lambda _: TreeView(layers=(tree,), flat=True), store_root=tmp_path, empty=tmp_path,
+                   sources=tmp_path, scratch=scratch)
+    try:  # main bound the host's /etc: released even when the test fails
+        for subtree in ("/sub", "sub/ssh", "/up/etc"):
+            reply = await api.handle({"method": "read-tree-at", "object-id": "0" * 64,
+                                      "target": str(scratch / "target"), "subtree": subtree}, [])
+            assert "resolves outside its tree" in reply.get("error", ""), reply
+        assert api.binds == []
+        reply = await api.handle({"method": "read-tree-at", "object-id": "0" * 64, "target": str(scratch / "target"),
+                                  "subtree": "/inside"}, [])
+        assert reply == {"path": str(scratch / "target")}
+    finally:
+        api.release()
