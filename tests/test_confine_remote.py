@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -164,3 +166,30 @@ def test_an_image_makes_no_entry_of_a_stage_it_is_not_nor_an_unreadable_result(
     assert stages_run(run) == [MKDIR, MKDIR]  # built here instead
     assert sorted(os.listdir(aosbuild.store / "objects")) == sorted(ids["tree"])
     assert_nothing_partial(aosbuild)
+
+
+def test_what_a_pull_puts_in_the_store_is_out_of_other_users_reach(aosbuild: Aosbuild, served: Registry,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer may hold a setuid-root program or a device node anyone may open (so may a stage's tree):
+    in the store, no user but root reaches them (main's entries were 0755, like osbuild's)."""
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(aosbuild.workdir, served.host)))
+    document = the_manifest()
+    ids = stage_ids(aosbuild, document)["tree"]
+    shell, disk = member("x/sh", data=b"#!/bin/sh\n"), member("y/disk", tarfile.BLKTYPE)
+    shell[0].mode, disk[0].mode = 0o4755, 0o666
+    disk[0].devmajor, disk[0].devminor = 7, 0
+    blob = layer_blob([member("x", tarfile.DIRTYPE), shell, member("y", tarfile.DIRTYPE), disk])
+    push_crafted(served, ids[-1], [blob], [{"id": ids[-1], "flat": True}], [record(i) for i in ids])
+    os.chmod(aosbuild.workdir, 0o755)  # the test's directory itself is 0700: open it, as a user's may be
+    run = build(aosbuild, served, document, "tree")
+    assert warnings(run) == [], run.stdout
+    assert stages_run(run) == []  # pulled
+    tree = aosbuild.store / "objects" / ids[-1] / "data/tree"
+    assert os.stat(tree / "x/sh").st_mode & 0o4000
+    for path in (tree / "x/sh", tree / "y/disk"):
+        nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "stat", "-c", "%a",
+                                 os.fspath(path)], capture_output=True, text=True)
+        assert nobody.returncode != 0, nobody  # main: nobody could stat (and run, and open) them
+        assert "Permission denied" in nobody.stderr, nobody
+    for directory in ("objects", "stage", "tmp"):
+        assert stat.S_IMODE(os.stat(aosbuild.store / directory).st_mode) == 0o700
