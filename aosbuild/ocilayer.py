@@ -28,7 +28,7 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import IO, Any, BinaryIO, Literal
 
 import zstandard
 
@@ -308,14 +308,27 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
 
 
-def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) -> None:
-    """Unpack a layer blob (zstd, gzip or plain tar) into `dest`.
+def _copy_bounded(source: IO[bytes], out: IO[bytes], name: str, budget: list[int] | None) -> None:
+    """Copy a member's data; with a `budget` (bytes left, in a list to share it), a layer that unpacks to
+    more is refused: a few compressed megabytes can unpack to terabytes of zeros."""
+    while chunk := source.read(CHUNK):
+        if budget is not None:
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise LayerError(name, "the layer unpacks to more than the store may hold (--cache-max-size)")
+        out.write(chunk)
+
+
+def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"], max_bytes: int | None = None) -> None:
+    """Unpack a layer blob (zstd, gzip or plain tar) into `dest`; with `max_bytes`, one whose files hold
+    more is refused part way (a `LayerError`).
 
     `into="upper"`: `dest` becomes the overlay upper directory again (whiteouts as 0:0 character devices,
     opaque directories marked). `into="tree"`: the layer is applied onto the tree in `dest`, as image
     layers are: a whiteout deletes its name, an opaque marker empties its directory of what lower layers
     put there."""
     target = _Target(os.fspath(dest))
+    budget = None if max_bytes is None else [max_bytes]
     this_layer: set[str] = set()
     dir_times: list[tuple[str, int]] = []
     with _decompressed(blob) as raw, tarfile.open(fileobj=raw, mode="r|", encoding="utf-8") as tar:
@@ -364,7 +377,7 @@ def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) 
                 fileobj = tar.extractfile(info)
                 assert fileobj is not None  # a regular member always has a body
                 with open(path, "xb") as out:
-                    shutil.copyfileobj(fileobj, out, CHUNK)
+                    _copy_bounded(fileobj, out, info.name, budget)
             elif info.islnk():
                 _, link_path = target.path(info.linkname)
                 if not stat.S_ISREG(os.lstat(link_path).st_mode):

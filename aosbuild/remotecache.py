@@ -472,9 +472,10 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
     stage_id = entry_id.removesuffix(SQUASHED)
     upto = [r["id"] for r in records].index(stage_id) + 1
     stored_below = all(not ctx.pins.floating(i) for i in below)
+    bound = ctx.store.limits().max_size  # a layer larger than the whole store is worth no pull
     async with ctx.store.store(entry_id, keep=ctx.pins, layers=() if flat else below, flat=flat,
                                commit=stored_below) as entry:
-        await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat)
+        await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat, bound)
         entry.pipeline = pipeline.name
         if entry_id.endswith(SQUASHED):  # the builder's squashed tree: the results of the stages below it
             entry.results = list(records[:upto])
@@ -483,12 +484,12 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
             entry.add_result(records[upto - 1])
 
 
-def unpack_blob(blob: Path, tree: Path, flat: bool) -> None:
+def unpack_blob(blob: Path, tree: Path, flat: bool, max_bytes: int | None = None) -> None:
     """A layer blob into an entry's tree; a blob that is no layer tar (its digest matched: the registry
     made it so) or that cannot be unpacked here is a `LayerError`, a failed pull, never the build's end."""
     try:
         with open(blob, "rb") as f:
-            ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper")
+            ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper", max_bytes=max_bytes)
     except ocilayer.LayerError:
         raise
     except (OSError, EOFError, tarfile.TarError, zstandard.ZstdError, UnicodeError, ValueError) as exc:

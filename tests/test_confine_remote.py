@@ -8,6 +8,7 @@ the build says once why it did not use the remote and builds locally, with the e
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -95,10 +96,11 @@ def victim(workdir: Path) -> Path:
     return outside
 
 
-def build(aosbuild: Aosbuild, served: Registry, document: dict[str, Any], *exports: str) -> Any:
+def build(aosbuild: Aosbuild, served: Registry, document: dict[str, Any], *exports: str,
+          extra: tuple[str, ...] = ()) -> Any:
     args = [a for name in exports for a in ("--export", name)]
     run = aosbuild(document, "--cache-remote", f"{served.host}/{REPOSITORY}", "--cache-push", "none",
-                   "--monitor", "jsonseq", "--output-directory", str(aosbuild.output), *args, timeout=120)
+                   "--monitor", "jsonseq", "--output-directory", str(aosbuild.output), *args, *extra, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     return run
@@ -193,3 +195,22 @@ def test_what_a_pull_puts_in_the_store_is_out_of_other_users_reach(aosbuild: Aos
         assert "Permission denied" in nobody.stderr, nobody
     for directory in ("objects", "stage", "tmp"):
         assert stat.S_IMODE(os.stat(aosbuild.store / directory).st_mode) == 0o700
+
+
+def test_a_layer_that_unpacks_to_more_than_the_store_may_hold_is_refused(aosbuild: Aosbuild, served: Registry,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 MiB of zeros are a 64 KiB gzip blob: without a bound, a registry can fill the store's filesystem
+    (tmpfs: memory) from a small download. A layer is cut off past the store's bound (here 4 MiB)."""
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(aosbuild.workdir, served.host)))
+    document = the_manifest()
+    ids = stage_ids(aosbuild, document)["tree"]
+    zeros = b"\0" * (64 << 20)
+    raw = layer_blob([member("x", tarfile.DIRTYPE), member("y", tarfile.DIRTYPE), member("y/zeros", data=zeros)])
+    blob = gzip.compress(raw, compresslevel=9, mtime=0)
+    assert len(blob) < 1 << 20
+    push_crafted(served, ids[-1], [blob], [{"id": ids[-1], "flat": True}], [record(i) for i in ids])
+    run = build(aosbuild, served, document, "tree", extra=("--cache-max-size", "4MiB"))
+    assert len(warnings(run)) == 1, run.stdout  # main: a cache hit, 64 MiB unpacked
+    assert "unpacks to more than the store may hold" in warnings(run)[0]
+    assert stages_run(run) == [MKDIR, MKDIR]
+    assert_nothing_partial(aosbuild)
