@@ -251,14 +251,16 @@ class RemoteCache:
                 below = ctx.pins.stack(entry_id)
         return len(blobs), size
 
-    async def fetch_source(self, checksum: str, target: Path) -> str | None:
+    async def fetch_source(self, checksum: str, target: Path, *, most: int | None = None) -> str | None:
         """Fetch a source item (a sha256 blob) from the first remote that has it, verified, to `target`;
-        the remote's name, or None if none has it (a plain miss is no warning; a broken remote is)."""
+        the remote's name, or None if none has it (a plain miss is no warning; a broken remote is). A
+        source has no size to check its body against: `most` (the store's bound of sources) ends one
+        that runs on."""
         if not DIGEST_RE.fullmatch(checksum):
             return None
         for remote in self.readers:
             try:
-                size = await remote.client.fetch_blob(checksum, target)
+                size = await remote.client.fetch_blob(checksum, target, size=most)
             except RemoteMiss as exc:
                 if exc.reason != "not in the registry":
                     self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")

@@ -504,3 +504,42 @@ async def test_a_blob_longer_than_its_descriptor_is_cut_off_there(workdir: Path,
         group.cancel_scope.cancel()
     assert os.listdir(workdir) == []
     assert sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
+
+
+async def test_a_source_item_that_runs_on_is_cut_off_at_the_stores_bound(workdir: Path) -> None:
+    """A source item has no descriptor size: an endless body from the remote cache stops at the bound of
+    the store's sources (`most`), is said once, and the item is fetched from its URL instead (None)."""
+    from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            await stream.receive()
+            try:
+                await stream.send(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                while sent < 1 << 30:
+                    await stream.send(b"\0" * 65536)
+                    sent += 65536
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+
+    said: list[str] = []
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, endless)
+        client = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
+                                        credentials=CREDENTIALS, environ={})
+        cache = RemoteCache(RemoteSettings(refs=(f"127.0.0.1:{port}/aosbuild/cache",)),
+                            [Remote(name="endless", client=client)], said.append)
+        async with client:
+            with anyio.fail_after(30):
+                found = await cache.fetch_source("sha256:" + "1" * 64, workdir / "item", most=1 << 20)
+        group.cancel_scope.cancel()
+    assert found is None
+    assert len(said) == 1
+    assert "more than the 1048576 bytes" in said[0]
+    assert os.listdir(workdir) == []
+    assert sent < 64 << 20
