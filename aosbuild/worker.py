@@ -202,10 +202,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("Error: aosbuild worker needs --cache-remote REF: workers share trees only through "
                          "the remote cache (an OCI registry repository)\n")
         return 2
-    from .dispatch import check_address, security_from
+    from .dispatch import check_address, on_loopback, security_from
 
     try:
-        check_address(args.scheduler, "--scheduler", tls_given=bool(args.tls_cert))
+        check_address(args.scheduler, "--scheduler")
     except ValueError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         return 2
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
     plugin = AosbuildWorker(store=Path(args.store), libdirs=tuple(args.libdir), remotes=tuple(args.cache_remote),
                             label=args.name or "")
     security = security_from(args.tls_ca_file, args.tls_cert, args.tls_key)
-    host = args.host or ("127.0.0.1" if "127.0.0.1" in args.scheduler or "localhost" in args.scheduler else None)
+    host = args.host or ("127.0.0.1" if on_loopback(args.scheduler) else None)
     resources = {SLOT: args.slots, arch_resource(args.arch): args.slots}
     from .run import configure_logging
 
