@@ -253,7 +253,8 @@ class Dispatcher:
             error = await anyio.to_thread.run_sync(future.exception) if future.status == "error" else None
             if not isinstance(error, RemoteFailure):
                 raise DispatchedError(f"pipeline {pipeline.name} ({key}) was not built on the Dask cluster: "
-                                      f"{error or future.status}")
+                                      f"{error or future.status}; the logs of the workers (and of the scheduler) "
+                                      "say why, or build it here without --dispatch")
             failure, outcome = error, error.outcome
         how = "failed on" if failure else "built by"
         ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} {how} worker {outcome['worker']}\n",
