@@ -155,7 +155,14 @@ class RemoteCache:
 
     @property
     def readers(self) -> list[Remote]:
+        """The remotes pulled from, in order: those that have not failed in this build."""
         return [r for r in self.remotes if r.usable]
+
+    @property
+    def writer(self) -> Remote | None:
+        """The remote pushed to (the first), unless it has failed or `--cache-push none` says not to."""
+        remote = self.remotes[0]
+        return remote if remote.usable and self.settings.push != "none" else None
 
     def give_up(self, remote: Remote, what: str, exc: BaseException, then: str = "building locally") -> None:
         """Say once why `remote` is no use any more, and stop using it in this build."""
@@ -265,15 +272,10 @@ class RemoteCache:
 
     # -- pushing ---------------------------------------------------------------------------------------
 
-    def push_target(self) -> Remote | None:
-        """The remote pushes go to (the first), unless it has failed or `--cache-push none` says not to."""
-        remote = self.remotes[0]
-        return remote if remote.usable and self.settings.push != "none" else None
-
     async def push_stages(self, ctx: BuildContext, stage_ids: Sequence[str]) -> None:
         """Push the image of each stage (pinned in `ctx`) to the first remote, unless it is there; a
         failure is said once and ends the pushing."""
-        remote = self.push_target()
+        remote = self.writer
         if remote is None:
             return
         try:
@@ -302,7 +304,7 @@ class RemoteCache:
         """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
         collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
         one layer), unless it is there."""
-        remote = self.push_target()
+        remote = self.writer
         if remote is None:
             return
         try:
