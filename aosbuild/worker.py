@@ -153,9 +153,9 @@ class AosbuildWorker(WorkerPlugin):
         return {"remote": RemoteSettings(refs=self.remotes)}
 
 
-def build_task(spec: dict[str, Any], *dependencies: Any) -> dict[str, Any]:
-    """A dispatched pipeline's task: `dependencies` are its build root's and inputs' outcomes (Dask runs it
-    after them); what it needs of them is in the remote cache by then."""
+def build_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """A dispatched pipeline's task. The client submits it once its build root and inputs are built
+    (`Dispatcher.build_all`, not as Dask dependencies): what it needs of them is in the remote cache."""
     from distributed import get_worker
 
     worker = get_worker()
