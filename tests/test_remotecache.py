@@ -63,9 +63,14 @@ def the_manifest(last: list[Any] | None = None) -> dict[str, Any]:
                              "options": {"filename": "tree.tar"}}))
 
 
+def auth_file(workdir: Path, *hosts: str) -> Path:
+    """The registry's credentials for `hosts` in `workdir/auth.json`."""
+    return write_auth_file(workdir / "auth.json", *hosts)
+
+
 def log_in(monkeypatch: pytest.MonkeyPatch, workdir: Path, *hosts: str) -> None:
     """Every machine of the test reads the registry's credentials from one auth file, as a user's tools do."""
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(write_auth_file(workdir / "auth.json", *hosts)))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, *hosts)))
 
 
 def machine(workdir: Path, name: str) -> Aosbuild:
