@@ -59,7 +59,7 @@ from .store.pins import TreeView
 
 if TYPE_CHECKING:
     from .context import BuildContext
-    from .planner import Plan
+    from .planner import Plan, Step
 
 log = get_logger(__name__)
 
@@ -137,6 +137,8 @@ class Remote:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hit:
+    """A remote that has the image of one of a pipeline's stages."""
+
     remote: Remote
     index: int  # the stages of the pipeline the image holds (its last one is stages[index - 1])
 
@@ -157,7 +159,14 @@ class RemoteCache:
 
     @property
     def readers(self) -> list[Remote]:
+        """The remotes pulled from, in order: those that have not failed in this build."""
         return [r for r in self.remotes if r.usable]
+
+    @property
+    def writer(self) -> Remote | None:
+        """The remote pushed to (the first), unless it has failed or `--cache-push none` says not to."""
+        remote = self.remotes[0]
+        return remote if remote.usable and self.settings.push != "none" else None
 
     def give_up(self, remote: Remote, what: str, exc: BaseException, then: str = "building locally") -> None:
         """Say once why `remote` is no use any more, and stop using it in this build."""
@@ -261,46 +270,21 @@ class RemoteCache:
         for remote in self.readers:
             try:
                 size = await remote.client.fetch_blob(checksum, target, size=most)
-            except RemoteMiss as exc:
-                if exc.reason != "not in the registry":
-                    self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
-                continue
             except RegistryError as exc:
-                self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
+                if not (isinstance(exc, RemoteMiss) and exc.reason == "not in the registry"):
+                    self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
                 continue
             self.bytes_pulled += size
             return remote.name
         return None
-
-    async def push_sources(self, items: Sequence[Path]) -> None:
-        """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
-        collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
-        one layer), unless it is there."""
-        remote = self.remotes[0]
-        if not remote.usable or self.settings.push == "none":
-            return
-        try:
-            await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
-            for path in items:
-                digest = "sha256:" + path.name.removeprefix("sha256:")
-                tag = SOURCE_TAG + digest.removeprefix("sha256:")
-                if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
-                    continue
-                size = (await anyio.Path(path).stat()).st_size
-                if await remote.client.push_blob(digest, path):
-                    self.bytes_pushed += size
-                await remote.client.put_manifest(tag, source_manifest(digest, size))
-                self.sources_pushed += 1
-        except (RegistryError, OSError) as exc:
-            self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
 
     # -- pushing ---------------------------------------------------------------------------------------
 
     async def push_stages(self, ctx: BuildContext, stage_ids: Sequence[str]) -> None:
         """Push the image of each stage (pinned in `ctx`) to the first remote, unless it is there; a
         failure is said once and ends the pushing."""
-        remote = self.remotes[0]
-        if not remote.usable or self.settings.push == "none":
+        remote = self.writer
+        if remote is None:
             return
         try:
             async with ctx.store.stage() as scratch:
@@ -319,10 +303,32 @@ class RemoteCache:
                                       seconds=round(time.monotonic() - started, 3))
                     results = {"stack": [{"id": entry_id, "flat": flat} for entry_id, flat, _, _ in chosen],
                                "results": list(ctx.pins.results(stage_id))}
-                    await stageimage.push_stage(remote.client, stage_id, [(p, i) for _, _, p, i in chosen], results)
+                    await stageimage.push_image(remote.client, stage_id, [i for _, _, _, i in chosen], results)
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
             self.give_up(remote, "cannot push", exc, "the build's exit code is unchanged")
+
+    async def push_sources(self, items: Sequence[Path]) -> None:
+        """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
+        collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
+        one layer), unless it is there."""
+        remote = self.writer
+        if remote is None:
+            return
+        try:
+            await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
+            for path in items:
+                digest = "sha256:" + path.name.removeprefix("sha256:")
+                tag = SOURCE_TAG + digest.removeprefix("sha256:")
+                if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
+                    continue
+                size = (await anyio.Path(path).stat()).st_size
+                if await remote.client.push_blob(digest, path):
+                    self.bytes_pushed += size
+                await remote.client.put_manifest(tag, source_manifest(digest, size))
+                self.sources_pushed += 1
+        except (RegistryError, OSError) as exc:
+            self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
 
 
 class LayerBlobs:
@@ -540,7 +546,7 @@ async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) 
     pending = [item for item in reversed(plan.build) if item.resume < len(item.pipeline.stages)]
     hits: dict[str, Hit] = {}
 
-    async def find(item: Any) -> None:
+    async def find(item: Step) -> None:
         hit = await remote.find_newest(item.pipeline, item.resume)
         if hit is not None:
             hits[str(item.pipeline.id)] = hit
@@ -572,12 +578,13 @@ def pushed_stages(ctx: BuildContext, plan: Plan) -> list[str]:
     that changes a pipeline's last stage runs that stage alone. The image before the last shares all
     its blobs but one with the final one: it costs a config and a manifest."""
     mode = ctx.remote.settings.push if ctx.remote else "none"
-    pipelines = [*plan.cached, *(item.pipeline for item in plan.build)]
+    if mode == "none":
+        return []
     wanted: list[str] = []
-    for pipeline in pipelines:
+    for pipeline in [*plan.cached, *(item.pipeline for item in plan.build)]:
         stages = pipeline.stages if mode == "all" else pipeline.stages[-2:]
         wanted += [s.id for s in stages if s.id in ctx.pins and s.id not in wanted]
-    return wanted if mode != "none" else []
+    return wanted
 
 
 async def push_built(ctx: BuildContext, plan: Plan) -> None:

@@ -153,9 +153,9 @@ class AosbuildWorker(WorkerPlugin):
         return {"remote": RemoteSettings(refs=self.remotes)}
 
 
-def build_task(spec: dict[str, Any], *dependencies: Any) -> dict[str, Any]:
-    """A dispatched pipeline's task: `dependencies` are its build root's and inputs' outcomes (Dask runs it
-    after them); what it needs of them is in the remote cache by then."""
+def build_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """A dispatched pipeline's task. The client submits it once its build root and inputs are built
+    (`Dispatcher.build_all`, not as Dask dependencies): what it needs of them is in the remote cache."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -202,11 +202,11 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("Error: aosbuild worker needs --cache-remote REF: workers share trees only through "
                          "the remote cache (an OCI registry repository)\n")
         return 2
-    from .dispatch import check_address, security_from
+    from .dispatch import check_address, on_loopback, security_from
     from .registry import is_loopback
 
     try:
-        check_address(args.scheduler, "--scheduler", tls_given=bool(args.tls_cert))
+        check_address(args.scheduler, "--scheduler")
     except ValueError as exc:
         sys.stderr.write(f"Error: {exc}\n")
         return 2
@@ -228,7 +228,7 @@ def main(argv: list[str]) -> int:
     plugin = AosbuildWorker(store=Path(args.store), libdirs=tuple(args.libdir), remotes=tuple(args.cache_remote),
                             label=args.name or "")
     security = security_from(args.tls_ca_file, args.tls_cert, args.tls_key)
-    host = args.host or ("127.0.0.1" if plain else None)
+    host = args.host or ("127.0.0.1" if plain or on_loopback(args.scheduler) else None)
     resources = {SLOT: args.slots, arch_resource(args.arch): args.slots}
     from .run import configure_logging
 

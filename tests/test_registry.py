@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from aosbuild.registry import Reference, RegistryOptions, RemoteMiss
 from aosbuild.registryauth import Credentials
 
 from .layertrees import make_upper, tree
-from .registry import PASSWORD, USER, Registry, run_registry
+from .registry import PASSWORD, USER, Registry, basic_auth, run_registry
 
 STAGE_ID = "5" * 64
 CREDENTIALS = Credentials(USER, PASSWORD)
@@ -292,8 +291,7 @@ async def test_a_wrong_password_is_a_clear_error_with_no_secret_in_it(
     message = str(caught.value)
     assert "refused the credentials" in message
     assert "/tmp/auth.json" in message
-    basic = base64.b64encode(f"{USER}:{secret}".encode()).decode()
-    good_basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    basic, good_basic = basic_auth(USER, secret), basic_auth()
     everything = message + repr(caught.value.args) + repr(events) + caplog.text
     for leak in (secret, basic, PASSWORD, good_basic):
         assert leak not in everything
@@ -305,8 +303,7 @@ async def test_a_wrong_password_is_a_clear_error_with_no_secret_in_it(
 async def test_credentials_come_from_the_auth_files_in_their_order(served: Registry, workdir: Path) -> None:
     def auth_file(path: Path, key: str, password: str, **more: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        auths = {k: {"auth": base64.b64encode(f"{USER}:{p}".encode()).decode()}
-                 for k, p in {key: password, **more}.items()}
+        auths = {k: {"auth": basic_auth(USER, p)} for k, p in {key: password, **more}.items()}
         path.write_text(json.dumps({"auths": auths}))
         return path
 
@@ -344,7 +341,7 @@ async def test_bearer_token_challenges_are_answered_from_the_realm() -> None:
     credentials and the challenge's scope, then sent as a Bearer; a push after a pull asks for a token
     of the wider scope; a refused token request names no secret."""
     asked: list[httpx.Request] = []
-    good = "Basic " + base64.b64encode(b"u:right").decode()
+    good = "Basic " + basic_auth("u", "right")
 
     def handler(request: httpx.Request) -> httpx.Response:
         asked.append(request)
