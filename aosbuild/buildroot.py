@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import SandboxError
 from .manifest import Manifest, Pipeline
+from .sandbox import ETC_FILES
 from .store import layers as overlay
 
 
@@ -38,10 +39,31 @@ def lacks(layers: tuple[Path, ...], path: str) -> bool:
     return resolved is not None and overlay.find(layers, resolved) is None
 
 
+# what the sandbox binds from the build root by its path on the host (bwrap follows symlinks there, with
+# the host's `/`): osbuild's sandbox binds /boot, /ostree, /etc/containers and /etc/selinux too
+BOUND = ("usr", "boot", "ostree", *(f"etc/{name}" for name in ETC_FILES), "etc/containers", "etc/selinux")
+
+
+def escaping(layers: tuple[Path, ...]) -> str | None:
+    """The first path the sandbox binds from the build root that a symlink leads out of the tree (`usr ->
+    /` would show the host's whole `/` to every stage as its /usr), or None."""
+    return next((f"/{path}" for path in BOUND if overlay.resolve(layers, path) is None), None)
+
+
 def check(manifest: Manifest, pipeline: Pipeline, layers: tuple[Path, ...],
           runners: Iterable[tuple[str, Path]]) -> None:
     """Refuse to run `pipeline` on a build root (the tree of `layers`) that lacks `/usr`, or the interpreter
-    of one of the runners its stages use; the error names both pipelines and says what to do."""
+    of one of the runners its stages use, or whose bound paths lead out of it; the error names both
+    pipelines and says what to do."""
+    escape = escaping(layers)
+    if escape is not None:
+        assert pipeline.build is not None
+        build = manifest.by_id(pipeline.build)
+        root = f"pipeline '{build.name}'" if build else f"the tree {pipeline.build}"
+        raise SandboxError(
+            f"pipeline '{pipeline.name}' cannot run in its build root, {root}: its {escape} is a symbolic link "
+            f"out of that tree (an absolute target, or '..' above its root), which the sandbox would bind from "
+            f"the host. What to do: make it a directory or file, or a relative link inside the tree")
     missing = None
     if lacks(layers, "usr"):
         missing = "/usr, which the sandbox binds as its /usr"

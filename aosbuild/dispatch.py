@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -34,21 +34,30 @@ from .remoteevents import DispatchedError, RemoteFailure, Replayer, progress_top
 from .worker import SLOT, arch_resource, build_task
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
+
     from .context import BuildContext
     from .engine import Request
     from .manifest import Pipeline
     from .planner import Step
 
-def check_address(address: str, flag: str, *, tls_given: bool = False) -> None:
+T = TypeVar("T")
+
+
+def on_loopback(address: str) -> bool:
+    """Whether a scheduler's address (`[tcp://|tls://]HOST:PORT`) is on this machine."""
+    return is_loopback(address.rpartition("://")[2])
+
+
+def check_address(address: str, flag: str) -> None:
     """Plain TCP only to a loopback scheduler: anyone who reaches a scheduler runs manifests as root."""
-    scheme, _, rest = address.rpartition("://")
-    scheme = scheme or "tcp"
+    scheme = address.rpartition("://")[0] or "tcp"
     if scheme == "tls":
         return
     if scheme != "tcp":
         raise ValueError(f"{flag} {address}: the scheduler's address is tls://HOST:PORT (or tcp://127.0.0.1:PORT "
                          "on this machine)")
-    if not is_loopback(rest):
+    if not on_loopback(address):
         raise ValueError(f"{flag} {address}: plain TCP is only for a scheduler on this machine (127.0.0.1); "
                          "a scheduler elsewhere needs tls://HOST:PORT and certificates (README, 'Builds on "
                          "a Dask cluster')")
@@ -64,10 +73,6 @@ def security_from(ca_file: str | None, cert: str | None, key: str | None) -> Any
     return Security(  # type: ignore[no-untyped-call]  # distributed's API is untyped
         tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, tls_worker_cert=cert, tls_worker_key=key,
         require_encryption=True)
-
-
-def host_arch() -> str:
-    return platform.machine()
 
 
 def probe_scheduler(address: str, security: Any) -> None:
@@ -133,7 +138,7 @@ class Dispatcher:
         The engine has pulled what the remote cache holds before planning (`remotecache.pull_ahead`):
         what is planned is what no one has built yet."""
         if planned:
-            arch = self.arch or host_arch()
+            arch = self.arch or platform.machine()
             async with open_dask_client(self.address, self.security) as client:
                 await anyio.to_thread.run_sync(self.check_workers, client, arch)
                 await self.build_all(ctx, client, planned, request, arch)
@@ -155,11 +160,10 @@ class Dispatcher:
     def check_workers(self, client: Any, arch: str) -> None:
         """Fail now, not wait forever, when no worker has the slot and architecture the tasks ask for."""
         workers = client.scheduler_info(n_workers=-1).get("workers", {})
-        able = [w for w in workers.values() if arch_resource(arch) in (w.get("resources") or {})
-                and SLOT in (w.get("resources") or {})]
-        if not able:
-            seen = ", ".join(f"{w.get('name')} ({', '.join(sorted(w.get('resources') or {})) or 'no resources'})"
-                             for w in workers.values()) or "none"
+        offers = [(w.get("name"), set(w.get("resources") or {})) for w in workers.values()]
+        if not any({SLOT, arch_resource(arch)} <= resources for _, resources in offers):
+            seen = ", ".join(f"{name} ({', '.join(sorted(resources)) or 'no resources'})"
+                             for name, resources in offers) or "none"
             raise UsageError(f"no worker of the Dask scheduler at {self.address} builds {arch} pipelines "
                              f"(workers: {seen}): start `aosbuild worker --scheduler {self.address}` on a {arch} "
                              "machine, or build here without --dispatch")
@@ -179,22 +183,19 @@ class Dispatcher:
         The order is kept here rather than as Dask dependencies: Dask runs a task where its dependencies'
         results are, and a pipeline's results are only its events (its tree is in the registry), so every
         image built on one build root would queue on the worker that built the root."""
-        send, receive = anyio.create_memory_object_stream[str](len(planned))
-        token = anyio.lowlevel.current_token()
-
-        def done(future: Any) -> None:  # in a thread of Dask's client
-            with contextlib.suppress(Exception):  # the build has ended: nobody listens
-                anyio.from_thread.run_sync(send.send_nowait, str(future.key), token=token)
-
+        send, receive = anyio.create_memory_object_stream[str](len(planned))  # keys of the futures done
+        live_send, live_receive = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
+        deliver_done, deliver_live = from_dask_threads(send), from_dask_threads(live_send)
         waiting = {str(item.pipeline.id): item for item in planned}
         futures: dict[str, Any] = {}
         built: set[str] = set()
-        live_send, live_receive = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
 
-        def heard(pipeline_id: str) -> Any:
+        def done(future: Any) -> None:  # in a thread of Dask's client
+            deliver_done(str(future.key))
+
+        def heard(pipeline_id: str) -> Callable[[tuple[float, Any]], None]:
             def handler(event: tuple[float, Any]) -> None:  # in the Dask client's event-loop thread
-                with contextlib.suppress(Exception):  # the build has ended: nobody listens
-                    anyio.from_thread.run_sync(live_send.send_nowait, (pipeline_id, event[1]), token=token)
+                deliver_live((pipeline_id, event[1]))
             return handler
 
         def subscribe_and_submit(item: Step) -> Any:
@@ -245,18 +246,30 @@ class Dispatcher:
         """Replay a pipeline's events from the worker that built it; raise its failure as ours."""
         pipeline = ctx.manifest.by_id(key)
         assert pipeline is not None
+        failure: RemoteFailure | None = None
         if future.status == "finished":
             outcome = await anyio.to_thread.run_sync(future.result)
-            ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} built by worker "
-                                   f"{outcome['worker']}\n", pipeline)
-            replayer.replay(pipeline, outcome["events"])
-            return
-        error = await anyio.to_thread.run_sync(future.exception) if future.status == "error" else None
-        if isinstance(error, RemoteFailure):
-            outcome = error.outcome
-            ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} failed on worker "
-                                   f"{outcome['worker']}\n", pipeline)
-            replayer.replay(pipeline, outcome["events"])
+        else:
+            error = await anyio.to_thread.run_sync(future.exception) if future.status == "error" else None
+            if not isinstance(error, RemoteFailure):
+                raise DispatchedError(f"pipeline {pipeline.name} ({key}) was not built on the Dask cluster: "
+                                      f"{error or future.status}; the logs of the workers (and of the scheduler) "
+                                      "say why, or build it here without --dispatch")
+            failure, outcome = error, error.outcome
+        how = "failed on" if failure else "built by"
+        ctx.monitor.worker_log(outcome["worker"], f"pipeline {pipeline.name} {how} worker {outcome['worker']}\n",
+                               pipeline)
+        replayer.replay(pipeline, outcome["events"])
+        if failure is not None:
             raise rebuild_error(outcome["error"], outcome["worker"])
-        raise DispatchedError(f"pipeline {pipeline.name} ({key}) was not built on the Dask cluster: "
-                              f"{error or future.status}")
+
+
+def from_dask_threads(send: MemoryObjectSendStream[T]) -> Callable[[T], None]:
+    """A callback for Dask's threads that hands an item to `send` in this event loop (the engine's: the
+    one this is called in). Once the build has ended nobody listens, and the item is dropped."""
+    token = anyio.lowlevel.current_token()
+
+    def deliver(item: T) -> None:
+        with contextlib.suppress(Exception):  # the loop has closed, or the stream
+            anyio.from_thread.run_sync(send.send_nowait, item, token=token)
+    return deliver

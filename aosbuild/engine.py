@@ -7,6 +7,7 @@ sure the monitor hears the beginning and the end of the build, however it ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import Sequence
@@ -221,7 +222,8 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
             async with remotecache.open_remote_cache(request.remote, lambda text: warn(ctx, text)) as remote:
                 ctx.remote = remote
                 if remote is not None:
-                    ctx.sources.mirror = remote.fetch_source
+                    ctx.sources.mirror = functools.partial(remote.fetch_source,
+                                                           most=ctx.store.limits().sources_max_size)
                 if plan is not None:
                     goal = plan.goal
                     plan = await remotecache.pull_ahead(ctx, plan, lambda: replan(ctx, goal))

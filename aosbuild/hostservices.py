@@ -30,10 +30,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 import anyio
 
 from . import process
+from .confine import resolve_inside
 from .errors import AosbuildError, SandboxError
 from .manifest import Device, Input, Mount
 from .moduleinfo import ModuleInfo
@@ -169,6 +171,30 @@ def split_mounts(mounts: Sequence[Mount], native: Callable[[str], bool]) -> tupl
             [m for m, ours in zip(mounts, kinds, strict=True) if ours])
 
 
+LOCATIONS = ("tree://", "mount://")
+
+
+def check_locations(mount: Mount, *, root: Path, tree: Path) -> None:
+    """Refuse a mount whose target or `tree://`/`mount://` options lead out of the tree or the mounts
+    (through a symlink an earlier stage planted, `/etc -> /` say): osbuild's services resolve them on
+    the host, with the host's `/`, in the host's mount namespace (`mount --rbind TREE/etc ...`).
+    Nothing changes the tree or the mounts between this check and the service's call: the stage has
+    not started, and the services before it only mounted."""
+    places = [mount.target, *(v for v in mount.options.values() if isinstance(v, str) and v.startswith(LOCATIONS))]
+    for place in places:
+        if not isinstance(place, str):
+            continue
+        base, relatives = root, [place]
+        if place.startswith(LOCATIONS):
+            url = urlparse(place)
+            base = tree if url.scheme == "tree" else root
+            relatives = [url.netloc, url.netloc + url.path]  # osbuild's bind takes the netloc alone
+        for relative in relatives:
+            if resolve_inside(base, relative.lstrip("/")) is None:
+                raise SandboxError(f"mount '{mount.name}': {place} resolves outside the stage's "
+                                   f"{'tree' if base == tree else 'mounts'}")
+
+
 @asynccontextmanager
 async def open_host_mounts(mounts: Sequence[Mount], *, find: Callable[[str], ModuleInfo | None],
                            devices: dict[str, Any], root: Path, tree: Path,
@@ -185,6 +211,7 @@ async def open_host_mounts(mounts: Sequence[Mount], *, find: Callable[[str], Mod
             if mount.device is not None:
                 name = devices[mount.device.name]["path"].removeprefix("/dev/")
                 source = f"/dev/{name}" + (f"p{mount.partition}" if mount.partition else "")
+            check_locations(mount, root=root, tree=tree)
             client = await stack.enter_async_context(open_service(module, f"mount/{mount.name}", on_line))
             path = await client.call("mount", {"source": source, "target": mount.target, "root": os.fspath(root),
                                                "tree": os.fspath(tree), "options": mount.options})
@@ -323,7 +350,9 @@ class StoreApi:
             target = Path(msg["target"]).resolve()  # noqa: ASYNC240 (a path the service made, in scratch)
             if not target.is_relative_to(self.scratch.resolve()):
                 return {"error": f"{target} is not in the stage's scratch space"}
-            source = tree / str(msg.get("subtree") or "/").lstrip("/")
+            source = resolve_inside(tree, str(msg.get("subtree") or "/").lstrip("/"))
+            if source is None:  # a symlink in the tree, followed here on the host
+                return {"error": f"subtree {msg.get('subtree')} of {msg['object-id']} resolves outside its tree"}
             # as osbuild's: recursive, private, read-only
             error = await self._run(["mount", "--rbind", "--make-rprivate", "-o", "ro", os.fspath(source),
                                      os.fspath(target)])

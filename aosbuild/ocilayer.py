@@ -28,7 +28,7 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import IO, Any, BinaryIO, Literal
 
 import zstandard
 
@@ -262,6 +262,14 @@ class _Target:
                 self.safe_dirs.add(walked)
         return relative, os.path.join(self.root, relative)
 
+    def forget(self, relative: str) -> None:
+        """`relative` is removed or replaced: neither it nor anything below it is a checked directory any
+        more (a later member may have put a symlink in its place)."""
+        if relative not in self.safe_dirs:
+            return  # every checked directory's parents are checked ones: nothing below it is either
+        below = relative + "/"
+        self.safe_dirs = {d for d in self.safe_dirs if d != relative and not d.startswith(below)} | {""}
+
 
 def _remove(path: str) -> None:
     try:
@@ -272,6 +280,14 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+def _check_xattrs(info: tarfile.TarInfo) -> None:
+    """overlayfs's own xattrs never come from a layer (`write_layer` leaves them out; whiteouts and opaque
+    directories have entries of their own): one that did could redirect a lookup anywhere."""
+    for key in info.pax_headers:
+        if key.startswith(XATTR_PREFIX + OVERLAY_XATTRS):
+            raise LayerError(info.name, f"overlayfs's own xattr {key[len(XATTR_PREFIX):]!r}")
 
 
 def _apply_meta(path: str, info: tarfile.TarInfo, *, is_link: bool) -> None:
@@ -292,19 +308,33 @@ def _mtime_ns(info: tarfile.TarInfo) -> int:
     return int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
 
 
-def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) -> None:
-    """Unpack a layer blob (zstd, gzip or plain tar) into `dest`.
+def _copy_bounded(source: IO[bytes], out: IO[bytes], name: str, budget: list[int] | None) -> None:
+    """Copy a member's data; with a `budget` (bytes left, in a list to share it), a layer that unpacks to
+    more is refused: a few compressed megabytes can unpack to terabytes of zeros."""
+    while chunk := source.read(CHUNK):
+        if budget is not None:
+            budget[0] -= len(chunk)
+            if budget[0] < 0:
+                raise LayerError(name, "the layer unpacks to more than the store may hold (--cache-max-size)")
+        out.write(chunk)
+
+
+def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"], max_bytes: int | None = None) -> None:
+    """Unpack a layer blob (zstd, gzip or plain tar) into `dest`; with `max_bytes`, one whose files hold
+    more is refused part way (a `LayerError`).
 
     `into="upper"`: `dest` becomes the overlay upper directory again (whiteouts as 0:0 character devices,
     opaque directories marked). `into="tree"`: the layer is applied onto the tree in `dest`, as image
     layers are: a whiteout deletes its name, an opaque marker empties its directory of what lower layers
     put there."""
     target = _Target(os.fspath(dest))
+    budget = None if max_bytes is None else [max_bytes]
     this_layer: set[str] = set()
     dir_times: list[tuple[str, int]] = []
     with _decompressed(blob) as raw, tarfile.open(fileobj=raw, mode="r|", encoding="utf-8") as tar:
         for info in tar:
             relative, path = target.path(info.name)
+            _check_xattrs(info)
             if not relative and not info.isdir():
                 raise LayerError(info.name, "the tree's root as something other than a directory")
             head, _, base = relative.rpartition("/")
@@ -317,10 +347,15 @@ def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) 
                         child = f"{head}/{name}" if head else name
                         if child not in this_layer:
                             _remove(os.path.join(directory, name))
+                            target.forget(child)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
-                hidden = os.path.join(os.path.dirname(path), base[len(WHITEOUT_PREFIX):])
+                name = base[len(WHITEOUT_PREFIX):]
+                if name in ("", ".", ".."):
+                    raise LayerError(info.name, "a whiteout of no name, of its own directory or of the one above")
+                hidden = os.path.join(os.path.dirname(path), name)
                 _remove(hidden)
+                target.forget(f"{head}/{name}" if head else name)
                 if into == "upper":
                     os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0))  # mode 0, as overlayfs makes them
                 continue
@@ -337,12 +372,12 @@ def unpack_layer(blob: BinaryIO, dest: Path, *, into: Literal["upper", "tree"]) 
                 dir_times.append((path, _mtime_ns(info)))
                 continue
             _remove(path)
-            target.safe_dirs.discard(relative)
+            target.forget(relative)
             if info.isreg():
                 fileobj = tar.extractfile(info)
                 assert fileobj is not None  # a regular member always has a body
                 with open(path, "xb") as out:
-                    shutil.copyfileobj(fileobj, out, CHUNK)
+                    _copy_bounded(fileobj, out, info.name, budget)
             elif info.islnk():
                 _, link_path = target.path(info.linkname)
                 if not stat.S_ISREG(os.lstat(link_path).st_mode):

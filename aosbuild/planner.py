@@ -154,7 +154,8 @@ def plan(goal: Goal, stored: Container[str]) -> Plan:
         if pipeline_id in path:
             names = [by_id[i].name for i in path[path.index(pipeline_id):]]
             raise UsageError(f"{wanted_by} needs pipeline {pipeline_id}, which needs it in turn "
-                             f"({' -> '.join([*names, names[0]])}): the pipelines cannot be built")
+                             f"({' -> '.join([*names, names[0]])}): the pipelines cannot be built; remove one "
+                             "of these references (a build root or an input)")
         pipeline = by_id.get(pipeline_id)
         if pipeline_id in stored:
             if pipeline is None:

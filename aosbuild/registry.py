@@ -257,9 +257,12 @@ class RegistryClient:
             raise self._server_error(what, response)
         return int(response.headers.get("content-length", "0"))
 
-    async def fetch_blob(self, digest: str, dest: Path, *, progress: Callable[[int], None] | None = None) -> int:
-        """Download blob `digest` to `dest`, verified while streaming; returns its size. `progress` is
-        called with the bytes received so far after each chunk.
+    async def fetch_blob(self, digest: str, dest: Path, *, size: int | None = None,
+                         progress: Callable[[int], None] | None = None) -> int:
+        """Download blob `digest` to `dest`, verified while streaming; returns its size. With `size` (what
+        the manifest's descriptor says), a body that runs past it is cut off there, so an endless or
+        enormous one cannot fill the store's filesystem before its digest fails. `progress` is called
+        with the bytes received so far after each chunk.
 
         The bytes go to a temporary file beside `dest`, renamed onto it only when complete and verified:
         a mismatch, a short body, a missing blob or a cancellation leaves no file."""
@@ -269,16 +272,16 @@ class RegistryClient:
         fd, temporary = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as out:
-                size = await self._stream_into(f"{self._repo_url}/blobs/{digest}", digest, what, out, progress)
+                got = await self._stream_into(f"{self._repo_url}/blobs/{digest}", digest, what, out, progress, size)
             os.rename(temporary, dest)
         except BaseException:
             os.unlink(temporary)
             raise
-        log.debug("registry.blob.fetched", digest=digest, size=size, registry=self.reference.registry)
-        return size
+        log.debug("registry.blob.fetched", digest=digest, size=got, registry=self.reference.registry)
+        return got
 
     async def _stream_into(self, url: str, digest: str, what: str, out: Any,
-                           progress: Callable[[int], None] | None) -> int:
+                           progress: Callable[[int], None] | None, limit: int | None = None) -> int:
         # identity: the digest and Content-Length are of the blob itself, not of a compressed transfer
         response = await self._send("GET", url, what, stream=True, headers={"Accept-Encoding": "identity"})
         try:
@@ -287,19 +290,29 @@ class RegistryClient:
             if response.status_code != 200:
                 raise self._server_error(what, response)
             expected = response.headers.get("content-length")
+            if limit is not None and expected is not None and expected.isdigit() and int(expected) > limit:
+                raise RemoteMiss(what, f"the registry sends {expected} bytes of a blob of {limit} bytes")
             sha256 = hashlib.sha256()
             size = 0
             try:
                 async for chunk in response.aiter_raw(CHUNK):
-                    sha256.update(chunk)
                     size += len(chunk)
+                    if limit is not None and size > limit:
+                        # closed under the stream's generators, which end with the read that fails
+                        # (raising here would leave them to the garbage collector)
+                        await response.aclose()
+                        continue
+                    sha256.update(chunk)
                     await anyio.to_thread.run_sync(out.write, chunk)
                     if progress is not None:
                         progress(size)
             except httpx.TimeoutException:
                 raise RemoteMiss(what, f"{self.reference.registry} stalled after {size} bytes") from None
             except httpx.TransportError:
-                raise RemoteMiss(what, f"the body was cut short after {size} bytes") from None
+                if limit is None or size <= limit:
+                    raise RemoteMiss(what, f"the body was cut short after {size} bytes") from None
+            if limit is not None and size > limit:
+                raise RemoteMiss(what, f"the registry sent more than the {limit} bytes of the blob")
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()

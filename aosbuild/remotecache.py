@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import zstandard
 
 from . import formats, ocilayer, stageimage
 from .errors import AosbuildError, StoreError
@@ -57,7 +59,7 @@ from .store.pins import TreeView
 
 if TYPE_CHECKING:
     from .context import BuildContext
-    from .planner import Plan
+    from .planner import Plan, Step
 
 log = get_logger(__name__)
 
@@ -65,6 +67,7 @@ PUSH_MODES = ("none", "pipelines", "all")
 DEFAULT_PUSH = "pipelines"
 PROBES = 4  # manifest lookups in flight at once, per build
 ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
+STAGE_ID = re.compile(r"[0-9a-f]{64}")
 SQUASHED = ".squashed"
 REDIRECT = "trusted.overlay.redirect"
 SOURCE_TAG = "source-"
@@ -73,6 +76,7 @@ EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
+CONFIG_MAX = 64 << 20  # an image config holds the results of its stages: JSON, read whole
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +137,8 @@ class Remote:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hit:
+    """A remote that has the image of one of a pipeline's stages."""
+
     remote: Remote
     index: int  # the stages of the pipeline the image holds (its last one is stages[index - 1])
 
@@ -153,7 +159,14 @@ class RemoteCache:
 
     @property
     def readers(self) -> list[Remote]:
+        """The remotes pulled from, in order: those that have not failed in this build."""
         return [r for r in self.remotes if r.usable]
+
+    @property
+    def writer(self) -> Remote | None:
+        """The remote pushed to (the first), unless it has failed or `--cache-push none` says not to."""
+        remote = self.remotes[0]
+        return remote if remote.usable and self.settings.push != "none" else None
 
     def give_up(self, remote: Remote, what: str, exc: BaseException, then: str = "building locally") -> None:
         """Say once why `remote` is no use any more, and stop using it in this build."""
@@ -223,20 +236,22 @@ class RemoteCache:
         layers, config = manifest.get("layers"), manifest.get("config")
         if (manifest.get("mediaType") != MANIFEST_TYPE or not isinstance(layers, list) or not layers
                 or not isinstance(config, dict) or not DIGEST_RE.fullmatch(str(config.get("digest")))
+                or not sized(config, CONFIG_MAX)
                 or any(not isinstance(d, dict) or d.get("mediaType") not in stageimage.LAYER_TYPES
-                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) for d in layers)):
+                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) or not sized(d) for d in layers)):
             raise RemoteMiss(what, "its tag is not an aosbuild stage image")
         async with ctx.store.stage() as scratch:
             config_path = scratch.path / "config.json"
-            size = await client.fetch_blob(str(config["digest"]), config_path)
+            size = await client.fetch_blob(str(config["digest"]), config_path, size=config["size"])
             stack, records = parse_config(await anyio.Path(config_path).read_bytes(), stage_id, len(layers), what)
+            check_stack(stack, records, pipeline, stage_id, what)
             # the layers from the topmost one this store has already (pinned with its own stack) are not pulled
             have = next((n for n in range(len(stack) - 1, -1, -1) if ctx.pins.try_pin(stack[n][0])), -1)
             below: tuple[str, ...] = ctx.pins.stack(stack[have][0]) if have >= 0 else ()
             blobs: list[Path] = []
             for n in range(have + 1, len(stack)):
                 path = scratch.path / f"layer-{n}"
-                size += await client.fetch_blob(str(layers[n]["digest"]), path)
+                size += await client.fetch_blob(str(layers[n]["digest"]), path, size=layers[n]["size"])
                 blobs.append(path)
             self.bytes_pulled += size
             for n, blob in zip(range(have + 1, len(stack)), blobs, strict=True):
@@ -245,54 +260,31 @@ class RemoteCache:
                 below = ctx.pins.stack(entry_id)
         return len(blobs), size
 
-    async def fetch_source(self, checksum: str, target: Path) -> str | None:
+    async def fetch_source(self, checksum: str, target: Path, *, most: int | None = None) -> str | None:
         """Fetch a source item (a sha256 blob) from the first remote that has it, verified, to `target`;
-        the remote's name, or None if none has it (a plain miss is no warning; a broken remote is)."""
+        the remote's name, or None if none has it (a plain miss is no warning; a broken remote is). A
+        source has no size to check its body against: `most` (the store's bound of sources) ends one
+        that runs on."""
         if not DIGEST_RE.fullmatch(checksum):
             return None
         for remote in self.readers:
             try:
-                size = await remote.client.fetch_blob(checksum, target)
-            except RemoteMiss as exc:
-                if exc.reason != "not in the registry":
-                    self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
-                continue
+                size = await remote.client.fetch_blob(checksum, target, size=most)
             except RegistryError as exc:
-                self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
+                if not (isinstance(exc, RemoteMiss) and exc.reason == "not in the registry"):
+                    self.give_up(remote, f"cannot fetch source item {checksum}", exc, "fetching it from its URL")
                 continue
             self.bytes_pulled += size
             return remote.name
         return None
-
-    async def push_sources(self, items: Sequence[Path]) -> None:
-        """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
-        collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
-        one layer), unless it is there."""
-        remote = self.remotes[0]
-        if not remote.usable or self.settings.push == "none":
-            return
-        try:
-            await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
-            for path in items:
-                digest = "sha256:" + path.name.removeprefix("sha256:")
-                tag = SOURCE_TAG + digest.removeprefix("sha256:")
-                if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
-                    continue
-                size = (await anyio.Path(path).stat()).st_size
-                if await remote.client.push_blob(digest, path):
-                    self.bytes_pushed += size
-                await remote.client.put_manifest(tag, source_manifest(digest, size))
-                self.sources_pushed += 1
-        except (RegistryError, OSError) as exc:
-            self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
 
     # -- pushing ---------------------------------------------------------------------------------------
 
     async def push_stages(self, ctx: BuildContext, stage_ids: Sequence[str]) -> None:
         """Push the image of each stage (pinned in `ctx`) to the first remote, unless it is there; a
         failure is said once and ends the pushing."""
-        remote = self.remotes[0]
-        if not remote.usable or self.settings.push == "none":
+        remote = self.writer
+        if remote is None:
             return
         try:
             async with ctx.store.stage() as scratch:
@@ -311,10 +303,32 @@ class RemoteCache:
                                       seconds=round(time.monotonic() - started, 3))
                     results = {"stack": [{"id": entry_id, "flat": flat} for entry_id, flat, _, _ in chosen],
                                "results": list(ctx.pins.results(stage_id))}
-                    await stageimage.push_stage(remote.client, stage_id, [(p, i) for _, _, p, i in chosen], results)
+                    await stageimage.push_image(remote.client, stage_id, [i for _, _, _, i in chosen], results)
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
             self.give_up(remote, "cannot push", exc, "the build's exit code is unchanged")
+
+    async def push_sources(self, items: Sequence[Path]) -> None:
+        """Push source items (files named by their sha256) as blobs, each kept from the registry's garbage
+        collection by a manifest tagged `source-<hex>` (an OCI artifact: the empty config, the item its
+        one layer), unless it is there."""
+        remote = self.writer
+        if remote is None:
+            return
+        try:
+            await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
+            for path in items:
+                digest = "sha256:" + path.name.removeprefix("sha256:")
+                tag = SOURCE_TAG + digest.removeprefix("sha256:")
+                if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
+                    continue
+                size = (await anyio.Path(path).stat()).st_size
+                if await remote.client.push_blob(digest, path):
+                    self.bytes_pushed += size
+                await remote.client.put_manifest(tag, source_manifest(digest, size))
+                self.sources_pushed += 1
+        except (RegistryError, OSError) as exc:
+            self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
 
 
 class LayerBlobs:
@@ -411,6 +425,33 @@ def survey(tree: Path) -> tuple[bool, dict[str, int]]:
     return redirect, files
 
 
+def sized(descriptor: dict[str, Any], most: int | None = None) -> bool:
+    """Whether an OCI descriptor says its blob's size (which bounds its download), within `most`."""
+    size = descriptor.get("size")
+    return type(size) is int and 0 <= size and (most is None or size <= most)
+
+
+def check_stack(stack: list[tuple[str, bool]], records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str,
+                what: str) -> None:
+    """The entries an image of `stage_id` makes are that stage and stages before it in its pipeline, in
+    order, and its results are of those stages: an image for one stage writes no entry, and no result
+    (whose id names a metadata file), for any other stage of this or another manifest."""
+    position = {stage.id: n for n, stage in enumerate(pipeline.stages)}
+    top = position.get(stage_id, -1)
+    ahead = [position.get(entry_id.removesuffix(SQUASHED), -1) for entry_id, _ in stack]
+    if any(n < 0 for n in ahead) or ahead != sorted(set(ahead)) or ahead[-1] != top:
+        raise RemoteMiss(what, f"its layers are not stages of pipeline {pipeline.name} up to it")
+    if not all(0 <= position.get(r["id"], -1) <= top for r in records):
+        raise RemoteMiss(what, f"its results are not of stages of pipeline {pipeline.name} up to it")
+
+
+def well_formed(record: Any) -> bool:
+    """A stage result as the store keeps it (`StageResult.to_record`): what a cache hit reports again."""
+    return (isinstance(record, dict) and isinstance(record.get("id"), str) and STAGE_ID.fullmatch(record["id"])
+            is not None and isinstance(record.get("type"), str) and isinstance(record.get("output", ""), str)
+            and type(record.get("duration", 0.0)) in (int, float) and isinstance(record.get("metadata") or {}, dict))
+
+
 def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
                                                                              list[dict[str, Any]]]:
     """The stack (entry ids, flat or not) and the stage results an image's config carries, checked: ids
@@ -423,7 +464,7 @@ def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[lis
         raise RemoteMiss(what, "its config is not an aosbuild stage image's") from None
     if (len(stack) != count or stack[-1][0] != stage_id or not all(ENTRY_ID.fullmatch(i) for i, _ in stack)
             or any(flat for _, flat in stack[1:]) or not isinstance(records, list)
-            or not all(isinstance(r, dict) and isinstance(r.get("id"), str) for r in records)):
+            or not all(well_formed(r) for r in records)):
         raise RemoteMiss(what, "its config does not describe its layers")
     ids = [r["id"] for r in records]
     if any(i.removesuffix(SQUASHED) not in ids for i, _ in stack):
@@ -439,9 +480,10 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
     stage_id = entry_id.removesuffix(SQUASHED)
     upto = [r["id"] for r in records].index(stage_id) + 1
     stored_below = all(not ctx.pins.floating(i) for i in below)
+    bound = ctx.store.limits().max_size  # a layer larger than the whole store is worth no pull
     async with ctx.store.store(entry_id, keep=ctx.pins, layers=() if flat else below, flat=flat,
                                commit=stored_below) as entry:
-        await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat)
+        await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat, bound)
         entry.pipeline = pipeline.name
         if entry_id.endswith(SQUASHED):  # the builder's squashed tree: the results of the stages below it
             entry.results = list(records[:upto])
@@ -450,9 +492,16 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
             entry.add_result(records[upto - 1])
 
 
-def unpack_blob(blob: Path, tree: Path, flat: bool) -> None:
-    with open(blob, "rb") as f:
-        ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper")
+def unpack_blob(blob: Path, tree: Path, flat: bool, max_bytes: int | None = None) -> None:
+    """A layer blob into an entry's tree; a blob that is no layer tar (its digest matched: the registry
+    made it so) or that cannot be unpacked here is a `LayerError`, a failed pull, never the build's end."""
+    try:
+        with open(blob, "rb") as f:
+            ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper", max_bytes=max_bytes)
+    except ocilayer.LayerError:
+        raise
+    except (OSError, EOFError, tarfile.TarError, zstandard.ZstdError, UnicodeError, ValueError) as exc:
+        raise ocilayer.LayerError(os.fspath(blob), f"cannot be unpacked: {exc}") from None
 
 
 @asynccontextmanager
@@ -497,7 +546,7 @@ async def pull_ahead(ctx: BuildContext, plan: Plan, replan: Callable[[], Plan]) 
     pending = [item for item in reversed(plan.build) if item.resume < len(item.pipeline.stages)]
     hits: dict[str, Hit] = {}
 
-    async def find(item: Any) -> None:
+    async def find(item: Step) -> None:
         hit = await remote.find_newest(item.pipeline, item.resume)
         if hit is not None:
             hits[str(item.pipeline.id)] = hit
@@ -529,12 +578,13 @@ def pushed_stages(ctx: BuildContext, plan: Plan) -> list[str]:
     that changes a pipeline's last stage runs that stage alone. The image before the last shares all
     its blobs but one with the final one: it costs a config and a manifest."""
     mode = ctx.remote.settings.push if ctx.remote else "none"
-    pipelines = [*plan.cached, *(item.pipeline for item in plan.build)]
+    if mode == "none":
+        return []
     wanted: list[str] = []
-    for pipeline in pipelines:
+    for pipeline in [*plan.cached, *(item.pipeline for item in plan.build)]:
         stages = pipeline.stages if mode == "all" else pipeline.stages[-2:]
         wanted += [s.id for s in stages if s.id in ctx.pins and s.id not in wanted]
-    return wanted if mode != "none" else []
+    return wanted
 
 
 async def push_built(ctx: BuildContext, plan: Plan) -> None:

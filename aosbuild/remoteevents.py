@@ -113,6 +113,14 @@ class RemoteFailure(Exception):
         return str(self.outcome.get("error", {}).get("message", "failed"))
 
 
+class DispatchedError(AosbuildError):
+    """A pipeline failed on a worker for a reason other than a stage's (its store, its sources, ...)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def describe_error(error: AosbuildError) -> dict[str, Any]:
     """What a client needs to raise the same error as a local build (a stage's fields, or the message)."""
     described: dict[str, Any] = {"kind": type(error).__name__, "message": str(error),
@@ -121,14 +129,6 @@ def describe_error(error: AosbuildError) -> dict[str, Any]:
         described.update(pipeline=error.pipeline, stage=error.stage, stage_id=error.stage_id, reason=error.reason,
                          output_tail=error.output_tail)
     return described
-
-
-class DispatchedError(AosbuildError):
-    """A pipeline failed on a worker for a reason other than a stage's (its store, its sources, ...)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def rebuild_error(described: dict[str, Any], worker: str) -> AosbuildError:

@@ -144,7 +144,8 @@ def open_etc_copies(root: Path) -> dict[str, int]:
     etc = os.path.join(root, "etc")  # strings: pathlib's joins were a third of this function's time
     for name in ETC_COPIES:
         try:
-            fd = os.open(f"{etc}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            # non-blocking: a FIFO planted there would block the engine's open (and the whole engine) forever
+            fd = os.open(f"{etc}/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             continue  # absent (bound with -try before), or not a file: bound as before
         if stat.S_ISREG(os.fstat(fd).st_mode):

@@ -53,14 +53,20 @@ def image_manifest(*, config: bytes, layers: Sequence[LayerInfo], stage_id: str)
 
 async def push_stage(remote: RegistryClient, stage_id: str, layers: Sequence[tuple[Path, LayerInfo]],
                      results: Mapping[str, Any], *, architecture: str = "amd64") -> str:
-    """Push a stage's layers (blob files and what `write_layer` said of them), config and manifest; the
-    tag goes last, so it never names content that is not all there. Returns the manifest's digest."""
+    """Push a stage's layers (blob files and what `write_layer` said of them), then its image
+    (`push_image`). Returns the manifest's digest."""
     for path, info in layers:
         await remote.push_blob(info.digest, path)
-    config = image_config(diff_ids=[info.diff_id for _, info in layers], results=results,
-                          architecture=architecture)
+    return await push_image(remote, stage_id, [info for _, info in layers], results, architecture=architecture)
+
+
+async def push_image(remote: RegistryClient, stage_id: str, layers: Sequence[LayerInfo], results: Mapping[str, Any],
+                     *, architecture: str = "amd64") -> str:
+    """Push the config and the manifest of a stage whose layer blobs the registry has; the tag goes
+    last, so it never names content that is not all there. Returns the manifest's digest."""
+    config = image_config(diff_ids=[info.diff_id for info in layers], results=results, architecture=architecture)
     await remote.push_blob("sha256:" + hashlib.sha256(config).hexdigest(), config)
-    manifest = image_manifest(config=config, layers=[info for _, info in layers], stage_id=stage_id)
+    manifest = image_manifest(config=config, layers=layers, stage_id=stage_id)
     return await remote.put_manifest(stage_tag(stage_id), manifest)
 
 

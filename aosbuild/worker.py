@@ -153,9 +153,9 @@ class AosbuildWorker(WorkerPlugin):
         return {"remote": RemoteSettings(refs=self.remotes)}
 
 
-def build_task(spec: dict[str, Any], *dependencies: Any) -> dict[str, Any]:
-    """A dispatched pipeline's task: `dependencies` are its build root's and inputs' outcomes (Dask runs it
-    after them); what it needs of them is in the remote cache by then."""
+def build_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """A dispatched pipeline's task. The client submits it once its build root and inputs are built
+    (`Dispatcher.build_all`, not as Dask dependencies): what it needs of them is in the remote cache."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -202,12 +202,20 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("Error: aosbuild worker needs --cache-remote REF: workers share trees only through "
                          "the remote cache (an OCI registry repository)\n")
         return 2
-    from .dispatch import check_address, security_from
+    from .dispatch import check_address, on_loopback, security_from
+    from .registry import is_loopback
 
     try:
-        check_address(args.scheduler, "--scheduler", tls_given=bool(args.tls_cert))
+        check_address(args.scheduler, "--scheduler")
     except ValueError as exc:
         sys.stderr.write(f"Error: {exc}\n")
+        return 2
+    # plain TCP (check_address let it through: a loopback scheduler) is no boundary at all: anyone who
+    # reaches a worker's port runs code as root on it (Dask's `run`), so such a worker listens on loopback
+    plain = not args.scheduler.startswith("tls://")
+    if plain and args.host is not None and not is_loopback(args.host):
+        sys.stderr.write(f"Error: --host {args.host}: a worker of a plain tcp:// scheduler listens on loopback "
+                         "only; a worker others reach needs a tls:// scheduler and certificates\n")
         return 2
     from .errors import AosbuildError
     from .store import KEEP, Store
@@ -220,7 +228,7 @@ def main(argv: list[str]) -> int:
     plugin = AosbuildWorker(store=Path(args.store), libdirs=tuple(args.libdir), remotes=tuple(args.cache_remote),
                             label=args.name or "")
     security = security_from(args.tls_ca_file, args.tls_cert, args.tls_key)
-    host = args.host or ("127.0.0.1" if "127.0.0.1" in args.scheduler or "localhost" in args.scheduler else None)
+    host = args.host or ("127.0.0.1" if plain or on_loopback(args.scheduler) else None)
     resources = {SLOT: args.slots, arch_resource(args.arch): args.slots}
     from .run import configure_logging
 
@@ -237,7 +245,10 @@ async def serve(scheduler: str, plugin: AosbuildWorker, **options: Any) -> None:
     """Run the worker until the scheduler ends it or SIGTERM/SIGINT does (running tasks are cancelled)."""
     from distributed import Worker
 
-    worker = Worker(scheduler, plugins=(plugin,), local_directory=str(plugin.store / "dask-worker"), **options)
+    # Dask's HTTP server of a worker (health, metrics) is plain HTTP on every interface by default,
+    # whatever the scheduler's TLS: on loopback, nobody elsewhere reads what the worker builds
+    worker = Worker(scheduler, plugins=(plugin,), local_directory=str(plugin.store / "dask-worker"),
+                    dashboard_address="127.0.0.1:0", **options)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(worker.close()))

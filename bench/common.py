@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -97,6 +98,29 @@ def timed_cpu_ms(argv: Sequence[str], *, cwd: Path = REPO, env: dict[str, str] |
         return wall, float(line.split(",")[0])
     finally:
         out.unlink(missing_ok=True)
+
+
+def aosbuild(*args: str | os.PathLike[str]) -> list[str]:
+    """The argv of `python -m aosbuild ARGS`, with this interpreter."""
+    return [sys.executable, "-m", "aosbuild", *(os.fspath(arg) for arg in args)]
+
+
+def write_sample(manifest: Path) -> None:
+    """`aosbuild sample debian` (password `bench`) written to `manifest`: the scenarios' real image."""
+    subprocess.run(aosbuild("sample", "debian", "--output", manifest, "--password", "bench"), check=True,
+                   capture_output=True)
+
+
+def sources_store(store: Path, manifest: Path) -> None:
+    """A store holding every source of the manifest and no object: untimed setup, copied as the starting
+    point of every cold build (downloads are the downloads scenario's subject)."""
+    subprocess.run(aosbuild("--store", store, "-q", "--sources-only", manifest), check=True)
+
+
+def in_seconds(samples: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The samples with each `*_ms` measurement as `*_s`, in seconds; the others as they are."""
+    return {(key.removesuffix("_ms") + "_s" if key.endswith("_ms") else key):
+            ([v / 1000 for v in values] if key.endswith("_ms") else values) for key, values in samples.items()}
 
 
 def repeat(times: int, sample: Callable[[], dict[str, float]]) -> dict[str, list[float]]:

@@ -12,21 +12,27 @@ only the qcow2 is copied out. Its baseline is aosbuild's startup on an empty man
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from common import Section, repeat, summarise, summary_table, timed_ms
+from common import (
+    Section,
+    aosbuild,
+    in_seconds,
+    repeat,
+    sources_store,
+    summarise,
+    summary_table,
+    timed_ms,
+    write_sample,
+)
 
 ITEMS = Path("sources") / "org.osbuild.files"  # where a store keeps org.osbuild.curl items
-
-
-def aosbuild(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "aosbuild", *(os.fspath(arg) for arg in args)]
 
 
 def os_install_stage(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -71,15 +77,13 @@ def baseline_ms(stage: dict[str, Any], items: Path, work: Path) -> float:
 
 def run(root: Path, times: int, quick: bool) -> Section:
     manifest_path, template = root / "debian.json", root / "template"
-    subprocess.run(aosbuild("sample", "debian", "--output", manifest_path, "--password", "bench"),
-                   check=True, capture_output=True)
-    # untimed: every source into a store that then serves as every cold build's starting point
-    subprocess.run(aosbuild("--store", template, "-q", "--sources-only", manifest_path), check=True)
+    write_sample(manifest_path)
+    sources_store(template, manifest_path)
     manifest = json.loads(manifest_path.read_text())
     stage = os_install_stage(manifest)
     empty = root / "empty.json"
     empty.write_text(json.dumps({"version": "2"}))
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def sample() -> dict[str, float]:
         n = next(counter)
@@ -97,8 +101,7 @@ def run(root: Path, times: int, quick: bool) -> Section:
         return {"cold_ms": cold, "mmdebstrap_ms": floor, "cold_over_mmdebstrap_ms": cold - floor,
                 "warm_ms": warm, "startup_ms": startup, "warm_over_startup_ms": warm - startup}
 
-    raw = {key.removesuffix("_ms") + "_s": [ms / 1000 for ms in values]
-           for key, values in repeat(times, sample).items()}
+    raw = in_seconds(repeat(times, sample))
     shutil.rmtree(template, ignore_errors=True)
     s = summarise(raw)
     table = summary_table(
@@ -122,13 +125,12 @@ def cached(root: Path, times: int, quick: bool) -> Section:
     that holds it from the run before (the export is kept: `exportmarks`), next to the same into a new
     output directory (the qcow2 is copied) and to start-up on an empty manifest, interleaved."""
     manifest_path, store, out = root / "debian.json", root / "store", root / "output"
-    subprocess.run(aosbuild("sample", "debian", "--output", manifest_path, "--password", "bench"),
-                   check=True, capture_output=True)
+    write_sample(manifest_path)
     build = aosbuild("--store", store, "-q", "--export", "qcow2")
     subprocess.run([*build, "--output-directory", out, manifest_path], check=True)  # untimed: the cold build
     empty = root / "empty.json"
     empty.write_text(json.dumps({"version": "2"}))
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def sample() -> dict[str, float]:
         fresh = root / f"out-{next(counter)}"

@@ -15,24 +15,32 @@ build, layered, with the aosbuild of DIR (run from there, with the same interpre
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_ENV, REPO, Section, repeat, summarise, summary_table, timed_ms
+from common import (
+    BENCH_ENV,
+    REPO,
+    Section,
+    aosbuild,
+    in_seconds,
+    repeat,
+    sources_store,
+    summarise,
+    summary_table,
+    timed_ms,
+    write_sample,
+)
 
 DROPPED_PACKAGE = "libnss-myhostname"  # (c): the image without it still builds and boots
 BASELINE_ENV = "AOSBUILD_BENCH_BASELINE"
-
-
-def aosbuild(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "aosbuild", *(os.fspath(arg) for arg in args)]
 
 
 def stage_of(manifest: dict[str, Any], pipeline: str, type_: str) -> dict[str, Any]:
@@ -72,15 +80,14 @@ def run_in(store_dir: Path, times: int, quick: bool) -> Section:
 
 def _run(root: Path, times: int, quick: bool, *, where: str) -> Section:
     manifest_path, template = root / "debian.json", root / "template"
-    subprocess.run(aosbuild("sample", "debian", "--output", manifest_path, "--password", "bench"),
-                   check=True, capture_output=True)
-    subprocess.run(aosbuild("--store", template, "-q", "--sources-only", manifest_path), check=True)
+    write_sample(manifest_path)
+    sources_store(template, manifest_path)
     manifest = json.loads(manifest_path.read_text())
     edited = {}
     for name, m in edits(manifest).items():
         edited[name] = root / f"{name}.json"
         edited[name].write_text(json.dumps(m))
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     baseline = Path(os.environ[BASELINE_ENV]).resolve() if os.environ.get(BASELINE_ENV) else None
 
@@ -117,8 +124,7 @@ def _run(root: Path, times: int, quick: bool, *, where: str) -> Section:
                 shutil.rmtree(path, ignore_errors=True)
         return results
 
-    raw = {key.removesuffix("_ms") + "_s": [ms / 1000 for ms in values]
-           for key, values in repeat(times, sample).items()}
+    raw = in_seconds(repeat(times, sample))
     # what layers cost a cold build, per repetition (its runs were back to back), then summarised
     raw["cold_over_flat_x"] = [c / f for c, f in zip(raw["cold_s"], raw["cold_flat_s"], strict=True)]
     if baseline is not None:

@@ -14,8 +14,7 @@ repetition so that every push is a real one. Then, back to back:
 
 from __future__ import annotations
 
-import base64
-import json
+import itertools
 import os
 import re
 import shutil
@@ -24,18 +23,26 @@ import sys
 import time
 from pathlib import Path
 
-from common import BENCH_ENV, REPO, Section, repeat, summarise, summary_table, timed_ms
+from common import (
+    BENCH_ENV,
+    REPO,
+    Section,
+    aosbuild,
+    in_seconds,
+    repeat,
+    sources_store,
+    summarise,
+    summary_table,
+    timed_ms,
+    write_sample,
+)
 
 sys.path.insert(0, os.fspath(REPO))
-from tests.registry import PASSWORD, USER, run_registry  # the tests' registry, as they run it
+from tests.registry import run_registry, write_auth_file  # the tests' registry, as they run it
 
 REPOSITORY = "aosbuild/bench"
 SIZE = re.compile(r"\(\d+ layers, ([0-9.]+) (B|KiB|MiB|GiB) pulled\)")
 UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-
-
-def aosbuild(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "aosbuild", *(os.fspath(arg) for arg in args)]
 
 
 def pulled_bytes(output: str) -> float:
@@ -49,10 +56,9 @@ def storage_bytes(storage: Path) -> int:
 def run(root: Path, times: int, quick: bool) -> Section:
     manifest = root / "debian.json"
     template = root / "template"
-    subprocess.run(aosbuild("sample", "debian", "--output", manifest, "--password", "bench"), check=True,
-                   capture_output=True)
-    subprocess.run(aosbuild("--store", template, "-q", "--sources-only", manifest), check=True)
-    counter = iter(range(1 << 30))
+    write_sample(manifest)
+    sources_store(template, manifest)
+    counter = itertools.count()
 
     def sample() -> dict[str, float]:
         n = next(counter)
@@ -60,9 +66,7 @@ def run(root: Path, times: int, quick: bool) -> Section:
         work.mkdir()
         try:
             with run_registry(work / "registry") as registry:
-                auth = work / "auth.json"
-                token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-                auth.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+                auth = write_auth_file(work / "auth.json", registry.host)
                 env = dict(BENCH_ENV, REGISTRY_AUTH_FILE=os.fspath(auth))
                 ref = f"{registry.host}/{REPOSITORY}"
                 for name in ("cold", "push"):
@@ -92,9 +96,8 @@ def run(root: Path, times: int, quick: bool) -> Section:
 
     raw = repeat(times, sample)
     shutil.rmtree(template, ignore_errors=True)
-    seconds = {k.removesuffix("_ms") + "_s": [v / 1000 for v in values] for k, values in raw.items()
-               if k.endswith("_ms")}
-    s = summarise({**seconds, **{k: v for k, v in raw.items() if not k.endswith("_ms")}})
+    samples = in_seconds(raw)
+    s = summarise(samples)
     table = summary_table(
         "### Remote cache: `aosbuild sample debian` to qcow2 pulled from a local registry vs built cold", "",
         [("**cold: empty object store, sources present** (s)", s["cold_s"]),
@@ -104,6 +107,6 @@ def run(root: Path, times: int, quick: bool) -> Section:
          ("pulled / cold", s["pull_over_cold"]),
          ("MiB pushed (blobs in the registry)", s["pushed_mib"]),
          ("MiB pulled", s["pulled_mib"])], digits=2)
-    return Section(name="remote", samples={**seconds, **{k: v for k, v in raw.items() if not k.endswith("_ms")}},
+    return Section(name="remote", samples=samples,
                    table=table, headline={"pull_s": s["pull_s"].median, "pull_over_cold": s["pull_over_cold"].median},
                    settings={"export": "qcow2", "push": "pipelines"})

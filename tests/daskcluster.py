@@ -5,21 +5,20 @@ registry. Every process is stopped by its pid; a worker can be killed (SIGKILL) 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .conftest import TEST_LIBDIR
-from .registry import PASSWORD, USER, Registry
+from .readiness import wait_until_ready
+from .registry import Registry, write_auth_file
 
 START_TIMEOUT = 60.0
 WAIT_STAGE = "org.aosbuild.test.wait"
@@ -89,13 +88,8 @@ class Cluster:
         return worker
 
     def wait_ready(self, worker: Worker) -> Worker:
-        name, process = worker.name, worker.process
-        deadline = time.monotonic() + START_TIMEOUT
-        while b"ready at" not in worker.log.read_bytes()[worker.log_start:]:
-            if process.poll() is not None:
-                raise RuntimeError(f"worker {name} exited: {worker.log.read_text()}")
-            assert time.monotonic() < deadline, f"worker {name} did not start: {worker.log.read_text()}"
-            time.sleep(0.05)  # another process's readiness: its log is the only sign
+        wait_until_ready(worker.process, lambda: b"ready at" in worker.log.read_bytes()[worker.log_start:],
+                         what=f"worker {worker.name}", log=worker.log, timeout=START_TIMEOUT)
         return worker
 
     def kill(self, name: str) -> None:
@@ -148,20 +142,14 @@ def start_scheduler(directory: Path, *extra: str) -> tuple[subprocess.Popen[byte
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
              "--no-dashboard", "--scheduler-file", str(info), *extra],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not info.exists() or not info.read_text().strip().endswith("}"):
-        if process.poll() is not None:
-            raise RuntimeError(f"dask scheduler exited: {(directory / 'scheduler.log').read_text()}")
-        assert time.monotonic() < deadline, "the dask scheduler did not start"
-        time.sleep(0.05)  # another process's readiness: its scheduler file is the only sign
+    wait_until_ready(process, lambda: info.exists() and info.read_text().strip().endswith("}"),
+                     what="dask scheduler", log=directory / "scheduler.log", timeout=START_TIMEOUT)
     return process, str(json.loads(info.read_text())["address"])
 
 
 def write_auth(directory: Path, registry: Registry) -> None:
     """The registry's credentials in `directory/auth.json`, which the cluster's processes are given."""
-    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "auth.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+    write_auth_file(directory / "auth.json", registry.host)
 
 
 @contextmanager

@@ -7,12 +7,13 @@ for until `/v2/` answers, and stopped by its own pid.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +22,25 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .readiness import wait_until_ready
+
 REGISTRY = "/usr/bin/docker-registry"
 USER = "builder"
 PASSWORD = "s3cret-Pa55word-never-logged"
 START_TIMEOUT = 20.0
+
+
+def basic_auth(user: str = USER, password: str = PASSWORD) -> str:
+    """`user:password` in base64: what an auth file keeps for a registry, and what no log may show."""
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def write_auth_file(path: Path, *hosts: str) -> Path:
+    """An auth file as `skopeo login` writes it, the test registry's credentials for each host: what
+    `REGISTRY_AUTH_FILE` names for the processes under test."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auths": {host: {"auth": basic_auth()} for host in hosts}}))
+    return path
 
 
 def free_port() -> int:
@@ -100,21 +116,17 @@ def run_registry(directory: Path, *, tls: tuple[Path, Path] | None = None) -> It
         process = subprocess.Popen([REGISTRY, "serve", os.fspath(config)], stdout=log, stderr=log,
                                    stdin=subprocess.DEVNULL)
     registry = Registry(directory, port, process, tls)
+
+    def answers() -> bool:  # asks for credentials: it serves
+        try:
+            url = f"{'https' if tls else 'http'}://{registry.host}/v2/"
+            return httpx.get(url, timeout=1, verify=False).status_code == 401
+        except httpx.TransportError:
+            return False
+
     try:
-        scheme = "https" if tls else "http"
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {(directory / 'registry.log').read_text()}")
-            try:
-                answer = httpx.get(f"{scheme}://{registry.host}/v2/", timeout=1, verify=False)
-                if answer.status_code == 401:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("docker-registry did not answer within its start timeout")
-            time.sleep(0.05)  # polling another process's readiness: there is no event to wait for
+        wait_until_ready(process, answers, what="docker-registry", log=directory / "registry.log",
+                         timeout=START_TIMEOUT)
         yield registry
     finally:
         registry.stop()

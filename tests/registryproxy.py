@@ -3,7 +3,8 @@
 Once one connection has carried `after` bytes from the registry (only a layer blob is that large), or to
 it with `uploads`, the proxy does `fault`: "stall" stops forwarding and holds the connection open
 without a word (a registry that hangs); "stop" calls `on_stop` (the test kills the registry) and cuts
-the connection (a registry stopped mid-pull or mid-push). It runs in threads of its own, stopped by `close()`.
+the connection (a registry stopped mid-pull or mid-push). It runs in threads of its own, stopped by `close()`
+or at the end of its `with` block.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Self
 
 Fault = Literal["stall", "stop"]
 
@@ -36,6 +37,12 @@ class FaultyProxy:
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _start(self, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)

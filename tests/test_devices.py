@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +92,13 @@ def test_failing_stage_with_mounts_leaves_nothing(aosbuild: Aosbuild) -> None:
     assert list((aosbuild.store / "stage").iterdir()) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None:
-    hanging = {"type": "org.aosbuild.test.loop", "options": {"filename": "disk.img", "text": "x", "hang": 120},
-               "devices": {"disk": loopback(start=START, size=SIZE)},
-               "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}]}
-    proc = subprocess.Popen(aosbuild.command(disk_manifest(hanging), "--monitor", "jsonseq"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=aosbuild.workdir)
+@contextmanager
+def hanging_build(aosbuild: Aosbuild, m: dict[str, Any]) -> Iterator[subprocess.Popen[bytes]]:
+    """The build of `m` (`--monitor jsonseq`) in the background, once its hanging stage has written through
+    its device. Whatever the block does, the build is killed if it still runs and its pipes are closed: a
+    failed assertion must not leave them to the garbage collector, whose ResourceWarning fails a later test."""
+    proc = subprocess.Popen(aosbuild.command(m, "--monitor", "jsonseq"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=aosbuild.workdir)
     assert proc.stdout is not None
     try:
         while True:
@@ -104,6 +106,22 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
             assert line, "the build ended before the hanging stage"
             if json.loads(line[1:]).get("message", "").startswith("wrote through"):
                 break
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None:
+    hanging = {"type": "org.aosbuild.test.loop", "options": {"filename": "disk.img", "text": "x", "hang": 120},
+               "devices": {"disk": loopback(start=START, size=SIZE)},
+               "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}]}
+    with hanging_build(aosbuild, disk_manifest(hanging)) as proc:
         # the manifest's device and the one the stage asked for (by its file's sandbox path)
         assert len(loops_backed_by(aosbuild.workdir)) == 2
         # the stage's /dev is mounted in its own mount namespaces only (its sandbox's, and the one its bwrap
@@ -112,13 +130,6 @@ def test_signal_with_devices_and_mounts(aosbuild: Aosbuild, signum: int) -> None
                 if m.source == "aosbuild-dev" and not m.command.startswith("bwrap ")] == []
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):  # a failed assertion above must not leave them to the garbage
-            if pipe is not None:                 # collector, whose ResourceWarning then fails a later test
-                pipe.close()
     assert proc.returncode == {int(signal.SIGINT): 130, int(signal.SIGTERM): 143}[signum], stderr.decode()
     assert loops_backed_by(aosbuild.workdir) == []
     assert stray_mounts(aosbuild.workdir) == []
@@ -181,15 +192,7 @@ def test_partition_device_while_the_stage_runs(aosbuild: Aosbuild) -> None:
                "devices": {"root": {"type": "org.aosbuild.partition", "parent": "disk", "options": {"number": 2}},
                            "disk": loopback()},
                "mounts": [{"name": "root", "type": "org.osbuild.ext4", "source": "root", "target": "/"}]}
-    proc = subprocess.Popen(aosbuild.command(partitioned_manifest("gpt", hanging), "--monitor", "jsonseq"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=aosbuild.workdir)
-    assert proc.stdout is not None
-    try:
-        while True:
-            line = proc.stdout.readline()
-            assert line, "the build ended before the hanging stage"
-            if json.loads(line[1:]).get("message", "").startswith("wrote through"):
-                break
+    with hanging_build(aosbuild, partitioned_manifest("gpt", hanging)) as proc:
         loops = {loop["name"]: loop for loop in json.loads(subprocess.run(
             ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,OFFSET,SIZELIMIT"],
             capture_output=True, text=True, check=True).stdout)["loopdevices"]}
@@ -199,13 +202,6 @@ def test_partition_device_while_the_stage_runs(aosbuild: Aosbuild) -> None:
         assert [(int(p["offset"]), int(p["sizelimit"])) for p in partitions] == [(P2[0] * 512, P2[1] * 512)]
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):  # a failed assertion above must not leave them to the garbage
-            if pipe is not None:                 # collector, whose ResourceWarning then fails a later test
-                pipe.close()
     assert proc.returncode == 143, stderr.decode()
     assert loops_backed_by(aosbuild.workdir) == []
     assert stray_mounts(aosbuild.workdir) == []

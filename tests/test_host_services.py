@@ -47,9 +47,15 @@ from .conftest import FAST_TMP, Aosbuild, OsbuildOracle
 from .leftovers import loops_backed_by, mounts_under
 from .registry import PASSWORD as REGISTRY_PASSWORD
 from .registry import USER as REGISTRY_USER
-from .registry import run_registry
+from .registry import run_registry, write_auth_file
 from .test_drills import assert_clean, finish, start, wait_for_message
-from .test_osbuild_library import RAISE_STAGE, assert_same, assert_services_cleaned_up, runnable_library
+from .test_osbuild_library import (
+    RAISE_STAGE,
+    assert_same,
+    assert_services_cleaned_up,
+    build_with_both,
+    runnable_library,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,14 +108,7 @@ def foreign_manifest(repo: Path, commit: str, last: dict[str, Any]) -> dict[str,
 def test_inputs_sources_and_mounts_aosbuild_lacks_match_osbuild(test_library: Path, aosbuild: Aosbuild) -> None:
     repo, commit = ostree_repo(aosbuild.workdir)
     m = foreign_manifest(repo, commit, lib.stage(CONTRACT, {}))
-    path = aosbuild.write_manifest(m)
-    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
-                                                "image", "--output-directory", str(aosbuild.workdir / "osbuild"),
-                                                str(path), timeout=300)
-    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
-    ours = aosbuild(m, "--libdir", str(test_library), "--export", "image", "--output-directory",
-                    str(aosbuild.output))
-    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    ours = build_with_both(aosbuild, test_library, m, "image")
 
     # the source went through the library's module, into the store's directory for its content type
     assert f"\nsource/org.osbuild.ostree (org.osbuild.ostree): pulling {commit}\n" in ours.stdout
@@ -190,23 +189,14 @@ def test_a_skopeo_source_and_a_containers_input_from_it_match_osbuild(
         digest = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", creds, "--format",
                                  "{{.Digest}}", f"docker://{served.host}/probe:latest"],
                                 check=True, capture_output=True, text=True).stdout.strip()
-        auth = aosbuild.workdir / "auth.json"
-        auth.write_text(json.dumps({"auths": {served.host: {"auth": base64.b64encode(creds.encode()).decode()}}}))
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(write_auth_file(aosbuild.workdir / "auth.json", served.host)))
         m = {"version": "2",
              "sources": {"org.osbuild.skopeo": {"items": {image_id: {"image": {
                  "name": f"{served.host}/probe", "digest": digest, "tls-verify": False}}}}},
              "pipelines": [{"name": "os", "stages": [lib.stage(CONTRACT, {}, inputs={"images": {
                  "type": "org.osbuild.containers", "origin": "org.osbuild.source",
                  "references": {image_id: {"name": "localhost/probe:latest"}}}})]}]}
-        path = aosbuild.write_manifest(m)
-        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
-                                                    "--export", "os", "--output-directory",
-                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
-        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
-        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
-                        str(aosbuild.output))
-        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+        build_with_both(aosbuild, test_library, m, "os")
     stored = aosbuild.store / "sources/org.osbuild.containers" / image_id / "image"
     assert (stored / "manifest.json").is_file()
     our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
@@ -403,14 +393,7 @@ def test_bind_mounts_of_the_tree_see_what_earlier_stages_wrote(test_library: Pat
     from .test_osbuild_library import ext4_view, tree_view
 
     m = tree_bind_manifest()
-    path = aosbuild.write_manifest(m)
-    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
-                                                "os", "--export", "image", "--output-directory",
-                                                str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
-    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
-    ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--export", "image",
-                    "--output-directory", str(aosbuild.output))
-    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    build_with_both(aosbuild, test_library, m, "os", "image")
     assert (aosbuild.output / "os/copied").read_text() == "layered\n"
     assert_same(tree_view(aosbuild.output / "os"), tree_view(aosbuild.workdir / "osbuild/os"))
     # the stages wrote into the disk through the bind, not into the image's tree
@@ -545,9 +528,7 @@ def test_a_skopeo_index_source_and_its_manifest_list_match_osbuild(
         list_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         # as pushed: skopeo compressed the layer, so the image's manifest is a new one
         manifest_digest = json.loads(raw)["manifests"][0]["digest"]
-        auth = aosbuild.workdir / "auth.json"
-        auth.write_text(json.dumps({"auths": {served.host: {"auth": base64.b64encode(creds.encode()).decode()}}}))
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(write_auth_file(aosbuild.workdir / "auth.json", served.host)))
         name = f"{served.host}/probe"
         m = {"version": "2",
              "sources": {
@@ -560,14 +541,7 @@ def test_a_skopeo_index_source_and_its_manifest_list_match_osbuild(
                             "references": {image_id: {"name": "localhost/probe:latest"}}},
                  "manifest-lists": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
                                     "references": [list_digest]}})]}]}
-        path = aosbuild.write_manifest(m)
-        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
-                                                    "--export", "os", "--output-directory",
-                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
-        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
-        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
-                        str(aosbuild.output))
-        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+        build_with_both(aosbuild, test_library, m, "os")
     assert (aosbuild.store / "sources/org.osbuild.files" / list_digest).read_bytes() == raw
     from .test_osbuild_library import tree_view
 
@@ -606,14 +580,7 @@ def test_a_librepo_source_from_a_local_mirror_matches_osbuild(test_library: Path
                                                            "to": "tree:///pkgs/probe.rpm"}]},
                            inputs={"rpms": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
                                             "references": {checksum: {}}}})]}]}
-        path = aosbuild.write_manifest(m)
-        theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"),
-                                                    "--export", "os", "--output-directory",
-                                                    str(aosbuild.workdir / "osbuild"), str(path), timeout=300)
-        assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
-        ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
-                        str(aosbuild.output))
-        assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+        build_with_both(aosbuild, test_library, m, "os")
         fetched = files.count("/repo/Packages/p/probe-1.0.noarch.rpm")
         again = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory",
                          str(aosbuild.output))
@@ -640,13 +607,7 @@ def test_an_ostree_checkout_input_matches_osbuild(test_library: Path, aosbuild: 
              lib.stage(CONTRACT, {}, inputs=checkout),
              lib.stage("org.osbuild.copy", {"paths": [{"from": f"input://checkout/{commit}/etc/probe",
                                                        "to": "tree:///probe"}]}, inputs=checkout)]}]}
-    path = aosbuild.write_manifest(m)
-    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
-                                                "os", "--output-directory", str(aosbuild.workdir / "osbuild"),
-                                                str(path), timeout=300)
-    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
-    ours = aosbuild(m, "--libdir", str(test_library), "--export", "os", "--output-directory", str(aosbuild.output))
-    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    build_with_both(aosbuild, test_library, m, "os")
     assert (aosbuild.output / "os/probe").read_text() == "committed\n"
     our_contract = json.loads((aosbuild.output / "os/contract.json").read_text())
     their_contract = json.loads((aosbuild.workdir / "osbuild/os/contract.json").read_text())

@@ -317,3 +317,20 @@ def test_a_stages_own_overlay_named_xattrs_are_kept_as_on_a_plain_directory() ->
     assert sorted(named["f"]["xattrs"]) == ["trusted.overlay.foo"]
     assert sorted(named["g"]["xattrs"]) == ["trusted.overlay.redirect"]
     assert sorted(named) == [".", "d", "d/inner", "f", "g"]
+
+
+def test_find_follows_no_redirect_out_of_the_layers(tmp_path: Path) -> None:
+    """A redirect with `..` (overlayfs refuses those) would send the lookup in the layers below to
+    `LOWER/../../..`: `find`, and so a file input's bind or a loop file's copy-up, would leave the store."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "shadow").write_text("root:$6$...")
+    top, lower = tmp_path / "store/top", tmp_path / "store/lower"
+    (top / "d").mkdir(parents=True)
+    (lower / "d").mkdir(parents=True)
+    (lower / "d/shadow").write_text("the layer's own")
+    os.setxattr(top / "d", layers.REDIRECT, b"/../../secret")
+    assert layers.find([top, lower], "d/shadow") is None
+    assert layers.file_in([top, lower], "d/shadow") is None
+    os.setxattr(top / "d", layers.REDIRECT, b"/d")  # a redirect inside the stack still works
+    assert layers.find([top, lower], "d/shadow") == lower / "d/shadow"

@@ -184,3 +184,95 @@ def test_unpacking_replaces_what_a_lower_layer_had_under_a_name(workdir: Path) -
     assert (merged / "a").read_text() == "now a file"
     assert stat.S_ISDIR(os.lstat(merged / "b").st_mode)
     shutil.rmtree(merged)
+
+
+# -- a hostile registry's layers: whatever a tar says, nothing outside its tree changes ----------------------
+
+def directory(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info
+
+
+def symlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+def hardlink(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.LNKTYPE, target
+    return info
+
+
+def victim(workdir: Path) -> Path:
+    """A directory outside the tree, with a file an attack would overwrite, link or delete."""
+    outside = workdir / "outside"
+    (outside / "etc").mkdir(parents=True)
+    (outside / "etc/passwd").write_text("root:x:0:0\n")
+    return outside
+
+
+def untouched(outside: Path) -> bool:
+    return os.listdir(outside / "etc") == ["passwd"] and (outside / "etc/passwd").read_text() == "root:x:0:0\n"
+
+
+@pytest.mark.parametrize("into", ["upper", "tree"])
+@pytest.mark.parametrize("attack", ["write", "hard link", "whiteout", "opaque"])
+def test_a_symlink_put_where_a_directory_was_is_not_followed_later(workdir: Path, into: str, attack: str) -> None:
+    """`a` and `a/etc` are directories, then `a` becomes a symlink out of the tree: a later entry below
+    `a/etc` must see the symlink, not the directory checked before (main wrote through it)."""
+    outside = victim(workdir)
+    dest = workdir / "dest"
+    dest.mkdir()
+    last = {"write": (tarfile.TarInfo("a/etc/passwd"), b"pwned\n"),
+            "hard link": (hardlink("stolen", "a/etc/passwd"), b""),
+            "whiteout": (tarfile.TarInfo("a/etc/.wh.passwd"), b""),
+            "opaque": (tarfile.TarInfo("a/etc/.wh..wh..opq"), b"")}[attack]
+    layer = tar_with((directory("a"), b""), (directory("a/etc"), b""), (symlink("a", os.fspath(outside)), b""),
+                     last)
+    with pytest.raises(ocilayer.LayerError, match="is not a directory"):
+        ocilayer.unpack_layer(layer, dest, into=into)  # type: ignore[arg-type]
+    assert untouched(outside)
+    assert not (dest / "stolen").exists()
+
+
+@pytest.mark.parametrize("into", ["upper", "tree"])
+@pytest.mark.parametrize("name", [".wh...", "d/.wh...", "d/.wh..", ".wh."])
+def test_a_whiteout_of_dot_dot_deletes_nothing(workdir: Path, into: str, name: str) -> None:
+    """`.wh...` would whiteout `..`: on main that removed everything in the directory above the tree."""
+    entry = workdir / "entry"
+    (entry / "tree/d").mkdir(parents=True)
+    (entry / "tree/d/kept").write_text("x")
+    (entry / "sibling").write_text("beside the tree")
+    with pytest.raises(ocilayer.LayerError, match="a whiteout of no name"):
+        ocilayer.unpack_layer(tar_with((tarfile.TarInfo(name), b"")), entry / "tree", into=into)  # type: ignore[arg-type]
+    assert (entry / "sibling").read_text() == "beside the tree"
+    assert (entry / "tree/d/kept").read_text() == "x"
+
+
+@pytest.mark.parametrize("xattr", ["trusted.overlay.redirect", "trusted.overlay.opaque", "trusted.overlay.metacopy",
+                                   "trusted.overlay.origin"])
+def test_overlayfs_xattrs_from_a_layer_are_refused(workdir: Path, xattr: str) -> None:
+    """`write_layer` never writes overlayfs's own xattrs: a layer that has one was made to steer lookups
+    (a redirect `/../../..` leads `layers.find`, and so file inputs, out of the store)."""
+    info = directory("d")
+    info.pax_headers = {f"SCHILY.xattr.{xattr}": "/../../../../etc"}
+    dest = workdir / "dest"
+    dest.mkdir()
+    with pytest.raises(ocilayer.LayerError, match="overlayfs's own xattr"):
+        ocilayer.unpack_layer(tar_with((info, b"")), dest, into="upper")
+    assert not (dest / "d").exists() or xattr not in os.listxattr(dest / "d")
+
+
+def test_a_layer_that_replaces_its_own_files_unpacks_the_last(workdir: Path) -> None:
+    """A file replacing a file forgets no checked directory (and costs no rescan of them): the last wins."""
+    entries = [(directory(f"d{n}"), b"") for n in range(300)]
+    entries += [(tarfile.TarInfo(f"d{n}/f{m}"), b"x") for n in range(300) for m in range(20)]
+    entries += [(tarfile.TarInfo(f"d{n}/f0"), b"y") for n in range(300)]
+    dest = workdir / "dest"
+    dest.mkdir()
+    ocilayer.unpack_layer(tar_with(*entries), dest, into="tree")
+    assert (dest / "d299/f0").read_text() == "y"
+    assert len(os.listdir(dest / "d7")) == 20

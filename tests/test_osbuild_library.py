@@ -181,6 +181,20 @@ def assert_same(ours: Any, theirs: Any) -> None:
     assert ours == theirs
 
 
+def build_with_both(aosbuild: Aosbuild, library: Path, manifest: dict[str, Any], *exports: str) -> Run:
+    """The manifest built with `library` by osbuild (its own store, into `workdir/osbuild`) and by aosbuild
+    (into its output directory), exporting `exports`; both must succeed. aosbuild's run."""
+    path = aosbuild.write_manifest(manifest)
+    export_args = [arg for name in exports for arg in ("--export", name)]
+    theirs = OsbuildOracle(libdir=library)("--store", str(aosbuild.workdir / "osbuild-store"), *export_args,
+                                           "--output-directory", str(aosbuild.workdir / "osbuild"), str(path),
+                                           timeout=300)
+    assert theirs.returncode == 0, theirs.stdout[-3000:] + theirs.stderr
+    ours = aosbuild(path, "--libdir", str(library), *export_args, "--output-directory", str(aosbuild.output))
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr
+    return ours
+
+
 # -- the build ----------------------------------------------------------------------------------------------
 
 def test_the_manifest_is_made_of_30_stages_of_osbuilds_library(osbuild_oracle: OsbuildOracle) -> None:
@@ -332,14 +346,7 @@ def test_a_stage_sees_what_osbuild_gives_it(test_library: Path, aosbuild: Aosbui
             lib.stage("org.aosbuild.test.osbuild-contract", {}, inputs={"tree": lib.tree_input("os")},
                       devices=disk,
                       mounts=[{"name": "root", "type": "org.osbuild.ext4", "source": "disk", "target": "/"}])]}]}
-    path = aosbuild.write_manifest(m)
-    theirs = OsbuildOracle(libdir=test_library)("--store", str(aosbuild.workdir / "osbuild-store"), "--export",
-                                                "image", "--output-directory", str(aosbuild.workdir / "osbuild"),
-                                                str(path), timeout=300)
-    assert theirs.returncode == 0, theirs.stdout[-2000:] + theirs.stderr
-    ours = aosbuild(m, "--libdir", str(test_library), "--export", "image", "--output-directory",
-                    str(aosbuild.output))
-    assert ours.returncode == 0, ours.stdout[-2000:] + ours.stderr
+    build_with_both(aosbuild, test_library, m, "image")
     their_contract = json.loads((aosbuild.workdir / "osbuild/image/contract.json").read_text())
     our_contract = json.loads((aosbuild.output / "image/contract.json").read_text())
     assert their_contract["mounted"] == {"root": True}

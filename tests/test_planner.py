@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Sequence
+from contextlib import aclosing, closing
 from pathlib import Path
 
 import anyio
@@ -274,25 +275,19 @@ async def test_pinning_a_real_store_re_checks_each_entry_under_its_lock(real_sto
     # tree-2 is being evicted by another build right now (it holds the write lock): a miss
     evicting = store_entries.take_for_eviction(real_store.objects, "tree-2")
     assert evicting is not None
-    pins = Pins(real_store)
-    try:
-        assert steps(planner.pin(first, pins, stored)) == {"tree": (2, set())}
-        assert ("tree-1" in pins, "tree-2" in pins) == (True, False)
-    finally:
-        await pins.aclose()
-        evicting.close()
+    with closing(evicting):
+        async with aclosing(Pins(real_store)) as pins:
+            assert steps(planner.pin(first, pins, stored)) == {"tree": (2, set())}
+            assert ("tree-1" in pins, "tree-2" in pins) == (True, False)
 
     # tree-1, a layer below tree-2, was evicted since planning: neither can be read; from tree-0
     lock = store_entries.take_for_eviction(real_store.objects, "tree-1")
     assert lock is not None
     store_entries.remove(store_entries.move_out(real_store.objects, "tree-1", real_store.staging, lock))
     assert real_store.contains("tree-2")
-    pins = Pins(real_store)
-    try:
+    async with aclosing(Pins(real_store)) as pins:
         assert steps(planner.pin(first, pins, stored)) == {"tree": (1, set())}
         assert ("tree-0" in pins, "tree-2" in pins) == (True, False)
-    finally:
-        await pins.aclose()
 
 
 # -- scheduling ------------------------------------------------------------------------------------------

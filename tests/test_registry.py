@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from aosbuild.registry import Reference, RegistryOptions, RemoteMiss
 from aosbuild.registryauth import Credentials
 
 from .layertrees import make_upper, tree
-from .registry import PASSWORD, USER, Registry, run_registry
+from .registry import PASSWORD, USER, Registry, basic_auth, run_registry
 
 STAGE_ID = "5" * 64
 CREDENTIALS = Credentials(USER, PASSWORD)
@@ -292,8 +291,7 @@ async def test_a_wrong_password_is_a_clear_error_with_no_secret_in_it(
     message = str(caught.value)
     assert "refused the credentials" in message
     assert "/tmp/auth.json" in message
-    basic = base64.b64encode(f"{USER}:{secret}".encode()).decode()
-    good_basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    basic, good_basic = basic_auth(USER, secret), basic_auth()
     everything = message + repr(caught.value.args) + repr(events) + caplog.text
     for leak in (secret, basic, PASSWORD, good_basic):
         assert leak not in everything
@@ -305,8 +303,7 @@ async def test_a_wrong_password_is_a_clear_error_with_no_secret_in_it(
 async def test_credentials_come_from_the_auth_files_in_their_order(served: Registry, workdir: Path) -> None:
     def auth_file(path: Path, key: str, password: str, **more: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        auths = {k: {"auth": base64.b64encode(f"{USER}:{p}".encode()).decode()}
-                 for k, p in {key: password, **more}.items()}
+        auths = {k: {"auth": basic_auth(USER, p)} for k, p in {key: password, **more}.items()}
         path.write_text(json.dumps({"auths": auths}))
         return path
 
@@ -344,7 +341,7 @@ async def test_bearer_token_challenges_are_answered_from_the_realm() -> None:
     credentials and the challenge's scope, then sent as a Bearer; a push after a pull asks for a token
     of the wider scope; a refused token request names no secret."""
     asked: list[httpx.Request] = []
-    good = "Basic " + base64.b64encode(b"u:right").decode()
+    good = "Basic " + basic_auth("u", "right")
 
     def handler(request: httpx.Request) -> httpx.Response:
         asked.append(request)
@@ -469,3 +466,77 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
         with open(blob(layer["digest"]), "rb") as f:  # noqa: ASYNC230  # the test's own check
             ocilayer.unpack_layer(f, rootfs, into="tree")
     assert tree(rootfs) == expected
+
+
+@pytest.mark.parametrize("length", ["none", "too large"])
+async def test_a_blob_longer_than_its_descriptor_is_cut_off_there(workdir: Path, length: str) -> None:
+    """A registry that sends an endless body (or announces more than the manifest said) must not fill the
+    store's filesystem before the digest fails: the download stops at the descriptor's size."""
+    size = 100_000
+    digest = "sha256:" + hashlib.sha256(b"\0" * size).hexdigest()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            await stream.receive()
+            header = b"Content-Length: 1099511627776\r\n" if length == "too large" else b"Connection: close\r\n"
+            try:
+                await stream.send(b"HTTP/1.1 200 OK\r\n" + header + b"\r\n")
+                while sent < 1 << 30:  # a bound for the test itself: 1 GiB
+                    await stream.send(b"\0" * 65536)
+                    sent += 65536
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, endless)
+        remote = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
+                                        credentials=CREDENTIALS, environ={})
+        async with remote:
+            with anyio.fail_after(30), pytest.raises(RemoteMiss, match=f"{size} bytes"):
+                await remote.fetch_blob(digest, workdir / "blob", size=size)
+        group.cancel_scope.cancel()
+    assert os.listdir(workdir) == []
+    assert sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
+
+
+async def test_a_source_item_that_runs_on_is_cut_off_at_the_stores_bound(workdir: Path) -> None:
+    """A source item has no descriptor size: an endless body from the remote cache stops at the bound of
+    the store's sources (`most`), is said once, and the item is fetched from its URL instead (None)."""
+    from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    sent = 0
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        nonlocal sent
+        async with stream:
+            await stream.receive()
+            try:
+                await stream.send(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                while sent < 1 << 30:
+                    await stream.send(b"\0" * 65536)
+                    sent += 65536
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+
+    said: list[str] = []
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, endless)
+        client = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
+                                        credentials=CREDENTIALS, environ={})
+        cache = RemoteCache(RemoteSettings(refs=(f"127.0.0.1:{port}/aosbuild/cache",)),
+                            [Remote(name="endless", client=client)], said.append)
+        async with client:
+            with anyio.fail_after(30):
+                found = await cache.fetch_source("sha256:" + "1" * 64, workdir / "item", most=1 << 20)
+        group.cancel_scope.cancel()
+    assert found is None
+    assert len(said) == 1
+    assert "more than the 1048576 bytes" in said[0]
+    assert os.listdir(workdir) == []
+    assert sent < 64 << 20

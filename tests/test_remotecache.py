@@ -9,14 +9,16 @@ redirect, flattened for the push), 2 MiB of data and stage metadata; a second pi
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from aosbuild.store import entries
 
 from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
 from .fileserver import FileServer
-from .registry import PASSWORD, USER, Registry
+from .registry import PASSWORD, USER, Registry, basic_auth, write_auth_file
 from .registryproxy import Fault, FaultyProxy
 from .test_layers import BASE, CHANGES
 from .treedigest import digest
@@ -62,10 +64,13 @@ def the_manifest(last: list[Any] | None = None) -> dict[str, Any]:
 
 
 def auth_file(workdir: Path, *hosts: str) -> Path:
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    path = workdir / "auth.json"
-    path.write_text(json.dumps({"auths": {host: {"auth": token} for host in hosts}}))
-    return path
+    """The registry's credentials for `hosts` in `workdir/auth.json`."""
+    return write_auth_file(workdir / "auth.json", *hosts)
+
+
+def log_in(monkeypatch: pytest.MonkeyPatch, workdir: Path, *hosts: str) -> None:
+    """Every machine of the test reads the registry's credentials from one auth file, as a user's tools do."""
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, *hosts)))
 
 
 def machine(workdir: Path, name: str) -> Aosbuild:
@@ -79,7 +84,7 @@ def build(on: Aosbuild, host: str, *extra: str, the: dict[str, Any] | None = Non
     assert run.returncode == 0, run.stderr
     check_jsonseq(run.stdout)
     assert PASSWORD not in run.stdout + run.stderr
-    assert base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in run.stdout + run.stderr
+    assert basic_auth() not in run.stdout + run.stderr
     return run
 
 
@@ -119,7 +124,7 @@ def metadata_of(run: Run, stage_type: str) -> list[Any]:
 @pytest.fixture
 def pushed(served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Aosbuild, Run]:
     """Machine A has built the manifest and pushed it."""
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    log_in(monkeypatch, workdir, served.host)
     a = machine(workdir, "a")
     run = build(a, served.host)
     assert len(stages_run(run)) == 7
@@ -197,14 +202,11 @@ def test_a_registry_that_stops_or_stalls_mid_pull_is_one_warning(pushed: tuple[A
                                                                  workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  fault: Fault) -> None:
     a, _ = pushed
-    proxy = FaultyProxy(("127.0.0.1", served.port), after=256 << 10, fault=fault, on_stop=served.stop)
-    try:
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host, proxy.host)))
+    with FaultyProxy(("127.0.0.1", served.port), after=256 << 10, fault=fault, on_stop=served.stop) as proxy:
+        log_in(monkeypatch, workdir, served.host, proxy.host)
         b = machine(workdir, "b")
         run = build(b, proxy.host, "--cache-remote-timeout", "2")
         assert proxy.triggered.is_set()
-    finally:
-        proxy.close()
     assert len(warnings(run)) == 1, messages(run)
     assert ("did not answer in time" in warnings(run)[0] or "stalled" in warnings(run)[0]) if fault == "stall" \
         else "cut short" in warnings(run)[0] or "cannot be reached" in warnings(run)[0]
@@ -224,24 +226,17 @@ def test_an_unreachable_remote_is_said_once(workdir: Path) -> None:
     assert json.loads(run.stdout)["success"] is True
 
 
-class socketless_port:  # a context manager named for what it gives
+@contextmanager
+def socketless_port() -> Iterator[int]:
     """A port of 127.0.0.1 that nothing listens on while the block runs (bound, never listening)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        port: int = self.sock.getsockname()[1]
-        return port
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def test_two_machines_pushing_at_once_both_succeed(served: Registry, workdir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    log_in(monkeypatch, workdir, served.host)
     a1, a2 = machine(workdir, "a1"), machine(workdir, "a2")
     ref = f"{served.host}/{REPOSITORY}"
     # one of them with --debug: the engine's events on stderr name registries and digests, never secrets
@@ -252,12 +247,11 @@ def test_two_machines_pushing_at_once_both_succeed(served: Registry, workdir: Pa
              for m, debug in ((a1, ()), (a2, ("--debug",)))]
     outcomes = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outcomes
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     assert "remote.pushed" in outcomes[1][1]
     for out, err in outcomes:
         assert "warning" not in err
         assert PASSWORD not in out + err
-        assert token not in out + err
+        assert basic_auth() not in out + err
         assert json.loads(out)["success"] is True
     b = machine(workdir, "b")
     run = build(b, served.host)
@@ -302,7 +296,7 @@ def store_command(on: Aosbuild, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_store_remembers_its_remote_and_a_flag_overrides_it(served: Registry, workdir: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    log_in(monkeypatch, workdir, served.host)
     ref = f"{served.host}/{REPOSITORY}"
     a = machine(workdir, "a")
     setting = store_command(a, "remote", ref, "--push", "all", "--insecure")
@@ -329,7 +323,7 @@ def test_a_store_remembers_its_remote_and_a_flag_overrides_it(served: Registry, 
 
 def test_an_offline_machine_needs_no_source_of_what_it_pulls_and_gets_the_others_from_the_remote(
         served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    log_in(monkeypatch, workdir, served.host)
     body = b"a package\n" * 1000
     checksum = "sha256:" + hashlib.sha256(body).hexdigest()
     inputs = {"files": {"type": "org.osbuild.files", "origin": "org.osbuild.source",
@@ -381,15 +375,12 @@ def test_a_stack_is_flattened_where_it_has_no_oci_form_or_writes_the_same_files_
 
 def test_a_push_that_fails_is_one_warning_and_the_exit_code_of_the_build(served: Registry, workdir: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    proxy = FaultyProxy(("127.0.0.1", served.port), after=256 << 10, fault="stop", on_stop=served.stop,
-                        uploads=True)
-    try:
-        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, proxy.host)))
+    with FaultyProxy(("127.0.0.1", served.port), after=256 << 10, fault="stop", on_stop=served.stop,
+                     uploads=True) as proxy:
+        log_in(monkeypatch, workdir, proxy.host)
         a = machine(workdir, "a")
         run = build(a, proxy.host, "--cache-remote-timeout", "5")
         assert proxy.triggered.is_set()
-    finally:
-        proxy.close()
     assert len(warnings(run)) == 1, messages(run)
     assert "cannot push" in warnings(run)[0]
     assert run.stderr.count("remote cache") == 1, run.stderr
@@ -397,7 +388,7 @@ def test_a_push_that_fails_is_one_warning_and_the_exit_code_of_the_build(served:
 
 
 def test_a_failed_build_pushes_nothing(served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    log_in(monkeypatch, workdir, served.host)
     failing = the_manifest()
     # built after the tree (its build root), which succeeds and is stored: still nothing is pushed
     failing["pipelines"].append(pipeline("broken", stage("org.aosbuild.test.fail", exit=3), build="name:tree"))

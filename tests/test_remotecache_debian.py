@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import Aosbuild, DebianSample, check_jsonseq
 from .registry import Registry
-from .test_remotecache import REPOSITORY, auth_file, machine, messages, stages_run
+from .test_remotecache import REPOSITORY, log_in, machine, messages, stages_run
 from .treedigest import digest
 
 
@@ -22,7 +22,7 @@ from .treedigest import digest
 def test_an_empty_machine_gets_the_sample_s_system_from_the_registry_and_runs_no_stage(
         debian_sample: DebianSample, served: Registry, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert debian_sample.build.returncode == 0
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(workdir, served.host)))
+    log_in(monkeypatch, workdir, served.host)
     remote = f"{served.host}/{REPOSITORY}"
     a = Aosbuild(debian_sample.workdir)
     pushed = a(debian_sample.manifest, "--cache-remote", remote, "--export", "os", "--output-directory",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -117,6 +118,11 @@ class Store:
     def create_layout(self) -> None:
         for d in (self.objects, self.staging, self.sources, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        # trees hold what stages and registries put there: setuid files, device nodes (0666 /dev/sda,
+        # say), which no other user of the machine may reach through the store
+        for d in (self.objects, self.staging, self.tmp):
+            if stat.S_IMODE(d.stat().st_mode) & 0o077:
+                d.chmod(0o700)
         tag = self.root / "CACHEDIR.TAG"
         if not tag.exists():
             tag.write_text(CACHEDIR_TAG)

@@ -125,6 +125,8 @@ def find(layers: Sequence[Path], relative: str) -> Path | None:
             target = _xattr(path, REDIRECT)
             if target:
                 text = os.fsdecode(target)
+                if ".." in text.split("/"):
+                    break  # overlayfs refuses such a redirect; followed here it would leave the layer
                 redirect = (True, text.lstrip("/")) if text.startswith("/") else (False, text)
         if not found:
             return None
