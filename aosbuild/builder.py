@@ -42,6 +42,7 @@ from .hostservices import (
     split_mounts,
 )
 from .inputs import NATIVE_INPUTS, map_input
+from .layercheck import LayerCheck
 from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
@@ -52,7 +53,7 @@ from .results import StageResult
 from .rpc import Handler, HandlerError
 from .sandboxside.runnerlib import MOUNTS_ENV, RUNNER_ERROR
 from .sizes import format_size
-from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, UNSTORED_BELOW, NewEntry
+from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, UNSTORED_BELOW, NewEntry, entries
 from .store import layers as overlay
 from .store.pins import TreeView
 
@@ -551,10 +552,15 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
 
 async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry,
                         below: TreeView | None, build: TreeView | None, runners: Runners, *,
-                        layered: bool) -> StageResult:
-    """Run a stage; a failure ends the pipeline with a StageError."""
+                        layered: bool, check: LayerCheck | None = None) -> StageResult | None:
+    """Run a stage; a failure ends the pipeline with a StageError. None: the stage ran on a bottom
+    layer that its `check` found it saw wrong (and made right): run it again on a fresh layer."""
     await ctx.sources.wait_for(stage.source_refs())
     result, tail = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
+    if check is not None and not await check.stands():
+        ctx.monitor.log(f"{stage.type} runs again: the tree below it held xattrs named like overlayfs's own, "
+                        "now escaped\n", pipeline)
+        return None
     ctx.monitor.stage_finished(pipeline, stage, result)
     log.debug("stage.finished", t=round(time.monotonic(), 4), pipeline=pipeline.name, stage=stage.type,
               stage_id=stage.id, duration=result.duration, success=result.success)
@@ -571,39 +577,66 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
 
 async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build: TreeView | None,
                        runners: Runners) -> None:
-    """Each stage a layer over the ones before, committed under the stage's id: nothing is copied."""
+    """Each stage a layer over the ones before, committed under the stage's id: nothing is copied.
+
+    The bottom layer of a pipeline with more stages is committed pending and checked beside the second
+    stage (`layercheck`); the second stage's commit waits for that check."""
     below_id = pipeline.stages[resume - 1].id if resume else None
     records = report_restored(ctx, pipeline, below_id) if below_id else []
-    for stage in pipeline.stages[resume:]:
-        if below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
-            below_id = await squash(ctx, pipeline, below_id)
-        stack = ctx.pins.stack(below_id) if below_id else ()
-        stored_below = all(not ctx.pins.floating(i) for i in stack)
-        last = stage is pipeline.stages[-1]
-        async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
-            entry.results, entry.pipeline = list(records), pipeline.name
-            below = ctx.pins.view(below_id) if below_id else None
-            await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True)
-            if below is not None:
-                await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
-            else:
-                started = time.monotonic()
-                plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
-                entry.flat, entry.tree_size = plain.readable, plain.size
-                log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
-            if pipeline.source_epoch is not None:
-                await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
-            records = list(entry.results)
-            committing = time.monotonic()
-        log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
-                  ms=round((time.monotonic() - committing) * 1000, 1))
-        what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
-                else f"the layer of {stage.type} {stage.id}")
-        if last or stage.id in ctx.options.checkpoints:
-            report_outcome(ctx, pipeline, entry, what)
-        else:
-            log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
-        below_id = stage.id
+    check: LayerCheck | None = None
+    async with anyio.create_task_group() as checks:
+        try:
+            for stage in pipeline.stages[resume:]:
+                if check is None and below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
+                    below_id = await squash(ctx, pipeline, below_id)
+                stack = (check.id,) if check else ctx.pins.stack(below_id) if below_id else ()
+                stored_below = all(not ctx.pins.floating(i) for i in stack)
+                last = stage is pipeline.stages[-1]
+                async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
+                    entry.results, entry.pipeline = list(records), pipeline.name
+                    below = check.view if check else ctx.pins.view(below_id) if below_id else None
+                    while await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True,
+                                              check=check) is None:
+                        await anyio.to_thread.run_sync(fresh_layer, entry.tree)
+                    if check is not None:
+                        await check.finish()
+                        entry.unstored_below = ctx.pins.floating(check.id)
+                        below, check = ctx.pins.view(check.id), None
+                    if below is not None:
+                        await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
+                    elif not last and pipeline.source_epoch is None:
+                        entry.pending = True  # checked beside the next stage (clamped mtimes would be a walk first)
+                    else:
+                        started = time.monotonic()
+                        plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+                        entry.flat, entry.tree_size = plain.readable, plain.size
+                        log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
+                    if pipeline.source_epoch is not None:
+                        await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
+                    records = list(entry.results)
+                    committing = time.monotonic()
+                log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
+                          ms=round((time.monotonic() - committing) * 1000, 1))
+                if entry.pending and entry.outcome == STORED:  # else the winner's copy, or ours made plain
+                    check = LayerCheck(ctx, stage.id, entry)
+                    checks.start_soon(check.run)
+                what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
+                        else f"the layer of {stage.type} {stage.id}")
+                if last or stage.id in ctx.options.checkpoints:
+                    report_outcome(ctx, pipeline, entry, what)
+                else:
+                    log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
+                below_id = stage.id
+        finally:
+            if check is not None:
+                await check.finish()  # the stage above it failed or was cancelled: the layer is kept
+
+
+def fresh_layer(tree: Path) -> None:
+    """Empty a stage's new layer for it to run again (its root too, which a mount marks)."""
+    entries.remove_contents(tree)
+    os.rmdir(tree)
+    os.mkdir(tree)
 
 
 async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:
