@@ -8,11 +8,13 @@ stood between the two stages. Now the layer is committed at once, `pending` (see
 size unknown, its write lock kept, so no other build reads or evicts it), and the next stage starts on
 it straight away while `layers.inspect_plain` walks it in a thread, changing nothing.
 
-Before the next stage's result counts (`stands`), the walk must have found nothing to escape. Almost
-every tree has nothing. If it found something, that stage saw the layer wrong: once it has ended (its
-mount gone with its namespace) the layer is escaped, and the stage runs again on it. Either way the
-layer's object.info is then written whole and it joins the build's pins (`finish`), before the stage
-above it is committed; `finish` also runs when the build fails or is cancelled, so the layer is kept.
+Almost every tree has nothing to escape: then, as soon as the walk ends, the layer's object.info is
+written whole, with its size, and it joins the build's pins and is readable by other builds (which wait
+for that when they lost the race to commit it). If the walk found something, the stage running on the
+layer saw it wrong: before that stage's result counts (`stands`), once it has ended (its mount gone with
+its namespace), the layer is escaped, and the stage runs again on it. In any case the layer is checked
+before the stage above it is committed (`finish`), which also runs when the build fails or is
+cancelled, so the layer is kept.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class LayerCheck:
         self._walked = anyio.Event()
         self._found: overlay.Plain | None = None  # the walk's, or make_plain's: nothing left to escape
         self._finished = False
+        self._checked = False  # by `run`
+        self._error: Exception | None = None
 
     @property
     def view(self) -> TreeView:
@@ -47,16 +51,27 @@ class LayerCheck:
         return TreeView(layers=(self.entry.tree,), flat=False)
 
     async def run(self) -> None:
-        """The walk, in a thread; never raises (`stands` and `finish` walk again if it failed)."""
+        """The walk, in a thread; if it found nothing to escape, the layer is checked at once, for other
+        builds to read it. Never raises (`stands` and `finish` walk again if it failed, `finish` raises
+        what checking it raised)."""
         started = time.monotonic()
         try:
             self._found = await anyio.to_thread.run_sync(overlay.inspect_plain, self.entry.tree)
         except Exception as exc:  # make_plain walks again, and raises it there if it persists
             log.debug("layer.inspect_failed", stage_id=self.id, error=str(exc))
+        try:
+            if self._found is not None and not self._found.marked:
+                self._record(self._found)
+                # its path is not moved (out of objects/, for want of room) while the next stage may
+                # still be mounting it: then `finish` does that
+                self._checked = await self.ctx.store.checked(self.entry, self.id, self.ctx.pins,
+                                                             may_move=False) is not None
+        except Exception as exc:
+            self._error = exc
         finally:
             self._walked.set()
         log.debug("layer.inspected", stage_id=self.id, ms=round((time.monotonic() - started) * 1000, 1),
-                  marked=self._found.marked if self._found else None)
+                  marked=self._found.marked if self._found else None, checked=self._checked)
 
     async def stands(self) -> bool:
         """Whether the stage that just ran on the layer saw it right; if not, the layer is made right
@@ -76,11 +91,18 @@ class LayerCheck:
         self._finished = True
         with anyio.CancelScope(shield=True):
             await self._walked.wait()
+            if self._error is not None:
+                raise self._error
+            if self._checked:
+                return
             if self._found is None or self._found.marked:
                 await self._make_plain()  # nothing reads the layer now: escaping it is safe
             assert self._found is not None
-            self.entry.flat, self.entry.tree_size = self._found.readable, self._found.size
+            self._record(self._found)
             await self.ctx.store.checked(self.entry, self.id, self.ctx.pins)
+
+    def _record(self, plain: overlay.Plain) -> None:
+        self.entry.flat, self.entry.tree_size = plain.readable, plain.size
 
     async def _make_plain(self) -> None:
         try:

@@ -11,7 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from aosbuild.store import NO_ROOM, STORED, Pins, Store, entries, layers
+import anyio
+from trio.testing import wait_all_tasks_blocked
+
+from aosbuild.store import EXISTS, NO_ROOM, STORED, Pins, Store, entries, layers
 from aosbuild.store.sizes import disk_usage
 
 from .test_store import KIB, fill, last_used, put, python_running
@@ -111,3 +114,32 @@ def test_a_pending_layer_whose_builder_died_is_a_miss_and_goes(tmp_path: Path) -
     assert not (root / "objects" / "p").exists()
     assert list((root / "stage").iterdir()) == []
     reader.close()
+
+
+async def test_a_build_that_loses_the_race_to_a_pending_layer_waits_and_uses_it(tmp_path: Path) -> None:
+    """The winner's copy is readable moments later, once checked: the loser uses it, rather than float
+    its own copy (which would leave every layer it stacks on it unstored)."""
+    store = Store.open(tmp_path / "store", max_size=None)
+    winner = await store_pending(store, "p", 80 * KIB)
+    other = Store(store.root)  # another build: its locks conflict with ours, as another process's do
+    other_pins = Pins(other)
+    outcome: list[str | None] = []
+
+    async def lose() -> None:
+        async with other.store("p", keep=other_pins) as entry:
+            fill(entry.tree, 80 * KIB)
+        outcome.append(entry.outcome)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lose)
+        await wait_all_tasks_blocked()
+        assert outcome == []  # waiting for the winner's check
+        pins = Pins(store)
+        assert await check(store, winner, "p", pins) == STORED
+    assert outcome == [EXISTS]
+    assert not other_pins.floating("p")
+    assert other_pins.tree("p") == store.objects / "p" / "data" / "tree"
+    assert list(store.staging.iterdir()) == []
+    await other_pins.aclose()
+    await pins.aclose()
+    store.close()

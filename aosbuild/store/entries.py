@@ -49,7 +49,7 @@ from typing import Any
 
 from ..logs import get_logger
 from ..sandboxside.runnerlib import MNT_DETACH, umount
-from .locks import READ, WRITE, LockFile
+from .locks import READ, WRITE, LockFile, wait_lock
 from .sizes import disk_usage
 
 LOCK = "object.lock"
@@ -310,6 +310,22 @@ def list_committed(objects: Path) -> list[Committed]:
              for c in found]
     found.sort(key=lambda c: (c.last_used, -len(c.layers)))  # as recent: the layer above goes first
     return found
+
+
+def wait_until_checked(objects: Path, object_id: str) -> None:
+    """Wait while the committed entry `object_id` is pending: its creator holds its write lock until it
+    is checked (or dies). Returns at once for any other entry. Blocking."""
+    path = objects / object_id
+    try:
+        pending = json.loads((path / INFO).read_text()).get("pending") is True
+        fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC) if pending else -1
+    except (OSError, ValueError, AttributeError):
+        return
+    if fd >= 0:
+        try:
+            wait_lock(fd, READ)
+        finally:
+            os.close(fd)
 
 
 def take_for_eviction(objects: Path, object_id: str) -> LockFile | None:

@@ -330,6 +330,10 @@ class Store:
             else:
                 entry.lock.close()
             return
+        if entry.outcome == EXISTS and keep is not None and object_id not in keep:
+            # the winner's copy may be pending: it is readable once checked, within moments
+            await anyio.to_thread.run_sync(entries.wait_until_checked, self.objects, object_id,
+                                           abandon_on_cancel=True)
         if keep is not None and not (entry.outcome == EXISTS and keep.try_pin(object_id)):
             if entry.pending:  # not checked beside the next stage: floating, it is read from now on
                 plain = await anyio.to_thread.run_sync(layers.make_plain, entry.tree)
@@ -388,27 +392,33 @@ class Store:
             return None
         return self._move_out(taken)
 
-    async def checked(self, entry: NewEntry, object_id: str, keep: Pins | None) -> str:
+    async def checked(self, entry: NewEntry, object_id: str, keep: Pins | None, *,
+                      may_move: bool = True) -> str | None:
         """A pending entry is checked (its `tree_size` and `flat` set): write its object.info whole and
         bring the trees under the bound with its size counted, then let others read it, and `keep` hold
         it. Without room in the bound for it, it leaves objects/ again and floats in `keep` (outcome
-        TOO_LARGE or NO_ROOM), as it would have at its commit. Returns the outcome."""
-        assert entry.pending
+        TOO_LARGE or NO_ROOM), as it would have at its commit; or, unless it `may_move` (a running
+        stage's mount is being made of its path), it stays as it is, the caller's, to be checked again
+        later (None). Returns the outcome."""
         assert entry.outcome == STORED
         with anyio.CancelScope(shield=True):
             try:
                 size = await anyio.to_thread.run_sync(entry.write_checked_info)
-                entry.outcome, evicted = await anyio.to_thread.run_sync(self._checked_locked, entry, object_id,
-                                                                        size)
+                outcome, evicted = await anyio.to_thread.run_sync(self._checked_locked, entry, object_id, size,
+                                                                  may_move)
             except OSError as exc:
                 await self.abandon(entry, object_id)
                 raise self.write_error(f"cannot commit {object_id}", exc) from exc
             if evicted:
                 await anyio.to_thread.run_sync(_remove_all, evicted)
+            if outcome is None:
+                return None
+            entry.outcome = outcome
             await self._settle(entry, object_id, keep)
-        return str(entry.outcome)
+        return outcome
 
-    def _checked_locked(self, entry: NewEntry, object_id: str, size: int) -> tuple[str, list[Entry]]:
+    def _checked_locked(self, entry: NewEntry, object_id: str, size: int,
+                        may_move: bool) -> tuple[str | None, list[Entry]]:
         with self._size_lock():
             bound = self.limits().max_size
             outcome = TOO_LARGE if bound is not None and size > bound else STORED
@@ -418,6 +428,8 @@ class Store:
                 if room is not None:
                     return STORED, room
                 outcome = NO_ROOM
+            if not may_move:
+                return None, []
             entry.path = entries.move_out(self.objects, object_id, self.staging, entry.lock).path
             return outcome, []
 
