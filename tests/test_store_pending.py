@@ -29,7 +29,7 @@ async def store_pending(store: Store, object_id: str, size: int) -> entries.NewE
     return entry
 
 
-async def check(store: Store, entry: entries.NewEntry, object_id: str, pins: Pins) -> str:
+async def check(store: Store, entry: entries.NewEntry, object_id: str, pins: Pins) -> str | None:
     plain = layers.inspect_plain(entry.tree)
     entry.flat, entry.tree_size = plain.readable, plain.size
     return await store.checked(entry, object_id, pins)
