@@ -55,11 +55,11 @@ class LayerCheck:
         builds to read it. Never raises (`stands` and `finish` walk again if it failed, `finish` raises
         what checking it raised)."""
         started = time.monotonic()
-        try:
-            self._found = await anyio.to_thread.run_sync(overlay.inspect_plain, self.entry.tree)
-        except Exception as exc:  # make_plain walks again, and raises it there if it persists
-            log.debug("layer.inspect_failed", stage_id=self.id, error=str(exc))
-        try:
+        try:  # whatever happens, even a cancel before the walk began, `finish` must not wait for ever
+            try:
+                self._found = await anyio.to_thread.run_sync(overlay.inspect_plain, self.entry.tree)
+            except Exception as exc:  # make_plain walks again, and raises it there if it persists
+                log.debug("layer.inspect_failed", stage_id=self.id, error=str(exc))
             if self._found is not None and not self._found.marked:
                 self._record(self._found)
                 # its path is not moved (out of objects/, for want of room) while the next stage may
