@@ -589,47 +589,55 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
             for stage in pipeline.stages[resume:]:
                 if check is None and below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
                     below_id = await squash(ctx, pipeline, below_id)
-                stack = (check.id,) if check else ctx.pins.stack(below_id) if below_id else ()
-                stored_below = all(not ctx.pins.floating(i) for i in stack)
-                last = stage is pipeline.stages[-1]
-                async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
-                    entry.results, entry.pipeline = list(records), pipeline.name
-                    below = check.view if check else ctx.pins.view(below_id) if below_id else None
-                    while await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True,
-                                              check=check) is None:
-                        await anyio.to_thread.run_sync(fresh_layer, entry.tree)
-                    if check is not None:
-                        await check.finish()
-                        entry.unstored_below = ctx.pins.floating(check.id)
-                        below, check = ctx.pins.view(check.id), None
-                    if below is not None:
-                        await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
-                    elif not last and pipeline.source_epoch is None:
-                        entry.pending = True  # checked beside the next stage (clamped mtimes would be a walk first)
-                    else:
-                        started = time.monotonic()
-                        plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
-                        entry.flat, entry.tree_size = plain.readable, plain.size
-                        log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
-                    if pipeline.source_epoch is not None:
-                        await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
-                    records = list(entry.results)
-                    committing = time.monotonic()
-                log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
-                          ms=round((time.monotonic() - committing) * 1000, 1))
+                entry = await build_layer(ctx, pipeline, stage, below_id, check, records, build, runners)
+                check = None
                 if entry.pending and entry.outcome == STORED:  # else the winner's copy, or ours made plain
                     check = LayerCheck(ctx, stage.id, entry)
                     checks.start_soon(check.run)
-                what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
-                        else f"the layer of {stage.type} {stage.id}")
-                if last or stage.id in ctx.options.checkpoints:
-                    report_outcome(ctx, pipeline, entry, what)
-                else:
-                    log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
-                below_id = stage.id
+                records, below_id = list(entry.results), stage.id
         finally:
             if check is not None:
                 await check.finish()  # the stage above it failed or was cancelled: the layer is kept
+
+
+async def build_layer(ctx: BuildContext, pipeline: Pipeline, stage: Stage, below_id: str | None,
+                      check: LayerCheck | None, records: list[dict[str, Any]], build: TreeView | None,
+                      runners: Runners) -> NewEntry:
+    """Run one stage on a new layer over `below_id` (or over the pending bottom layer `check` walks,
+    which it finishes), and commit it; the bottom layer of a longer pipeline is committed pending."""
+    stack = (check.id,) if check else ctx.pins.stack(below_id) if below_id else ()
+    stored_below = all(not ctx.pins.floating(i) for i in stack)
+    last = stage is pipeline.stages[-1]
+    async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
+        entry.results, entry.pipeline = list(records), pipeline.name
+        below = check.view if check else ctx.pins.view(below_id) if below_id else None
+        while await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True,
+                                  check=check) is None:
+            await anyio.to_thread.run_sync(fresh_layer, entry.tree)
+        if check is not None:
+            await check.finish()
+            entry.unstored_below = ctx.pins.floating(check.id)
+            below = ctx.pins.view(check.id)
+        if below is not None:
+            await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
+        elif not last and pipeline.source_epoch is None:
+            entry.pending = True  # checked beside the next stage (clamping mtimes would walk it first anyway)
+        else:
+            started = time.monotonic()
+            plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
+            entry.flat, entry.tree_size = plain.readable, plain.size
+            log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
+        if pipeline.source_epoch is not None:
+            await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
+        committing = time.monotonic()
+    log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
+              ms=round((time.monotonic() - committing) * 1000, 1))
+    what = f"pipeline {pipeline.name} ({pipeline.id})" if last else f"the layer of {stage.type} {stage.id}"
+    if last or stage.id in ctx.options.checkpoints:
+        report_outcome(ctx, pipeline, entry, what)
+    else:
+        log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
+    return entry
 
 
 def fresh_layer(tree: Path) -> None:
