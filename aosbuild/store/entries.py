@@ -312,20 +312,17 @@ def list_committed(objects: Path) -> list[Committed]:
     return found
 
 
-def wait_until_checked(objects: Path, object_id: str) -> None:
-    """Wait while the committed entry `object_id` is pending: its creator holds its write lock until it
-    is checked (or dies). Returns at once for any other entry. Blocking."""
-    path = objects / object_id
+def wait_while_written(objects: Path, object_id: str) -> None:
+    """Wait while somebody holds the write lock of the committed entry `object_id`: its creator, until a
+    pending entry is checked (or it dies), or an evicting build, until it has moved it out. Blocking."""
     try:
-        pending = json.loads((path / INFO).read_text()).get("pending") is True
-        fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC) if pending else -1
-    except (OSError, ValueError, AttributeError):
+        fd = os.open(objects / object_id / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return
-    if fd >= 0:
-        try:
-            wait_lock(fd, READ)
-        finally:
-            os.close(fd)
+    try:
+        wait_lock(fd, READ)
+    finally:
+        os.close(fd)
 
 
 def take_for_eviction(objects: Path, object_id: str) -> LockFile | None:

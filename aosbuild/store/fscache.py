@@ -330,17 +330,22 @@ class Store:
             else:
                 entry.lock.close()
             return
-        if entry.outcome == EXISTS and keep is not None and object_id not in keep:
-            # the winner's copy may be pending: it is readable once checked, within moments
-            await anyio.to_thread.run_sync(entries.wait_until_checked, self.objects, object_id,
-                                           abandon_on_cancel=True)
-        if keep is not None and not (entry.outcome == EXISTS and keep.try_pin(object_id)):
+        if keep is not None and not (entry.outcome == EXISTS and await self._pin_winner(keep, object_id)):
             if entry.pending:  # not checked beside the next stage: floating, it is read from now on
                 plain = await anyio.to_thread.run_sync(layers.make_plain, entry.tree)
                 entry.flat, entry.tree_size, entry.pending = plain.readable, plain.size, False
             keep.float(object_id, entry)  # not stored, or the winner's copy is gone already: use ours
             return
         await anyio.to_thread.run_sync(entries.remove, entry)
+
+    async def _pin_winner(self, keep: Pins, object_id: str) -> bool:
+        """Pin the copy of `object_id` that another build committed first. Its write lock may be held for
+        moments: it is pending (until checked, see `entries`) or being evicted; then wait for it, rather
+        than keep our own copy, which would leave every layer stacked on it unstored."""
+        if keep.try_pin(object_id):
+            return True
+        await anyio.to_thread.run_sync(entries.wait_while_written, self.objects, object_id, abandon_on_cancel=True)
+        return keep.try_pin(object_id)
 
     async def _commit(self, entry: NewEntry, object_id: str) -> str:
         try:
