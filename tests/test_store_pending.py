@@ -15,6 +15,7 @@ import anyio
 from trio.testing import wait_all_tasks_blocked
 
 from aosbuild.store import EXISTS, NO_ROOM, STORED, Pins, Store, entries, layers
+from aosbuild.store.commands import verify_entries
 from aosbuild.store.sizes import disk_usage
 
 from .test_store import KIB, fill, last_used, put, python_running
@@ -142,4 +143,16 @@ async def test_a_build_that_loses_the_race_to_a_pending_layer_waits_and_uses_it(
     assert list(store.staging.iterdir()) == []
     await other_pins.aclose()
     await pins.aclose()
+    store.close()
+
+
+async def test_store_verify_leaves_a_layer_being_checked_alone(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store", max_size=None)
+    entry = await store_pending(store, "p", 8 * KIB)
+    assert verify_entries(Store(store.root)) == (0, [])  # its builder lives: not ready, not damaged
+    entry.lock.close()  # as if its builder were killed
+    checked, damaged = verify_entries(Store(store.root))
+    assert checked == 1
+    assert [(d["id"], d["removed"]) for d in damaged] == [("p", True)]
+    assert not (store.objects / "p").exists()
     store.close()

@@ -312,6 +312,22 @@ def list_committed(objects: Path) -> list[Committed]:
     return found
 
 
+def being_checked(objects: Path, object_id: str) -> bool:
+    """Whether the committed entry is pending and its creator lives (holds its write lock): not damaged,
+    only not ready yet."""
+    path = objects / object_id
+    try:
+        if json.loads((path / INFO).read_text()).get("pending") is not True:
+            return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    lock = LockFile.try_open(path / LOCK, READ)
+    if lock is None:
+        return path.exists()
+    lock.close()
+    return False
+
+
 def wait_while_written(objects: Path, object_id: str) -> None:
     """Wait while somebody holds the write lock of the committed entry `object_id`: its creator, until a
     pending entry is checked (or it dies), or an evicting build, until it has moved it out. Blocking."""
