@@ -17,6 +17,8 @@ The entry lifecycle is three async context managers: `load(id)` (read-locked, or
 the id first) and `stage()` (scratch, always removed). The size bound holds for committed trees: a
 commit that would pass it first evicts the least recently used entries nobody is reading; if that is not
 enough, or the tree alone is larger than the bound, the tree is not stored, and the build goes on with it.
+A pending entry (a bottom layer whose walk runs beside the next stage, `aosbuild.layercheck`) is
+committed before its size is known, and made room for when its builder says it is `checked`.
 """
 
 from __future__ import annotations
