@@ -59,6 +59,9 @@ if TYPE_CHECKING:
     from .pins import Pins, TreeView
 
 COPY_ARGV = ["cp", "--reflink=auto", "-a", "--"]
+# how long a build that lost the race to commit an id waits for the winner's copy to be readable (a
+# pending layer's walk takes ~0.1 s; an eviction, what removing the tree takes) before it uses its own
+WINNER_WAIT = 30.0
 
 log = get_logger(__name__)  # structlog on first use: --version and --inspect import the store
 
@@ -346,7 +349,11 @@ class Store:
         than keep our own copy, which would leave every layer stacked on it unstored."""
         if keep.try_pin(object_id):
             return True
-        await anyio.to_thread.run_sync(entries.wait_while_written, self.objects, object_id, abandon_on_cancel=True)
+        # not for ever: a stopped or hung holder must not stall this build (the thread, left waiting, only
+        # takes and drops a read lock when the holder lets go)
+        with anyio.move_on_after(WINNER_WAIT):
+            await anyio.to_thread.run_sync(entries.wait_while_written, self.objects, object_id,
+                                           abandon_on_cancel=True)
         return keep.try_pin(object_id)
 
     async def _commit(self, entry: NewEntry, object_id: str) -> str:
