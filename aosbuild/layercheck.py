@@ -108,6 +108,7 @@ class LayerCheck:
         try:
             plain = await anyio.to_thread.run_sync(overlay.make_plain, self.entry.tree)
         except OSError as exc:
+            self._finished = True  # the layer is gone: nothing left to finish
             await self.ctx.store.abandon(self.entry, self.id)
             raise self.ctx.store.write_error(f"cannot make the layer of {self.id} ready", exc) from exc
         self._found = overlay.Plain(plain.readable, plain.size, marked=False)
