@@ -43,6 +43,7 @@ from .hostservices import (
     split_mounts,
 )
 from .inputs import NATIVE_INPUTS, map_input
+from .layercheck import LayerCheck
 from .library import choose_runner, is_osbuild_library, read_os_release
 from .loop import LoopServer, open_loop_server
 from .manifest import Pipeline, Stage
@@ -53,7 +54,7 @@ from .results import StageResult
 from .rpc import Handler, HandlerError
 from .sandboxside.runnerlib import MOUNTS_ENV, RUNNER_ERROR
 from .sizes import format_size
-from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, UNSTORED_BELOW, NewEntry
+from .store import EXISTS, NO_ROOM, STORED, TOO_LARGE, UNSTORED_BELOW, NewEntry, entries
 from .store import layers as overlay
 from .store.pins import TreeView
 
@@ -702,8 +703,11 @@ async def build_pipeline(ctx: BuildContext, pipeline: Pipeline, resume: int) -> 
 
 async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: NewEntry,
                         below: TreeView | None, build: TreeView | None, runners: Runners, *,
-                        layered: bool, ahead: Ahead | None = None) -> StageResult:
-    """Run a stage (or take it, started `ahead`); a failure ends the pipeline with a StageError."""
+                        layered: bool, ahead: Ahead | None = None,
+                        check: LayerCheck | None = None) -> StageResult | None:
+    """Run a stage (or take it, started `ahead`); a failure ends the pipeline with a StageError. None: the
+    stage ran on a bottom layer that its `check` found it saw wrong (and made right): run it again on a
+    fresh layer."""
     outcome = None
     if ahead is not None:
         assert below is not None  # a stage is started ahead only above another one
@@ -715,6 +719,10 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
         outcome = await run_stage(ctx, pipeline, stage, entry, below, build, runners, layered=layered)
     assert outcome is not None
     result, tail = outcome
+    if check is not None and not await check.stands():
+        ctx.monitor.log(f"{stage.type} runs again: the tree below it held xattrs named like overlayfs's own, "
+                        "now escaped\n", pipeline)
+        return None
     ctx.monitor.stage_finished(pipeline, stage, result)
     log.debug("stage.finished", t=round(time.monotonic(), 4), pipeline=pipeline.name, stage=stage.type,
               stage_id=stage.id, duration=result.duration, success=result.success)
@@ -731,37 +739,61 @@ async def run_and_check(ctx: BuildContext, pipeline: Pipeline, stage: Stage, ent
 
 async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build: TreeView | None,
                        runners: Runners) -> None:
-    """Each stage a layer over the ones before, committed under the stage's id: nothing is copied."""
+    """Each stage a layer over the ones before, committed under the stage's id: nothing is copied.
+
+    The next stage's sandbox starts while a stage runs and is committed (`Ahead`). The bottom layer of a
+    pipeline with more stages is committed pending and checked beside the second stage (`layercheck`);
+    the second stage's commit waits for that check."""
     below_id = pipeline.stages[resume - 1].id if resume else None
     records = report_restored(ctx, pipeline, below_id) if below_id else []
     stages = pipeline.stages[resume:]
+    check: LayerCheck | None = None
     async with anyio.create_task_group() as background:
-        ahead: Ahead | None = None
-        for index, stage in enumerate(stages):
-            # the next stage's sandbox starts now, while this one runs and is committed
-            mine, ahead = ahead, None
-            if index + 1 < len(stages) and starts_ahead(ctx, stages[index + 1]):
-                ahead = Ahead(stage=stages[index + 1])
-                background.start_soon(run_ahead, ctx, pipeline, ahead, build, runners)
-            below_id, records = await build_layer(ctx, pipeline, stage, below_id, records, build, runners, mine)
+        try:
+            ahead: Ahead | None = None
+            for index, stage in enumerate(stages):
+                if check is None and below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
+                    below_id = await squash(ctx, pipeline, below_id)
+                # the next stage's sandbox starts now, while this one runs and is committed
+                mine, ahead = ahead, None
+                if index + 1 < len(stages) and starts_ahead(ctx, stages[index + 1]):
+                    ahead = Ahead(stage=stages[index + 1])
+                    background.start_soon(run_ahead, ctx, pipeline, ahead, build, runners)
+                entry = await build_layer(ctx, pipeline, stage, below_id, check, records, build, runners, mine)
+                check = None
+                if entry.pending and entry.outcome == STORED:  # else the winner's copy, or ours made plain
+                    check = LayerCheck(ctx, stage.id, entry)
+                    background.start_soon(check.run)
+                records, below_id = list(entry.results), stage.id
+        finally:
+            if check is not None:
+                await check.finish()  # the stage above it failed or was cancelled: the layer is kept
 
 
 async def build_layer(ctx: BuildContext, pipeline: Pipeline, stage: Stage, below_id: str | None,
-                      records: list[dict[str, Any]], build: TreeView | None, runners: Runners,
-                      ahead: Ahead | None) -> tuple[str, list[dict[str, Any]]]:
-    """Run one stage of `build_layers` on the layers of `below_id` and commit its layer; the layer's id and
-    the result records of its tree."""
-    if below_id is not None and len(ctx.pins.stack(below_id)) >= overlay.MAX_LAYERS:
-        below_id = await squash(ctx, pipeline, below_id)
-    stack = ctx.pins.stack(below_id) if below_id else ()
+                      check: LayerCheck | None, records: list[dict[str, Any]], build: TreeView | None,
+                      runners: Runners, ahead: Ahead | None) -> NewEntry:
+    """Run one stage on a new layer over `below_id` (or over the pending bottom layer `check` walks,
+    which it finishes), or take it from `ahead`, and commit it; the bottom layer of a longer pipeline is
+    committed pending. A stage run again after its check runs the usual way."""
+    stack = (check.id,) if check else ctx.pins.stack(below_id) if below_id else ()
     stored_below = all(not ctx.pins.floating(i) for i in stack)
     last = stage is pipeline.stages[-1]
     async with ctx.store.store(stage.id, keep=ctx.pins, layers=stack, commit=stored_below) as entry:
         entry.results, entry.pipeline = list(records), pipeline.name
-        below = ctx.pins.view(below_id) if below_id else None
-        await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True, ahead=ahead)
+        below = check.view if check else ctx.pins.view(below_id) if below_id else None
+        while await run_and_check(ctx, pipeline, stage, entry, below, build, runners, layered=True,
+                                  ahead=ahead, check=check) is None:
+            ahead = None
+            await anyio.to_thread.run_sync(fresh_layer, entry.tree)
+        if check is not None:
+            await check.finish()
+            entry.unstored_below = ctx.pins.floating(check.id)
+            below = ctx.pins.view(check.id)
         if below is not None:
             await anyio.to_thread.run_sync(overlay.relink_copied_up, below.layers, entry.tree)
+        elif not last and pipeline.source_epoch is None:
+            entry.pending = True  # checked beside the next stage (clamping mtimes would walk it first anyway)
         else:
             started = time.monotonic()
             plain = await anyio.to_thread.run_sync(overlay.make_plain, entry.tree)
@@ -769,17 +801,22 @@ async def build_layer(ctx: BuildContext, pipeline: Pipeline, stage: Stage, below
             log.debug("layer.plain", stage_id=stage.id, ms=round((time.monotonic() - started) * 1000, 1))
         if pipeline.source_epoch is not None:
             await anyio.to_thread.run_sync(clamp_mtimes, entry.tree, pipeline.source_epoch)
-        records = list(entry.results)
         committing = time.monotonic()
     log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
               ms=round((time.monotonic() - committing) * 1000, 1))
-    what = (f"pipeline {pipeline.name} ({pipeline.id})" if last
-            else f"the layer of {stage.type} {stage.id}")
+    what = f"pipeline {pipeline.name} ({pipeline.id})" if last else f"the layer of {stage.type} {stage.id}"
     if last or stage.id in ctx.options.checkpoints:
         report_outcome(ctx, pipeline, entry, what)
     else:
         log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
-    return stage.id, records
+    return entry
+
+
+def fresh_layer(tree: Path) -> None:
+    """Empty a stage's new layer for it to run again (its root too, which a mount marks)."""
+    entries.remove_contents(tree)
+    os.rmdir(tree)
+    os.mkdir(tree)
 
 
 async def squash(ctx: BuildContext, pipeline: Pipeline, below_id: str) -> str:

@@ -232,6 +232,23 @@ def test_a_store_of_another_format_and_the_way_out(aosbuild: Aosbuild) -> None:
     assert leftovers(aosbuild.store) == []
 
 
+def test_a_failing_second_stage_keeps_the_bottom_layer_whole(aosbuild: Aosbuild) -> None:
+    """The bottom layer, committed pending while the stage above it runs, is checked and kept whole
+    when that stage fails: a rebuild resumes after it."""
+    m = manifest(pipeline("tree", files("one"), stage("org.aosbuild.test.fail")))
+    described = json.loads(aosbuild(m, "--inspect").stdout)["pipelines"][0]["stages"]
+    assert aosbuild(m, "-q").returncode == 1
+    assert os.listdir(aosbuild.store / "objects") == [described[0]["id"]]
+    info = json.loads((aosbuild.store / "objects" / described[0]["id"] / "object.info").read_text())
+    assert "pending" not in info
+    assert info["size"] > 0
+    assert info["flat"] is True
+    assert leftovers(aosbuild.store) == []
+    again = aosbuild(m, "--monitor", "jsonseq")
+    assert again.returncode == 1
+    assert started_stages(again.jsonseq()) == ["Starting module org.aosbuild.test.fail"]
+
+
 def test_a_stage_that_fails_commits_nothing_but_the_stages_before_it(aosbuild: Aosbuild) -> None:
     m = manifest(pipeline("tree", files("one"), files("two"), stage("org.aosbuild.test.fail")))
     before = copy.deepcopy(m)

@@ -287,6 +287,8 @@ def verify_entries(store: Store) -> tuple[int, list[dict[str, Any]]]:
         problem = entries.damage(store.objects / name)
         if problem is not None and not (store.objects / name).exists():
             continue  # evicted meanwhile
+        if problem is not None and entries.being_checked(store.objects, name):
+            continue  # a bottom layer a running build is checking: not ready yet, not damaged
         checked += 1
         if problem is not None:
             removed = entries.discard_damaged(store.objects, name)

@@ -4,7 +4,9 @@ An entry is a directory::
 
     object.lock          the entry's lock file; its atime is the entry's last use (for LRU eviction)
     object.info          {"size": <bytes on disk>, "created": <unix time>, "layers": [<id>, ...],
-                         "flat": <bool>, "pipeline": <name>}, written just before commit
+                         "flat": <bool>, "pipeline": <name>}, written just before commit; a layer
+                         committed before its check (`pending`) has "size": null and "pending": true
+                         until its builder writes it again (`write_checked_info`)
     data/tree/           a layer (`layers`): what one stage changed, over the entries `layers` names
                          (bottom first); or, `flat`, a whole tree as one plain directory
     data/meta/           <stage-id>.json: metadata a stage reported (osbuild's layout), and
@@ -26,6 +28,10 @@ The protocol, which every function here follows:
   in it always has a lock file, and one without a lock file is empty (and can go with `rmdir`).
 - A committed entry is checked when it is loaded, cheaply (`damage`: its structure, not its contents);
   a damaged one is a miss, and is removed under its write lock if nobody else reads it.
+- A pending entry (a bottom layer committed while the walk that checks it and counts its size runs
+  beside the next stage) keeps its creator's write lock until its object.info is whole: nobody else
+  reads or evicts it meanwhile, and the bound counts it at its size walked anew (`list_committed`). If
+  its creator dies first, it is damaged (removed when next loaded or evicted), never read.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Any
 
 from ..logs import get_logger
 from ..sandboxside.runnerlib import MNT_DETACH, umount
-from .locks import READ, WRITE, LockFile
+from .locks import READ, WRITE, LockFile, wait_lock
 from .sizes import disk_usage
 
 LOCK = "object.lock"
@@ -81,6 +87,9 @@ class NewEntry(Entry):
         self.layers: list[str] = []      # the ids of the layers below this one, bottom first
         self.flat = False                # a whole tree in one directory, not a layer
         self.pipeline = ""               # the name of the pipeline that built it, for `store info`
+        self.pending = False             # committed before its tree is checked and counted (see above)
+        self.unstored_below = False      # a layer below turned out not stored: do not commit this one
+        self.created = 0.0
 
     def add_result(self, result: dict[str, Any]) -> None:
         """Record a finished stage: its result, and its metadata in osbuild's place if there is any."""
@@ -88,15 +97,37 @@ class NewEntry(Entry):
         if result.get("metadata"):
             (self.meta / f"{result['id']}.json").write_text(json.dumps(result["metadata"]))
 
-    def write_info(self) -> int:
-        """Write results and object.info, the last files of an entry; returns its size on disk."""
+    def write_info(self) -> int | None:
+        """Write results and object.info, the last files of an entry; returns its size on disk (None:
+        pending, its size is not known yet)."""
         (self.meta / RESULTS).write_text(json.dumps(self.results))
-        known = {} if self.tree_size is None else {os.fspath(self.tree): self.tree_size}
-        self.size = disk_usage(self.path, known=known)
+        self.created = time.time()
+        if self.pending:
+            with open(self.path / INFO, "x") as f:
+                json.dump({**self._info(None), "pending": True}, f)
+            return None
+        self.size = self._count()
         with open(self.path / INFO, "x") as f:
-            json.dump({"size": self.size, "created": time.time(), "layers": self.layers, "flat": self.flat,
-                       "pipeline": self.pipeline}, f)
+            json.dump(self._info(self.size), f)
         return self.size
+
+    def write_checked_info(self) -> int:
+        """A pending entry's object.info, written again whole (aside, then renamed over the first: a
+        reader sees one or the other) once its tree is checked and `tree_size` known; returns its size."""
+        self.size = self._count()
+        aside = self.path / f".{INFO}-{uuid.uuid4().hex}"
+        aside.write_text(json.dumps(self._info(self.size)))
+        os.rename(aside, self.path / INFO)
+        self.pending = False
+        return self.size
+
+    def _count(self) -> int:
+        known = {} if self.tree_size is None else {os.fspath(self.tree): self.tree_size}
+        return disk_usage(self.path, known=known)
+
+    def _info(self, size: int | None) -> dict[str, Any]:
+        return {"size": size, "created": self.created, "layers": self.layers, "flat": self.flat,
+                "pipeline": self.pipeline}
 
 
 class LoadedEntry(Entry):
@@ -153,6 +184,8 @@ def damage(path: Path) -> str | None:
     contents (object.info valid, data/tree and data/meta directories, results.json a list)."""
     try:
         info = json.loads((path / INFO).read_text())
+        if isinstance(info, dict) and info.get("pending") is True:
+            return "a layer whose check the build that made it did not finish (it was killed)"
         if not (isinstance(info, dict) and isinstance(info.get("size"), int)
                 and isinstance(info.get("created"), (int, float))):
             return f"{INFO} is not {{\"size\": <int>, \"created\": <time>}}"
@@ -251,7 +284,9 @@ def list_committed(objects: Path) -> list[Committed]:
         try:
             used = os.stat(path / LOCK).st_atime
             info = json.loads((path / INFO).read_text())
-            size, created = int(info["size"]), float(info["created"])
+            created = float(info["created"])
+            # pending (its builder still counting it, or dead): what it takes now, never 0
+            size = disk_usage(path) if info["size"] is None and info.get("pending") is True else int(info["size"])
         except (OSError, ValueError, KeyError, TypeError, OverflowError):  # OverflowError: a size of 1e400
             size, created, used = 0, 0.0, 0.0  # incomplete or foreign: worth nothing, evicted first
             info = {}
@@ -275,6 +310,35 @@ def list_committed(objects: Path) -> list[Committed]:
              for c in found]
     found.sort(key=lambda c: (c.last_used, -len(c.layers)))  # as recent: the layer above goes first
     return found
+
+
+def being_checked(objects: Path, object_id: str) -> bool:
+    """Whether the committed entry is pending and its creator lives (holds its write lock): not damaged,
+    only not ready yet."""
+    path = objects / object_id
+    try:
+        if json.loads((path / INFO).read_text()).get("pending") is not True:
+            return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    lock = LockFile.try_open(path / LOCK, READ)
+    if lock is None:
+        return path.exists()
+    lock.close()
+    return False
+
+
+def wait_while_written(objects: Path, object_id: str) -> None:
+    """Wait while somebody holds the write lock of the committed entry `object_id`: its creator, until a
+    pending entry is checked (or it dies), or an evicting build, until it has moved it out. Blocking."""
+    try:
+        fd = os.open(objects / object_id / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        wait_lock(fd, READ)
+    finally:
+        os.close(fd)
 
 
 def take_for_eviction(objects: Path, object_id: str) -> LockFile | None:

@@ -17,6 +17,8 @@ The entry lifecycle is three async context managers: `load(id)` (read-locked, or
 the id first) and `stage()` (scratch, always removed). The size bound holds for committed trees: a
 commit that would pass it first evicts the least recently used entries nobody is reading; if that is not
 enough, or the tree alone is larger than the bound, the tree is not stored, and the build goes on with it.
+A pending entry (a bottom layer whose walk runs beside the next stage, `aosbuild.layercheck`) is
+committed before its size is known, and made room for when its builder says it is `checked`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
     from .pins import Pins, TreeView
 
 COPY_ARGV = ["cp", "--reflink=auto", "-a", "--"]
+# how long a build that lost the race to commit an id waits for the winner's copy to be readable (a
+# pending layer's walk takes ~0.1 s; an eviction, what removing the tree takes) before it uses its own
+WINNER_WAIT = 30.0
 
 log = get_logger(__name__)  # structlog on first use: --version and --inspect import the store
 
@@ -303,13 +308,16 @@ class Store:
         `layers` are the ids of the layers below it (bottom first; with `flat`, the entry is a whole tree).
         If another build committed `object_id` first, this copy is discarded quietly. Whatever the
         outcome (`entry.outcome`), with `keep` the tree stays usable in `keep` until it is closed.
-        Without `commit` (its layers below are not all stored) the entry is only kept, as if too large.
+        Without `commit` (its layers below are not all stored: also `entry.unstored_below`) the entry is
+        only kept, as if too large. An entry made `pending` in the block is committed before its size is
+        known, and stays the caller's (write-locked, not in `keep`) until `checked` or `abandon`.
         """
         entry = self._new_entry(self.staging)
         entry.layers, entry.flat = list(layers), flat
         try:
             yield entry
-            entry.outcome = await self._commit(entry, object_id) if commit else UNSTORED_BELOW
+            stored_below = commit and not entry.unstored_below
+            entry.outcome = await self._commit(entry, object_id) if stored_below else UNSTORED_BELOW
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(entries.remove, entry)
@@ -323,6 +331,8 @@ class Store:
             # two pipelines of one build made the same stage at once: the build keeps the first
             await anyio.to_thread.run_sync(entries.remove, entry)
             return
+        if entry.outcome == STORED and entry.pending:
+            return  # the caller's until `checked`
         if entry.outcome == STORED:
             entry.lock.change(READ)  # from writer to reader atomically: nobody can evict it in between
             if keep is not None:
@@ -331,17 +341,33 @@ class Store:
             else:
                 entry.lock.close()
             return
-        if keep is not None and not (entry.outcome == EXISTS and keep.try_pin(object_id)):
+        if keep is not None and not (entry.outcome == EXISTS and await self._pin_winner(keep, object_id)):
+            if entry.pending:  # not checked beside the next stage: floating, it is read from now on
+                plain = await anyio.to_thread.run_sync(layers.make_plain, entry.tree)
+                entry.flat, entry.tree_size, entry.pending = plain.readable, plain.size, False
             keep.float(object_id, entry)  # not stored, or the winner's copy is gone already: use ours
             return
         await anyio.to_thread.run_sync(entries.remove, entry)
+
+    async def _pin_winner(self, keep: Pins, object_id: str) -> bool:
+        """Pin the copy of `object_id` that another build committed first. Its write lock may be held for
+        moments: it is pending (until checked, see `entries`) or being evicted; then wait for it, rather
+        than keep our own copy, which would leave every layer stacked on it unstored."""
+        if keep.try_pin(object_id):
+            return True
+        # not for ever: a stopped or hung holder must not stall this build (the thread, left waiting, only
+        # takes and drops a read lock when the holder lets go)
+        with anyio.move_on_after(WINNER_WAIT):
+            await anyio.to_thread.run_sync(entries.wait_while_written, self.objects, object_id,
+                                           abandon_on_cancel=True)
+        return keep.try_pin(object_id)
 
     async def _commit(self, entry: NewEntry, object_id: str) -> str:
         try:
             started = time.monotonic()
             size = await anyio.to_thread.run_sync(entry.write_info)
             bound = self.limits().max_size
-            if bound is not None and size > bound:
+            if bound is not None and size is not None and size > bound:
                 return TOO_LARGE
             sized = time.monotonic()
             outcome, evicted = await anyio.to_thread.run_sync(self._commit_locked, entry, object_id, size)
@@ -354,25 +380,89 @@ class Store:
                 await anyio.to_thread.run_sync(_remove_all, evicted)
         return outcome
 
-    def _commit_locked(self, entry: NewEntry, object_id: str, size: int) -> tuple[str, list[Entry]]:
+    def _commit_locked(self, entry: NewEntry, object_id: str, size: int | None) -> tuple[str, list[Entry]]:
+        """Rename the entry into objects/ under the size lock, evicting first what its size needs (a
+        pending entry's, unknown yet, is made room for by `checked`)."""
         with self._size_lock():
             if self.contains(object_id):
                 return EXISTS, []
             evicted: list[Entry] = []
-            bound = self.limits().max_size
-            if bound is not None:
-                committed = entries.list_committed(self.objects)
-                excess = sum(c.size for c in committed) + size - bound
-                if excess > 0:
-                    taken = self._take_lru(committed, excess)
-                    if sum(c.size for c, _ in taken) < excess:
-                        for _, lock in taken:
-                            lock.close()
-                        return NO_ROOM, []
-                    evicted = self._move_out(taken)
+            if size is not None:
+                room = self._make_room(entries.list_committed(self.objects), size)
+                if room is None:
+                    return NO_ROOM, []
+                evicted = room
             if not entries.commit(entry, self.objects, object_id):
                 return EXISTS, evicted
             return STORED, evicted
+
+    def _make_room(self, committed: list[entries.Committed], size: int) -> list[Entry] | None:
+        """Under the size lock: evict least recently used entries until `size` more bytes fit the bound;
+        what was moved out (to be removed after the lock), or None if entries being read hold the room."""
+        bound = self.limits().max_size
+        if bound is None:
+            return []
+        excess = sum(c.size for c in committed) + size - bound
+        if excess <= 0:
+            return []
+        taken = self._take_lru(committed, excess)
+        if sum(c.size for c, _ in taken) < excess:
+            for _, lock in taken:
+                lock.close()
+            return None
+        return self._move_out(taken)
+
+    async def checked(self, entry: NewEntry, object_id: str, keep: Pins | None, *,
+                      may_move: bool = True) -> str | None:
+        """A pending entry is checked (its `tree_size` and `flat` set): write its object.info whole and
+        bring the trees under the bound with its size counted, then let others read it, and `keep` hold
+        it. Without room in the bound for it, it leaves objects/ again and floats in `keep` (outcome
+        TOO_LARGE or NO_ROOM), as it would have at its commit; or, unless it `may_move` (a running
+        stage's mount is being made of its path), it stays as it is, the caller's, to be checked again
+        later (None). Returns the outcome."""
+        assert entry.outcome == STORED
+        with anyio.CancelScope(shield=True):
+            try:
+                size = await anyio.to_thread.run_sync(entry.write_checked_info)
+                outcome, evicted = await anyio.to_thread.run_sync(self._checked_locked, entry, object_id, size,
+                                                                  may_move)
+            except OSError as exc:
+                await self.abandon(entry, object_id)
+                raise self.write_error(f"cannot commit {object_id}", exc) from exc
+            if evicted:
+                await anyio.to_thread.run_sync(_remove_all, evicted)
+            if outcome is None:
+                return None
+            entry.outcome = outcome
+            await self._settle(entry, object_id, keep)
+        return outcome
+
+    def _checked_locked(self, entry: NewEntry, object_id: str, size: int,
+                        may_move: bool) -> tuple[str | None, list[Entry]]:
+        with self._size_lock():
+            bound = self.limits().max_size
+            outcome = TOO_LARGE if bound is not None and size > bound else STORED
+            if outcome == STORED:
+                others = [c for c in entries.list_committed(self.objects) if c.id != object_id]
+                room = self._make_room(others, size)
+                if room is not None:
+                    return STORED, room
+                outcome = NO_ROOM
+            if not may_move:
+                return None, []
+            entry.path = entries.move_out(self.objects, object_id, self.staging, entry.lock).path
+            return outcome, []
+
+    async def abandon(self, entry: NewEntry, object_id: str) -> None:
+        """Remove a pending entry that will not be checked (its check failed)."""
+        def take_out() -> None:
+            if entry.path.parent == self.objects:
+                with self._size_lock():
+                    entry.path = entries.move_out(self.objects, object_id, self.staging, entry.lock).path
+            entries.remove(entry)
+
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(take_out)
 
     def _take_lru(self, committed: list[entries.Committed], need: int) -> list[tuple[entries.Committed, LockFile]]:
         """Write locks on the least recently used entries, until they are worth `need` bytes or there are

@@ -192,9 +192,11 @@ ESCAPED = "trusted.overlay.overlay."  # how overlayfs (6.7+) keeps a stage's own
 
 @dataclass(frozen=True)
 class Plain:
-    """What `make_plain` found: whether the tree reads right without a mount, and its bytes on disk."""
+    """What a walk of a bottom layer found: whether it reads right without a mount, its bytes on disk,
+    and whether it holds xattrs named like overlayfs's own (`marked`: escaped by `make_plain`)."""
     readable: bool
     size: int
+    marked: bool = False
 
 
 def make_plain(tree: Path) -> Plain:
@@ -209,35 +211,47 @@ def make_plain(tree: Path) -> Plain:
     have neither (True): such a layer is a whole tree in one directory, read as is (`TreeView.flat`).
 
     The same walk counts the tree's size (each entry stat'ed after its xattrs are escaped), so that the
-    commit, the next thing on the build's critical path, need not walk the tree again.
+    commit need not walk the tree again.
     """
-    readable = True
+    return _walk_plain(tree, escape=True)
+
+
+def inspect_plain(tree: Path) -> Plain:
+    """`make_plain`'s walk without changing anything: what it would find (`marked`: there is something
+    to escape). It may run while the tree is the lower layer of a mount, which must not change under it;
+    the builder runs it beside the next stage, and `make_plain` only if it finds a mark (`LayerCheck`)."""
+    return _walk_plain(tree, escape=False)
+
+
+def _walk_plain(tree: Path, *, escape: bool) -> Plain:
+    readable, marked = True, False
     usage = Usage()
     root = os.fspath(tree)
 
-    def escape(path: str) -> None:
-        nonlocal readable
+    def check(path: str) -> None:
+        nonlocal readable, marked
         for name in os.listxattr(path, follow_symlinks=False):
             if name.startswith(OVERLAY_XATTRS):
-                readable = False
-                value = os.getxattr(path, name, follow_symlinks=False)
-                os.setxattr(path, ESCAPED + name.removeprefix(OVERLAY_XATTRS), value, follow_symlinks=False)
-                os.removexattr(path, name, follow_symlinks=False)
+                readable, marked = False, True
+                if escape:
+                    value = os.getxattr(path, name, follow_symlinks=False)
+                    os.setxattr(path, ESCAPED + name.removeprefix(OVERLAY_XATTRS), value, follow_symlinks=False)
+                    os.removexattr(path, name, follow_symlinks=False)
 
-    escape(root)
+    check(root)
     usage.add(os.lstat(root))
     stack = [root]
     while stack:
         with os.scandir(stack.pop()) as it:
             for entry in it:
-                escape(entry.path)
+                check(entry.path)
                 st = entry.stat(follow_symlinks=False)  # after escaping: an xattr may take a block
                 usage.add(st)
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
                 elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                     readable = False
-    return Plain(readable, usage.total)
+    return Plain(readable, usage.total, marked)
 
 
 def _make_parents(layers: Sequence[Path], upper: Path, relative: str) -> tuple[Path, list[tuple[Path, Path]]] | None:
