@@ -23,9 +23,7 @@ two entry points a scheduler needs; `pull_ahead` and `push_built` are the local 
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import stat
 import tarfile
 import time
@@ -66,9 +64,6 @@ log = get_logger(__name__)
 PUSH_MODES = ("none", "pipelines", "all")
 DEFAULT_PUSH = "pipelines"
 PROBES = 4  # manifest lookups in flight at once, per build
-ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
-STAGE_ID = re.compile(r"[0-9a-f]{64}")
-SQUASHED = ".squashed"
 REDIRECT = "trusted.overlay.redirect"
 SOURCE_TAG = "source-"
 SOURCE_TYPE = "application/vnd.aosbuild.source.v1"
@@ -76,7 +71,6 @@ EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
-CONFIG_MAX = 64 << 20  # an image config holds the results of its stages: JSON, read whole
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,27 +225,20 @@ class RemoteCache:
         Every blob is downloaded and verified (into scratch space under the store) before the first
         entry is made; a miss raises `RemoteMiss` and leaves nothing."""
         client = remote.client
-        manifest, _ = await client.get_manifest(stageimage.stage_tag(stage_id))
-        what = f"stage {stage_id}"
-        layers, config = manifest.get("layers"), manifest.get("config")
-        if (manifest.get("mediaType") != MANIFEST_TYPE or not isinstance(layers, list) or not layers
-                or not isinstance(config, dict) or not DIGEST_RE.fullmatch(str(config.get("digest")))
-                or not sized(config, CONFIG_MAX)
-                or any(not isinstance(d, dict) or d.get("mediaType") not in stageimage.LAYER_TYPES
-                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) or not sized(d) for d in layers)):
-            raise RemoteMiss(what, "its tag is not an aosbuild stage image")
+        image = await stageimage.get_manifest(client, stage_id)
         async with ctx.store.stage() as scratch:
             config_path = scratch.path / "config.json"
-            size = await client.fetch_blob(str(config["digest"]), config_path, size=config["size"])
-            stack, records = parse_config(await anyio.Path(config_path).read_bytes(), stage_id, len(layers), what)
-            check_stack(stack, records, pipeline, stage_id, what)
+            size = await client.fetch_blob(image.config.digest, config_path, size=image.config.size)
+            stack, records = stageimage.read_config(await anyio.Path(config_path).read_bytes(), stage_id,
+                                                    len(image.layers))
+            check_stack(stack, records, pipeline, stage_id)
             # the layers from the topmost one this store has already (pinned with its own stack) are not pulled
             have = next((n for n in range(len(stack) - 1, -1, -1) if ctx.pins.try_pin(stack[n][0])), -1)
             below: tuple[str, ...] = ctx.pins.stack(stack[have][0]) if have >= 0 else ()
             blobs: list[Path] = []
             for n in range(have + 1, len(stack)):
                 path = scratch.path / f"layer-{n}"
-                size += await client.fetch_blob(str(layers[n]["digest"]), path, size=layers[n]["size"])
+                size += await client.fetch_blob(image.layers[n].digest, path, size=image.layers[n].size)
                 blobs.append(path)
             self.bytes_pulled += size
             for n, blob in zip(range(have + 1, len(stack)), blobs, strict=True):
@@ -301,9 +288,9 @@ class RemoteCache:
                             self.bytes_pushed += info.size
                             log.debug("remote.layer.uploaded", digest=info.digest, size=info.size,
                                       seconds=round(time.monotonic() - started, 3))
-                    results = {"stack": [{"id": entry_id, "flat": flat} for entry_id, flat, _, _ in chosen],
-                               "results": list(ctx.pins.results(stage_id))}
-                    await stageimage.push_image(remote.client, stage_id, [i for _, _, _, i in chosen], results)
+                    await stageimage.push_image(remote.client, stage_id, [i for _, _, _, i in chosen],
+                                                [(entry_id, flat) for entry_id, flat, _, _ in chosen],
+                                                ctx.pins.results(stage_id))
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
             self.give_up(remote, "cannot push", exc, "the build's exit code is unchanged")
@@ -425,51 +412,18 @@ def survey(tree: Path) -> tuple[bool, dict[str, int]]:
     return redirect, files
 
 
-def sized(descriptor: dict[str, Any], most: int | None = None) -> bool:
-    """Whether an OCI descriptor says its blob's size (which bounds its download), within `most`."""
-    size = descriptor.get("size")
-    return type(size) is int and 0 <= size and (most is None or size <= most)
-
-
-def check_stack(stack: list[tuple[str, bool]], records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str,
-                what: str) -> None:
+def check_stack(stack: stageimage.Stack, records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str) -> None:
     """The entries an image of `stage_id` makes are that stage and stages before it in its pipeline, in
     order, and its results are of those stages: an image for one stage writes no entry, and no result
     (whose id names a metadata file), for any other stage of this or another manifest."""
+    what = f"stage {stage_id}"
     position = {stage.id: n for n, stage in enumerate(pipeline.stages)}
     top = position.get(stage_id, -1)
-    ahead = [position.get(entry_id.removesuffix(SQUASHED), -1) for entry_id, _ in stack]
+    ahead = [position.get(entry_id.removesuffix(stageimage.SQUASHED), -1) for entry_id, _ in stack]
     if any(n < 0 for n in ahead) or ahead != sorted(set(ahead)) or ahead[-1] != top:
         raise RemoteMiss(what, f"its layers are not stages of pipeline {pipeline.name} up to it")
     if not all(0 <= position.get(r["id"], -1) <= top for r in records):
         raise RemoteMiss(what, f"its results are not of stages of pipeline {pipeline.name} up to it")
-
-
-def well_formed(record: Any) -> bool:
-    """A stage result as the store keeps it (`StageResult.to_record`): what a cache hit reports again."""
-    return (isinstance(record, dict) and isinstance(record.get("id"), str) and STAGE_ID.fullmatch(record["id"])
-            is not None and isinstance(record.get("type"), str) and isinstance(record.get("output", ""), str)
-            and type(record.get("duration", 0.0)) in (int, float) and isinstance(record.get("metadata") or {}, dict))
-
-
-def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
-                                                                             list[dict[str, Any]]]:
-    """The stack (entry ids, flat or not) and the stage results an image's config carries, checked: ids
-    are entry names in the store, so nothing else may pass."""
-    try:
-        document = json.loads(data)["aosbuild"]
-        stack = [(str(item["id"]), bool(item["flat"])) for item in document["stack"]]
-        records = document["results"]
-    except (ValueError, KeyError, TypeError):
-        raise RemoteMiss(what, "its config is not an aosbuild stage image's") from None
-    if (len(stack) != count or stack[-1][0] != stage_id or not all(ENTRY_ID.fullmatch(i) for i, _ in stack)
-            or any(flat for _, flat in stack[1:]) or not isinstance(records, list)
-            or not all(well_formed(r) for r in records)):
-        raise RemoteMiss(what, "its config does not describe its layers")
-    ids = [r["id"] for r in records]
-    if any(i.removesuffix(SQUASHED) not in ids for i, _ in stack):
-        raise RemoteMiss(what, "its config lacks the results of some of its layers")
-    return stack, records
 
 
 async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path, below: tuple[str, ...],
@@ -477,7 +431,7 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
     """One pulled layer as a committed entry (an ordinary one: the builder's `store` and pins)."""
     if ctx.pins.try_pin(entry_id):  # another build pulled or built it meanwhile
         return
-    stage_id = entry_id.removesuffix(SQUASHED)
+    stage_id = entry_id.removesuffix(stageimage.SQUASHED)
     upto = [r["id"] for r in records].index(stage_id) + 1
     stored_below = all(not ctx.pins.floating(i) for i in below)
     bound = ctx.store.limits().max_size  # a layer larger than the whole store is worth no pull
@@ -485,7 +439,7 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
                                commit=stored_below) as entry:
         await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat, bound)
         entry.pipeline = pipeline.name
-        if entry_id.endswith(SQUASHED):  # the builder's squashed tree: the results of the stages below it
+        if entry_id.endswith(stageimage.SQUASHED):  # the builder's squashed tree: the results of the stages below it
             entry.results = list(records[:upto])
         else:
             entry.results = list(records[:upto - 1])

@@ -39,10 +39,15 @@ def write_layer(upper: Path, blob: Path, compression: ocilayer.Compression = "zs
         return ocilayer.write_layer(upper, out, compression=compression)
 
 
-async def push_image(remote: registry.RegistryClient, tag: str, blobs: list[tuple[Path, ocilayer.LayerInfo]],
-                     results: dict[str, Any]) -> str:
-    assert tag == stageimage.stage_tag(STAGE_ID)
-    return await stageimage.push_stage(remote, STAGE_ID, blobs, results)
+RESULTS = [{"id": STAGE_ID, "type": "org.osbuild.example", "metadata": {"packages": ["bash"]}}]
+
+
+async def push_image(remote: registry.RegistryClient, blobs: list[tuple[Path, ocilayer.LayerInfo]]) -> str:
+    """Stage `STAGE_ID`'s image of these layer blobs, pushed as the remote cache pushes one."""
+    for path, info in blobs:
+        await remote.push_blob(info.digest, path)
+    stack = [(STAGE_ID, n == 0) for n in range(len(blobs))]
+    return await stageimage.push_image(remote, STAGE_ID, [info for _, info in blobs], stack, RESULTS)
 
 
 def test_references() -> None:
@@ -96,11 +101,10 @@ async def test_a_layer_and_manifest_pushed_are_pulled_into_another_directory(ser
                                                                             workdir: Path) -> None:
     upper = make_upper(workdir / "upper")
     zstd = write_layer(upper, workdir / "layer.zst")
-    results = {"stage": STAGE_ID, "metadata": {"org.osbuild.example": {"packages": ["bash"]}}, "success": True}
     async with client(served) as pusher:
         assert await pusher.ping() == "registry/2.0"
         assert await pusher.blob_size(zstd.digest) is None
-        digest = await push_image(pusher, stageimage.stage_tag(STAGE_ID), [(workdir / "layer.zst", zstd)], results)
+        digest = await push_image(pusher, [(workdir / "layer.zst", zstd)])
         assert await pusher.blob_size(zstd.digest) == zstd.size
         assert not await pusher.push_blob(zstd.digest, workdir / "layer.zst")  # there already: not sent again
         assert stageimage.stage_tag(STAGE_ID) in await pusher.tags()
@@ -114,7 +118,7 @@ async def test_a_layer_and_manifest_pushed_are_pulled_into_another_directory(ser
         assert manifest["annotations"]["org.aosbuild.stage-id"] == STAGE_ID
         await puller.fetch_blob(manifest["config"]["digest"], pulled / "config.json")
         config = json.loads((pulled / "config.json").read_bytes())
-        assert config["aosbuild"] == results
+        assert config["aosbuild"] == {"stack": [{"id": STAGE_ID, "flat": True}], "results": RESULTS}
         assert config["rootfs"]["diff_ids"] == [zstd.diff_id]
         [layer] = manifest["layers"]
         size = await puller.fetch_blob(layer["digest"], pulled / "layer")
@@ -199,6 +203,17 @@ async def test_a_registry_stopped_mid_pull_is_a_miss_and_leaves_no_partial_file(
     assert os.listdir(dest) == []
 
 
+async def test_a_download_cancelled_midway_leaves_nothing(served: Registry, workdir: Path) -> None:
+    digest = await pushed_blob(served, os.urandom(24 << 20))
+    pulled = workdir / "pulled"
+    pulled.mkdir()
+    async with client(served) as remote:
+        with anyio.CancelScope() as scope:
+            await remote.fetch_blob(digest, pulled / "blob", progress=lambda _size: scope.cancel())
+        assert scope.cancelled_caught
+    assert os.listdir(pulled) == []
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A port that accepts connections (the kernel completes them) and never says a word."""
@@ -256,8 +271,7 @@ async def test_two_clients_pushing_the_same_content_at_once_both_succeed(served:
     async def machine(chunk_size: int | None) -> None:
         async with client(served) as remote:
             await remote.push_blob(info.digest, workdir / "layer", chunk_size=chunk_size)
-            outcomes.append(await push_image(remote, stageimage.stage_tag(STAGE_ID), [(workdir / "layer", info)],
-                                             {"stage": STAGE_ID}))
+            outcomes.append(await push_image(remote, [(workdir / "layer", info)]))
 
     async with anyio.create_task_group() as group:
         group.start_soon(machine, None)
@@ -447,7 +461,7 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
               for n, upper in enumerate([base, workdir / "up1", workdir / "up2"])]
     tag = stageimage.stage_tag(STAGE_ID)
     async with client(served) as remote:
-        await push_image(remote, tag, layers, {"stage": STAGE_ID})
+        await push_image(remote, layers)
     oci = workdir / "oci"
     await anyio.run_process(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", f"{USER}:{PASSWORD}",
                              f"docker://{served.host}/aosbuild/cache:{tag}", f"oci:{oci}:{tag}"])
@@ -459,7 +473,7 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
 
     manifest = json.loads(blob(entry["digest"]).read_text())
     assert [layer["digest"] for layer in manifest["layers"]] == [info.digest for _, info in layers]
-    assert json.loads(blob(manifest["config"]["digest"]).read_text())["aosbuild"] == {"stage": STAGE_ID}
+    assert json.loads(blob(manifest["config"]["digest"]).read_text())["aosbuild"]["results"] == RESULTS
     rootfs = workdir / "rootfs"
     rootfs.mkdir()
     for layer in manifest["layers"]:
