@@ -11,11 +11,8 @@ again in this build, which goes on locally and exits as it would have.
 A stage image (`stageimage`: tag `stage-<id>`) holds the whole tree after that stage, lowest layer first.
 Its config's `aosbuild` key says which store entry each layer is (`stack`: ids bottom first, `flat` for
 a whole tree) and carries the results of every stage up to it (`results`), so each pulled layer is
-committed under its own stage id with the results the build that made it reported. A layer overlayfs
-renamed a directory in (a redirect) has no OCI form, and a stack whose layers mostly write the same
-files again (a disk image each stage copies up) would move those bytes once per layer: there the tree
-up to that layer is pushed as one flat layer, committed on the pulling side as a flat entry (a whole
-tree) under that layer's stage id (`flatten_point`).
+committed under its own stage id with the results the build that made it reported. Which layers a
+push sends (the store's, or the lower ones flattened into one) is `layerchoice`'s.
 
 `fetch_newest` (pull a pipeline's newest remote stage past its resume point) and `push_stages` are the
 two entry points a scheduler needs; `pull_ahead` and `push_built` are the local engine's use of them.
@@ -24,7 +21,6 @@ two entry points a scheduler needs; `pull_ahead` and `push_built` are the local 
 from __future__ import annotations
 
 import os
-import stat
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -36,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import zstandard
 
-from . import formats, ocilayer, stageimage
+from . import formats, layerchoice, ocilayer, stageimage
 from .errors import AosbuildError, StoreError
 from .logs import get_logger
 from .manifest import Pipeline
@@ -53,7 +49,6 @@ from .registry import (
     open_registry,
 )
 from .sizes import format_size
-from .store.pins import TreeView
 
 if TYPE_CHECKING:
     from .context import BuildContext
@@ -64,13 +59,11 @@ log = get_logger(__name__)
 PUSH_MODES = ("none", "pipelines", "all")
 DEFAULT_PUSH = "pipelines"
 PROBES = 4  # manifest lookups in flight at once, per build
-REDIRECT = "trusted.overlay.redirect"
 SOURCE_TAG = "source-"
 SOURCE_TYPE = "application/vnd.aosbuild.source.v1"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an artifact
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,21 +268,21 @@ class RemoteCache:
             return
         try:
             async with ctx.store.stage() as scratch:
-                blobs = LayerBlobs(ctx, scratch.path)
+                blobs = layerchoice.LayerBlobs(ctx, scratch.path)
                 for stage_id in stage_ids:
                     tag = stageimage.stage_tag(stage_id)
                     if await remote.client.has_manifest(tag):
                         continue
                     stack = ctx.pins.stack(stage_id)
-                    chosen = await blobs.for_stack(stack)
-                    for _, _, path, info in chosen:
+                    layers = await blobs.for_stack(stack)
+                    for layer in layers:
                         started = time.monotonic()
-                        if await remote.client.push_blob(info.digest, path):
-                            self.bytes_pushed += info.size
-                            log.debug("remote.layer.uploaded", digest=info.digest, size=info.size,
+                        if await remote.client.push_blob(layer.info.digest, layer.blob):
+                            self.bytes_pushed += layer.info.size
+                            log.debug("remote.layer.uploaded", digest=layer.info.digest, size=layer.info.size,
                                       seconds=round(time.monotonic() - started, 3))
-                    await stageimage.push_image(remote.client, stage_id, [i for _, _, _, i in chosen],
-                                                [(entry_id, flat) for entry_id, flat, _, _ in chosen],
+                    await stageimage.push_image(remote.client, stage_id, [layer.info for layer in layers],
+                                                [(layer.entry_id, layer.flat) for layer in layers],
                                                 ctx.pins.results(stage_id))
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
@@ -318,98 +311,10 @@ class RemoteCache:
             self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
 
 
-class LayerBlobs:
-    """The layer blobs of the stacks one push sends, each written once (stacks share their lower layers)."""
-
-    def __init__(self, ctx: BuildContext, scratch: Path) -> None:
-        self.ctx = ctx
-        self.scratch = scratch
-        self.written: dict[tuple[str, bool], tuple[Path, ocilayer.LayerInfo]] = {}  # (entry id, flat)
-
-    async def for_stack(self, stack: tuple[str, ...]) -> list[tuple[str, bool, Path, ocilayer.LayerInfo]]:
-        """The blobs of a tree's layers, lowest first; the layers up to `flatten_point` as one flat tree,
-        committed on the pulling side under the id of the topmost of them (a flat entry: a whole tree)."""
-        pins = self.ctx.pins
-        flats = [bool(getattr(pins.get(i), "flat", False)) for i in stack]
-        surveys = [await anyio.to_thread.run_sync(survey, pins.tree(i)) for i in stack]
-        cut = flatten_point([(redirect and not flat, files) for (redirect, files), flat in
-                             zip(surveys, flats, strict=True)])
-        chosen: list[tuple[str, bool]] = []
-        if cut > 0 or (cut == 0 and not flats[0]):
-            if (stack[cut], True) not in self.written:
-                flat_tree = self.scratch / f"flat-{len(self.written)}"
-                view = TreeView(layers=tuple(pins.tree(i) for i in reversed(stack[:cut + 1])), flat=False)
-                started = time.monotonic()
-                await self.ctx.store.copy_view(view, flat_tree, f"cannot flatten {stack[cut]} for the remote cache")
-                log.debug("remote.layer.flattened", entry=stack[cut], layers=cut + 1,
-                          seconds=round(time.monotonic() - started, 3))
-                await self._write((stack[cut], True), flat_tree)
-            chosen.append((stack[cut], True))
-        else:
-            cut = -1
-        for n in range(cut + 1, len(stack)):
-            if (stack[n], flats[n]) not in self.written:
-                await self._write((stack[n], flats[n]), pins.tree(stack[n]))
-            chosen.append((stack[n], flats[n]))
-        return [(i, flat, *self.written[(i, flat)]) for i, flat in chosen]
-
-    async def _write(self, key: tuple[str, bool], tree: Path) -> None:
-        path = self.scratch / f"blob-{len(self.written)}"
-        started = time.monotonic()
-        info = await anyio.to_thread.run_sync(write_blob, tree, path)
-        self.written[key] = (path, info)
-        log.debug("remote.layer.written", entry=key[0], flat=key[1], size=info.size,
-                  seconds=round(time.monotonic() - started, 3))
-
-
-def flatten_point(layers: Sequence[tuple[bool, dict[str, int]]]) -> int:
-    """How far up a stack (bottom first: whether a layer has a redirect, its files' sizes) is pushed as
-    one flat layer: -1 for none. Up to the topmost layer with a redirect, which has no OCI form; and up
-    to the topmost layer where at least half the bytes of the layers so far are files that a later
-    layer of them wrote again (a disk image that each stage copies up whole: a layer per stage would
-    push and pull it once per stage)."""
-    cut = max((n for n, (redirect, _) in enumerate(layers) if redirect), default=-1)
-    total = wasted = 0
-    below: dict[str, int] = {}  # each path's size in the topmost layer so far that has it
-    for top, (_, files) in enumerate(layers):
-        for path, size in files.items():
-            total += size
-            wasted += below.get(path, 0)
-            below[path] = size
-        if top > 0 and wasted >= FLATTEN_WASTE and 2 * wasted >= total:
-            cut = max(cut, top)
-    return cut
-
-
 def source_manifest(digest: str, size: int) -> dict[str, Any]:
     return {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SOURCE_TYPE,
             "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_CONFIG)},
             "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": size}]}
-
-
-def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
-    with open(dest, "wb") as out:
-        return ocilayer.write_layer(tree, out)
-
-
-def survey(tree: Path) -> tuple[bool, dict[str, int]]:
-    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that), and
-    the size of each of its regular files."""
-    redirect = False
-    files: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in dirnames:
-            try:
-                redirect = redirect or bool(os.getxattr(os.path.join(dirpath, name), REDIRECT,
-                                                        follow_symlinks=False))
-            except OSError:
-                continue
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                files[os.path.relpath(path, tree)] = st.st_size
-    return redirect, files
 
 
 def check_stack(stack: stageimage.Stack, records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str) -> None:
