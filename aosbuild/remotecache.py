@@ -216,7 +216,8 @@ class RemoteCache:
         """Fetch stage `stage_id`'s image and commit the layers the store lacks; (layers, bytes) pulled.
 
         Every blob is downloaded and verified (into scratch space under the store) before the first
-        entry is made; a miss raises `RemoteMiss` and leaves nothing."""
+        entry is made; a miss raises `RemoteMiss`, a layer unsafe to unpack `ocilayer.LayerError`, and
+        either leaves nothing."""
         client = remote.client
         image = await stageimage.get_manifest(client, stage_id)
         async with ctx.store.stage() as scratch:
@@ -298,8 +299,8 @@ class RemoteCache:
         try:
             await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
             for path in items:
-                digest = "sha256:" + path.name.removeprefix("sha256:")
-                tag = SOURCE_TAG + digest.removeprefix("sha256:")
+                checksum = path.name.removeprefix("sha256:")
+                digest, tag = f"sha256:{checksum}", SOURCE_TAG + checksum
                 if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
                     continue
                 size = (await anyio.Path(path).stat()).st_size
@@ -357,8 +358,6 @@ def unpack_blob(blob: Path, tree: Path, flat: bool, max_bytes: int | None = None
     try:
         with open(blob, "rb") as f:
             ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper", max_bytes=max_bytes)
-    except ocilayer.LayerError:
-        raise
     except (OSError, EOFError, tarfile.TarError, zstandard.ZstdError, UnicodeError, ValueError) as exc:
         raise ocilayer.LayerError(os.fspath(blob), f"cannot be unpacked: {exc}") from None
 
@@ -379,7 +378,7 @@ async def open_remote_cache(settings: RemoteSettings | None, warn: Callable[[str
         async def ping(remote: Remote) -> None:
             try:
                 await remote.client.ping()
-            except (RegistryError, AosbuildError) as exc:
+            except AosbuildError as exc:
                 cache.give_up(remote, "cannot be used", exc)
 
         async with anyio.create_task_group() as tg:

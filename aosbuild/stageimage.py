@@ -64,13 +64,11 @@ def image_manifest(*, config: bytes, layers: Sequence[LayerInfo], stage_id: str)
 
 
 async def push_image(remote: RegistryClient, stage_id: str, layers: Sequence[LayerInfo],
-                     stack: Sequence[tuple[str, bool]], results: Sequence[Mapping[str, Any]], *,
-                     architecture: str = "amd64") -> str:
+                     stack: Sequence[tuple[str, bool]], results: Sequence[Mapping[str, Any]]) -> str:
     """Push the config and the manifest of a stage whose layer blobs the registry has (the caller pushes
     and counts those); the tag goes last, so it never names content that is not all there. Returns the
     manifest's digest."""
-    config = image_config(diff_ids=[info.diff_id for info in layers], stack=stack, results=results,
-                          architecture=architecture)
+    config = image_config(diff_ids=[info.diff_id for info in layers], stack=stack, results=results)
     await remote.push_blob("sha256:" + hashlib.sha256(config).hexdigest(), config)
     manifest = image_manifest(config=config, layers=layers, stage_id=stage_id)
     return await remote.put_manifest(stage_tag(stage_id), manifest)
