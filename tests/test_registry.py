@@ -8,7 +8,9 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import structlog
 from aosbuild import ocilayer, registry, registryauth, stageimage
 from aosbuild.registry import Reference, RegistryOptions, RemoteMiss
 from aosbuild.registryauth import Credentials
+from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
 
 from .layertrees import make_upper, tree
 from .registry import PASSWORD, USER, Registry, basic_auth, run_registry
@@ -482,75 +485,65 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
     assert tree(rootfs) == expected
 
 
+@dataclass
+class Endless:
+    """A server that answers every request with 200 and zeros that do not end; `sent` counts them."""
+
+    ref: str
+    sent: int = 0
+
+
+@asynccontextmanager
+async def endless_registry(header: bytes = b"Connection: close\r\n") -> AsyncIterator[Endless]:
+    """An `Endless` server on 127.0.0.1 while the block runs, its response headers `header`."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    served = Endless(ref=f"127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}/aosbuild/cache")
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            try:
+                await stream.send(b"HTTP/1.1 200 OK\r\n" + header + b"\r\n")
+                while served.sent < 1 << 30:  # a bound for the test itself: 1 GiB
+                    await stream.send(b"\0" * 65536)
+                    served.sent += 65536
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, endless)
+        yield served
+        group.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("length", ["none", "too large"])
 async def test_a_blob_longer_than_its_descriptor_is_cut_off_there(workdir: Path, length: str) -> None:
     """A registry that sends an endless body (or announces more than the manifest said) must not fill the
     store's filesystem before the digest fails: the download stops at the descriptor's size."""
     size = 100_000
     digest = "sha256:" + hashlib.sha256(b"\0" * size).hexdigest()
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    sent = 0
-
-    async def endless(stream: anyio.abc.SocketStream) -> None:
-        nonlocal sent
-        async with stream:
-            await stream.receive()
-            header = b"Content-Length: 1099511627776\r\n" if length == "too large" else b"Connection: close\r\n"
-            try:
-                await stream.send(b"HTTP/1.1 200 OK\r\n" + header + b"\r\n")
-                while sent < 1 << 30:  # a bound for the test itself: 1 GiB
-                    await stream.send(b"\0" * 65536)
-                    sent += 65536
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-
-    async with listener, anyio.create_task_group() as group:
-        group.start_soon(listener.serve, endless)
-        remote = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
-                                        credentials=CREDENTIALS, environ={})
+    header = b"Content-Length: 1099511627776\r\n" if length == "too large" else b"Connection: close\r\n"
+    async with endless_registry(header) as served:
+        remote = registry.open_registry(served.ref, RegistryOptions(timeout=5), credentials=CREDENTIALS, environ={})
         async with remote:
             with anyio.fail_after(30), pytest.raises(RemoteMiss, match=f"{size} bytes"):
                 await remote.fetch_blob(digest, workdir / "blob", size=size)
-        group.cancel_scope.cancel()
     assert os.listdir(workdir) == []
-    assert sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
+    assert served.sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
 
 
 async def test_a_source_item_that_runs_on_is_cut_off_at_the_stores_bound(workdir: Path) -> None:
     """A source item has no descriptor size: an endless body from the remote cache stops at the bound of
     the store's sources (`most`), is said once, and the item is fetched from its URL instead (None)."""
-    from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    sent = 0
-
-    async def endless(stream: anyio.abc.SocketStream) -> None:
-        nonlocal sent
-        async with stream:
-            await stream.receive()
-            try:
-                await stream.send(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-                while sent < 1 << 30:
-                    await stream.send(b"\0" * 65536)
-                    sent += 65536
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-
     said: list[str] = []
-    async with listener, anyio.create_task_group() as group:
-        group.start_soon(listener.serve, endless)
-        client = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
-                                        credentials=CREDENTIALS, environ={})
-        cache = RemoteCache(RemoteSettings(refs=(f"127.0.0.1:{port}/aosbuild/cache",)),
-                            [Remote(name="endless", client=client)], said.append)
+    async with endless_registry() as served:
+        client = registry.open_registry(served.ref, RegistryOptions(timeout=5), credentials=CREDENTIALS, environ={})
+        cache = RemoteCache(RemoteSettings(refs=(served.ref,)), [Remote(name="endless", client=client)], said.append)
         async with client:
             with anyio.fail_after(30):
                 found = await cache.fetch_source("sha256:" + "1" * 64, workdir / "item", most=1 << 20)
-        group.cancel_scope.cancel()
     assert found is None
     assert len(said) == 1
     assert "more than the 1048576 bytes" in said[0]
     assert os.listdir(workdir) == []
-    assert sent < 64 << 20
+    assert served.sent < 64 << 20
