@@ -1,6 +1,6 @@
 """A stage's result in a registry, both ways: stage id -> tag -> OCI image manifest -> config + layers.
 
-The format of the remote cache (README, "The remote cache's format"). A stage's manifest is an OCI image
+The format of the remote cache (README, "The remote cache: `--cache-remote`"). A stage's manifest is an OCI image
 manifest under `stage-<id>`: its layers are the tree after the stage, lowest first (ocilayer's tars),
 its config an OCI image config whose `aosbuild` key says which store entry each layer is (`stack`:
 `{"id", "flat"}`, bottom first) and holds the results of the stages up to it (`results`), so a pushed
