@@ -12,7 +12,10 @@ the caller flattens it first. Sockets are skipped (tar has no type for them).
 Nothing in the output depends on the machine (no names, no archive time, gzip without name or time), so
 the same layer gives the same digest anywhere. Reading goes two ways: back into an upper directory
 (`.wh.` entries become whiteouts again) or applied onto a merged tree (`.wh.` entries delete), as an
-image's layers are unpacked in order.
+image's layers are unpacked in order. Unpacking trusts nothing in the tar (a pulled layer is what a
+registry served): no member is written, linked or whited out outside `dest` (through `..`, or through a
+symlink, one that replaced a directory an earlier member made included), overlayfs's own xattrs are
+refused, and with `max_bytes` the layer's files may hold no more than that.
 
 The work is synchronous file I/O; callers run it in a worker thread (`anyio.to_thread.run_sync`).
 """

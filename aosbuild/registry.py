@@ -99,6 +99,7 @@ class Reference:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `HOST[:PORT]` (an IPv6 address in brackets) is this machine: plain HTTP is fine there."""
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
     if name == "localhost":
         return True
@@ -331,23 +332,22 @@ class RegistryClient:
         what = f"blob {digest}"
         if await self.blob_size(digest) is not None:
             return False
+        size = len(source) if isinstance(source, bytes) else (await anyio.Path(source).stat()).st_size
         try:
-            await self._upload(digest, source, what, chunk_size)
+            await self._upload(digest, source, size, what, chunk_size)
         except RemoteMiss:
             if await self.blob_size(digest) is not None:
                 return False
             raise
-        size = len(source) if isinstance(source, bytes) else (await anyio.Path(source).stat()).st_size
         log.debug("registry.blob.pushed", digest=digest, size=size, registry=self.reference.registry)
         return True
 
-    async def _upload(self, digest: str, source: Path | bytes, what: str, chunk_size: int | None) -> None:
+    async def _upload(self, digest: str, source: Path | bytes, size: int, what: str, chunk_size: int | None) -> None:
         response = await self._send("POST", f"{self._repo_url}/blobs/uploads/", what)
         await response.aread()
         if response.status_code != 202 or "location" not in response.headers:
             raise self._server_error(what, response)
         location = str(response.url.join(response.headers["location"]))
-        size = len(source) if isinstance(source, bytes) else (await anyio.Path(source).stat()).st_size
         octets = {"Content-Type": "application/octet-stream"}
         body: bytes | Callable[[], AsyncIterator[bytes]]
         if chunk_size is not None:
@@ -361,14 +361,15 @@ class RegistryClient:
                 if response.status_code != 202 or "location" not in response.headers:
                     raise self._server_error(what, response)
                 location = str(response.url.join(response.headers["location"]))
-            body, size = b"", 0
+            body = b""  # the chunks were the blob: the PUT only closes the upload
         elif isinstance(source, bytes):
             body = source
         else:
             body = lambda: iter_file(source)  # noqa: E731  # a stream that a retry can start again
         url = httpx.URL(location).copy_merge_params({"digest": digest})
+        length = len(body) if isinstance(body, bytes) else size
         response = await self._send("PUT", str(url), what, content=body,
-                                    headers={**octets, "Content-Length": str(size)})
+                                    headers={**octets, "Content-Length": str(length)})
         await response.aread()
         if response.status_code not in (201, 204):
             raise self._server_error(what, response)

@@ -11,11 +11,8 @@ again in this build, which goes on locally and exits as it would have.
 A stage image (`stageimage`: tag `stage-<id>`) holds the whole tree after that stage, lowest layer first.
 Its config's `aosbuild` key says which store entry each layer is (`stack`: ids bottom first, `flat` for
 a whole tree) and carries the results of every stage up to it (`results`), so each pulled layer is
-committed under its own stage id with the results the build that made it reported. A layer overlayfs
-renamed a directory in (a redirect) has no OCI form, and a stack whose layers mostly write the same
-files again (a disk image each stage copies up) would move those bytes once per layer: there the tree
-up to that layer is pushed as one flat layer, committed on the pulling side as a flat entry (a whole
-tree) under that layer's stage id (`flatten_point`).
+committed under its own stage id with the results the build that made it reported. Which layers a
+push sends (the store's, or the lower ones flattened into one) is `layerchoice`'s.
 
 `fetch_newest` (pull a pipeline's newest remote stage past its resume point) and `push_stages` are the
 two entry points a scheduler needs; `pull_ahead` and `push_built` are the local engine's use of them.
@@ -23,10 +20,7 @@ two entry points a scheduler needs; `pull_ahead` and `push_built` are the local 
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import stat
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -38,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import zstandard
 
-from . import formats, ocilayer, stageimage
+from . import formats, layerchoice, ocilayer, stageimage
 from .errors import AosbuildError, StoreError
 from .logs import get_logger
 from .manifest import Pipeline
@@ -55,7 +49,6 @@ from .registry import (
     open_registry,
 )
 from .sizes import format_size
-from .store.pins import TreeView
 
 if TYPE_CHECKING:
     from .context import BuildContext
@@ -66,17 +59,11 @@ log = get_logger(__name__)
 PUSH_MODES = ("none", "pipelines", "all")
 DEFAULT_PUSH = "pipelines"
 PROBES = 4  # manifest lookups in flight at once, per build
-ENTRY_ID = re.compile(r"[0-9a-f]{64}(\.squashed)?")
-STAGE_ID = re.compile(r"[0-9a-f]{64}")
-SQUASHED = ".squashed"
-REDIRECT = "trusted.overlay.redirect"
 SOURCE_TAG = "source-"
 SOURCE_TYPE = "application/vnd.aosbuild.source.v1"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an artifact
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-FLATTEN_WASTE = 1 << 20  # bytes written again by later layers worth flattening for
-CONFIG_MAX = 64 << 20  # an image config holds the results of its stages: JSON, read whole
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,29 +216,23 @@ class RemoteCache:
         """Fetch stage `stage_id`'s image and commit the layers the store lacks; (layers, bytes) pulled.
 
         Every blob is downloaded and verified (into scratch space under the store) before the first
-        entry is made; a miss raises `RemoteMiss` and leaves nothing."""
+        entry is made; a miss raises `RemoteMiss`, a layer unsafe to unpack `ocilayer.LayerError`, and
+        either leaves nothing."""
         client = remote.client
-        manifest, _ = await client.get_manifest(stageimage.stage_tag(stage_id))
-        what = f"stage {stage_id}"
-        layers, config = manifest.get("layers"), manifest.get("config")
-        if (manifest.get("mediaType") != MANIFEST_TYPE or not isinstance(layers, list) or not layers
-                or not isinstance(config, dict) or not DIGEST_RE.fullmatch(str(config.get("digest")))
-                or not sized(config, CONFIG_MAX)
-                or any(not isinstance(d, dict) or d.get("mediaType") not in stageimage.LAYER_TYPES
-                       or not DIGEST_RE.fullmatch(str(d.get("digest"))) or not sized(d) for d in layers)):
-            raise RemoteMiss(what, "its tag is not an aosbuild stage image")
+        image = await stageimage.get_manifest(client, stage_id)
         async with ctx.store.stage() as scratch:
             config_path = scratch.path / "config.json"
-            size = await client.fetch_blob(str(config["digest"]), config_path, size=config["size"])
-            stack, records = parse_config(await anyio.Path(config_path).read_bytes(), stage_id, len(layers), what)
-            check_stack(stack, records, pipeline, stage_id, what)
+            size = await client.fetch_blob(image.config.digest, config_path, size=image.config.size)
+            stack, records = stageimage.read_config(await anyio.Path(config_path).read_bytes(), stage_id,
+                                                    len(image.layers))
+            check_stack(stack, records, pipeline, stage_id)
             # the layers from the topmost one this store has already (pinned with its own stack) are not pulled
             have = next((n for n in range(len(stack) - 1, -1, -1) if ctx.pins.try_pin(stack[n][0])), -1)
             below: tuple[str, ...] = ctx.pins.stack(stack[have][0]) if have >= 0 else ()
             blobs: list[Path] = []
             for n in range(have + 1, len(stack)):
                 path = scratch.path / f"layer-{n}"
-                size += await client.fetch_blob(str(layers[n]["digest"]), path, size=layers[n]["size"])
+                size += await client.fetch_blob(image.layers[n].digest, path, size=image.layers[n].size)
                 blobs.append(path)
             self.bytes_pulled += size
             for n, blob in zip(range(have + 1, len(stack)), blobs, strict=True):
@@ -288,22 +269,22 @@ class RemoteCache:
             return
         try:
             async with ctx.store.stage() as scratch:
-                blobs = LayerBlobs(ctx, scratch.path)
+                blobs = layerchoice.LayerBlobs(ctx, scratch.path)
                 for stage_id in stage_ids:
                     tag = stageimage.stage_tag(stage_id)
                     if await remote.client.has_manifest(tag):
                         continue
                     stack = ctx.pins.stack(stage_id)
-                    chosen = await blobs.for_stack(stack)
-                    for _, _, path, info in chosen:
+                    layers = await blobs.for_stack(stack)
+                    for layer in layers:
                         started = time.monotonic()
-                        if await remote.client.push_blob(info.digest, path):
-                            self.bytes_pushed += info.size
-                            log.debug("remote.layer.uploaded", digest=info.digest, size=info.size,
+                        if await remote.client.push_blob(layer.info.digest, layer.blob):
+                            self.bytes_pushed += layer.info.size
+                            log.debug("remote.layer.uploaded", digest=layer.info.digest, size=layer.info.size,
                                       seconds=round(time.monotonic() - started, 3))
-                    results = {"stack": [{"id": entry_id, "flat": flat} for entry_id, flat, _, _ in chosen],
-                               "results": list(ctx.pins.results(stage_id))}
-                    await stageimage.push_image(remote.client, stage_id, [i for _, _, _, i in chosen], results)
+                    await stageimage.push_image(remote.client, stage_id, [layer.info for layer in layers],
+                                                [(layer.entry_id, layer.flat) for layer in layers],
+                                                ctx.pins.results(stage_id))
                     self.images_pushed += 1
         except (RegistryError, ocilayer.LayerError, StoreError, CommandError, OSError) as exc:
             self.give_up(remote, "cannot push", exc, "the build's exit code is unchanged")
@@ -318,8 +299,8 @@ class RemoteCache:
         try:
             await remote.client.push_blob(EMPTY_DIGEST, EMPTY_CONFIG)
             for path in items:
-                digest = "sha256:" + path.name.removeprefix("sha256:")
-                tag = SOURCE_TAG + digest.removeprefix("sha256:")
+                checksum = path.name.removeprefix("sha256:")
+                digest, tag = f"sha256:{checksum}", SOURCE_TAG + checksum
                 if not DIGEST_RE.fullmatch(digest) or await remote.client.has_manifest(tag):
                     continue
                 size = (await anyio.Path(path).stat()).st_size
@@ -331,145 +312,24 @@ class RemoteCache:
             self.give_up(remote, "cannot push source items", exc, "the build's exit code is unchanged")
 
 
-class LayerBlobs:
-    """The layer blobs of the stacks one push sends, each written once (stacks share their lower layers)."""
-
-    def __init__(self, ctx: BuildContext, scratch: Path) -> None:
-        self.ctx = ctx
-        self.scratch = scratch
-        self.written: dict[tuple[str, bool], tuple[Path, ocilayer.LayerInfo]] = {}  # (entry id, flat)
-
-    async def for_stack(self, stack: tuple[str, ...]) -> list[tuple[str, bool, Path, ocilayer.LayerInfo]]:
-        """The blobs of a tree's layers, lowest first; the layers up to `flatten_point` as one flat tree,
-        committed on the pulling side under the id of the topmost of them (a flat entry: a whole tree)."""
-        pins = self.ctx.pins
-        flats = [bool(getattr(pins.get(i), "flat", False)) for i in stack]
-        surveys = [await anyio.to_thread.run_sync(survey, pins.tree(i)) for i in stack]
-        cut = flatten_point([(redirect and not flat, files) for (redirect, files), flat in
-                             zip(surveys, flats, strict=True)])
-        chosen: list[tuple[str, bool]] = []
-        if cut > 0 or (cut == 0 and not flats[0]):
-            if (stack[cut], True) not in self.written:
-                flat_tree = self.scratch / f"flat-{len(self.written)}"
-                view = TreeView(layers=tuple(pins.tree(i) for i in reversed(stack[:cut + 1])), flat=False)
-                started = time.monotonic()
-                await self.ctx.store.copy_view(view, flat_tree, f"cannot flatten {stack[cut]} for the remote cache")
-                log.debug("remote.layer.flattened", entry=stack[cut], layers=cut + 1,
-                          seconds=round(time.monotonic() - started, 3))
-                await self._write((stack[cut], True), flat_tree)
-            chosen.append((stack[cut], True))
-        else:
-            cut = -1
-        for n in range(cut + 1, len(stack)):
-            if (stack[n], flats[n]) not in self.written:
-                await self._write((stack[n], flats[n]), pins.tree(stack[n]))
-            chosen.append((stack[n], flats[n]))
-        return [(i, flat, *self.written[(i, flat)]) for i, flat in chosen]
-
-    async def _write(self, key: tuple[str, bool], tree: Path) -> None:
-        path = self.scratch / f"blob-{len(self.written)}"
-        started = time.monotonic()
-        info = await anyio.to_thread.run_sync(write_blob, tree, path)
-        self.written[key] = (path, info)
-        log.debug("remote.layer.written", entry=key[0], flat=key[1], size=info.size,
-                  seconds=round(time.monotonic() - started, 3))
-
-
-def flatten_point(layers: Sequence[tuple[bool, dict[str, int]]]) -> int:
-    """How far up a stack (bottom first: whether a layer has a redirect, its files' sizes) is pushed as
-    one flat layer: -1 for none. Up to the topmost layer with a redirect, which has no OCI form; and up
-    to the topmost layer where at least half the bytes of the layers so far are files that a later
-    layer of them wrote again (a disk image that each stage copies up whole: a layer per stage would
-    push and pull it once per stage)."""
-    cut = max((n for n, (redirect, _) in enumerate(layers) if redirect), default=-1)
-    total = wasted = 0
-    below: dict[str, int] = {}  # each path's size in the topmost layer so far that has it
-    for top, (_, files) in enumerate(layers):
-        for path, size in files.items():
-            total += size
-            wasted += below.get(path, 0)
-            below[path] = size
-        if top > 0 and wasted >= FLATTEN_WASTE and 2 * wasted >= total:
-            cut = max(cut, top)
-    return cut
-
-
 def source_manifest(digest: str, size: int) -> dict[str, Any]:
     return {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": SOURCE_TYPE,
             "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_CONFIG)},
             "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": size}]}
 
 
-def write_blob(tree: Path, dest: Path) -> ocilayer.LayerInfo:
-    with open(dest, "wb") as out:
-        return ocilayer.write_layer(tree, out)
-
-
-def survey(tree: Path) -> tuple[bool, dict[str, int]]:
-    """Whether overlayfs marked a directory of this layer as renamed (no OCI layer can say that), and
-    the size of each of its regular files."""
-    redirect = False
-    files: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in dirnames:
-            try:
-                redirect = redirect or bool(os.getxattr(os.path.join(dirpath, name), REDIRECT,
-                                                        follow_symlinks=False))
-            except OSError:
-                continue
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                files[os.path.relpath(path, tree)] = st.st_size
-    return redirect, files
-
-
-def sized(descriptor: dict[str, Any], most: int | None = None) -> bool:
-    """Whether an OCI descriptor says its blob's size (which bounds its download), within `most`."""
-    size = descriptor.get("size")
-    return type(size) is int and 0 <= size and (most is None or size <= most)
-
-
-def check_stack(stack: list[tuple[str, bool]], records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str,
-                what: str) -> None:
+def check_stack(stack: stageimage.Stack, records: list[dict[str, Any]], pipeline: Pipeline, stage_id: str) -> None:
     """The entries an image of `stage_id` makes are that stage and stages before it in its pipeline, in
     order, and its results are of those stages: an image for one stage writes no entry, and no result
     (whose id names a metadata file), for any other stage of this or another manifest."""
+    what = f"stage {stage_id}"
     position = {stage.id: n for n, stage in enumerate(pipeline.stages)}
     top = position.get(stage_id, -1)
-    ahead = [position.get(entry_id.removesuffix(SQUASHED), -1) for entry_id, _ in stack]
+    ahead = [position.get(entry_id.removesuffix(stageimage.SQUASHED), -1) for entry_id, _ in stack]
     if any(n < 0 for n in ahead) or ahead != sorted(set(ahead)) or ahead[-1] != top:
         raise RemoteMiss(what, f"its layers are not stages of pipeline {pipeline.name} up to it")
     if not all(0 <= position.get(r["id"], -1) <= top for r in records):
         raise RemoteMiss(what, f"its results are not of stages of pipeline {pipeline.name} up to it")
-
-
-def well_formed(record: Any) -> bool:
-    """A stage result as the store keeps it (`StageResult.to_record`): what a cache hit reports again."""
-    return (isinstance(record, dict) and isinstance(record.get("id"), str) and STAGE_ID.fullmatch(record["id"])
-            is not None and isinstance(record.get("type"), str) and isinstance(record.get("output", ""), str)
-            and type(record.get("duration", 0.0)) in (int, float) and isinstance(record.get("metadata") or {}, dict))
-
-
-def parse_config(data: bytes, stage_id: str, count: int, what: str) -> tuple[list[tuple[str, bool]],
-                                                                             list[dict[str, Any]]]:
-    """The stack (entry ids, flat or not) and the stage results an image's config carries, checked: ids
-    are entry names in the store, so nothing else may pass."""
-    try:
-        document = json.loads(data)["aosbuild"]
-        stack = [(str(item["id"]), bool(item["flat"])) for item in document["stack"]]
-        records = document["results"]
-    except (ValueError, KeyError, TypeError):
-        raise RemoteMiss(what, "its config is not an aosbuild stage image's") from None
-    if (len(stack) != count or stack[-1][0] != stage_id or not all(ENTRY_ID.fullmatch(i) for i, _ in stack)
-            or any(flat for _, flat in stack[1:]) or not isinstance(records, list)
-            or not all(well_formed(r) for r in records)):
-        raise RemoteMiss(what, "its config does not describe its layers")
-    ids = [r["id"] for r in records]
-    if any(i.removesuffix(SQUASHED) not in ids for i, _ in stack):
-        raise RemoteMiss(what, "its config lacks the results of some of its layers")
-    return stack, records
 
 
 async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path, below: tuple[str, ...],
@@ -477,7 +337,7 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
     """One pulled layer as a committed entry (an ordinary one: the builder's `store` and pins)."""
     if ctx.pins.try_pin(entry_id):  # another build pulled or built it meanwhile
         return
-    stage_id = entry_id.removesuffix(SQUASHED)
+    stage_id = entry_id.removesuffix(stageimage.SQUASHED)
     upto = [r["id"] for r in records].index(stage_id) + 1
     stored_below = all(not ctx.pins.floating(i) for i in below)
     bound = ctx.store.limits().max_size  # a layer larger than the whole store is worth no pull
@@ -485,7 +345,7 @@ async def commit_layer(ctx: BuildContext, entry_id: str, flat: bool, blob: Path,
                                commit=stored_below) as entry:
         await anyio.to_thread.run_sync(unpack_blob, blob, entry.tree, flat, bound)
         entry.pipeline = pipeline.name
-        if entry_id.endswith(SQUASHED):  # the builder's squashed tree: the results of the stages below it
+        if entry_id.endswith(stageimage.SQUASHED):  # the builder's squashed tree: the results of the stages below it
             entry.results = list(records[:upto])
         else:
             entry.results = list(records[:upto - 1])
@@ -498,8 +358,6 @@ def unpack_blob(blob: Path, tree: Path, flat: bool, max_bytes: int | None = None
     try:
         with open(blob, "rb") as f:
             ocilayer.unpack_layer(f, tree, into="tree" if flat else "upper", max_bytes=max_bytes)
-    except ocilayer.LayerError:
-        raise
     except (OSError, EOFError, tarfile.TarError, zstandard.ZstdError, UnicodeError, ValueError) as exc:
         raise ocilayer.LayerError(os.fspath(blob), f"cannot be unpacked: {exc}") from None
 
@@ -520,7 +378,7 @@ async def open_remote_cache(settings: RemoteSettings | None, warn: Callable[[str
         async def ping(remote: Remote) -> None:
             try:
                 await remote.client.ping()
-            except (RegistryError, AosbuildError) as exc:
+            except AosbuildError as exc:
                 cache.give_up(remote, "cannot be used", exc)
 
         async with anyio.create_task_group() as tg:

@@ -61,7 +61,7 @@ def layer_blob(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def push_crafted(served: Registry, stage_id: str, blobs: list[bytes], stack: list[dict[str, Any]],
+def push_crafted(served: Registry, stage_id: str, blobs: list[bytes], stack: list[tuple[str, bool]],
                  records: list[dict[str, Any]]) -> None:
     """Layers and a config with aosbuild's `stack` and `results`, pushed as the image of `stage_id`."""
     infos = []
@@ -76,8 +76,7 @@ def push_crafted(served: Registry, stage_id: str, blobs: list[bytes], stack: lis
         async with client:
             for blob, info in zip(blobs, infos, strict=True):
                 await client.push_blob(info.digest, blob)
-            config = stageimage.image_config(diff_ids=[i.diff_id for i in infos],
-                                             results={"stack": stack, "results": records})
+            config = stageimage.image_config(diff_ids=[i.diff_id for i in infos], stack=stack, results=records)
             await client.push_blob("sha256:" + hashlib.sha256(config).hexdigest(), config)
             await client.put_manifest(stageimage.stage_tag(stage_id),
                                       stageimage.image_manifest(config=config, layers=infos, stage_id=stage_id))
@@ -132,7 +131,7 @@ def test_a_hostile_layer_is_one_warning_and_a_local_build(aosbuild: Aosbuild, se
     document = the_manifest()
     ids = stage_ids(aosbuild, document)["tree"]
     blob = layer_blob(attacks(outside)[attack]) if attack != "not a tar" else os.urandom(4096)
-    push_crafted(served, ids[-1], [blob], [{"id": ids[-1], "flat": True}], [record(i) for i in ids])
+    push_crafted(served, ids[-1], [blob], [(ids[-1], True)], [record(i) for i in ids])
     run = build(aosbuild, served, document, "tree")
     assert len(warnings(run)) == 1, run.stdout
     assert f"cannot pull {MKDIR} {ids[-1]}" in warnings(run)[0]
@@ -156,10 +155,10 @@ def test_an_image_makes_no_entry_of_a_stage_it_is_not_nor_an_unreadable_result(
     top, theirs = ids["tree"][-1], ids["other"][0]
     blob = layer_blob([member("y", tarfile.DIRTYPE)])
     if claim == "another pipeline's stage":
-        push_crafted(served, top, [blob, blob], [{"id": theirs, "flat": True}, {"id": top, "flat": False}],
+        push_crafted(served, top, [blob, blob], [(theirs, True), (top, False)],
                      [record(theirs), record(top)])
     else:
-        push_crafted(served, top, [blob], [{"id": top, "flat": True}],
+        push_crafted(served, top, [blob], [(top, True)],
                      [record(ids["tree"][0]), {k: v for k, v in record(top).items() if k != "type"}])
     run = build(aosbuild, served, document, "tree")
     assert len(warnings(run)) == 1, run.stdout
@@ -181,7 +180,7 @@ def test_what_a_pull_puts_in_the_store_is_out_of_other_users_reach(aosbuild: Aos
     shell[0].mode, disk[0].mode = 0o4755, 0o666
     disk[0].devmajor, disk[0].devminor = 7, 0
     blob = layer_blob([member("x", tarfile.DIRTYPE), shell, member("y", tarfile.DIRTYPE), disk])
-    push_crafted(served, ids[-1], [blob], [{"id": ids[-1], "flat": True}], [record(i) for i in ids])
+    push_crafted(served, ids[-1], [blob], [(ids[-1], True)], [record(i) for i in ids])
     os.chmod(aosbuild.workdir, 0o755)  # the test's directory itself is 0700: open it, as a user's may be
     run = build(aosbuild, served, document, "tree")
     assert warnings(run) == [], run.stdout
@@ -208,7 +207,7 @@ def test_a_layer_that_unpacks_to_more_than_the_store_may_hold_is_refused(aosbuil
     raw = layer_blob([member("x", tarfile.DIRTYPE), member("y", tarfile.DIRTYPE), member("y/zeros", data=zeros)])
     blob = gzip.compress(raw, compresslevel=9, mtime=0)
     assert len(blob) < 1 << 20
-    push_crafted(served, ids[-1], [blob], [{"id": ids[-1], "flat": True}], [record(i) for i in ids])
+    push_crafted(served, ids[-1], [blob], [(ids[-1], True)], [record(i) for i in ids])
     run = build(aosbuild, served, document, "tree", extra=("--cache-max-size", "4MiB"))
     assert len(warnings(run)) == 1, run.stdout  # main: a cache hit, 64 MiB unpacked
     assert "unpacks to more than the store may hold" in warnings(run)[0]

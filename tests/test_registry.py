@@ -8,7 +8,9 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import structlog
 from aosbuild import ocilayer, registry, registryauth, stageimage
 from aosbuild.registry import Reference, RegistryOptions, RemoteMiss
 from aosbuild.registryauth import Credentials
+from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
 
 from .layertrees import make_upper, tree
 from .registry import PASSWORD, USER, Registry, basic_auth, run_registry
@@ -39,10 +42,15 @@ def write_layer(upper: Path, blob: Path, compression: ocilayer.Compression = "zs
         return ocilayer.write_layer(upper, out, compression=compression)
 
 
-async def push_image(remote: registry.RegistryClient, tag: str, blobs: list[tuple[Path, ocilayer.LayerInfo]],
-                     results: dict[str, Any]) -> str:
-    assert tag == stageimage.stage_tag(STAGE_ID)
-    return await stageimage.push_stage(remote, STAGE_ID, blobs, results)
+RESULTS = [{"id": STAGE_ID, "type": "org.osbuild.example", "metadata": {"packages": ["bash"]}}]
+
+
+async def push_image(remote: registry.RegistryClient, blobs: list[tuple[Path, ocilayer.LayerInfo]]) -> str:
+    """Stage `STAGE_ID`'s image of these layer blobs, pushed as the remote cache pushes one."""
+    for path, info in blobs:
+        await remote.push_blob(info.digest, path)
+    stack = [(STAGE_ID, n == 0) for n in range(len(blobs))]
+    return await stageimage.push_image(remote, STAGE_ID, [info for _, info in blobs], stack, RESULTS)
 
 
 def test_references() -> None:
@@ -96,11 +104,10 @@ async def test_a_layer_and_manifest_pushed_are_pulled_into_another_directory(ser
                                                                             workdir: Path) -> None:
     upper = make_upper(workdir / "upper")
     zstd = write_layer(upper, workdir / "layer.zst")
-    results = {"stage": STAGE_ID, "metadata": {"org.osbuild.example": {"packages": ["bash"]}}, "success": True}
     async with client(served) as pusher:
         assert await pusher.ping() == "registry/2.0"
         assert await pusher.blob_size(zstd.digest) is None
-        digest = await push_image(pusher, stageimage.stage_tag(STAGE_ID), [(workdir / "layer.zst", zstd)], results)
+        digest = await push_image(pusher, [(workdir / "layer.zst", zstd)])
         assert await pusher.blob_size(zstd.digest) == zstd.size
         assert not await pusher.push_blob(zstd.digest, workdir / "layer.zst")  # there already: not sent again
         assert stageimage.stage_tag(STAGE_ID) in await pusher.tags()
@@ -114,7 +121,7 @@ async def test_a_layer_and_manifest_pushed_are_pulled_into_another_directory(ser
         assert manifest["annotations"]["org.aosbuild.stage-id"] == STAGE_ID
         await puller.fetch_blob(manifest["config"]["digest"], pulled / "config.json")
         config = json.loads((pulled / "config.json").read_bytes())
-        assert config["aosbuild"] == results
+        assert config["aosbuild"] == {"stack": [{"id": STAGE_ID, "flat": True}], "results": RESULTS}
         assert config["rootfs"]["diff_ids"] == [zstd.diff_id]
         [layer] = manifest["layers"]
         size = await puller.fetch_blob(layer["digest"], pulled / "layer")
@@ -199,6 +206,17 @@ async def test_a_registry_stopped_mid_pull_is_a_miss_and_leaves_no_partial_file(
     assert os.listdir(dest) == []
 
 
+async def test_a_download_cancelled_midway_leaves_nothing(served: Registry, workdir: Path) -> None:
+    digest = await pushed_blob(served, os.urandom(24 << 20))
+    pulled = workdir / "pulled"
+    pulled.mkdir()
+    async with client(served) as remote:
+        with anyio.CancelScope() as scope:
+            await remote.fetch_blob(digest, pulled / "blob", progress=lambda _size: scope.cancel())
+        assert scope.cancelled_caught
+    assert os.listdir(pulled) == []
+
+
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A port that accepts connections (the kernel completes them) and never says a word."""
@@ -256,8 +274,7 @@ async def test_two_clients_pushing_the_same_content_at_once_both_succeed(served:
     async def machine(chunk_size: int | None) -> None:
         async with client(served) as remote:
             await remote.push_blob(info.digest, workdir / "layer", chunk_size=chunk_size)
-            outcomes.append(await push_image(remote, stageimage.stage_tag(STAGE_ID), [(workdir / "layer", info)],
-                                             {"stage": STAGE_ID}))
+            outcomes.append(await push_image(remote, [(workdir / "layer", info)]))
 
     async with anyio.create_task_group() as group:
         group.start_soon(machine, None)
@@ -447,7 +464,7 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
               for n, upper in enumerate([base, workdir / "up1", workdir / "up2"])]
     tag = stageimage.stage_tag(STAGE_ID)
     async with client(served) as remote:
-        await push_image(remote, tag, layers, {"stage": STAGE_ID})
+        await push_image(remote, layers)
     oci = workdir / "oci"
     await anyio.run_process(["skopeo", "copy", "--src-tls-verify=false", "--src-creds", f"{USER}:{PASSWORD}",
                              f"docker://{served.host}/aosbuild/cache:{tag}", f"oci:{oci}:{tag}"])
@@ -459,7 +476,7 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
 
     manifest = json.loads(blob(entry["digest"]).read_text())
     assert [layer["digest"] for layer in manifest["layers"]] == [info.digest for _, info in layers]
-    assert json.loads(blob(manifest["config"]["digest"]).read_text())["aosbuild"] == {"stage": STAGE_ID}
+    assert json.loads(blob(manifest["config"]["digest"]).read_text())["aosbuild"]["results"] == RESULTS
     rootfs = workdir / "rootfs"
     rootfs.mkdir()
     for layer in manifest["layers"]:
@@ -468,75 +485,65 @@ async def test_skopeo_fetches_a_pushed_image_whose_layers_add_up_to_the_tree(ser
     assert tree(rootfs) == expected
 
 
+@dataclass
+class Endless:
+    """A server that answers every request with 200 and zeros that do not end; `sent` counts them."""
+
+    ref: str
+    sent: int = 0
+
+
+@asynccontextmanager
+async def endless_registry(header: bytes = b"Connection: close\r\n") -> AsyncIterator[Endless]:
+    """An `Endless` server on 127.0.0.1 while the block runs, its response headers `header`."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    served = Endless(ref=f"127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}/aosbuild/cache")
+
+    async def endless(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+            try:
+                await stream.send(b"HTTP/1.1 200 OK\r\n" + header + b"\r\n")
+                while served.sent < 1 << 30:  # a bound for the test itself: 1 GiB
+                    await stream.send(b"\0" * 65536)
+                    served.sent += 65536
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+
+    async with listener, anyio.create_task_group() as group:
+        group.start_soon(listener.serve, endless)
+        yield served
+        group.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("length", ["none", "too large"])
 async def test_a_blob_longer_than_its_descriptor_is_cut_off_there(workdir: Path, length: str) -> None:
     """A registry that sends an endless body (or announces more than the manifest said) must not fill the
     store's filesystem before the digest fails: the download stops at the descriptor's size."""
     size = 100_000
     digest = "sha256:" + hashlib.sha256(b"\0" * size).hexdigest()
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    sent = 0
-
-    async def endless(stream: anyio.abc.SocketStream) -> None:
-        nonlocal sent
-        async with stream:
-            await stream.receive()
-            header = b"Content-Length: 1099511627776\r\n" if length == "too large" else b"Connection: close\r\n"
-            try:
-                await stream.send(b"HTTP/1.1 200 OK\r\n" + header + b"\r\n")
-                while sent < 1 << 30:  # a bound for the test itself: 1 GiB
-                    await stream.send(b"\0" * 65536)
-                    sent += 65536
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-
-    async with listener, anyio.create_task_group() as group:
-        group.start_soon(listener.serve, endless)
-        remote = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
-                                        credentials=CREDENTIALS, environ={})
+    header = b"Content-Length: 1099511627776\r\n" if length == "too large" else b"Connection: close\r\n"
+    async with endless_registry(header) as served:
+        remote = registry.open_registry(served.ref, RegistryOptions(timeout=5), credentials=CREDENTIALS, environ={})
         async with remote:
             with anyio.fail_after(30), pytest.raises(RemoteMiss, match=f"{size} bytes"):
                 await remote.fetch_blob(digest, workdir / "blob", size=size)
-        group.cancel_scope.cancel()
     assert os.listdir(workdir) == []
-    assert sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
+    assert served.sent < 64 << 20  # the client stopped reading at once, not at the end of the stream
 
 
 async def test_a_source_item_that_runs_on_is_cut_off_at_the_stores_bound(workdir: Path) -> None:
     """A source item has no descriptor size: an endless body from the remote cache stops at the bound of
     the store's sources (`most`), is said once, and the item is fetched from its URL instead (None)."""
-    from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
-
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    sent = 0
-
-    async def endless(stream: anyio.abc.SocketStream) -> None:
-        nonlocal sent
-        async with stream:
-            await stream.receive()
-            try:
-                await stream.send(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-                while sent < 1 << 30:
-                    await stream.send(b"\0" * 65536)
-                    sent += 65536
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-
     said: list[str] = []
-    async with listener, anyio.create_task_group() as group:
-        group.start_soon(listener.serve, endless)
-        client = registry.open_registry(f"127.0.0.1:{port}/aosbuild/cache", RegistryOptions(timeout=5),
-                                        credentials=CREDENTIALS, environ={})
-        cache = RemoteCache(RemoteSettings(refs=(f"127.0.0.1:{port}/aosbuild/cache",)),
-                            [Remote(name="endless", client=client)], said.append)
+    async with endless_registry() as served:
+        client = registry.open_registry(served.ref, RegistryOptions(timeout=5), credentials=CREDENTIALS, environ={})
+        cache = RemoteCache(RemoteSettings(refs=(served.ref,)), [Remote(name="endless", client=client)], said.append)
         async with client:
             with anyio.fail_after(30):
                 found = await cache.fetch_source("sha256:" + "1" * 64, workdir / "item", most=1 << 20)
-        group.cancel_scope.cancel()
     assert found is None
     assert len(said) == 1
     assert "more than the 1048576 bytes" in said[0]
     assert os.listdir(workdir) == []
-    assert sent < 64 << 20
+    assert served.sent < 64 << 20

@@ -28,7 +28,6 @@ import pytest
 from aosbuild import ocilayer, registry
 from aosbuild.registry import RegistryOptions
 from aosbuild.registryauth import Credentials
-from aosbuild.remotecache import flatten_point
 from aosbuild.store import entries
 
 from .conftest import Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
@@ -358,19 +357,6 @@ def test_an_offline_machine_needs_no_source_of_what_it_pulls_and_gets_the_others
     assert stages_run(edited) == ["org.osbuild.copy", OPS]
     assert any("from the remote cache" in m for m in messages(edited)), messages(edited)
     assert (c.output / "tree" / "elsewhere").read_bytes() == body
-
-
-def test_a_stack_is_flattened_where_it_has_no_oci_form_or_writes_the_same_files_again() -> None:
-    disk = 2 << 30
-    # a disk image copied up whole by every stage: one layer instead of four
-    assert flatten_point([(False, {"disk.img": disk})] * 4) == 3
-    # a build root and small changes to it: layers stay layers
-    assert flatten_point([(False, {"usr/bin/bash": 300 << 20, "etc/hostname": 5}), (False, {"etc/hostname": 6}),
-                          (False, {"etc/motd": 3})]) == -1
-    # a renamed directory (a redirect): flattened up to it, the layers above kept
-    assert flatten_point([(False, {}), (True, {}), (False, {"data": 5 << 20})]) == 1
-    # the same file written again, but too few bytes to be worth it
-    assert flatten_point([(False, {"a": 10}), (False, {"a": 10})]) == -1
 
 
 def test_a_push_that_fails_is_one_warning_and_the_exit_code_of_the_build(served: Registry, workdir: Path,
