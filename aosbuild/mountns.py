@@ -48,6 +48,38 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+# the new mount API (linux/mount.h); the numbers are the same on every architecture since Linux 5.2
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 428, 429, 430, 431, 432
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+OPEN_TREE_CLONE, AT_EMPTY_PATH = 1, 0x1000
+AT_FDCWD = -100
+
+
+def syscall(number: int, *args: object) -> int:
+    result: int = _libc().syscall(number, *args)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` (`devices.detached_tmpfs`) at `target` in this thread's mount namespace."""
+    try:
+        syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH)
+    except OSError as exc:
+        raise OSError(exc.errno, f"attach a mount on {target}: {exc.strerror}") from None
+
+
+def attach_copy(fd: int, target: str) -> None:
+    """Attach a copy of the detached mount `fd` at `target` (the original stays detached, for the next)."""
+    copy = syscall(SYS_OPEN_TREE, fd, b"", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH)
+    try:
+        move_mount(copy, target)
+    finally:
+        os.close(copy)
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         code = ctypes.get_errno()
@@ -64,6 +96,10 @@ class MountNamespace:
     # behind: the kernel would refuse every retry with EINVAL ("incompat feature 'volatile'")
     workdirs: tuple[str | None, ...] = ()
     detach: tuple[str, ...]
+    # a detached mount to attach here and where (the stage's /dev, which the host then never sees)
+    dev: tuple[int, str] | None = None
+    # a detached procfs, a copy of which becomes /proc here (that of the engine's sandbox pid namespace)
+    proc: int | None = None
 
     def enter(self, stop: threading.Event) -> None:
         """Make this thread's own mount namespace as planned (call it in a thread of its own); `stop` set
@@ -84,6 +120,10 @@ class MountNamespace:
                     raise OSError(code, f"mount the stage's overlay on {target}: {os.strerror(code)}")
                 if workdir is not None:
                     layers.clear_volatile_mark(Path(workdir))
+        if self.dev is not None:
+            move_mount(*self.dev)
+        if self.proc is not None:
+            attach_copy(self.proc, "/proc")
 
     @contextlib.asynccontextmanager
     async def started(self, start: Callable[[], subprocess.Popen[bytes]]) -> AsyncIterator[subprocess.Popen[bytes]]:
