@@ -101,6 +101,11 @@ class MountNamespace:
     # a detached procfs, a copy of which becomes /proc here (that of the engine's sandbox pid namespace)
     proc: int | None = None
 
+    @classmethod
+    def bare(cls) -> MountNamespace:
+        """A copy of the engine's, with nothing mounted or detached (yet: `dev`, `proc`)."""
+        return cls(base=Path("/"), mounts=(), detach=())
+
     def enter(self, stop: threading.Event) -> None:
         """Make this thread's own mount namespace as planned (call it in a thread of its own); `stop` set
         ends the retries of a busy mount at once."""

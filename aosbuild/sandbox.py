@@ -367,7 +367,7 @@ async def run_bwrap(argv: list[str], *, namespace: MountNamespace | None = None,
             bwrap.append(popen.pid)
             return popen
         # bwrap's /proc is that of its pid namespace: in a mount namespace of its own
-        own = namespace or MountNamespace(base=Path("/"), mounts=(), detach=())
+        own = namespace or MountNamespace.bare()
         return dataclasses.replace(own, proc=pid_namespace.proc).started(start_bwrap)
 
     def started() -> None:

@@ -57,7 +57,8 @@ def build(mode: str, directory: Path) -> None:
         cli.main(["--store", os.fspath(store), "-q", os.fspath(path)])
         return
     plugin = worker.AosbuildWorker(store=store, libdirs=(), remotes=(), label="drill")
-    spec = {"pipeline": "noop", "label": "drill", "manifest": MANIFEST}
+    plugin.remote_options = dict  # type: ignore[method-assign]  # no remote cache: the local store only
+    spec = {"pipeline": "noop", "label": "drill", "manifest": json.dumps(MANIFEST)}
     thread = threading.Thread(target=plugin.build, args=(spec, "noop"), name="drill-task")
     thread.start()
     thread.join()
