@@ -7,6 +7,10 @@ about 5-6 ms of CPU per stage, more than bwrap and the stage's Python together. 
 engine unshares its own mount namespace (and with it its working directory, CLONE_FS: nothing else in
 the engine sees either), detaches the host mounts the stage does not need, mounts the overlays with
 mount(2) and starts bwrap, which inherits that namespace; the namespace goes when bwrap's sandbox does.
+Every bwrap starts so, a stage without overlays too (`MountNamespace.bare`): its namespace also holds
+the stage's /dev tmpfs (attached from a descriptor: the host never sees it, so no kill of the engine can
+leave it mounted) and, as /proc, a procfs of the engine's sandbox pid namespace (`pidns`), which bwrap
+needs to find its child's namespaces by the pid it knows.
 
 The thread lives until the process has been reaped: bwrap's `--die-with-parent` (PR_SET_PDEATHSIG)
 fires when the thread that started it ends, so its end must be the engine's choice (or the engine's

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -87,6 +89,8 @@ class Namespace:
     def __init__(self) -> None:
         self.fd = -1  # /proc/INIT/ns/pid, for setns(2)
         self.proc = -1  # a procfs of the namespace, mounted nowhere: bwrap's /proc (`mountns`)
+        self.init = 0  # its pid
+        self.pidfd = -1  # readable once the init has died
         self.error: str | None = None
         self.ended = threading.Event()
         self._ready = threading.Event()
@@ -112,6 +116,8 @@ class Namespace:
             if not fds:
                 raise OSError(0, f"its init (python3) exited with status {init.wait()}")
             self.proc = fds[0]
+            self.init = init.pid
+            self.pidfd = os.pidfd_open(init.pid)
             self.fd = os.open(f"/proc/{init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             self.error = exc.strerror or str(exc)
@@ -121,12 +127,22 @@ class Namespace:
             init.wait()  # this thread lives as long as the init, whose parent it is
         self.ended.set()
 
+    def alive(self) -> bool:
+        """Whether its init lives (a namespace whose init died takes no process any more)."""
+        return not self.ended.is_set() and not select.select([self.pidfd], [], [], 0)[0]
+
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
-        """This thread's children (forked within the block) start in the namespace."""
+        """This thread's children (forked within the block) start in the namespace. A fork fails with
+        ENOMEM once its init has died (killed: the engine's death does that): said so here."""
         _setns(self.fd)
         try:
             yield
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM or self.alive():
+                raise
+            raise SandboxError("the sandboxes' pid namespace has ended: its init (pid "
+                               f"{self.init}) was killed, and its sandboxes with it") from exc
         finally:
             _setns(_own())
 
@@ -144,7 +160,7 @@ _current: Namespace | None = None
 def _get() -> Namespace:
     global _current
     with _lock:
-        if _current is None or _current.ended.is_set():
+        if _current is None or not _current.alive():
             namespace = Namespace()
             namespace.start()
             _current = namespace
@@ -155,7 +171,7 @@ async def namespace() -> Namespace:
     """The engine's namespace, made the first time (its init's Python starts in about 10 ms), or again if
     its init was killed (the sandboxes in it died with it)."""
     current = _current
-    if current is not None and not current.ended.is_set():
+    if current is not None and current.alive():
         return current
     return await anyio.to_thread.run_sync(_get)
 

@@ -19,7 +19,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
+
+from aosbuild import pidns, sandbox
 
 from .enginekill import STAGES
 from .leftovers import Mount, loops_backed_by, mounts_under, processes_using
@@ -113,3 +116,30 @@ def test_nothing_outlives_an_engine_killed_as_a_stage_starts(engine: subprocess.
             clean_up(directory)
     assert killed > KILLS // 2, f"only {killed} of {KILLS} builds were killed"
     assert failures == [], f"seed {seed}: {len(failures)} of {KILLS} kills left something:\n" + "\n".join(failures)
+
+
+def test_the_namespace_s_init_takes_its_sandboxes_with_it_and_is_made_again() -> None:
+    """What the drill relies on, seen directly: SIGKILL the namespace's init (as an engine's death does)
+    and a running sandbox ends at once; the next sandbox gets a new namespace."""
+    argv = ["bwrap", "--die-with-parent", "--unshare-pid", "--ro-bind", "/", "/", "--dev", "/dev",
+            "--proc", "/proc", "sleep", "60"]
+
+    async def main() -> tuple[int, float, int]:
+        namespace = await pidns.namespace()
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            returncode = await sandbox.run_bwrap(argv, on_line=lambda line: None, env={"PATH": "/usr/bin:/bin"},
+                                                 on_started=lambda: os.kill(namespace.init, signal.SIGKILL))
+        ended = time.monotonic() - started
+        with anyio.fail_after(10):
+            while namespace.alive():  # its init goes once the kernel has reaped its namespace's last process
+                await anyio.sleep(0.01)
+        again = await sandbox.run_bwrap(["bwrap", "--ro-bind", "/", "/", "true"], on_line=lambda line: None,
+                                        env={"PATH": "/usr/bin:/bin"})
+        assert (await pidns.namespace()) is not namespace
+        return returncode, ended, again
+
+    returncode, ended, again = anyio.run(main, backend="trio")
+    assert returncode == -signal.SIGKILL
+    assert ended < 10  # not sleep's 60 s
+    assert again == 0
