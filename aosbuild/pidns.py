@@ -116,6 +116,7 @@ class Namespace:
             if not fds:
                 raise OSError(0, f"its init (python3) exited with status {init.wait()}")
             self.proc = fds[0]
+            os.set_inheritable(self.proc, False)  # recv_fds gives it without O_CLOEXEC
             self.init = init.pid
             self.pidfd = os.pidfd_open(init.pid)
             self.fd = os.open(f"/proc/{init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
