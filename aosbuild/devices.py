@@ -1,10 +1,10 @@
 """Devices of a stage: the sandbox's own /dev, and the devices the manifest asks for.
 
-The sandbox's /dev is a small tmpfs the engine makes for the stage (attached in the stage's scratch space
-where bwrap sees it) and bwrap binds into the sandbox, so device nodes can be added while the stage runs (a stage's `loop.attach`
-request). Being a mount of its own, without `nodev`, its nodes work whatever the store's filesystem is
-mounted with (a stock Debian mounts /dev/shm and /tmp `nodev`). It holds the usual character devices
-and a node for each loop device attached for the stage, and is unmounted when the stage ends.
+The sandbox's /dev is a small tmpfs the engine makes for the stage (attached in its scratch space where
+bwrap sees it) and bwrap binds into the sandbox, so device nodes can be added while the stage runs (a
+stage's `loop.attach` request). Being a mount of its own, without `nodev`, its nodes work whatever the
+store's filesystem is mounted with (a stock Debian mounts /dev/shm and /tmp `nodev`). It holds the usual
+character devices and a node for each loop device attached for the stage, and is gone when the stage ends.
 
 A stage's devices are opened in the manifest's dependency order, parents first, as osbuild opens them:
 `org.osbuild.loopback` (a file of the tree) and `org.aosbuild.partition` (one partition of its parent,

@@ -111,7 +111,7 @@ class Namespace:
             with ours:
                 with theirs:
                     init = subprocess.Popen([sys.executable, "-I", "-S", "-c", INIT, str(os.getpid())], cwd="/",
-                                            stdin=subprocess.DEVNULL, stdout=theirs, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, stdout=theirs.fileno(), start_new_session=True)
                 _, fds, _, _ = socket.recv_fds(ours, 1, 1)
             if not fds:
                 raise OSError(0, f"its init (python3) exited with status {init.wait()}")

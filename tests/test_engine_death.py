@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 # bwrap itself never; and every kill left the stage's /dev tmpfs mounted on the host. After: none in
 # 400 kills. A kill takes 0.25-0.5 s on a loaded machine.
 KILLS = int(os.environ.get("AOSBUILD_DRILL_KILLS", "40"))
-GONE_SECONDS = float(os.environ.get("AOSBUILD_DRILL_GONE", "5"))  # a killed engine's sandboxes end at once; the machine may be loaded
+# a killed engine's sandboxes end at once; the machine may be loaded
+GONE_SECONDS = float(os.environ.get("AOSBUILD_DRILL_GONE", "5"))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def engine() -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([sys.executable, "-m", "tests.enginekill"], cwd=REPO, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     yield proc
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     proc.stdin.close()
     proc.wait(timeout=30)
     proc.stdout.close()
@@ -104,7 +106,8 @@ def test_nothing_outlives_an_engine_killed_as_a_stage_starts(engine: subprocess.
                                                               mode: str) -> None:
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    assert engine.stdin is not None and engine.stdout is not None
+    assert engine.stdin is not None
+    assert engine.stdout is not None
     failures: list[str] = []
     killed = 0
     for kill in range(KILLS):
@@ -137,7 +140,8 @@ def test_the_namespace_s_init_takes_its_sandboxes_with_it_and_is_made_again() ->
                                                  on_started=lambda: os.kill(namespace.init, signal.SIGKILL))
         ended = time.monotonic() - started
         with anyio.fail_after(10):
-            while namespace.alive():  # its init goes once the kernel has reaped its namespace's last process
+            # its init goes once the kernel has reaped its namespace's last process: no event says when
+            while namespace.alive():  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         again = await sandbox.run_bwrap(["bwrap", "--ro-bind", "/", "/", "true"], on_line=lambda line: None,
                                         env={"PATH": "/usr/bin:/bin"})
