@@ -84,7 +84,7 @@ def _setns(fd: int) -> None:
 
 
 class Namespace:
-    """One engine's namespace, started by `start()` from a thread of its own that waits for the init."""
+    """One engine's namespace, made by `launch()` in a thread of its own that then waits for the init."""
 
     def __init__(self) -> None:
         self.fd = -1  # /proc/INIT/ns/pid, for setns(2)
@@ -95,9 +95,15 @@ class Namespace:
         self.ended = threading.Event()
         self._ready = threading.Event()
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start making it, in the background (`wait_ready` waits for it)."""
         _own()  # opened now: a sandbox's mount namespace, where `entered` ends, has another /proc
         threading.Thread(target=self._main, name="aosbuild-pid-namespace", daemon=True).start()
+
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self) -> None:
         self._ready.wait()
         if self.error is not None:
             raise SandboxError(f"cannot make the sandboxes' pid namespace: {self.error}")
@@ -129,8 +135,11 @@ class Namespace:
         self.ended.set()
 
     def alive(self) -> bool:
-        """Whether its init lives (a namespace whose init died takes no process any more)."""
-        return not self.ended.is_set() and not select.select([self.pidfd], [], [], 0)[0]
+        """Whether its init lives, or is still being started (a namespace whose init died, or never
+        started, takes no process)."""
+        if not self.ready():
+            return True
+        return self.error is None and not self.ended.is_set() and not select.select([self.pidfd], [], [], 0)[0]
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
@@ -158,23 +167,34 @@ _lock = threading.Lock()
 _current: Namespace | None = None
 
 
-def _get() -> Namespace:
+def _launched() -> Namespace:
     global _current
     with _lock:
         if _current is None or not _current.alive():
-            namespace = Namespace()
-            namespace.start()
-            _current = namespace
+            _current = Namespace()
+            _current.launch()
         return _current
 
 
+def start_soon() -> None:
+    """Begin making the engine's namespace now, in the background (its init's Python takes some 20 ms of
+    CPU to start), so that the first sandbox need not wait for it: for when stages are about to run."""
+    _launched()
+
+
+def _ready() -> Namespace:
+    namespace = _launched()
+    namespace.wait_ready()
+    return namespace
+
+
 async def namespace() -> Namespace:
-    """The engine's namespace, made the first time (its init's Python starts in about 10 ms), or again if
-    its init was killed (the sandboxes in it died with it)."""
+    """The engine's namespace, made the first time, or again if its init was killed (the sandboxes in it
+    died with it)."""
     current = _current
-    if current is not None and current.alive():
+    if current is not None and current.ready() and current.alive():
         return current
-    return await anyio.to_thread.run_sync(_get)
+    return await anyio.to_thread.run_sync(_ready)
 
 
 def pid_in_namespace(parent: int, pid: int) -> int | None:
