@@ -109,12 +109,17 @@ def processes_using(path: Path) -> list[int]:
     *at* a point under `path` (another's `unshare --mount` while it was mounted) is not matched."""
     found = set(processes_mentioning(str(path)))
     needle = f"/{path.name}/"
+    own = os.readlink("/proc/self/ns/mnt")
+    seen: dict[str, bool] = {}  # namespace -> whether it binds something under `path`
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                lines = (entry / "mountinfo").read_text().splitlines()
+                namespace = os.readlink(entry / "ns" / "mnt")
+                if namespace != own and namespace not in seen:
+                    lines = (entry / "mountinfo").read_text().splitlines()
+                    seen[namespace] = any(needle in _unescape(line.split()[3]) for line in lines)
             except OSError:
                 continue
-            if any(needle in _unescape(line.split()[3]) for line in lines):
+            if seen.get(namespace):
                 found.add(int(entry.name))
     return sorted(found)

@@ -25,7 +25,7 @@ import pytest
 from aosbuild import pidns, sandbox
 
 from .enginekill import STAGES
-from .leftovers import Mount, loops_backed_by, mounts_under, processes_using
+from .leftovers import loops_backed_by, processes_using
 
 REPO = Path(__file__).resolve().parent.parent
 # Before the fix (100 kills per mode, one run each): the sandbox's init was left running in 25 (cli) and
@@ -63,18 +63,11 @@ def describe(pid: int) -> str:
     return f"{pid} [{cmdline}] PPid {status.get('PPid')} NSpid {status.get('NSpid')} {status.get('State')} {wchan}"
 
 
-def host_mounts_under(directory: Path) -> list[Mount]:
-    """Mounts under `directory` in this mount namespace: the host's. (A sandbox's go with its processes;
-    another process's copy of the host's, made by its own `unshare --mount`, is that process's.)"""
-    own = os.readlink("/proc/self/ns/mnt")
-    found = []
-    for mount in mounts_under(directory):
-        try:
-            if os.readlink(f"/proc/{mount.pid}/ns/mnt") == own:
-                found.append(mount)
-        except OSError:
-            continue
-    return found
+def host_mounts_under(directory: Path) -> list[str]:
+    """Mount points under `directory` in this mount namespace: the host's. (A sandbox's go with its
+    processes; another process's copy of the host's, made by its own `unshare --mount`, is that one's.)"""
+    points = (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
+    return [point for point in points if point.startswith(f"{directory}/")]
 
 
 def left_by(directory: Path) -> list[str]:
@@ -82,7 +75,7 @@ def left_by(directory: Path) -> list[str]:
     deadline = time.monotonic() + GONE_SECONDS
     while (pids := processes_using(directory)) or host_mounts_under(directory):
         if time.monotonic() > deadline:
-            return [*map(describe, pids), *(f"mount {m}" for m in host_mounts_under(directory))]
+            return [*map(describe, pids), *(f"mount {point}" for point in host_mounts_under(directory))]
         time.sleep(0.02)  # processes of a killed engine: /proc is the only sign of their end
     return [f"loop {name}" for name in loops_backed_by(directory)]
 
@@ -94,8 +87,8 @@ def clean_up(directory: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for mount in host_mounts_under(directory):
-        subprocess.run(["umount", "--lazy", mount.point], check=False, capture_output=True)
+    for point in host_mounts_under(directory):
+        subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
     deadline = time.monotonic() + GONE_SECONDS
     while processes_using(directory) and time.monotonic() < deadline:
         time.sleep(0.02)
