@@ -22,12 +22,14 @@ namespace costs a sandbox's start two setns(2) calls.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
 import functools
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -171,9 +173,21 @@ def _launched() -> Namespace:
     global _current
     with _lock:
         if _current is None or not _current.alive():
+            if _current is None:
+                atexit.register(_end)
             _current = Namespace()
             _current.launch()
         return _current
+
+
+def _end() -> None:
+    """At the engine's exit, its namespace's end: killed and reaped here, so that not even the init
+    outlives the engine's process by the moment its PR_SET_PDEATHSIG takes (the sandboxes are gone)."""
+    namespace = _current
+    if namespace is not None and namespace.ready() and namespace.error is None:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(namespace.pidfd, signal.SIGKILL)
+        namespace.ended.wait(5)
 
 
 def start_soon() -> None:
