@@ -540,7 +540,11 @@ async def run_stage(ctx: BuildContext, pipeline: Pipeline, stage: Stage, entry: 
                 dev=devdir.path, binds=tuple(binds), env=env, osbuild=contract,
                 capabilities=tuple(sorted(info.capabilities)),
                 root_entries=None if build is None or build.flat else root_entries(build), accounts=accounts)
-            spec = dataclasses.replace(spec, namespace=views.namespace(sandbox.sources(spec), late))
+            namespace = views.namespace(sandbox.sources(spec), late)
+            if not devdir.on_host:  # attached only where bwrap runs: an engine's death leaves it nowhere
+                namespace = dataclasses.replace(namespace or mountns.MountNamespace.bare(),
+                                                dev=(devdir.fd, os.fspath(devdir.path)))
+            spec = dataclasses.replace(spec, namespace=namespace)
             reason = ""
             try:
                 # started ahead, the stage's time begins with its turn (`attach`)

@@ -1,10 +1,10 @@
 """Devices of a stage: the sandbox's own /dev, and the devices the manifest asks for.
 
-The sandbox's /dev is a small tmpfs the engine mounts for the stage (in the stage's scratch space) and
-bind-mounts into the sandbox, so device nodes can be added while the stage runs (a stage's `loop.attach`
-request). Being a mount of its own, without `nodev`, its nodes work whatever the store's filesystem is
-mounted with (a stock Debian mounts /dev/shm and /tmp `nodev`). It holds the usual character devices
-and a node for each loop device attached for the stage, and is unmounted when the stage ends.
+The sandbox's /dev is a small tmpfs the engine makes for the stage (attached in its scratch space where
+bwrap sees it) and bwrap binds into the sandbox, so device nodes can be added while the stage runs (a
+stage's `loop.attach` request). Being a mount of its own, without `nodev`, its nodes work whatever the
+store's filesystem is mounted with (a stock Debian mounts /dev/shm and /tmp `nodev`). It holds the usual
+character devices and a node for each loop device attached for the stage, and is gone when the stage ends.
 
 A stage's devices are opened in the manifest's dependency order, parents first, as osbuild opens them:
 `org.osbuild.loopback` (a file of the tree) and `org.aosbuild.partition` (one partition of its parent,
@@ -33,9 +33,10 @@ from .errors import Problem, SandboxError
 from .loop import LoopDevice, LoopServer
 from .manifest import Device
 from .moduleinfo import ModuleInfo
+from .mountns import SYS_FSCONFIG, SYS_FSMOUNT, SYS_FSOPEN, move_mount, syscall
 from .partitions import SECTOR, find_partition
 from .sandbox import DEV_SOURCE
-from .sandboxside.runnerlib import MNT_DETACH, mount, umount
+from .sandboxside.runnerlib import MNT_DETACH, umount
 
 # name -> (major, minor) of the character devices every sandbox gets
 BASIC_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
@@ -44,19 +45,20 @@ LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/sel
          "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 
 
-MS_NOSUID = 2
-MS_NOEXEC = 8
 DEV_MOUNT_OPTIONS = "mode=0755,size=64k"  # nodes take no room; nothing else belongs there
 
 
 class DevDir:
-    """The directory that becomes /dev in the sandbox (an empty mount of `open_dev_dir`'s), reached
-    through a descriptor so that it can leave the host's mount tree while the stage runs."""
+    """The tmpfs that becomes /dev in the sandbox, made detached (`detached_tmpfs`) and reached through
+    its descriptor `fd`. It is attached at `path` only where bwrap needs to find it: in the stage's own
+    mount namespace when it has one (`mountns`, by `attach`), so that the host never sees it and an
+    engine killed at any moment leaves nothing mounted; else on the host (`attach_on_host`), until the
+    sandbox has bound it (`leave_host`)."""
 
-    def __init__(self, path: Path, *, osbuild_layout: bool = False) -> None:
+    def __init__(self, path: Path, fd: int, *, osbuild_layout: bool = False) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.on_host = True
+        self.fd = fd
+        self.on_host = False
         self._leaving: threading.Thread | None = None
         self._leave_error: OSError | None = None
         for name, (major, minor) in BASIC_NODES.items():
@@ -70,6 +72,20 @@ class DevDir:
                 os.symlink(target, name, dir_fd=self.fd)
             os.mkdir("pts", dir_fd=self.fd)
         os.mkdir("shm", dir_fd=self.fd)
+
+    def attach(self) -> None:
+        """Mount it at `path` in the calling thread's mount namespace (once: it moves there)."""
+        move_mount(self.fd, os.fspath(self.path))
+
+    def attach_on_host(self) -> None:
+        self.attach()
+        self.on_host = True
+
+    def host_path(self) -> Path:
+        """`path`, where host processes (osbuild's device services) find it: attached on the host now."""
+        if not self.on_host and self._leaving is None:
+            self.attach_on_host()
+        return self.path
 
     def add_loop(self, device: LoopDevice) -> str:
         """Make the device (and its partitions) visible in the sandbox; returns its sandbox path."""
@@ -110,19 +126,20 @@ class DevDir:
 
 @asynccontextmanager
 async def open_dev_dir(path: Path, *, osbuild_layout: bool = False) -> AsyncIterator[DevDir]:
-    """A fresh tmpfs at `path` (created here) for the sandbox's /dev; unmounted on exit, however the
-    stage ended. Lazily: a process of the stage that is still going would otherwise keep it busy.
-    `osbuild_layout`: only the nodes osbuild gives a module of its library, no links or `pts`."""
+    """A fresh tmpfs for the sandbox's /dev, to be attached at `path` (created here) by `DevDir.attach`
+    or `attach_on_host`; off the host on exit, however the stage ended (lazily: a process of the stage
+    that is still going would otherwise keep it busy), and gone with its last user. `osbuild_layout`:
+    only the nodes osbuild gives a module of its library, no links or `pts`."""
     os.mkdir(path)
     try:
-        mount(DEV_SOURCE, os.fspath(path), "tmpfs", MS_NOSUID | MS_NOEXEC, DEV_MOUNT_OPTIONS)
+        fd = detached_tmpfs(DEV_SOURCE, DEV_MOUNT_OPTIONS, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
     except OSError as exc:
-        raise SandboxError(f"cannot mount a tmpfs for the stage's /dev at {path}: {exc.strerror}; stages "
-                           "need root: run aosbuild as root") from exc
+        raise SandboxError(f"cannot make a tmpfs for the stage's /dev: {exc.strerror}; stages need root: "
+                           "run aosbuild as root") from exc
     try:
-        devdir = DevDir(path, osbuild_layout=osbuild_layout)
+        devdir = DevDir(path, fd, osbuild_layout=osbuild_layout)
     except BaseException:
-        umount(os.fspath(path), MNT_DETACH)
+        os.close(fd)
         raise
     try:
         yield devdir
@@ -131,6 +148,26 @@ async def open_dev_dir(path: Path, *, osbuild_layout: bool = False) -> AsyncIter
             devdir.leave_host()
         finally:
             os.close(devdir.fd)
+
+
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NOEXEC = 0x2, 0x8
+FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
+
+
+def detached_tmpfs(source: str, options: str, attributes: int) -> int:
+    """A tmpfs mounted nowhere (fsopen/fsmount): a descriptor of its root. It is freed when the last
+    descriptor closes and no mount namespace holds it: an engine's death cannot leave it mounted."""
+    fs = syscall(SYS_FSOPEN, b"tmpfs", FSOPEN_CLOEXEC)
+    try:
+        syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, b"source", source.encode(), 0)
+        for option in options.split(","):
+            key, _, value = option.partition("=")
+            syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0)
+        syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0)
+        return syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, attributes)
+    finally:
+        os.close(fs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -260,7 +297,7 @@ async def open_devices(devices: dict[str, Device], *, tree: Path, devdir: DevDir
                                    "a library that has it (osbuild's, /usr/lib/osbuild)")
             from .hostservices import open_host_device
 
-            reply = await open_host_device(services, device, module, dev=devdir.path, tree=tree, on_line=on_line,
+            reply = await open_host_device(services, device, module, dev=devdir.host_path(), tree=tree, on_line=on_line,
                                            parent=parent.argument["path"].removeprefix("/dev/") if parent else None)
             relative = reply["path"].lstrip("/")
             opened[name] = OpenDevice(argument={**reply, "path": f"/dev/{relative}"},

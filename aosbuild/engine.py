@@ -17,7 +17,7 @@ from typing import Protocol
 
 import anyio
 
-from . import formats, planner, remotecache, scheduler
+from . import formats, pidns, planner, remotecache, scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
@@ -263,6 +263,8 @@ async def run(ctx: BuildContext, plan: planner.Plan | None, request: Request) ->
         return
     report_cached(ctx, plan.cached)
     if request.executor is None:
+        if plan.build:
+            pidns.start_soon()  # the sandboxes' pid namespace, made while the first stage is set up
         await scheduler.run(ctx, plan)
     else:
         await request.executor.run(ctx, plan.build, request)

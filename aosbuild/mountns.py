@@ -7,6 +7,10 @@ about 5-6 ms of CPU per stage, more than bwrap and the stage's Python together. 
 engine unshares its own mount namespace (and with it its working directory, CLONE_FS: nothing else in
 the engine sees either), detaches the host mounts the stage does not need, mounts the overlays with
 mount(2) and starts bwrap, which inherits that namespace; the namespace goes when bwrap's sandbox does.
+Every bwrap starts so, a stage without overlays too (`MountNamespace.bare`): its namespace also holds
+the stage's /dev tmpfs (attached from a descriptor: the host never sees it, so no kill of the engine can
+leave it mounted) and, as /proc, a procfs of the engine's sandbox pid namespace (`pidns`), which bwrap
+needs to find its child's namespaces by the pid it knows.
 
 The thread lives until the process has been reaped: bwrap's `--die-with-parent` (PR_SET_PDEATHSIG)
 fires when the thread that started it ends, so its end must be the engine's choice (or the engine's
@@ -58,6 +62,38 @@ MOUNT_RETRY_SECONDS = 0.05
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+# the new mount API (linux/mount.h); the numbers are the same on every architecture since Linux 5.2
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 428, 429, 430, 431, 432
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+OPEN_TREE_CLONE, AT_EMPTY_PATH = 1, 0x1000
+AT_FDCWD = -100
+
+
+def syscall(number: int, *args: object) -> int:
+    result: int = _libc().syscall(number, *args)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` (`devices.detached_tmpfs`) at `target` in this thread's mount namespace."""
+    try:
+        syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH)
+    except OSError as exc:
+        raise OSError(exc.errno, f"attach a mount on {target}: {exc.strerror}") from None
+
+
+def attach_copy(fd: int, target: str) -> None:
+    """Attach a copy of the detached mount `fd` at `target` (the original stays detached, for the next)."""
+    copy = syscall(SYS_OPEN_TREE, fd, b"", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH)
+    try:
+        move_mount(copy, target)
+    finally:
+        os.close(copy)
 
 
 def _check(result: int, what: str) -> None:
@@ -152,6 +188,15 @@ class MountNamespace:
     workdirs: tuple[str | None, ...] = ()
     detach: tuple[str, ...]
     late: LateTree | None = None  # the tree, mounted once the process has started
+    # a detached mount to attach here and where (the stage's /dev, which the host then never sees)
+    dev: tuple[int, str] | None = None
+    # a detached procfs, a copy of which becomes /proc here (that of the engine's sandbox pid namespace)
+    proc: int | None = None
+
+    @classmethod
+    def bare(cls) -> MountNamespace:
+        """A copy of the engine's, with nothing mounted or detached (yet: `dev`, `proc`)."""
+        return cls(base=Path("/"), mounts=(), detach=())
 
     def enter(self, stop: threading.Event) -> None:
         """Make this thread's own mount namespace as planned (call it in a thread of its own); `stop` set
@@ -167,6 +212,10 @@ class MountNamespace:
             _mount_overlay(target, options, workdir, stop)
         if self.late is not None:
             self.late.prepare()
+        if self.dev is not None:
+            move_mount(*self.dev)
+        if self.proc is not None:
+            attach_copy(self.proc, "/proc")
 
     @contextlib.asynccontextmanager
     async def started(self, start: Callable[[], subprocess.Popen[bytes]]) -> AsyncIterator[subprocess.Popen[bytes]]:

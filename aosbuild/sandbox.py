@@ -12,10 +12,12 @@ it binds (`mountns`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import process, rpc
+from . import pidns, process, rpc
 from .mountns import MountNamespace
 from .sandboxside.runnerlib import CAPS_ENV
 from .sandboxside.stageapi import FD_ENV
@@ -350,19 +352,37 @@ async def run_bwrap(argv: list[str], *, namespace: MountNamespace | None = None,
     never talk to the engine (osbuild's): from then on the tmpfs need not stay on the host. `on_set_up`
     is called once bwrap has made all of the sandbox's binds (it has pivoted into the new root).
     """
+    # bwrap starts in the engine's pid namespace (`pidns`), so that nothing of the sandbox outlives the engine
+    pid_namespace = await pidns.namespace()
     info_r, info_w = os.pipe()
     os.set_blocking(info_r, False)
     init = _Init(info_r)
+    bwrap: list[int] = []  # its pid, once started
+    launched = anyio.Event()  # set once it has (run_streaming's `on_started`)
+
+    def start_in(start: Callable[[], subprocess.Popen[bytes]]
+                 ) -> contextlib.AbstractAsyncContextManager[subprocess.Popen[bytes]]:
+        def start_bwrap() -> subprocess.Popen[bytes]:
+            with pid_namespace.entered():
+                popen = start()
+            bwrap.append(popen.pid)
+            return popen
+        # bwrap's /proc is that of its pid namespace: in a mount namespace of its own
+        own = namespace or MountNamespace.bare()
+        return dataclasses.replace(own, proc=pid_namespace.proc).started(start_bwrap)
 
     def started() -> None:
         nonlocal info_w
         os.close(info_w)
         info_w = -1
+        launched.set()
         if on_started is not None:
             on_started()
 
     async def watch_dev() -> None:
         await init.read()
+        await launched.wait()
+        init.find(bwrap[0])
         if init.pid is not None and on_dev_bound is not None and await _until_dev_bound(init.pid):
             on_dev_bound()
         if init.pid is not None and on_set_up is not None and await _until_dev_bound(init.pid, ("/dev",)):
@@ -375,8 +395,7 @@ async def run_bwrap(argv: list[str], *, namespace: MountNamespace | None = None,
                 returncode = await process.run_streaming(
                     [argv[0], "--info-fd", str(info_w), *argv[1:]], on_line=on_line, env=env,
                     pass_fds=[*(pass_fds or ()), info_w], on_started=started,
-                    kill_at_once=True, death_signal=False,
-                    start_in=namespace.started if namespace is not None else None)
+                    kill_at_once=True, death_signal=False, start_in=start_in)
             finally:
                 tg.cancel_scope.cancel()
         return returncode
@@ -384,15 +403,20 @@ async def run_bwrap(argv: list[str], *, namespace: MountNamespace | None = None,
         if info_w >= 0:
             os.close(info_w)
         with anyio.CancelScope(shield=True), anyio.move_on_after(process.GRACE_SECONDS):
+            await init.read()
+            if bwrap:
+                init.find(bwrap[0])  # if not found yet: bwrap is reaped by now only if it ended first
             await init.wait_exited()
         os.close(info_r)
 
 
 class _Init:
-    """The sandbox's init, as bwrap's `--info-fd` names it (`{"child-pid": N}`)."""
+    """The sandbox's init, as bwrap's `--info-fd` names it (`{"child-pid": N}`): N is its pid in the engine's
+    sandbox pid namespace (`pidns`), `pid` the engine's, once `find` has found it among bwrap's children."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.in_namespace: int | None = None
         self.pid: int | None = None
         self.done = False
         self._data = b""
@@ -406,11 +430,15 @@ class _Init:
                 continue
             self._data += chunk
             try:
-                self.pid = int(json.loads(self._data)["child-pid"])
+                self.in_namespace = int(json.loads(self._data)["child-pid"])
             except (ValueError, KeyError, TypeError):
                 if chunk:
                     continue  # not all of it yet
             self.done = True  # the pid, or end of file: bwrap died before it started the sandbox
+
+    def find(self, bwrap: int) -> None:
+        if self.in_namespace is not None and self.pid is None:
+            self.pid = pidns.pid_in_namespace(bwrap, self.in_namespace)
 
     async def wait_exited(self) -> None:
         await self.read()

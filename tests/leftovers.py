@@ -99,3 +99,27 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def processes_using(path: Path) -> list[int]:
+    """Pids whose command line mentions `path` (bwrap, its sandbox's init) or whose mount namespace holds
+    a bind of something under it (a sandbox's processes). A bind names its source by its path inside
+    its filesystem (mountinfo's fourth field), `path` relative to the mount that holds it, found here
+    by `path`'s last part, which must be unique on the machine. A namespace that merely copied a mount
+    *at* a point under `path` (another's `unshare --mount` while it was mounted) is not matched."""
+    found = set(processes_mentioning(str(path)))
+    needle = f"/{path.name}/"
+    own = os.readlink("/proc/self/ns/mnt")
+    seen: dict[str, bool] = {}  # namespace -> whether it binds something under `path`
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                namespace = os.readlink(entry / "ns" / "mnt")
+                if namespace != own and namespace not in seen:
+                    lines = (entry / "mountinfo").read_text().splitlines()
+                    seen[namespace] = any(needle in _unescape(line.split()[3]) for line in lines)
+            except OSError:
+                continue
+            if seen.get(namespace):
+                found.add(int(entry.name))
+    return sorted(found)

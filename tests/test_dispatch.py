@@ -7,7 +7,6 @@ python3 and four pipelines of bundled stages on it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -23,7 +22,7 @@ import pytest
 
 from .conftest import FAST_TMP, Aosbuild, Run, check_jsonseq, manifest, pipeline, stage
 from .daskcluster import WAIT_STAGE, Cluster, run_cluster, start_scheduler, write_auth
-from .leftovers import loops_backed_by, processes_mentioning, stray_mounts
+from .leftovers import loops_backed_by, processes_mentioning, processes_using, stray_mounts
 from .registry import Registry, run_registry
 from .treedigest import digest
 
@@ -192,21 +191,13 @@ def worker_running_wait_stage(cluster: Cluster, timeout: float = 60) -> str:
     raise AssertionError("no worker ran the wait stage")
 
 
-def end_as_systemd_would(directory: Path, grace: float = 10) -> None:
-    """What systemd does before restarting a unit with `KillMode=control-group` (README): wait for the
-    killed worker's processes to end, then SIGKILL what is left. Its sandboxes die with it, but not
-    always all of them: now and then, under load, a bwrap that is its sandbox's pid 1 outlives both its
-    parent bwrap and the stage (known, README: the worker's unit)."""
+def end_with_the_killed_worker(directory: Path, grace: float = 10) -> None:
+    """Wait for the killed worker's processes (its sandboxes) to end by themselves: none may outlive it
+    (`aosbuild.pidns`), so nothing here kills them as systemd's `KillMode=control-group` would."""
     deadline = time.monotonic() + grace
-    while processes_mentioning(str(directory)) and time.monotonic() < deadline:
+    while left := processes_using(directory):
+        assert time.monotonic() < deadline, f"processes of the killed worker outlived it: {left}"
         time.sleep(0.05)  # processes of a killed parent: /proc is the only sign of their end
-    for pid in processes_mentioning(str(directory)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while processes_mentioning(str(directory)):
-        assert time.monotonic() < deadline, "a SIGKILLed sandbox process did not end"
-        time.sleep(0.05)
 
 
 def start_dispatch(aosbuild: Aosbuild, cluster: Cluster, m: dict[str, Any] | Path, *args: str) -> subprocess.Popen[str]:
@@ -250,7 +241,7 @@ def test_a_worker_killed_mid_pipeline_has_it_built_on_another(aosbuild: Aosbuild
     assert started
     assert heard[0] < started[0], "the victim's stage start was heard only at the end"
     directory = cluster.workers[victim].directory
-    end_as_systemd_would(directory)
+    end_with_the_killed_worker(directory)
     cluster.start_worker(victim)  # restarted on its store: nothing of the killed build is left
     assert [str(m) for m in stray_mounts(directory)] == []
     assert loops_backed_by(directory) == []
