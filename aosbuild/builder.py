@@ -766,7 +766,9 @@ async def build_layers(ctx: BuildContext, pipeline: Pipeline, resume: int, build
                 entry = await build_layer(ctx, pipeline, stage, below_id, check, records, build, runners, mine)
                 check = None
                 if entry.pending and entry.outcome == STORED:  # else the winner's copy, or ours made plain
-                    check = LayerCheck(ctx, stage.id, entry)
+                    report = (functools.partial(report_outcome, ctx, pipeline, entry, layer_name(stage))
+                              if stage.id in ctx.options.checkpoints else None)
+                    check = LayerCheck(ctx, stage.id, entry, report)
                     background.start_soon(check.run)
                 records, below_id = list(entry.results), stage.id
         finally:
@@ -808,12 +810,18 @@ async def build_layer(ctx: BuildContext, pipeline: Pipeline, stage: Stage, below
         committing = time.monotonic()
     log.debug("layer.committed", t=round(time.monotonic(), 4), stage_id=stage.id,
               ms=round((time.monotonic() - committing) * 1000, 1))
-    what = f"pipeline {pipeline.name} ({pipeline.id})" if last else f"the layer of {stage.type} {stage.id}"
-    if last or stage.id in ctx.options.checkpoints:
+    what = f"pipeline {pipeline.name} ({pipeline.id})" if last else layer_name(stage)
+    if entry.pending and entry.outcome == STORED:
+        log.debug("store.outcome", what=what, outcome="pending")  # known once checked: `LayerCheck.report`
+    elif last or stage.id in ctx.options.checkpoints:
         report_outcome(ctx, pipeline, entry, what)
     else:
         log.debug("store.outcome", what=what, outcome=entry.outcome, size=entry.size)
     return entry
+
+
+def layer_name(stage: Stage) -> str:
+    return f"the layer of {stage.type} {stage.id}"
 
 
 def fresh_layer(tree: Path) -> None:

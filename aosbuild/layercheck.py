@@ -20,6 +20,7 @@ cancelled, so the layer is kept.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import anyio
 import structlog
@@ -35,10 +36,12 @@ log = structlog.get_logger(__name__)
 class LayerCheck:
     """The walk of the bottom layer `entry` (stage `object_id`), committed pending."""
 
-    def __init__(self, ctx: BuildContext, object_id: str, entry: NewEntry) -> None:
+    def __init__(self, ctx: BuildContext, object_id: str, entry: NewEntry,
+                 report: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.id = object_id
         self.entry = entry
+        self.report = report  # says what became of the layer (a --checkpoint's), once that is known
         self._walked = anyio.Event()
         self._found: overlay.Plain | None = None  # the walk's, or make_plain's: nothing left to escape
         self._finished = False
@@ -100,6 +103,8 @@ class LayerCheck:
             assert self._found is not None
             self._record(self._found)
             await self.ctx.store.checked(self.entry, self.id, self.ctx.pins)
+            if self.report is not None:
+                self.report()
 
     def _record(self, plain: overlay.Plain) -> None:
         self.entry.flat, self.entry.tree_size = plain.readable, plain.size
