@@ -10,14 +10,14 @@ import contextlib
 import functools
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from . import formats, pidns, planner, remotecache, scheduler
+from . import formats, pidns, planner, scheduler
 from .buildreport import BuildReport, Recorder
 from .context import BuildContext, BuildOptions
 from .download import DownloadOptions
@@ -29,9 +29,13 @@ from .library import Library
 from .logs import get_logger
 from .manifest import Manifest, Pipeline
 from .monitor import Monitor, PlannedStage, Tee
+from .remotesettings import RemoteSettings
 from .results import StageResult
 from .sources import Sources
 from .store import Store
+
+if TYPE_CHECKING:
+    from .remotecache import RemoteCache
 
 log = get_logger(__name__)
 
@@ -48,7 +52,7 @@ class Request:
     stage_timeout: float | None = None
     download: DownloadOptions = field(default_factory=DownloadOptions)
     sources_only: bool = False              # fetch the sources the exports need (or all), build nothing
-    remote: remotecache.RemoteSettings | None = None  # registries of the store's second tier
+    remote: RemoteSettings | None = None  # registries of the store's second tier
     targets: tuple[str, ...] = ()           # pipelines to build besides the exports (none: all, unless exports)
     executor: Executor | None = None        # builds the planned pipelines elsewhere (dispatch.py); None: here
 
@@ -219,14 +223,17 @@ async def build(prepared: Prepared, request: Request) -> BuildReport:
     error: AosbuildError | None = None
     try:
         try:
-            async with remotecache.open_remote_cache(request.remote, lambda text: warn(ctx, text)) as remote:
+            async with remote_cache(request.remote, lambda text: warn(ctx, text)) as remote:
                 ctx.remote = remote
                 if remote is not None:
                     ctx.sources.mirror = functools.partial(remote.fetch_source,
                                                            most=ctx.store.limits().sources_max_size)
                 if plan is not None:
                     goal = plan.goal
-                    plan = await remotecache.pull_ahead(ctx, plan, lambda: replan(ctx, goal))
+                    if remote is not None:
+                        from . import remotecache
+
+                        plan = await remotecache.pull_ahead(ctx, plan, lambda: replan(ctx, goal))
                     ctx.monitor.build_planned(planned_stages(plan, prepared.history.durations()))
                     ctx.monitor.build_started(request.label, sources=len(ctx.sources.sources),
                                               pipelines=len(plan.build))
@@ -271,7 +278,24 @@ async def run(ctx: BuildContext, plan: planner.Plan | None, request: Request) ->
     for name, pipeline in plan.exports:
         assert request.output_directory is not None
         await export(ctx, pipeline, name, request.output_directory)
-    await remotecache.push_built(ctx, plan)
+    if ctx.remote is not None:
+        from . import remotecache
+
+        await remotecache.push_built(ctx, plan)
+
+
+@contextlib.asynccontextmanager
+async def remote_cache(settings: RemoteSettings | None,
+                       warn: Callable[[str], None]) -> AsyncIterator[RemoteCache | None]:
+    """The build's remote cache (`remotecache.open_remote_cache`), None without one; the registry client
+    (httpx) is imported only by builds that use a registry."""
+    if settings is None:
+        yield None
+        return
+    from . import remotecache
+
+    async with remotecache.open_remote_cache(settings, warn) as remote:
+        yield remote
 
 
 def warn(ctx: BuildContext, message: str) -> None:

@@ -34,6 +34,7 @@ import httpx
 from .errors import AosbuildError
 from .logs import get_logger
 from .registryauth import Credentials, find_credentials
+from .remotesettings import DEFAULT_TIMEOUT
 
 log = get_logger("aosbuild.registry")
 
@@ -43,7 +44,6 @@ DOCKER_MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-DEFAULT_TIMEOUT = 30.0
 MANIFEST_MAX = 4 << 20
 CHUNK = 1 << 20
 

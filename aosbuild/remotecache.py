@@ -38,7 +38,6 @@ from .logs import get_logger
 from .manifest import Pipeline
 from .process import CommandError
 from .registry import (
-    DEFAULT_TIMEOUT,
     DIGEST_RE,
     MANIFEST_TYPE,
     Reference,
@@ -48,6 +47,7 @@ from .registry import (
     RemoteMiss,
     open_registry,
 )
+from .remotesettings import RemoteSettings
 from .sizes import format_size
 
 if TYPE_CHECKING:
@@ -56,36 +56,12 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-PUSH_MODES = ("none", "pipelines", "all")
-DEFAULT_PUSH = "pipelines"
 PROBES = 4  # manifest lookups in flight at once, per build
 SOURCE_TAG = "source-"
 SOURCE_TYPE = "application/vnd.aosbuild.source.v1"
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"  # OCI 1.1's empty config of an artifact
 EMPTY_CONFIG = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RemoteSettings:
-    """Which registries a build uses: `refs[0]` is pushed to, all are read, in order."""
-
-    refs: tuple[str, ...] = ()
-    push: str = DEFAULT_PUSH
-    insecure: bool = False
-    timeout: float = DEFAULT_TIMEOUT
-
-    def to_json(self) -> dict[str, Any]:
-        return {"refs": list(self.refs), "push": self.push, "insecure": self.insecure}
-
-    @classmethod
-    def from_json(cls, data: Any) -> RemoteSettings:
-        if not isinstance(data, dict):
-            return cls()
-        refs = data.get("refs")
-        push = data.get("push")
-        return cls(refs=tuple(str(r) for r in refs) if isinstance(refs, list) else (),
-                   push=push if push in PUSH_MODES else DEFAULT_PUSH, insecure=bool(data.get("insecure")))
 
 
 def check_ref(text: str) -> str:
@@ -98,19 +74,6 @@ def check_ref(text: str) -> str:
         raise RegistryError(f"{text!r}: a remote cache is a repository, without a tag (aosbuild tags its "
                             "stages itself)")
     return text
-
-
-def resolve_settings(stored: Any, *, refs: tuple[str, ...] | None, push: str | None, insecure: bool,
-                     timeout: float | None) -> RemoteSettings | None:
-    """The flags of one build over the store's own setting (`aosbuild store remote`); None: no remote.
-
-    `refs` None means the store's; `()` (`--no-cache-remote`) means none at all."""
-    base = RemoteSettings.from_json(stored)
-    chosen = base.refs if refs is None else refs
-    if not chosen:
-        return None
-    return RemoteSettings(refs=chosen, push=push or base.push, insecure=insecure or base.insecure,
-                          timeout=timeout or DEFAULT_TIMEOUT)
 
 
 @dataclass

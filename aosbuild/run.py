@@ -237,7 +237,7 @@ def build(inv: Invocation, manifest: Any, library: Library, text: str = "") -> i
 
 def remote_settings(inv: Invocation, store: Store) -> Any:
     """The registries of the build: its flags over the store's own setting (`aosbuild store remote`)."""
-    from .remotecache import resolve_settings
+    from .remotesettings import resolve_settings
 
     return resolve_settings(store.remote_config(), refs=inv.cache_remotes, push=inv.cache_push,
                             insecure=inv.cache_remote_insecure, timeout=inv.cache_remote_timeout)

@@ -148,7 +148,7 @@ class AosbuildWorker(WorkerPlugin):
     def remote_options(self) -> dict[str, Any]:
         """The engine request's remote-cache settings: pull what the pipeline needs, push what it built
         (each pipeline's final stages, the default of `--cache-push`)."""
-        from .remotecache import RemoteSettings
+        from .remotesettings import RemoteSettings
 
         return {"remote": RemoteSettings(refs=self.remotes)}
 

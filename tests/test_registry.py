@@ -22,7 +22,8 @@ import structlog
 from aosbuild import ocilayer, registry, registryauth, stageimage
 from aosbuild.registry import Reference, RegistryOptions, RemoteMiss
 from aosbuild.registryauth import Credentials
-from aosbuild.remotecache import Remote, RemoteCache, RemoteSettings
+from aosbuild.remotecache import Remote, RemoteCache
+from aosbuild.remotesettings import RemoteSettings
 
 from .layertrees import make_upper, tree
 from .registry import PASSWORD, USER, Registry, basic_auth, run_registry

@@ -66,3 +66,12 @@ def test_command_line_modules_import_light(module: str) -> None:
     code = f"import sys, {module}; print(sorted({{n.partition('.')[0] for n in sys.modules}} & {set(BUILD_ONLY)!r}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_build_without_a_remote_cache_imports_no_registry_client(tmp_path: Path) -> None:
+    """httpx and zstandard (about 40 ms) are the remote cache's: a build that uses no registry and
+    downloads nothing does not import them (`remotesettings`, `engine.remote_cache`)."""
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"version": "2", "pipelines": []}))
+    names, _ = imported(["--store", str(tmp_path / "store"), "--quiet", str(empty)], ["httpx", "zstandard"])
+    assert names == []

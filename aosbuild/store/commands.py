@@ -257,7 +257,8 @@ def limit(store: Store, max_size: Bound, sources_max_size: Bound) -> int:
 def remote(store: Store, *, refs: tuple[str, ...], push: str | None, insecure: bool, clear: bool) -> int:
     """Set the store's remote caches (with REFs, `--push` or `--insecure`) or clear them; show them."""
     from ..registry import RegistryError
-    from ..remotecache import RemoteSettings, check_ref
+    from ..remotecache import check_ref
+    from ..remotesettings import RemoteSettings
 
     if clear:
         store.set_remote_config(None)
